@@ -1,0 +1,129 @@
+"""What every algorithm shares: random streams, oracles, the upper iterate, checkpointable state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mbbo.oracles import Oracles
+from mbbo.problem import Batch, MultiBlockProblem
+
+STREAMS = ("blocks", "lower", "upper", "extra")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_unit(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and 0.0 < value <= 1.0):
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+
+
+@dataclass
+class Hyper:
+    """Base of the algorithms' hyper-parameter dataclasses; `validate` runs at construction."""
+
+    def validate(self, problem: MultiBlockProblem) -> None:  # pragma: no cover - overridden
+        pass
+
+    def replace(self, **changes: Any) -> Hyper:
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown hyper-parameter(s) {sorted(unknown)} for {type(self).__name__}; "
+                             f"known: {[f.name for f in fields(self)]}")
+        return type(self)(**{**asdict(self), **changes})
+
+
+class BilevelAlgorithm:
+    """Base class: `step()` performs one iteration; the runner drives it (see `mbbo.protocols`).
+
+    Random streams (`torch.Generator`, seeded from `seed`): block sampling, lower data, upper data and an
+    extra stream (second block sample, Neumann batches...), so that each estimator's fresh-sample assumption
+    holds and the same seed gives the same trajectory.
+    """
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[Hyper]] = Hyper
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 **overrides: Any) -> None:
+        config = config if config is not None else self.Config()
+        if overrides:
+            config = config.replace(**overrides)
+        config.validate(problem)
+        self.config = config
+        self.problem = problem
+        self.oracles = Oracles(problem)
+        self.iteration = 0
+        device = problem.x0.device
+        self.generators = {s: torch.Generator(device=device) for s in STREAMS}
+        for i, s in enumerate(STREAMS):
+            self.generators[s].manual_seed(int(seed) * 1_000_003 + i)
+        self.x = problem.x0.clone()
+        self.x_prev = self.x.clone()
+
+    # --- sampling -----------------------------------------------------------------------------------
+    def sample_batches(self, blocks: Tensor, batch_size: int | None = None) -> tuple[Batch, Batch]:
+        pb = self.problem
+        lower = pb.lower_sampler.sample(blocks, self.generators["lower"], batch_size)
+        upper = pb.upper_sampler.sample(blocks, self.generators["upper"], batch_size)
+        return lower, upper
+
+    # --- what subclasses provide -------------------------------------------------------------------
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def lower_variables(self) -> Tensor:
+        """Current lower variables of all blocks, (m, d_y)."""
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, Any]:
+        """Subclass state (tensors and nested state dicts)."""
+        return {}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- common protocol ----------------------------------------------------------------------------
+    def oracle_counts(self) -> dict[str, int]:
+        return dict(self.oracles.counts)
+
+    def set_hyper(self, **changes: Any) -> None:
+        """Changes hyper-parameters between iterations (restarts, schedules); validated."""
+        config = self.config.replace(**changes)
+        config.validate(self.problem)
+        self.config = config
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "iteration": self.iteration,
+            "config": asdict(self.config),
+            "x": self.x.clone(),
+            "x_prev": self.x_prev.clone(),
+            "generators": {k: g.get_state() for k, g in self.generators.items()},
+            "oracle_counts": self.oracle_counts(),
+            "algorithm": self._tensors(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"checkpoint is for algorithm {state['name']!r}, not {self.name!r}")
+        self.iteration = int(state["iteration"])
+        self.config = type(self.config)(**state["config"])
+        self.x = state["x"].clone()
+        self.x_prev = state["x_prev"].clone()
+        for k, g in self.generators.items():
+            g.set_state(state["generators"][k])
+        for kind, count in state["oracle_counts"].items():
+            self.oracles.counts[kind] = int(count)
+        self._load_tensors(state["algorithm"])
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.lower_variables()).all())

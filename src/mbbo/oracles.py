@@ -1,0 +1,179 @@
+"""First- and second-order oracles of a multi-block problem, built on `torch.func`.
+
+Every oracle is evaluated on the sampled blocks at once (vmap over blocks) and at P points on the same
+mini-batch (vmap over points): STORM/MSVR need (x_t, y_t) and (x_{t-1}, y_{t-1}) on one sample, and get
+both from one call. Shapes: x (P, d_x), lower variables y (P, B, d_y), batch tensors (B, b, ...),
+blocks (B,). Results carry the leading (P, B) dimensions.
+
+Sign convention of the library: v solves (grad_yy g) v = grad_y f; hypergradient = grad_x f - (grad_xy g) v.
+
+Hessian-vector and cross products come from one vjp of grad_y g at (x, y) with cotangent v: it returns
+grad_y g itself, (grad_yy g) v and (grad_xy g) v (one double-backward graph).
+
+Sparse upper variables (`problem.sparse_x`): the losses see x[batch['index']] only, so products and
+gradients in x come as `XGrad(values (P, B, b), index (B, b))` instead of dense (P, B, d_x) tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad, jacfwd, vjp, vmap
+
+from mbbo.problem import Batch, MultiBlockProblem
+
+ORACLE_KINDS = ("grad_x_f", "grad_y_f", "grad_y_g", "hvp", "cross", "hessian_yy", "jacobian_xy")
+
+
+@dataclass
+class XGrad:
+    """Per-block quantities in x space: dense (P, B, d_x) with index None, or sparse values (P, B, b) at
+    rows `index` (B, b) of x."""
+
+    values: Tensor
+    index: Tensor | None = None
+
+    def block_mean(self, dim_x: int, weights: Tensor | None = None) -> Tensor:
+        """(1/B) sum over blocks (or a weighted sum) as a dense (P, d_x) tensor."""
+        w = weights if weights is not None else torch.full(
+            (self.values.shape[1],), 1.0 / self.values.shape[1], dtype=self.values.dtype,
+            device=self.values.device)
+        if self.index is None:
+            return torch.einsum("pb...,b->p...", self.values, w)
+        vals = self.values * w.view(1, -1, *([1] * (self.values.dim() - 2)))
+        out = self.values.new_zeros(self.values.shape[0], dim_x)
+        return out.index_add_(1, self.index.reshape(-1), vals.reshape(vals.shape[0], -1))
+
+    def point(self, p: int) -> XGrad:
+        return XGrad(self.values[p : p + 1], self.index)
+
+
+class Oracles:
+    """Counted, vmapped oracles of a `MultiBlockProblem`.
+
+    A count is one evaluation of one oracle on one block's mini-batch at one point.
+    """
+
+    def __init__(self, problem: MultiBlockProblem) -> None:
+        self.problem = problem
+        self.counts: Counter[str] = Counter({k: 0 for k in ORACLE_KINDS})
+        pb = problem
+
+        def g(x: Tensor, y: Tensor, batch: Batch, block: Tensor) -> Tensor:
+            return pb.lower_loss(pb.x_for_loss(x), pb.y_for_loss(y), batch, block)
+
+        def f(x: Tensor, y: Tensor, batch: Batch, block: Tensor) -> Tensor:
+            return pb.upper_loss(pb.x_for_loss(x), pb.y_for_loss(y), batch, block)
+
+        grad_y_g = grad(g, argnums=1)
+
+        def lower_grad(x, y, batch, block):
+            return grad_y_g(x, y, batch, block)
+
+        def lower_products(x, y, v, batch, block):
+            gy, pullback = vjp(lambda x_, y_: grad_y_g(x_, y_, batch, block), x, y)
+            jv, hv = pullback(v)
+            return gy, hv, jv
+
+        def cross(x, y, w, batch, block):
+            _, pullback = vjp(lambda x_: grad_y_g(x_, y, batch, block), x)
+            return pullback(w)[0]
+
+        def lower_hessian(x, y, batch, block):
+            def both(y_):
+                gy = grad_y_g(x, y_, batch, block)
+                return gy, gy
+
+            hess, gy = jacfwd(both, has_aux=True)(y)
+            return gy, hess
+
+        def cross_jacobian(x, y, batch, block):
+            # (d_x_local, d_y): jacfwd pushes one tangent per x coordinate (b of them when x is sparse).
+            return jacfwd(lambda x_: grad_y_g(x_, y, batch, block))(x).transpose(0, 1)
+
+        def upper_grads(x, y, batch, block):
+            if pb.upper_depends_on_x:
+                return grad(f, argnums=(0, 1))(x, y, batch, block)
+            return (grad(f, argnums=1)(x, y, batch, block),)
+
+        self._fns = {
+            "lower_grad": (lower_grad, 1),
+            "lower_products": (lower_products, 2),
+            "cross": (cross, 2),
+            "lower_hessian": (lower_hessian, 1),
+            "cross_jacobian": (cross_jacobian, 1),
+            "upper_grads": (upper_grads, 1),
+        }
+        self._vmapped = {name: self._vmap(fn, n_vec) for name, (fn, n_vec) in self._fns.items()}
+
+    def _vmap(self, fn, n_vec: int):
+        """vmap over blocks (inner) and points (outer). Args: x, y, [v], batch, block."""
+        x_dim_blocks = 0 if self.problem.sparse_x else None
+        inner = vmap(fn, in_dims=(x_dim_blocks, *([0] * n_vec), 0, 0))
+        return vmap(inner, in_dims=(0, *([0] * n_vec), None, None))
+
+    def _call(self, name: str, x: Tensor, *args: Tensor, batch: Batch, blocks: Tensor):
+        return self._vmapped[name](x, *args, self.problem.with_block_data(batch, blocks), blocks)
+
+    def _x_args(self, x: Tensor, batch: Batch) -> Tensor:
+        """Dense x (P, d_x) as is; sparse x gathered to the batch rows (P, B, b) before vmap."""
+        if not self.problem.sparse_x:
+            return x
+        return x[:, batch["index"]]
+
+    def _wrap_x(self, values: Tensor, batch: Batch) -> XGrad:
+        return XGrad(values, batch["index"] if self.problem.sparse_x else None)
+
+    def _count(self, n: int, *kinds: str) -> None:
+        for kind in kinds:
+            self.counts[kind] += n
+
+    # --- the oracles -------------------------------------------------------------------------------
+    def lower_grad(self, x: Tensor, y: Tensor, batch: Batch, blocks: Tensor) -> Tensor:
+        """grad_y g_i: (P, B, d_y)."""
+        self._count(y.shape[0] * y.shape[1], "grad_y_g")
+        return self._call("lower_grad", self._x_args(x, batch), y, batch=batch, blocks=blocks)
+
+    def lower_products(self, x: Tensor, y: Tensor, v: Tensor, batch: Batch, blocks: Tensor
+                       ) -> tuple[Tensor, Tensor, XGrad]:
+        """(grad_y g_i, (grad_yy g_i) v_i, (grad_xy g_i) v_i) from one graph."""
+        self._count(y.shape[0] * y.shape[1], "grad_y_g", "hvp", "cross")
+        gy, hv, jv = self._call("lower_products", self._x_args(x, batch), y, v, batch=batch, blocks=blocks)
+        return gy, hv, self._wrap_x(jv, batch)
+
+    def cross(self, x: Tensor, y: Tensor, w: Tensor, batch: Batch, blocks: Tensor) -> XGrad:
+        """(grad_xy g_i) w_i."""
+        self._count(y.shape[0] * y.shape[1], "cross")
+        return self._wrap_x(self._call("cross", self._x_args(x, batch), y, w, batch=batch, blocks=blocks), batch)
+
+    def lower_hessian(self, x: Tensor, y: Tensor, batch: Batch, blocks: Tensor) -> tuple[Tensor, Tensor]:
+        """(grad_y g_i (P, B, d_y), explicit grad_yy g_i (P, B, d_y, d_y)), for small d_y."""
+        self._count(y.shape[0] * y.shape[1], "grad_y_g", "hessian_yy")
+        return self._call("lower_hessian", self._x_args(x, batch), y, batch=batch, blocks=blocks)
+
+    def cross_jacobian(self, x: Tensor, y: Tensor, batch: Batch, blocks: Tensor) -> XGrad:
+        """Explicit grad_xy g_i as (P, B, d_x_local, d_y); sparse x: rows `index` only."""
+        self._count(y.shape[0] * y.shape[1], "jacobian_xy")
+        return self._wrap_x(self._call("cross_jacobian", self._x_args(x, batch), y, batch=batch, blocks=blocks), batch)
+
+    def upper_grads(self, x: Tensor, y: Tensor, batch: Batch, blocks: Tensor) -> tuple[XGrad | None, Tensor]:
+        """(grad_x f_i or None when f does not depend on x, grad_y f_i)."""
+        n = y.shape[0] * y.shape[1]
+        if self.problem.sparse_x and not self.problem.upper_depends_on_x:
+            # f ignores x: its batch rows need not index x (e.g. validation rows), so pass an empty slice.
+            xb = x.new_zeros(x.shape[0], y.shape[1], 0)
+        else:
+            xb = self._x_args(x, batch)
+        out = self._call("upper_grads", xb, y, batch=batch, blocks=blocks)
+        if self.problem.upper_depends_on_x:
+            self._count(n, "grad_x_f", "grad_y_f")
+            return self._wrap_x(out[0], batch), out[1]
+        self._count(n, "grad_y_f")
+        return None, out[0]
+
+    def reset_counts(self) -> None:
+        for k in self.counts:
+            self.counts[k] = 0

@@ -1,0 +1,275 @@
+"""Multi-block bilevel problems.
+
+    min_x F(x) = (1/m) sum_i f_i(x, y_i*(x)),   y_i*(x) = argmin_y g_i(x, y),   i = 1..m.
+
+m = 1 is the ordinary bilevel problem. The user writes the per-block losses as functions of
+(x, y_i, batch, block) where `batch` is the mini-batch of one block (a dict of tensors) and `block` is
+the block index (a 0-d long tensor, usable to index per-block constants). The engine vmaps them over the
+sampled blocks, so they are written for one block only.
+
+Variables are handled internally as flat vectors: x as (d_x,), the lower variables as a table (m, d_y).
+`FlatLayout` converts between that and what the losses receive: a tensor of the user's shape, or, for an
+`nn.Module`, a callable bound to the block's parameters (so an existing module plugs in unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[Any, Any, Batch, Tensor], Tensor]
+
+
+class BoundModule:
+    """An `nn.Module` evaluated at given parameters: `bound(*inputs)` is `functional_call(module, params, inputs)`."""
+
+    def __init__(self, module: nn.Module, params: dict[str, Tensor]) -> None:
+        self.module = module
+        self.params = params
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.module, self.params, args, kwargs)
+
+
+class FlatLayout:
+    """Flattens one variable (a tensor, or the parameters of an `nn.Module`) to a vector and back."""
+
+    def __init__(self, shapes: dict[str, torch.Size] | torch.Size, module: nn.Module | None = None) -> None:
+        self.shapes = shapes
+        self.module = module
+        sizes = [math.prod(s) for s in shapes.values()] if isinstance(shapes, dict) else [math.prod(shapes)]
+        self.sizes = sizes
+        self.dim = int(sum(sizes))
+
+    @classmethod
+    def of(cls, value: Tensor | nn.Module) -> FlatLayout:
+        if isinstance(value, nn.Module):
+            return cls({k: p.shape for k, p in value.named_parameters()}, module=value)
+        return cls(value.shape)
+
+    def flatten(self, value: Tensor | Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
+        """(*batch, *shape) -> (*batch, dim); a dict of parameters is concatenated in layout order."""
+        if isinstance(self.shapes, dict):
+            assert isinstance(value, Mapping)
+            parts = [value[k].reshape(*value[k].shape[:batch_dims], -1) for k in self.shapes]
+            return torch.cat(parts, dim=-1)
+        assert isinstance(value, Tensor)
+        return value.reshape(*value.shape[:batch_dims], self.dim)
+
+    def unflatten(self, flat: Tensor) -> Tensor | BoundModule:
+        """(dim,) -> what the loss receives: a tensor of the user's shape or a bound module."""
+        if not isinstance(self.shapes, dict):
+            return flat.view(self.shapes)
+        params = {k: p.view(s) for (k, s), p in zip(self.shapes.items(), flat.split(self.sizes), strict=True)}
+        assert self.module is not None
+        return BoundModule(self.module, params)
+
+    def unflatten_params(self, flat: Tensor) -> dict[str, Tensor] | Tensor:
+        """(*batch, dim) -> the user's structure with batch dims kept (a dict for modules)."""
+        if not isinstance(self.shapes, dict):
+            return flat.reshape(*flat.shape[:-1], *self.shapes)
+        parts = flat.split(self.sizes, dim=-1)
+        return {k: p.reshape(*flat.shape[:-1], *s) for (k, s), p in zip(self.shapes.items(), parts, strict=True)}
+
+
+class BatchSampler(Protocol):
+    """Draws one mini-batch per requested block: `sample(blocks (B,), generator) -> {key: (B, b, ...)}`."""
+
+    def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch: ...
+
+
+@dataclass
+class RowSampler:
+    """Uniform mini-batches of rows, drawn with replacement, independently for each requested block.
+
+    `data` maps names to tensors whose first dimension indexes rows (shared by all blocks), or, with
+    `per_block=True`, whose first two dimensions are (m, n_rows) (each block has its own rows). The row
+    indices are returned under `index` (shape (B, b)), which sparse upper variables use.
+    """
+
+    data: dict[str, Tensor]
+    batch_size: int
+    per_block: bool = False
+    n_rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("RowSampler: data is empty; give at least one tensor")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        lead = 1 if self.per_block else 0
+        rows = {k: v.shape[lead] for k, v in self.data.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"RowSampler: tensors disagree on the number of rows: {rows}")
+        self.n_rows = next(iter(rows.values()))
+        if self.n_rows == 0:
+            raise ValueError("RowSampler: the data has no rows")
+        self._device = next(iter(self.data.values())).device
+
+    def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+        b = batch_size or self.batch_size
+        index = torch.randint(self.n_rows, (blocks.shape[0], b), generator=generator, device=generator.device)
+        index = index.to(self._device)
+        if self.per_block:
+            out = {k: v[blocks[:, None].to(self._device), index] for k, v in self.data.items()}
+        else:
+            out = {k: v[index] for k, v in self.data.items()}
+        out["index"] = index
+        return out
+
+
+@dataclass
+class NoiseSampler:
+    """Gaussian noise batches: `{name: N(0, std^2) of shape (B, b, *shape)}`; for synthetic stochastic problems."""
+
+    shapes: dict[str, tuple[int, ...]]
+    batch_size: int
+    std: float = 1.0
+    dtype: torch.dtype = torch.float64
+    device: torch.device | str = "cpu"
+
+    def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+        b = batch_size or self.batch_size
+        return {
+            k: self.std * torch.randn(blocks.shape[0], b, *s, generator=generator, dtype=self.dtype,
+                                      device=generator.device).to(self.device)
+            for k, s in self.shapes.items()
+        }
+
+
+class MultiBlockProblem:
+    """A multi-block bilevel problem (see module docstring).
+
+    Args:
+        upper_loss: f_i(x, y_i, batch, block) -> scalar (one block; vmapped by the engine).
+        lower_loss: g_i(x, y_i, batch, block) -> scalar, strongly convex in y_i.
+        x0: initial upper variable (tensor of any shape, or an `nn.Module` whose parameters are x).
+        y0: initial lower variables: a tensor with leading dimension m, an `nn.Module` replicated on the m
+            blocks (same initial parameters), or a list of m modules (stacked with `stack_module_state`).
+        lower_sampler / upper_sampler: per-block mini-batch samplers for the lower and upper data.
+        num_blocks: m; required when y0 is a single module.
+        upper_depends_on_x: False when f_i(x, y) = f_i(y): skips grad_x f.
+        block_data: per-block constants (tensors with leading dimension m, e.g. temperatures or coefficient
+            matrices). The engine gathers the sampled blocks' rows before vmap and adds them to each block's
+            batch under their names, so a loss reads `batch["A"]` instead of indexing by `block` (indexing a
+            large tensor with a vmapped index inside the loss is slow or unsupported).
+        sparse_x: x is one value per data row (e.g. one weight per training sample) and the losses receive
+            only the rows of their mini-batch, x[batch['index']] of shape (b,). Gradients in x are then kept
+            as (index, values) per block: no dense per-block x-sized tensors.
+    """
+
+    def __init__(
+        self,
+        upper_loss: LossFn,
+        lower_loss: LossFn,
+        x0: Tensor | nn.Module,
+        y0: Tensor | nn.Module | list[nn.Module],
+        lower_sampler: BatchSampler,
+        upper_sampler: BatchSampler,
+        *,
+        num_blocks: int | None = None,
+        upper_depends_on_x: bool = True,
+        sparse_x: bool = False,
+        block_data: dict[str, Tensor] | None = None,
+        name: str = "problem",
+    ) -> None:
+        self.upper_loss = upper_loss
+        self.lower_loss = lower_loss
+        self.lower_sampler = lower_sampler
+        self.upper_sampler = upper_sampler
+        self.upper_depends_on_x = upper_depends_on_x
+        self.sparse_x = sparse_x
+        self.block_data = dict(block_data or {})
+        self.name = name
+
+        self.x_layout = FlatLayout.of(x0)
+        x_flat = self.x_layout.flatten(dict(x0.named_parameters()) if isinstance(x0, nn.Module) else x0)
+        self.x0 = x_flat.detach().clone()
+        if sparse_x and isinstance(x0, nn.Module):
+            raise ValueError("sparse_x=True needs x0 to be a tensor (one value per data row), not a module")
+
+        if isinstance(y0, list):
+            if not y0 or not all(isinstance(mod, nn.Module) for mod in y0):
+                raise ValueError("y0 as a list must hold m >= 1 nn.Module objects")
+            params, _ = stack_module_state(y0)
+            self.y_layout = FlatLayout.of(y0[0])
+            y_table = self.y_layout.flatten(params, batch_dims=1)
+            m = len(y0)
+        elif isinstance(y0, nn.Module):
+            if num_blocks is None:
+                raise ValueError("num_blocks is required when y0 is a single nn.Module (it is replicated m times)")
+            self.y_layout = FlatLayout.of(y0)
+            one = self.y_layout.flatten(dict(y0.named_parameters()))
+            m = num_blocks
+            y_table = one.detach().unsqueeze(0).repeat(m, 1)
+        else:
+            if y0.dim() < 1:
+                raise ValueError(f"y0 must have a leading block dimension m, got a tensor of shape {tuple(y0.shape)}")
+            m = y0.shape[0]
+            self.y_layout = FlatLayout(y0.shape[1:])
+            y_table = y0.reshape(m, -1)
+        if num_blocks is not None and num_blocks != m:
+            raise ValueError(f"num_blocks={num_blocks} disagrees with y0, which holds {m} blocks")
+        if m < 1:
+            raise ValueError(f"the number of blocks m must be >= 1, got {m}")
+        self.num_blocks = m
+        for key, value in self.block_data.items():
+            if value.shape[0] != m:
+                raise ValueError(f"block_data[{key!r}] has leading dimension {value.shape[0]}, expected m = {m}")
+        self.y0 = y_table.detach().clone().to(self.x0.dtype) if y_table.is_floating_point() else y_table
+        self.y0 = self.y0.contiguous()
+
+        for label, value in (("x0", self.x0), ("y0", self.y0)):
+            if not torch.isfinite(value).all():
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(f"{label} has {bad} non-finite entries (NaN or inf); initial values must be finite")
+        self._probe()
+
+    @property
+    def dim_x(self) -> int:
+        return self.x0.numel()
+
+    @property
+    def dim_y(self) -> int:
+        return self.y0.shape[1]
+
+    def x_for_loss(self, x_flat: Tensor) -> Any:
+        return x_flat if self.sparse_x else self.x_layout.unflatten(x_flat)
+
+    def y_for_loss(self, y_flat: Tensor) -> Any:
+        return self.y_layout.unflatten(y_flat)
+
+    def with_block_data(self, batch: Batch, blocks: Tensor) -> Batch:
+        """Adds the sampled blocks' constants (leading dimension B) to a batch."""
+        if not self.block_data:
+            return batch
+        return {**batch, **{k: v[blocks] for k, v in self.block_data.items()}}
+
+    def _probe(self) -> None:
+        """Evaluates both losses once on block 0 so that shape mistakes fail at construction, clearly."""
+        gen = torch.Generator(device=self.x0.device).manual_seed(0)
+        block = torch.zeros(1, dtype=torch.long, device=self.x0.device)
+        for which, sampler, loss in (("lower_loss", self.lower_sampler, self.lower_loss),
+                                     ("upper_loss", self.upper_sampler, self.upper_loss)):
+            batch = {k: v[0] for k, v in self.with_block_data(sampler.sample(block, gen, batch_size=2), block).items()}
+            if self.sparse_x and "index" not in batch:
+                raise ValueError(f"sparse_x=True but the sampler of {which} returns no 'index' entry")
+            x = self.x0[batch["index"]] if self.sparse_x else self.x_for_loss(self.x0)
+            try:
+                value = loss(x, self.y_for_loss(self.y0[0]), batch, block[0])
+            except (RuntimeError, IndexError, ValueError) as err:
+                raise ValueError(
+                    f"{which} failed on block 0 with y of shape {tuple(self.y0.shape[1:])} "
+                    f"(flat dim {self.dim_y}) and x of shape {tuple(self.x0.shape)}: {err}"
+                ) from err
+            if not isinstance(value, Tensor) or value.dim() != 0:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{which} must return a scalar (0-d tensor) per block, got {shape}; "
+                                 "check that y and the loss agree on shapes")

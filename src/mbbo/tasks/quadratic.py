@@ -1,0 +1,157 @@
+"""Multi-block quadratic bilevel problems with closed forms (specs/tasks.md, T3, multi-block part).
+
+    g_i(x, y) = 1/2 y^T A_i y + x^T C_i y + a_i^T y                      (A_i symmetric positive definite)
+    f_i(x, y) = 1/2 y^T F_i y + x^T K_i y + 1/2 x^T H_i x + h_i^T x + f_i^T y
+
+    y_i*(x) = -A_i^{-1}(a_i + C_i^T x),   v_i = A_i^{-1} grad_y f_i,   grad F_i = K_i y_i* + H_i x + h_i - C_i v_i.
+
+Stochastic oracles: a sample adds `noise_g^T y` to g_i and `noise_f^T y` to f_i (unbiased gradient noise of
+standard deviation `noise`) and scales the quadratic term of g_i by a factor with mean 1 and standard deviation
+`hessian_noise` (noisy Hessians). With `interpolating=True` every block's hypergradient vanishes at one common
+x* (so block sampling adds no noise at the solution and variance-reduced methods converge exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mbbo.problem import Batch, MultiBlockProblem, NoiseSampler
+
+
+def _spd(n: int, d: int, low: float, high: float, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=gen, dtype=dtype))
+    eig = low + (high - low) * torch.rand(n, d, generator=gen, dtype=dtype)
+    return (q * eig.unsqueeze(-2)) @ q.transpose(-1, -2)
+
+
+@dataclass
+class MultiBlockQuadratic:
+    """Coefficients (leading dimension m) and closed forms of a multi-block quadratic bilevel problem."""
+
+    A: Tensor
+    C: Tensor
+    a: Tensor
+    F: Tensor
+    K: Tensor
+    H: Tensor
+    h: Tensor
+    f: Tensor
+
+    @classmethod
+    def random(cls, num_blocks: int, dim_x: int, dim_y: int, *, seed: int = 0, mu: float = 1.0, L: float = 4.0,
+               interpolating: bool = False, dtype: torch.dtype = torch.float64) -> MultiBlockQuadratic:
+        """Random instance: Hessians of g with spectra in [mu, L]; upper Hessians in [0.5, 2]."""
+        if num_blocks < 1 or dim_x < 1 or dim_y < 1:
+            raise ValueError(f"num_blocks, dim_x, dim_y must be >= 1, got {num_blocks}, {dim_x}, {dim_y}")
+        if not 0 < mu <= L:
+            raise ValueError(f"need 0 < mu <= L, got mu={mu}, L={L}")
+        gen = torch.Generator().manual_seed(seed)
+        m, dx, dy = num_blocks, dim_x, dim_y
+        A = _spd(m, dy, mu, L, gen, dtype)
+        C = torch.randn(m, dx, dy, generator=gen, dtype=dtype) / dx**0.5
+        a = torch.randn(m, dy, generator=gen, dtype=dtype)
+        F = _spd(m, dy, 0.5, 2.0, gen, dtype)
+        H = _spd(m, dx, 0.5, 2.0, gen, dtype)
+        if interpolating:
+            # f_i = 1/2 (y - y_i*(x*))^T F_i (y - y_i*(x*)) + 1/2 (x - x*)^T H_i (x - x*) (+ const)
+            x_star = torch.randn(dx, generator=gen, dtype=dtype)
+            K = torch.zeros(m, dx, dy, dtype=dtype)
+            pb = cls(A, C, a, F, K, H, torch.zeros(m, dx, dtype=dtype), torch.zeros(m, dy, dtype=dtype))
+            target = pb.lower_solution(x_star)
+            return cls(A, C, a, F, K, H, -(H @ x_star.unsqueeze(-1)).squeeze(-1),
+                       -(F @ target.unsqueeze(-1)).squeeze(-1))
+        K = torch.randn(m, dx, dy, generator=gen, dtype=dtype) / dx**0.5
+        h = torch.randn(m, dx, generator=gen, dtype=dtype)
+        f = torch.randn(m, dy, generator=gen, dtype=dtype)
+        return cls(A, C, a, F, K, H, h, f)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.A.shape[0]
+
+    # --- closed forms ---------------------------------------------------------------------------------
+    def lower_solution(self, x: Tensor) -> Tensor:
+        """y_i*(x) = -A_i^{-1}(a_i + C_i^T x): (m, d_y)."""
+        rhs = self.a + torch.einsum("mxy,x->my", self.C, x)
+        return -torch.linalg.solve(self.A, rhs)
+
+    def upper_grad_y(self, x: Tensor, y: Tensor) -> Tensor:
+        return torch.einsum("myz,mz->my", self.F, y) + torch.einsum("mxy,x->my", self.K, x) + self.f
+
+    def upper_grad_x(self, x: Tensor, y: Tensor) -> Tensor:
+        return torch.einsum("mxy,my->mx", self.K, y) + torch.einsum("mxz,z->mx", self.H, x) + self.h
+
+    def linear_system_solution(self, x: Tensor) -> Tensor:
+        """v_i = A_i^{-1} grad_y f_i(x, y_i*(x))."""
+        return torch.linalg.solve(self.A, self.upper_grad_y(x, self.lower_solution(x)))
+
+    def block_hypergradients(self, x: Tensor) -> Tensor:
+        """grad F_i(x) for every block: (m, d_x)."""
+        y = self.lower_solution(x)
+        v = self.linear_system_solution(x)
+        return self.upper_grad_x(x, y) - torch.einsum("mxy,my->mx", self.C, v)
+
+    def hypergradient(self, x: Tensor) -> Tensor:
+        """grad F(x) = (1/m) sum_i grad F_i(x)."""
+        return self.block_hypergradients(x).mean(0)
+
+    def objective(self, x: Tensor) -> Tensor:
+        y = self.lower_solution(x)
+        quad = 0.5 * torch.einsum("my,myz,mz->m", y, self.F, y) + torch.einsum("x,mxy,my->m", x, self.K, y)
+        lin = 0.5 * torch.einsum("x,mxz,z->m", x, self.H, x) + self.h @ x + (self.f * y).sum(-1)
+        return (quad + lin).mean()
+
+    def minimiser(self) -> Tensor:
+        """x* solving grad F(x) = 0 (F is a convex quadratic: one linear solve)."""
+        dx = self.C.shape[1]
+        zero = torch.zeros(dx, dtype=self.A.dtype)
+        g0 = self.hypergradient(zero)
+        jac = torch.stack([self.hypergradient(e) - g0 for e in torch.eye(dx, dtype=self.A.dtype)], dim=1)
+        return torch.linalg.solve(jac, -g0)
+
+    # --- as a problem of the engine -------------------------------------------------------------------
+    def lower_loss(self, x: Tensor, y: Tensor, batch: Batch, block: Tensor) -> Tensor:
+        scale = 1.0 + batch["hessian_noise"].mean()
+        A, C, a = batch["A"], batch["C"], batch["a"]
+        return 0.5 * scale * y @ A @ y + x @ C @ y + (a + batch["noise_g"].mean(0)) @ y
+
+    def upper_loss(self, x: Tensor, y: Tensor, batch: Batch, block: Tensor) -> Tensor:
+        F, K, H, h, f = batch["F"], batch["K"], batch["H"], batch["h"], batch["f"]
+        return 0.5 * y @ F @ y + x @ K @ y + 0.5 * x @ H @ x + h @ x + (f + batch["noise_f"].mean(0)) @ y
+
+    def problem(self, *, noise: float = 0.0, hessian_noise: float = 0.0, batch_size: int = 1,
+                x0: Tensor | None = None, y0: Tensor | None = None) -> MultiBlockProblem:
+        """The engine's problem; `noise`/`hessian_noise` are per-sample standard deviations."""
+        if noise < 0 or hessian_noise < 0:
+            raise ValueError(f"noise levels must be >= 0, got noise={noise}, hessian_noise={hessian_noise}")
+        m, dx, dy = self.num_blocks, self.C.shape[1], self.C.shape[2]
+        dtype = self.A.dtype
+        lower = _ScaledNoise({"noise_g": (dy,), "hessian_noise": ()}, batch_size, noise, hessian_noise, dtype)
+        upper = NoiseSampler({"noise_f": (dy,)}, batch_size, std=noise, dtype=dtype)
+        x0 = torch.zeros(dx, dtype=dtype) if x0 is None else x0
+        y0 = torch.zeros(m, dy, dtype=dtype) if y0 is None else y0
+        coefficients = {"A": self.A, "C": self.C, "a": self.a, "F": self.F, "K": self.K, "H": self.H,
+                        "h": self.h, "f": self.f}
+        return MultiBlockProblem(self.upper_loss, self.lower_loss, x0, y0, lower, upper, block_data=coefficients,
+                                 name="quadratic")
+
+
+class _ScaledNoise(NoiseSampler):
+    """Gradient noise of std `std` and Hessian-scale noise of std `hessian_std`."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], batch_size: int, std: float, hessian_std: float,
+                 dtype: torch.dtype) -> None:
+        super().__init__(shapes, batch_size, std=std, dtype=dtype)
+        self.hessian_std = hessian_std
+
+    def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+        out = super().sample(blocks, generator, batch_size)
+        if self.std > 0:
+            out["hessian_noise"] = out["hessian_noise"] * (self.hessian_std / self.std)
+        else:
+            out["hessian_noise"] = self.hessian_std * torch.randn(
+                out["hessian_noise"].shape, generator=generator, dtype=self.dtype)
+        return out
