@@ -49,8 +49,10 @@ class MovingBlocks:
 
     def __init__(self, values: Tensor, directions: Tensor, step: float, *, radius: float | None = None,
                  decay: float = 1.0, lazy: bool = True) -> None:
+        """`values`: w at iteration 0; `directions`: d as it stands before iteration 0 (d_{-1})."""
         self.values = values.clone()
-        self.directions = directions.clone()
+        # lazy storage keeps the direction of the stamp's iteration: d_0 = decay * d_{-1} for every block
+        self.directions = directions * decay if lazy and decay != 1.0 else directions.clone()
         self.step = float(step)
         self.radius = radius
         self.decay = float(decay)
@@ -103,7 +105,7 @@ class MovingBlocks:
         """d_i as it stands during iteration t before this iteration's write (decayed while unsampled)."""
         if not self.lazy or self.decay == 1.0:
             return self.directions[blocks]
-        k = (t - 1 - self.stamps[blocks]).clamp_min(0)
+        k = t - 1 - self.stamps[blocks]  # -1 only at t = 0, undoing the stored initial decay
         return self.directions[blocks] * self._expand(self.decay ** k.to(self.values.dtype),
                                                       self.directions[blocks])
 
@@ -141,3 +143,80 @@ class MovingBlocks:
         self.directions = state["directions"].clone()
         self.stamps = state["stamps"].clone()
         self.previous = None if state["previous"] is None else state["previous"].clone()
+
+
+class DecayingSparseRows:
+    """Per-block sums of sparse row contributions that decay geometrically:
+
+        E_i(t) = sum_k decay^(t - c_k) C_k,   C_k of shape (b, d) at rows r_k (b of them),
+
+    the form RSVRB's randomised STORM gives to the cross-Jacobian estimate grad_xy g_i when x has one
+    entry per data row: each update touches only the b sampled rows, and older contributions shrink by
+    `decay` per iteration. A slot is reused once its weight decay^(t - c_k) falls below `tolerance`
+    (relative to a fresh contribution; 0 keeps every slot until the weight underflows to exactly 0);
+    capacity doubles when every slot of a block is still alive. Memory: m x capacity x b x d.
+    """
+
+    EMPTY = -(2**40)
+
+    def __init__(self, num_blocks: int, rows: int, dim: int, decay: float, *, tolerance: float = 0.0,
+                 capacity: int = 2, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+                 ) -> None:
+        self.decay = float(decay)
+        self.tolerance = float(tolerance)
+        self.rows = torch.zeros(num_blocks, capacity, rows, dtype=torch.long, device=device)
+        self.values = torch.zeros(num_blocks, capacity, rows, dim, dtype=dtype, device=device)
+        self.stamps = torch.full((num_blocks, capacity), self.EMPTY, dtype=torch.long, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.stamps.shape[1]
+
+    def _weights(self, blocks: Tensor, t: int) -> Tensor:
+        age = (t - self.stamps[blocks]).to(self.values.dtype)
+        w = self.decay**age
+        return torch.where(w > self.tolerance, w, torch.zeros_like(w))
+
+    def _grow(self) -> None:
+        k = self.capacity
+        self.rows = torch.cat([self.rows, torch.zeros_like(self.rows)], dim=1)
+        self.values = torch.cat([self.values, torch.zeros_like(self.values)], dim=1)
+        self.stamps = torch.cat([self.stamps, torch.full_like(self.stamps, self.EMPTY)], dim=1)
+        assert self.capacity == 2 * k
+
+    def add(self, blocks: Tensor, rows: Tensor, contribution: Tensor, t: int) -> None:
+        """Adds C (B, b, d) at rows (B, b) with stamp t to each given block."""
+        weights = self._weights(blocks, t)
+        slot = weights.argmin(dim=1)
+        if bool((weights.gather(1, slot[:, None]) > 0).any()):
+            self._grow()
+            weights = self._weights(blocks, t)
+            slot = weights.argmin(dim=1)
+        self.rows[blocks, slot] = rows
+        self.values[blocks, slot] = contribution
+        self.stamps[blocks, slot] = t
+
+    def matvec(self, blocks: Tensor, w: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """E_i(t) w_i for each given block as sparse rows: (index (B, K*b), values (B, K*b))."""
+        weights = self._weights(blocks, t)
+        live = bool((weights > 0).all())
+        rows, values = self.rows[blocks], self.values[blocks]
+        if not live:  # skip the dead slots' rows (they would add exact zeros)
+            keep = (weights > 0).any(dim=0)
+            rows, values, weights = rows[:, keep], values[:, keep], weights[:, keep]
+        prod = torch.einsum("bkrd,bd->bkr", values, w) * weights.unsqueeze(-1)
+        return rows.reshape(rows.shape[0], -1), prod.reshape(prod.shape[0], -1)
+
+    def dense(self, block: int, num_rows: int, t: int) -> Tensor:
+        """E_i(t) as a dense (num_rows, d) matrix (tests)."""
+        b = torch.tensor([block], device=self.stamps.device)
+        weights = self._weights(b, t)[0]
+        out = self.values.new_zeros(num_rows, self.values.shape[-1])
+        contrib = self.values[block] * weights[:, None, None]
+        return out.index_add_(0, self.rows[block].reshape(-1), contrib.reshape(-1, contrib.shape[-1]))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"rows": self.rows, "values": self.values, "stamps": self.stamps}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.rows, self.values, self.stamps = (state[k].clone() for k in ("rows", "values", "stamps"))

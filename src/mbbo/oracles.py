@@ -48,7 +48,7 @@ class XGrad:
         return out.index_add_(1, self.index.reshape(-1), vals.reshape(vals.shape[0], -1))
 
     def point(self, p: int) -> XGrad:
-        return XGrad(self.values[p : p + 1], self.index)
+        return XGrad(self.values[p].unsqueeze(0), self.index)
 
 
 class Oracles:

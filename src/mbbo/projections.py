@@ -32,3 +32,20 @@ def solve_spd(h: Tensor, rhs: Tensor) -> Tensor:
     if bool((info == 0).all()):
         return torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
     return torch.linalg.solve(h, rhs)
+
+
+def floored_eigh(h: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of the eigenvalue-floored symmetrised H: (eigenvalues >= floor, eigenvectors)."""
+    eigvals, eigvecs = torch.linalg.eigh(0.5 * (h + h.transpose(-1, -2)))
+    return eigvals.clamp_min(floor), eigvecs
+
+
+def eig_compose(eigvals: Tensor, eigvecs: Tensor) -> Tensor:
+    """U diag(lambda) U^T."""
+    return (eigvecs * eigvals.unsqueeze(-2)) @ eigvecs.transpose(-1, -2)
+
+
+def eig_solve(eigvals: Tensor, eigvecs: Tensor, rhs: Tensor) -> Tensor:
+    """H^{-1} rhs for H = U diag(lambda) U^T (lambda > 0): U ((U^T rhs) / lambda)."""
+    coeffs = (eigvecs.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1) / eigvals
+    return (eigvecs @ coeffs.unsqueeze(-1)).squeeze(-1)

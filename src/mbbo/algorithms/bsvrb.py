@@ -103,13 +103,23 @@ class _Blockwise(BilevelAlgorithm):
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, **overrides)
-        cfg = self.config
-        self.block_sampler = BlockSampler(problem.num_blocks, cfg.block_batch)
+        self.block_sampler = BlockSampler(problem.num_blocks, self.config.block_batch)
         self.z = torch.zeros_like(self.x)
-        all_blocks = torch.arange(problem.num_blocks, device=self.x.device)
+        self._initialise(problem.y0)
+
+    def _initialise(self, y: Tensor) -> None:
+        """Estimators of all blocks from one mini-batch each (of `init_batch_size`) at (x, y)."""
+        cfg, t = self.config, self.iteration
+        all_blocks = torch.arange(self.problem.num_blocks, device=self.x.device)
         lower, upper = self.sample_batches(all_blocks, cfg.init_batch_size)
-        s0 = self._init_estimators(all_blocks, lower, upper)
-        self.y = MovingBlocks(problem.y0, s0, self._move_step(cfg.lower_lr), lazy=cfg.lazy)
+        s0 = self._init_estimators(all_blocks, lower, upper, y)
+        self.y = MovingBlocks(y, s0, self._move_step(cfg.lower_lr), lazy=cfg.lazy)
+        self.y.stamps.fill_(t)
+        self.fresh = True
+
+    def restart(self) -> None:
+        """Re-initialises the estimators at the current point (lower variables carried over)."""
+        self._initialise(self.lower_variables())
 
     # --- configuration of the variants ---------------------------------------------------------------
     def _move_step(self, step: float) -> float:
@@ -144,11 +154,12 @@ class _Blockwise(BilevelAlgorithm):
         blocks = self.block_sampler.sample(self.generators["blocks"], self.x.device)
         lower, upper = self.sample_batches(blocks)
         y_cur, y_prev = self.y.read(blocks, t)
-        two_points = t > 0 and not self.moving_average
+        two_points = not self.fresh and not self.moving_average
         xs = torch.stack([self.x, self.x_prev]) if two_points else self.x.unsqueeze(0)
         ys = torch.stack([y_cur, y_prev]) if two_points else y_cur.unsqueeze(0)
         grads, s_new = self._estimate(blocks, xs, ys, lower, upper, t)
-        self.z = grads[0] if t == 0 else self.upper_tracker.update(self.z, grads[0], grads[-1])
+        self.z = grads[0] if self.fresh else self.upper_tracker.update(self.z, grads[0], grads[-1])
+        self.fresh = False
         if self.moving_average:
             y_cur = y_cur - cfg.lower_lr * s_new
         self.y.write(blocks, y_cur, s_new, t)
@@ -161,7 +172,7 @@ class _Blockwise(BilevelAlgorithm):
     def lower_variables(self) -> Tensor:
         return self.y.current_all(self.iteration)
 
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch) -> Tensor:
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
@@ -172,10 +183,11 @@ class _Blockwise(BilevelAlgorithm):
         pass
 
     def _tensors(self) -> dict[str, Any]:
-        return {"z": self.z.clone(), "y": self.y.state_dict()}
+        return {"z": self.z.clone(), "y": self.y.state_dict(), "fresh": self.fresh}
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         self.z = state["z"].clone()
+        self.fresh = bool(state["fresh"])
         self.y.load_state_dict(state["y"])
         self.y.step = self._move_step(self.config.lower_lr)
 
@@ -189,8 +201,8 @@ class BSVRBv1(_Blockwise):
     name = "bsvrb_v1"
     Config = BSVRBv1Config
 
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch) -> Tensor:
-        xs, ys = self.x.unsqueeze(0), self.problem.y0.unsqueeze(0)
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
+        xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
         self.hessians = eigenvalue_floor(hess[0], self.config.hessian_floor)
         return gy[0]
@@ -222,13 +234,18 @@ class BSVRBv2(_Blockwise):
     name = "bsvrb_v2"
     Config = BSVRBv2Config
 
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch) -> Tensor:
-        xs, ys = self.x.unsqueeze(0), self.problem.y0.unsqueeze(0)
-        v0 = torch.zeros_like(self.problem.y0)
-        gy = self.oracles.lower_grad(xs, ys, lower, blocks)
-        _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
+        """s_i = grad_y g_i and u_i = (grad_yy g_i) v_i - grad_y f_i at the current point (v_i = 0 at start,
+        carried over on restarts)."""
         cfg = self.config
-        self.v = MovingBlocks(v0, -gy_f[0], self._move_step(cfg.linsys_lr), radius=cfg.v_radius, lazy=cfg.lazy)
+        xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
+        restarting = hasattr(self, "v")
+        v0 = self.v.current_all(self.iteration) if restarting else torch.zeros_like(y)
+        gy, hv, _ = self.oracles.lower_products(xs, ys, v0.unsqueeze(0), lower, blocks)
+        _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
+        self.v = MovingBlocks(v0, hv[0] - gy_f[0], self._move_step(cfg.linsys_lr), radius=cfg.v_radius,
+                              lazy=cfg.lazy)
+        self.v.stamps.fill_(self.iteration)
         return gy[0]
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int

@@ -1,0 +1,190 @@
+"""RSVRB (Guo, Hu, Zhang, Yang 2021, arXiv 2105.02266), the multi-block baseline of the BSVRB paper, as
+in the authors' `RSVRB()` (BSVRB_ICML2023, HO/main.py), with the library's fixes (eigenvalue floor instead
+of a Frobenius rescale, linear solves instead of inverses).
+
+Per iteration t: blocks I_t (B of m) with samples, and an independent second block sample I'_t.
+Randomised STORM (`mbbo.trackers.RandomizedSTORM`, ratio m/B) on four per-block estimators:
+s_i ~ grad_y g_i, v_i ~ grad_y f_i, V_i ~ grad_xy g_i (a d_x x d_y matrix), H_i ~ grad_yy g_i:
+
+    i in I_t:  e_i <- (1 - beta)(e_i - (m/B) e_i(x_{t-1}, y_{i,t-1}; xi)) + (m/B) e_i(x_t, y_{i,t}; xi)
+    i not in I_t:  e_i <- (1 - beta) e_i;         H_i <- Proj_{H >= mu I}(H_i)
+    y_i <- y_i - tau s_i                                              for ALL blocks
+    G_t = (1/B) sum_{j in I'_t} [grad_x f_j - V_j H_j^{-1} v_j]      (estimators after iteration t)
+    d <- (1 - beta)(d - G_{t-1}) + G_t                               (G_{t-1}: same blocks, estimators of t-1)
+    x <- x - eta d
+
+Everything unsampled is decayed lazily: each block stores its estimators at its last update and reads
+them scaled by (1 - beta)^k (`MovingBlocks` for y_i and s_i; stamps for v_i, V_i, H_i). H_i is stored as
+its floored eigen-decomposition, so floor((1-beta)^k H) = U max((1-beta)^k Lambda, mu) U^T costs no new
+eigh. When x is sparse (one entry per data row), V_i is kept as decaying sparse row contributions
+(`DecayingSparseRows`), never as a dense n x d_y matrix per block. grad_x f (absent in the HO task) is
+sampled on I'_t at both points rather than tracked per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mbbo.algorithms.base import BilevelAlgorithm, Hyper, check_positive, check_unit
+from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks
+from mbbo.oracles import XGrad
+from mbbo.problem import MultiBlockProblem
+from mbbo.projections import eig_compose, eig_solve, floored_eigh
+from mbbo.trackers import STORM, RandomizedSTORM
+
+
+@dataclass
+class RSVRBConfig(Hyper):
+    """Defaults from run_RSVRB.sh: eta = 1e-3, tau = 0.5, beta = 0.9, B = 10."""
+
+    block_batch: int = 10
+    lr: float = 1e-3
+    lower_lr: float = 0.5
+    beta: float = 0.9
+    hessian_floor: float = 1e-4
+    jacobian_tolerance: float = 1e-16
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        m = problem.num_blocks
+        if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
+            raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
+        check_positive("lr", self.lr)
+        check_positive("lower_lr", self.lower_lr)
+        check_unit("beta", self.beta)
+        check_positive("hessian_floor", self.hessian_floor)
+        if not 0.0 <= self.jacobian_tolerance < 1.0:
+            raise ValueError(f"jacobian_tolerance must lie in [0, 1), got {self.jacobian_tolerance!r}")
+
+
+class RSVRB(BilevelAlgorithm):
+    """Randomised stochastic variance-reduced bilevel method (see module docstring)."""
+
+    name = "rsvrb"
+    Config = RSVRBConfig
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, **overrides)
+        cfg, pb = self.config, problem
+        m = pb.num_blocks
+        self.block_sampler = BlockSampler(m, cfg.block_batch)
+        self.tracker = RandomizedSTORM(cfg.beta, m, cfg.block_batch)
+        self.q = 1.0 - cfg.beta
+        self.d = torch.zeros_like(self.x)
+        blocks = torch.arange(m, device=self.x.device)
+        lower, upper = self.sample_batches(blocks)
+        xs, ys = self.x.unsqueeze(0), pb.y0.unsqueeze(0)
+        gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
+        _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
+        jac = self.oracles.cross_jacobian(xs, ys, lower, blocks)
+        self.y = MovingBlocks(pb.y0, gy[0], cfg.lower_lr, decay=self.q)
+        # estimators as of iteration -1 (stamp -1); read at t as value * q^(t - stamp)
+        self.stamps = torch.full((m,), -1, dtype=torch.long, device=self.x.device)
+        self.grad_f = gy_f[0].clone()
+        self.eigvals, self.eigvecs = floored_eigh(hess[0], cfg.hessian_floor)
+        if pb.sparse_x:
+            self.jacobian: DecayingSparseRows | Tensor = DecayingSparseRows(
+                m, jac.values.shape[2], pb.dim_y, self.q, tolerance=cfg.jacobian_tolerance,
+                dtype=self.x.dtype, device=self.x.device)
+            self.jacobian.add(blocks, jac.index, jac.values[0], -1)
+        else:
+            self.jacobian = jac.values[0].clone()
+
+    # --- lazily decayed estimators --------------------------------------------------------------------
+    def _factor(self, blocks: Tensor, t: int) -> Tensor:
+        return self.q ** (t - self.stamps[blocks]).to(self.x.dtype)
+
+    def _estimates(self, blocks: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(v_i, H_i eigenvalues floored, eigenvectors) as they stand after iteration t."""
+        f = self._factor(blocks, t)
+        lam = (self.eigvals[blocks] * f[:, None]).clamp_min(self.config.hessian_floor)
+        return self.grad_f[blocks] * f[:, None], lam, self.eigvecs[blocks]
+
+    def _jacobian_times(self, blocks: Tensor, w: Tensor, t: int) -> XGrad:
+        """V_i(t) w_i for the given blocks, as (1, B, ...) x-space values."""
+        if isinstance(self.jacobian, DecayingSparseRows):
+            index, values = self.jacobian.matvec(blocks, w, t)
+            return XGrad(values.unsqueeze(0), index)
+        f = self._factor(blocks, t)
+        return XGrad((torch.einsum("bxy,by->bx", self.jacobian[blocks], w) * f[:, None]).unsqueeze(0))
+
+    def _hypergradient(self, blocks: Tensor, t: int, gx_f: XGrad | None, point: int) -> Tensor:
+        v, lam, vecs = self._estimates(blocks, t)
+        g = -self._jacobian_times(blocks, eig_solve(lam, vecs, v), t).block_mean(self.problem.dim_x)[0]
+        return g if gx_f is None else g + gx_f.point(point).block_mean(self.problem.dim_x)[0]
+
+    # --- the iteration --------------------------------------------------------------------------------
+    def step(self) -> None:
+        t, cfg, pb = self.iteration, self.config, self.problem
+        gen = self.generators
+        blocks = self.block_sampler.sample(gen["blocks"], self.x.device)
+        second = self.block_sampler.sample(gen["extra"], self.x.device)
+        lower, upper = self.sample_batches(blocks)
+        y_cur, y_prev = self.y.read(blocks, t)
+        two = t > 0
+        xs = torch.stack([self.x, self.x_prev]) if two else self.x.unsqueeze(0)
+        ys = torch.stack([y_cur, y_prev]) if two else y_cur.unsqueeze(0)
+
+        gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
+        _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
+        jac = self.oracles.cross_jacobian(xs, ys, lower, blocks)
+
+        gx_f = None
+        if pb.upper_depends_on_x:
+            y2_cur, y2_prev = self.y.read(second, t)
+            y2 = torch.stack([y2_cur, y2_prev]) if two else y2_cur.unsqueeze(0)
+            _, upper2 = self.sample_batches(second)
+            gx_f, _ = self.oracles.upper_grads(xs, y2, upper2, second)
+        g_old = self._hypergradient(second, t - 1, gx_f, -1) if two else None
+
+        # randomised STORM on the sampled blocks (previous values = as after iteration t-1)
+        track = self.tracker.update
+        v_prev, lam_prev, vecs_prev = self._estimates(blocks, t - 1)
+        s_new = track(self.y.direction(blocks, t), gy[0], gy[-1])
+        self.grad_f[blocks] = track(v_prev, gy_f[0], gy_f[-1])
+        h_new = track(eig_compose(lam_prev, vecs_prev), hess[0], hess[-1])
+        self.eigvals[blocks], self.eigvecs[blocks] = floored_eigh(h_new, cfg.hessian_floor)
+        scale = self.tracker.scale
+        new_jac = scale * (jac.values[0] - self.q * jac.values[-1])
+        if isinstance(self.jacobian, DecayingSparseRows):
+            self.jacobian.add(blocks, jac.index, new_jac, t)
+        else:
+            f = self._factor(blocks, t - 1)
+            self.jacobian[blocks] = self.q * self.jacobian[blocks] * f[:, None, None] + new_jac
+        self.stamps[blocks] = t
+        self.y.write(blocks, y_cur, s_new, t)
+
+        g_new = self._hypergradient(second, t, gx_f, 0)
+        self.d = g_new if g_old is None else STORM(cfg.beta).update(self.d, g_new, g_old)
+        self.x_prev = self.x
+        self.x = self.x - cfg.lr * self.d
+        self.iteration += 1
+
+    def lower_variables(self) -> Tensor:
+        return self.y.current_all(self.iteration)
+
+    def _tensors(self) -> dict[str, Any]:
+        jac = self.jacobian.state_dict() if isinstance(self.jacobian, DecayingSparseRows) else self.jacobian
+        return {"d": self.d.clone(), "y": self.y.state_dict(), "stamps": self.stamps.clone(),
+                "grad_f": self.grad_f.clone(), "eigvals": self.eigvals.clone(), "eigvecs": self.eigvecs.clone(),
+                "jacobian": jac}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        self.d = state["d"].clone()
+        self.y.load_state_dict(state["y"])
+        self.stamps = state["stamps"].clone()
+        self.grad_f, self.eigvals, self.eigvecs = (state[k].clone() for k in ("grad_f", "eigvals", "eigvecs"))
+        if isinstance(self.jacobian, DecayingSparseRows):
+            self.jacobian.load_state_dict(state["jacobian"])
+        else:
+            self.jacobian = state["jacobian"].clone()
+
+    def jacobian_memory_bytes(self) -> int:
+        """Bytes held by the cross-Jacobian estimates (dense table or sparse row buffers)."""
+        if isinstance(self.jacobian, DecayingSparseRows):
+            return sum(v.numel() * v.element_size() for v in self.jacobian.state_dict().values())
+        return self.jacobian.numel() * self.jacobian.element_size()
