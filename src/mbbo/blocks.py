@@ -135,8 +135,8 @@ class MovingBlocks:
         return self.read(torch.arange(self.values.shape[0], device=self.values.device), t)[0]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"values": self.values, "directions": self.directions, "stamps": self.stamps,
-                "previous": self.previous}
+        return {"values": self.values.clone(), "directions": self.directions.clone(),
+                "stamps": self.stamps.clone(), "previous": None if self.previous is None else self.previous.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.values = state["values"].clone()
@@ -216,7 +216,7 @@ class DecayingSparseRows:
         return out.index_add_(0, self.rows[block].reshape(-1), contrib.reshape(-1, contrib.shape[-1]))
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"rows": self.rows, "values": self.values, "stamps": self.stamps}
+        return {"rows": self.rows.clone(), "values": self.values.clone(), "stamps": self.stamps.clone()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.rows, self.values, self.stamps = (state[k].clone() for k in ("rows", "values", "stamps"))

@@ -126,6 +126,27 @@ class RowSampler:
 
 
 @dataclass
+class FullBatch:
+    """Every row at every call (deterministic oracles): `data` rows shared by all blocks, or per block with
+    `per_block=True` (leading dims (m, n)). Rows are returned under `index` as well."""
+
+    data: dict[str, Tensor]
+    per_block: bool = False
+
+    def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+        lead = 1 if self.per_block else 0
+        n = next(iter(self.data.values())).shape[lead]
+        device = next(iter(self.data.values())).device
+        index = torch.arange(n, device=device).expand(blocks.shape[0], n)
+        if self.per_block:
+            out = {k: v[blocks.to(device)] for k, v in self.data.items()}
+        else:
+            out = {k: v.expand(blocks.shape[0], *v.shape) for k, v in self.data.items()}
+        out["index"] = index
+        return out
+
+
+@dataclass
 class NoiseSampler:
     """Gaussian noise batches: `{name: N(0, std^2) of shape (B, b, *shape)}`; for synthetic stochastic problems."""
 

@@ -5,7 +5,7 @@
         run the algorithm for T_k iterations from x^(k-1) (lower variables carried over, estimators
         re-initialised at the stage start)
         x^(k) = last iterate of the stage, or a uniformly sampled iterate of the stage (`output="uniform"`)
-        eta, tau, alpha, beta <- (those) / decay;   T_{k+1} = growth * T_k
+        eta, tau (tau_v), alpha, beta <- (those) / decay;   T_{k+1} = growth * T_k
 
 Under the PL condition ||grad F||^2 >= 2 mu_F (F - F*) this gives the faster rate of the paper. Works around
 any algorithm with `set_hyper` and `restart` (BSVRB_v1/v2, RSVRB, the moving-average baseline).
@@ -21,12 +21,14 @@ from torch import Tensor
 
 from mbbo.algorithms.base import BilevelAlgorithm
 
+DEFAULT_DECAYED = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
+
 
 class Restarted:
     """RE-<algorithm>: stage-wise restarts with decayed step sizes and growing stage lengths."""
 
     def __init__(self, algorithm: BilevelAlgorithm, *, stage_length: int = 1000, decay: float = 2.0,
-                 growth: float = 2.0, decayed: tuple[str, ...] = ("lr", "lower_lr", "alpha", "beta"),
+                 growth: float = 2.0, decayed: tuple[str, ...] | None = None,
                  output: str = "last") -> None:
         if not isinstance(stage_length, int) or stage_length < 1:
             raise ValueError(f"stage_length must be a positive integer, got {stage_length!r}")
@@ -37,6 +39,8 @@ class Restarted:
         if output not in ("last", "uniform"):
             raise ValueError(f"output must be 'last' or 'uniform', got {output!r}")
         known = set(algorithm.config.__dataclass_fields__)
+        if decayed is None:
+            decayed = tuple(k for k in DEFAULT_DECAYED if k in known)
         missing = [name for name in decayed if name not in known]
         if missing:
             raise ValueError(f"decayed hyper-parameters {missing} are not hyper-parameters of "
@@ -92,7 +96,7 @@ class Restarted:
         self.stage += 1
         self.stage_iteration = 0
         self.sampled_x = None
-        self.current_length = max(1, int(round(self.current_length * self.growth)))
+        self.current_length = max(1, round(self.current_length * self.growth))
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "stage": self.stage, "stage_iteration": self.stage_iteration,

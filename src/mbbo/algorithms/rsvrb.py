@@ -75,24 +75,39 @@ class RSVRB(BilevelAlgorithm):
         self.tracker = RandomizedSTORM(cfg.beta, m, cfg.block_batch)
         self.q = 1.0 - cfg.beta
         self.d = torch.zeros_like(self.x)
-        blocks = torch.arange(m, device=self.x.device)
+        self._initialise(pb.y0)
+
+    def _initialise(self, y: Tensor) -> None:
+        """All blocks' estimators from one mini-batch each at (x, y), as of the previous iteration."""
+        cfg, pb, t = self.config, self.problem, self.iteration
+        blocks = torch.arange(pb.num_blocks, device=self.x.device)
         lower, upper = self.sample_batches(blocks)
-        xs, ys = self.x.unsqueeze(0), pb.y0.unsqueeze(0)
+        xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
         _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
         jac = self.oracles.cross_jacobian(xs, ys, lower, blocks)
-        self.y = MovingBlocks(pb.y0, gy[0], cfg.lower_lr, decay=self.q)
-        # estimators as of iteration -1 (stamp -1); read at t as value * q^(t - stamp)
-        self.stamps = torch.full((m,), -1, dtype=torch.long, device=self.x.device)
+        self.y = MovingBlocks(y, gy[0], cfg.lower_lr, decay=self.q)
+        self.y.stamps.fill_(t)
+        # estimators stamped t - 1; read at iteration k as value * q^(k - stamp)
+        self.stamps = torch.full((pb.num_blocks,), t - 1, dtype=torch.long, device=self.x.device)
         self.grad_f = gy_f[0].clone()
         self.eigvals, self.eigvecs = floored_eigh(hess[0], cfg.hessian_floor)
         if pb.sparse_x:
             self.jacobian: DecayingSparseRows | Tensor = DecayingSparseRows(
-                m, jac.values.shape[2], pb.dim_y, self.q, tolerance=cfg.jacobian_tolerance,
+                pb.num_blocks, jac.values.shape[2], pb.dim_y, self.q, tolerance=cfg.jacobian_tolerance,
                 dtype=self.x.dtype, device=self.x.device)
-            self.jacobian.add(blocks, jac.index, jac.values[0], -1)
+            self.jacobian.add(blocks, jac.index, jac.values[0], t - 1)
         else:
             self.jacobian = jac.values[0].clone()
+        self.fresh = True
+
+    def restart(self) -> None:
+        """Re-initialises the estimators at the current point (lower variables carried over)."""
+        self._initialise(self.lower_variables())
+
+    def set_hyper(self, **changes: Any) -> None:
+        super().set_hyper(**changes)
+        self.y.step = self.config.lower_lr
 
     # --- lazily decayed estimators --------------------------------------------------------------------
     def _factor(self, blocks: Tensor, t: int) -> Tensor:
@@ -125,7 +140,7 @@ class RSVRB(BilevelAlgorithm):
         second = self.block_sampler.sample(gen["extra"], self.x.device)
         lower, upper = self.sample_batches(blocks)
         y_cur, y_prev = self.y.read(blocks, t)
-        two = t > 0
+        two = not self.fresh
         xs = torch.stack([self.x, self.x_prev]) if two else self.x.unsqueeze(0)
         ys = torch.stack([y_cur, y_prev]) if two else y_cur.unsqueeze(0)
 
@@ -160,6 +175,7 @@ class RSVRB(BilevelAlgorithm):
 
         g_new = self._hypergradient(second, t, gx_f, 0)
         self.d = g_new if g_old is None else STORM(cfg.beta).update(self.d, g_new, g_old)
+        self.fresh = False
         self.x_prev = self.x
         self.x = self.x - cfg.lr * self.d
         self.iteration += 1
@@ -168,13 +184,14 @@ class RSVRB(BilevelAlgorithm):
         return self.y.current_all(self.iteration)
 
     def _tensors(self) -> dict[str, Any]:
-        jac = self.jacobian.state_dict() if isinstance(self.jacobian, DecayingSparseRows) else self.jacobian
-        return {"d": self.d.clone(), "y": self.y.state_dict(), "stamps": self.stamps.clone(),
+        jac = self.jacobian.state_dict() if isinstance(self.jacobian, DecayingSparseRows) else self.jacobian.clone()
+        return {"d": self.d.clone(), "fresh": self.fresh, "y": self.y.state_dict(), "stamps": self.stamps.clone(),
                 "grad_f": self.grad_f.clone(), "eigvals": self.eigvals.clone(), "eigvecs": self.eigvecs.clone(),
                 "jacobian": jac}
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         self.d = state["d"].clone()
+        self.fresh = bool(state["fresh"])
         self.y.load_state_dict(state["y"])
         self.stamps = state["stamps"].clone()
         self.grad_f, self.eigvals, self.eigvecs = (state[k].clone() for k in ("grad_f", "eigvals", "eigvecs"))

@@ -36,6 +36,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Sequence
@@ -352,6 +353,7 @@ class _Source:
     member: str  # ratings file inside the zip
     fmt: Format
     member_sha256: str | None  # checksum of the extracted ratings file, when known
+    archive_sha256: str | None = None  # checksum of the zip, when known (then mbbo.data.cache.fetch is used)
 
 
 MOVIELENS_SOURCES: dict[str, _Source] = {
@@ -390,16 +392,20 @@ def _sha256(path: Path) -> str:
 
 
 def _download(url: str, dest: Path) -> None:
-    """Download ``url`` to ``dest`` atomically (temporary file + rename)."""
+    """Download ``url`` to ``dest`` atomically (temporary file + rename); errors become MovieLensError."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, out)
         os.replace(tmp, dest)
-    except BaseException:
+    except (urllib.error.URLError, OSError) as err:
+        raise MovieLensError(
+            f"{dest}: could not download {url} ({err}); download the archive by hand and pass its ratings "
+            "file as path="
+        ) from err
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def download_movielens(name: str = "ml-100k", cache: str | os.PathLike[str] | None = None) -> Path:
@@ -407,8 +413,10 @@ def download_movielens(name: str = "ml-100k", cache: str | os.PathLike[str] | No
 
     The cache directory is ``cache``, else ``mbbo.data.cache.cache_dir()`` (``$MBBO_CACHE`` or
     ``~/.cache/mbbo``); files go to ``<cache>/movielens/``. A present, valid ratings file is reused without
-    network access. The extracted ratings file is checked against its SHA-256 where known (ML-100K's
-    ``u.data``); a mismatch deletes it and raises :class:`MovieLensError`.
+    network access. The archive is downloaded through ``mbbo.data.cache.fetch`` when its SHA-256 is known
+    (none is recorded yet: GroupLens publishes MD5s only), else directly. The extracted ratings file is
+    checked against its SHA-256 where known (ML-100K's ``u.data``); a mismatch deletes it and raises
+    :class:`MovieLensError`.
     """
     if name not in MOVIELENS_SOURCES:
         raise MovieLensError(f"name={name!r} is not one of {sorted(MOVIELENS_SOURCES)}")
@@ -418,7 +426,11 @@ def download_movielens(name: str = "ml-100k", cache: str | os.PathLike[str] | No
     if target.is_file() and (src.member_sha256 is None or _sha256(target) == src.member_sha256):
         return target
     archive = root / Path(src.url).name
-    if not archive.is_file():
+    if src.archive_sha256 is not None:  # checksummed, cached download of the shared data layer
+        from mbbo.data.cache import fetch
+
+        archive = fetch(f"movielens/{archive.name}", src.url, src.archive_sha256, root.parent)
+    elif not archive.is_file():
         _download(src.url, archive)
     try:
         with zipfile.ZipFile(archive) as zf:

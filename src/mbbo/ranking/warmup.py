@@ -155,8 +155,8 @@ def warmup(
         batch_size, num_pos, num_neg, few_positives: see :class:`~mbbo.ranking.sampler.ListwiseSampler`.
         gamma, shift: see :class:`ListwiseCELoss`.
         reset_head, head_init: call ``model.reset_head(generator, init=head_init)`` at the end.
-        generator: random stream of the sampler and of the head reset, on ``split``'s device; else one
-            seeded with ``seed``.
+        generator: random stream of the sampler, of the dropout masks (through a forked, seeded global
+            stream) and of the head reset, on ``split``'s device; else one seeded with ``seed``.
         eval_every: if > 0, dev NDCG every that many epochs (into ``dev_metrics``, before the head reset).
         callback: called as ``callback(epoch, model, stats)`` after every epoch (stats: loss, ce, and the dev
             metrics when computed).
@@ -172,33 +172,38 @@ def warmup(
     loss_fn = ListwiseCELoss(sampler.num_pairs, gamma, shift, device=param.device, dtype=param.dtype)
     opt = torch.optim.Adam(_param_groups(model, weight_decay), lr=lr)
     result = WarmupResult(model=model, loss_state=loss_fn)
-    model.train()
-    for epoch in range(1, epochs + 1):
-        total = ce_total = 0.0
-        steps = pairs = 0
-        for batch in sampler.epoch(generator, batch_size):
-            b = batch.to(param.device)
-            scores = model(b.users, b.items)
-            loss = loss_fn(scores, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                s = scores.detach()
-                lse = torch.logsumexp(s[:, num_pos:, None].transpose(1, 2) - s[:, :num_pos, None], dim=2)
-                ce_total += float(lse[b.pos_mask].sum())
-                pairs += int(b.pos_mask.sum())
-            total += float(loss.detach())
-            steps += 1
-        stats = {"loss": total / max(steps, 1), "ce": ce_total / max(pairs, 1)}
-        result.losses.append(stats["loss"])
-        result.ce.append(stats["ce"])
-        if eval_every > 0 and epoch % eval_every == 0:
-            metrics = evaluate_split(model, split, "dev")
-            result.dev_metrics.append({"epoch": float(epoch), **metrics})
-            stats.update(metrics)
-        if callback is not None:
-            callback(epoch, model, stats)
+    # dropout draws from the global stream: seed it from `generator` inside a fork, so that a run is
+    # reproducible from its generator alone and the caller's global random state is left untouched
+    dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng():
+        torch.manual_seed(dropout_seed)
+        model.train()
+        for epoch in range(1, epochs + 1):
+            total = ce_total = 0.0
+            steps = pairs = 0
+            for batch in sampler.epoch(generator, batch_size):
+                b = batch.to(param.device)
+                scores = model(b.users, b.items)
+                loss = loss_fn(scores, b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    s = scores.detach()
+                    lse = torch.logsumexp(s[:, num_pos:, None].transpose(1, 2) - s[:, :num_pos, None], dim=2)
+                    ce_total += float(lse[b.pos_mask].sum())
+                    pairs += int(b.pos_mask.sum())
+                total += float(loss.detach())
+                steps += 1
+            stats = {"loss": total / max(steps, 1), "ce": ce_total / max(pairs, 1)}
+            result.losses.append(stats["loss"])
+            result.ce.append(stats["ce"])
+            if eval_every > 0 and epoch % eval_every == 0:
+                metrics = evaluate_split(model, split, "dev")
+                result.dev_metrics.append({"epoch": float(epoch), **metrics})
+                stats.update(metrics)
+            if callback is not None:
+                callback(epoch, model, stats)
     if reset_head:
         reset = getattr(model, "reset_head", None)
         if not callable(reset):

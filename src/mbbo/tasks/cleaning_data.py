@@ -1,4 +1,4 @@
-"""Data and loss functions of task T4, data hyper-cleaning (Franceschi et al. 2017; stocBiO; benchopt ``mnist``).
+"""Data and losses of task T4, data hyper-cleaning (Franceschi et al. 2017; stocBiO; benchopt ``mnist``).
 
 Problem, with per-sample weights sigma(x_j) on the training rows and a linear multinomial model W (d x K)::
 
@@ -18,8 +18,8 @@ class, so the expected fraction of wrong labels is noise * (K - 1) / K, as in be
 corruption mask, ``corrupted`` the mask of labels that actually differ. Validation and test labels stay clean.
 
 Batches are dicts of gathered rows: ``{"X": (b, d), "y": (b,) int64, "idx": (b,) int64}``. The loss functions
-take ``x_batch``, the upper variable *restricted to the batch rows* (x[batch["idx"]]), so the hypergradient of a
-mini-batch touches only its b coordinates of x (keep it as (idx, values) and index_add into the dense x).
+take ``x_batch``, the upper variable *restricted to the batch rows* (x[batch["idx"]]), so the hypergradient of
+a mini-batch touches only its b coordinates of x (keep it as (idx, values) and index_add into the dense x).
 """
 
 from __future__ import annotations
@@ -138,16 +138,22 @@ def load_npz_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {p}")
     try:
-        with np.load(p, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            missing = [k for k in ("X", "y") if k not in keys]
-            if missing:
-                raise ValueError(
-                    f"{p}: missing array(s) {missing}; the file has {sorted(keys)} (need 'X' and 'y')"
-                )
-            X, y = np.asarray(npz["X"]), np.asarray(npz["y"])
-    except (OSError, EOFError) as err:  # np.load raises these for non-npz files
+        archive = np.load(p, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as err:  # what np.load raises for files it cannot read
         raise ValueError(f"{p} is not a readable .npz file: {err}") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{p} is a .npy array, not an .npz archive with arrays 'X' and 'y'")
+    with archive:
+        keys = set(archive.files)
+        missing = [k for k in ("X", "y") if k not in keys]
+        if missing:
+            raise ValueError(
+                f"{p}: missing array(s) {missing}; the file has {sorted(keys)}, needs 'X' and 'y'"
+            )
+        try:
+            X, y = np.asarray(archive["X"]), np.asarray(archive["y"])
+        except ValueError as err:  # object arrays need pickle, which is refused
+            raise ValueError(f"{p}: arrays 'X' and 'y' must be plain (non-object) arrays: {err}") from err
     return X, y
 
 
@@ -195,7 +201,7 @@ def _split_sizes(n: int, val_size: float | int, test_size: float | int) -> tuple
 def corrupt_labels(
     y: Tensor, noise: float, n_classes: int, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Replace each label, with probability ``noise``, by a class drawn uniformly from {0, ..., n_classes - 1}.
+    """Replace each label, with probability ``noise``, by a class drawn uniformly in {0, ..., n_classes - 1}.
 
     Returns (noisy labels, bool mask of the replaced rows). A replaced label can equal the original one.
     """
@@ -311,7 +317,8 @@ def inner_solution(
 ) -> Tensor:
     """W*(x) = argmin_W g(x, W) on the full training set, by damped Newton (backtracking on g).
 
-    Stops when ||grad_W g|| <= tol. Forms the (dK x dK) Hessian: fine for digits (d K = 640), not for MNIST.
+    Stops after a Newton step of norm <= tol (1 + ||W||), taken in full. Forms the (dK x dK) Hessian: fine
+    for digits (d K = 640), not for MNIST.
     """
     if not reg > 0:
         raise ValueError(f"reg must be in (0, inf) for a strongly convex lower level, got {reg!r}")
@@ -323,14 +330,16 @@ def inner_solution(
     loss = inner_loss(x, W, batch, reg)
     for _ in range(max_iter):
         grad, hess = _inner_grad_hess(x, W, X, y, reg)
-        if float(torch.linalg.vector_norm(grad)) <= tol:
-            break
         step = torch.linalg.solve(hess, grad.reshape(-1)).reshape(d, k)
+        if float(torch.linalg.vector_norm(step)) <= tol * (1.0 + float(torch.linalg.vector_norm(W))):
+            W = W - step  # last full Newton step: error O(||step||^2) by quadratic convergence
+            break
         t = 1.0
         while True:
             candidate = W - t * step
             new_loss = inner_loss(x, candidate, batch, reg)
-            if new_loss <= loss - 1e-4 * t * (grad * step).sum() or t < 1e-10:
+            slack = 1e-14 * abs(float(loss))  # rounding of the loss values near the solution
+            if new_loss <= loss - 1e-4 * t * (grad * step).sum() + slack or t < 1e-10:
                 break
             t *= 0.5
         W, loss = candidate, new_loss
@@ -346,7 +355,7 @@ def value(x: Tensor, data: CleaningData, reg: float = DEFAULT_REG, W: Tensor | N
 def hypergradient(x: Tensor, data: CleaningData, reg: float = DEFAULT_REG, W: Tensor | None = None) -> Tensor:
     """grad h(x) = -(grad_xW g) v with v = (grad_WW g)^{-1} grad_W f at W*(x), shape (n_train,).
 
-    Component j: -(1/n) sigma'(x_j) <grad_W CE_j, V> = -(1/n) sigma'(x_j) sum_k (a_j^T V)_k (p_jk - [y_j = k]).
+    Component j: -(1/n) sigma'(x_j) <grad_W CE_j, V> = -(1/n) sigma'(x_j) sum_k (a_j^T V)_k (p_jk - [y_j=k]).
     """
     W = inner_solution(x, data, reg) if W is None else W
     batch = data.train_batch()

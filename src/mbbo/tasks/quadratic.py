@@ -41,8 +41,18 @@ class MultiBlockQuadratic:
     f: Tensor
 
     @classmethod
-    def random(cls, num_blocks: int, dim_x: int, dim_y: int, *, seed: int = 0, mu: float = 1.0, L: float = 4.0,
-               interpolating: bool = False, dtype: torch.dtype = torch.float64) -> MultiBlockQuadratic:
+    def random(
+        cls,
+        num_blocks: int,
+        dim_x: int,
+        dim_y: int,
+        *,
+        seed: int = 0,
+        mu: float = 1.0,
+        L: float = 4.0,
+        interpolating: bool = False,
+        dtype: torch.dtype = torch.float64,
+    ) -> MultiBlockQuadratic:
         """Random instance: Hessians of g with spectra in [mu, L]; upper Hessians in [0.5, 2]."""
         if num_blocks < 1 or dim_x < 1 or dim_y < 1:
             raise ValueError(f"num_blocks, dim_x, dim_y must be >= 1, got {num_blocks}, {dim_x}, {dim_y}")
@@ -61,8 +71,16 @@ class MultiBlockQuadratic:
             K = torch.zeros(m, dx, dy, dtype=dtype)
             pb = cls(A, C, a, F, K, H, torch.zeros(m, dx, dtype=dtype), torch.zeros(m, dy, dtype=dtype))
             target = pb.lower_solution(x_star)
-            return cls(A, C, a, F, K, H, -(H @ x_star.unsqueeze(-1)).squeeze(-1),
-                       -(F @ target.unsqueeze(-1)).squeeze(-1))
+            return cls(
+                A,
+                C,
+                a,
+                F,
+                K,
+                H,
+                -(H @ x_star.unsqueeze(-1)).squeeze(-1),
+                -(F @ target.unsqueeze(-1)).squeeze(-1),
+            )
         K = torch.randn(m, dx, dy, generator=gen, dtype=dtype) / dx**0.5
         h = torch.randn(m, dx, generator=gen, dtype=dtype)
         f = torch.randn(m, dy, generator=gen, dtype=dtype)
@@ -122,8 +140,15 @@ class MultiBlockQuadratic:
         F, K, H, h, f = batch["F"], batch["K"], batch["H"], batch["h"], batch["f"]
         return 0.5 * y @ F @ y + x @ K @ y + 0.5 * x @ H @ x + h @ x + (f + batch["noise_f"].mean(0)) @ y
 
-    def problem(self, *, noise: float = 0.0, hessian_noise: float = 0.0, batch_size: int = 1,
-                x0: Tensor | None = None, y0: Tensor | None = None) -> MultiBlockProblem:
+    def problem(
+        self,
+        *,
+        noise: float = 0.0,
+        hessian_noise: float = 0.0,
+        batch_size: int = 1,
+        x0: Tensor | None = None,
+        y0: Tensor | None = None,
+    ) -> MultiBlockProblem:
         """The engine's problem; `noise`/`hessian_noise` are per-sample standard deviations."""
         if noise < 0 or hessian_noise < 0:
             raise ValueError(f"noise levels must be >= 0, got noise={noise}, hessian_noise={hessian_noise}")
@@ -133,17 +158,32 @@ class MultiBlockQuadratic:
         upper = NoiseSampler({"noise_f": (dy,)}, batch_size, std=noise, dtype=dtype)
         x0 = torch.zeros(dx, dtype=dtype) if x0 is None else x0
         y0 = torch.zeros(m, dy, dtype=dtype) if y0 is None else y0
-        coefficients = {"A": self.A, "C": self.C, "a": self.a, "F": self.F, "K": self.K, "H": self.H,
-                        "h": self.h, "f": self.f}
-        return MultiBlockProblem(self.upper_loss, self.lower_loss, x0, y0, lower, upper, block_data=coefficients,
-                                 name="quadratic")
+        coefficients = {
+            "A": self.A,
+            "C": self.C,
+            "a": self.a,
+            "F": self.F,
+            "K": self.K,
+            "H": self.H,
+            "h": self.h,
+            "f": self.f,
+        }
+        return MultiBlockProblem(
+            self.upper_loss, self.lower_loss, x0, y0, lower, upper, block_data=coefficients, name="quadratic"
+        )
 
 
 class _ScaledNoise(NoiseSampler):
     """Gradient noise of std `std` and Hessian-scale noise of std `hessian_std`."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], batch_size: int, std: float, hessian_std: float,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        batch_size: int,
+        std: float,
+        hessian_std: float,
+        dtype: torch.dtype,
+    ) -> None:
         super().__init__(shapes, batch_size, std=std, dtype=dtype)
         self.hessian_std = hessian_std
 
@@ -153,5 +193,6 @@ class _ScaledNoise(NoiseSampler):
             out["hessian_noise"] = out["hessian_noise"] * (self.hessian_std / self.std)
         else:
             out["hessian_noise"] = self.hessian_std * torch.randn(
-                out["hessian_noise"].shape, generator=generator, dtype=self.dtype)
+                out["hessian_noise"].shape, generator=generator, dtype=self.dtype
+            )
         return out

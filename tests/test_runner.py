@@ -1,0 +1,377 @@
+"""The runner, driven by small fake algorithms: records, timing, checkpoints, resume and the NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mbbo import runner as runner_module
+from mbbo.checkpoint import CheckpointNotFoundError, load_checkpoint
+from mbbo.metrics_log import read_metrics
+from mbbo.protocols import SteppableAlgorithm
+from mbbo.runner import DivergenceError, RunConfig, _postfix, run, state_is_finite
+
+DIM = 4
+A = torch.diag(torch.arange(1.0, DIM + 1, dtype=torch.float64))
+B = torch.ones(DIM, dtype=torch.float64)
+
+
+class NoisyQuadratic:
+    """Noisy gradient descent on 0.5 x'Ax - b'x; its random stream lives in its state_dict."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.2, diverge_at: int | None = None) -> None:
+        self.x = torch.zeros(DIM, dtype=torch.float64)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.lr = lr
+        self.iteration = 0
+        self.counts = {"grad": 0, "hvp": 0}
+        self.diverge_at = diverge_at
+
+    def step(self) -> None:
+        noise = torch.randn(DIM, generator=self.generator, dtype=torch.float64)
+        self.x = self.x - self.lr * (A @ self.x - B + 0.3 * noise)
+        self.iteration += 1
+        self.counts["grad"] += 1
+        self.counts["hvp"] += 2
+        if self.iteration == self.diverge_at:
+            self.x = self.x * math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "x": self.x.clone(),
+            "iteration": self.iteration,
+            "generator": self.generator.get_state(),
+            "counts": dict(self.counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.x = state["x"].clone()
+        self.iteration = state["iteration"]
+        self.generator.set_state(state["generator"])
+        self.counts = dict(state["counts"])
+
+    def oracle_counts(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class CheckedQuadratic(NoisyQuadratic):
+    """The same, with the cheap per-step finite check the runner asks for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.finite_calls = 0
+
+    def is_finite(self) -> bool:
+        self.finite_calls += 1
+        return bool(torch.isfinite(self.x).all())
+
+
+class CrashingQuadratic(NoisyQuadratic):
+    """Raises inside step() at a given iteration, like a killed process."""
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__()
+        self.crash_at = crash_at
+
+    def step(self) -> None:
+        if self.iteration + 1 == self.crash_at:
+            raise KeyboardInterrupt("simulated crash")
+        super().step()
+
+
+def loss_of(x: torch.Tensor) -> float:
+    return float(0.5 * x @ A @ x - B @ x)
+
+
+class QuadraticTask:
+    """Evaluates the loss; `eval_sleep` simulates a slow evaluation."""
+
+    def __init__(self, per_epoch: int = 4, eval_sleep: float = 0.0) -> None:
+        self.per_epoch = per_epoch
+        self.eval_sleep = eval_sleep
+
+    def iterations_per_epoch(self) -> int:
+        return self.per_epoch
+
+    def evaluate(self, algorithm: Any) -> dict[str, Any]:
+        time.sleep(self.eval_sleep)
+        return {
+            "loss": loss_of(algorithm.x),
+            "x0": algorithm.x[0].clone(),  # a tensor: the runner must turn it into a float
+            "grad_enabled": float(torch.is_grad_enabled()),
+        }
+
+
+def _config(out: Path, **kwargs: Any) -> RunConfig:
+    return RunConfig(out_dir=out, progress=False, **kwargs)
+
+
+def _without_time(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def _assert_same_state(left: dict[str, Any], right: dict[str, Any]) -> None:
+    assert left.keys() == right.keys()
+    for key in left:
+        if isinstance(left[key], torch.Tensor):
+            assert torch.equal(left[key], right[key]), key
+        else:
+            assert left[key] == right[key], key
+
+
+def test_fake_algorithm_satisfies_protocol() -> None:
+    assert isinstance(NoisyQuadratic(), SteppableAlgorithm)
+
+
+def test_records_format_and_files(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    algorithm = NoisyQuadratic()
+    records = run(algorithm, QuadraticTask(), _config(out, iterations=10, eval_every=4),
+                  extra_config={"algorithm": "fake", "lr": 0.2, "path": tmp_path})
+    assert [r["iteration"] for r in records] == [0, 4, 8, 10]
+    assert [r["epoch"] for r in records] == [0.0, 1.0, 2.0, 2.5]
+    assert [r["oracle_calls"] for r in records] == [{"grad": i, "hvp": 2 * i} for i in (0, 4, 8, 10)]
+    assert all(r["grad_enabled"] == 0.0 for r in records)
+    times = [r["time"] for r in records]
+    assert times[0] == 0.0 and times == sorted(times)
+    reference = NoisyQuadratic()
+    for record in records:
+        while reference.iteration < record["iteration"]:
+            reference.step()
+        assert record["loss"] == loss_of(reference.x)
+        assert record["x0"] == float(reference.x[0])
+        assert set(record) == {"iteration", "epoch", "time", "oracle_calls", "loss", "x0", "grad_enabled"}
+    assert read_metrics(out / "metrics.jsonl") == records
+    config = json.loads((out / "config.json").read_text())
+    assert config["algorithm"] == "fake" and config["path"] == str(tmp_path)
+    assert config["runner"] == {
+        "out_dir": str(out), "iterations": 10, "epochs": None, "eval_every": 4, "checkpoint_every": None,
+        "progress": False, "overwrite": False,
+    }
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert saved["runner"]["iteration"] == 10
+    assert saved["config"] == config
+    _assert_same_state(saved["algorithm"], algorithm.state_dict())
+
+
+def test_epochs_budget(tmp_path: Path) -> None:
+    records = run(NoisyQuadratic(), QuadraticTask(per_epoch=4), _config(tmp_path, epochs=2.5, eval_every=3))
+    assert [r["iteration"] for r in records] == [0, 3, 6, 9, 10]
+    assert records[-1]["epoch"] == 2.5
+    assert RunConfig(out_dir=tmp_path, epochs=0.1).total_iterations(30) == 3
+    assert RunConfig(out_dir=tmp_path, epochs=0.5).total_iterations(3) == 2
+    assert RunConfig(out_dir=tmp_path, epochs=0.01).total_iterations(3) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of iterations and epochs"),
+        ({"iterations": 5, "epochs": 1.0}, "exactly one of iterations and epochs"),
+        ({"iterations": 0}, "iterations must be an integer >= 1, got 0"),
+        ({"iterations": 2.5}, "iterations must be an integer"),
+        ({"epochs": -1.0}, "epochs must be a positive number, got -1.0"),
+        ({"iterations": 5, "eval_every": 0}, "eval_every must be an integer >= 1"),
+        ({"iterations": 5, "checkpoint_every": -2}, "checkpoint_every must be an integer >= 1, got -2"),
+    ],
+)
+def test_run_config_validation(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RunConfig(out_dir=tmp_path, **kwargs)
+
+
+def test_timing_excludes_evaluation(tmp_path: Path) -> None:
+    class Sleepy(NoisyQuadratic):
+        def step(self) -> None:
+            time.sleep(0.01)
+            super().step()
+
+    records = run(Sleepy(), QuadraticTask(eval_sleep=0.05), _config(tmp_path, iterations=5, eval_every=1))
+    assert len(records) == 6
+    assert 0.05 <= records[-1]["time"] < 0.05 + 0.2  # six 0.05 s evaluations would add 0.3 s
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    extra = {"algorithm": "fake", "seed": 0}
+    straight = NoisyQuadratic()
+    expected = run(
+        straight,
+        QuadraticTask(),
+        _config(tmp_path / "a", iterations=10, eval_every=4, checkpoint_every=6),
+        extra_config=extra,
+    )
+
+    first = NoisyQuadratic()
+    run(first, QuadraticTask(), _config(tmp_path / "b", iterations=6, eval_every=4, checkpoint_every=6),
+        extra_config=extra)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["runner"]["iteration"] == 6
+    resumed = NoisyQuadratic(seed=123)  # a fresh object: everything must come from the checkpoint
+    records = run(resumed, QuadraticTask(),
+                  _config(tmp_path / "b", iterations=10, eval_every=4, checkpoint_every=6),
+                  resume=True, extra_config=extra)
+
+    _assert_same_state(resumed.state_dict(), straight.state_dict())
+    assert _without_time(records) == _without_time(expected)
+    assert _without_time(read_metrics(tmp_path / "b" / "metrics.jsonl")) == _without_time(expected)
+    assert [r["iteration"] for r in records] == [0, 4, 8, 10]
+    assert records[2]["time"] >= records[1]["time"]  # time continues from the saved value
+    _assert_same_state(load_checkpoint(tmp_path / "b" / "checkpoint.pt")["algorithm"], straight.state_dict())
+
+
+def test_resume_after_crash_drops_records_past_checkpoint(tmp_path: Path) -> None:
+    config = _config(tmp_path / "crash", iterations=10, eval_every=4, checkpoint_every=6)
+    with pytest.raises(KeyboardInterrupt):
+        run(CrashingQuadratic(crash_at=10), QuadraticTask(), config)
+    assert [r["iteration"] for r in read_metrics(tmp_path / "crash" / "metrics.jsonl")] == [0, 4, 8]
+
+    resumed = NoisyQuadratic()
+    records = run(resumed, QuadraticTask(), config, resume=True)
+    straight = NoisyQuadratic()
+    expected = run(straight, QuadraticTask(),
+                   _config(tmp_path / "straight", iterations=10, eval_every=4, checkpoint_every=6))
+    _assert_same_state(resumed.state_dict(), straight.state_dict())
+    assert _without_time(records) == _without_time(expected)
+
+
+def test_resume_when_already_finished_does_nothing(tmp_path: Path) -> None:
+    config = _config(tmp_path, iterations=5, eval_every=2)
+    first = NoisyQuadratic()
+    expected = run(first, QuadraticTask(), config)
+    again = NoisyQuadratic()
+    records = run(again, QuadraticTask(), config, resume=True)
+    assert records == expected
+    _assert_same_state(again.state_dict(), first.state_dict())
+
+
+def test_resume_errors_and_warning(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="cannot resume: no checkpoint at"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path / "empty", iterations=3), resume=True)
+    config = _config(tmp_path / "run", iterations=6)
+    run(NoisyQuadratic(), QuadraticTask(), config, extra_config={"lr": 0.2})
+    with pytest.raises(ValueError, match="at iteration 6, past the requested 4 iterations"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path / "run", iterations=4), resume=True)
+    with pytest.warns(RuntimeWarning, match=r"differs from the checkpoint's in \['lr'\]"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path / "run", iterations=7), resume=True,
+            extra_config={"lr": 0.5})
+
+
+def test_fresh_run_refuses_to_clobber(tmp_path: Path) -> None:
+    run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=8))
+    with pytest.raises(FileExistsError, match="resume=True"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=3))
+    records = run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=3, overwrite=True))
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["runner"]["iteration"] == 3
+
+
+def test_divergence_with_is_finite_stops_at_the_bad_iteration(tmp_path: Path) -> None:
+    algorithm = CheckedQuadratic(diverge_at=7)
+    config = _config(tmp_path, iterations=20, eval_every=2, checkpoint_every=3)
+    with pytest.raises(DivergenceError, match="iteration 7") as info:
+        run(algorithm, QuadraticTask(), config)
+    assert "metrics up to iteration 6" in str(info.value)
+    assert "last good checkpoint (iteration 6)" in str(info.value)
+    assert info.value.iteration == 7
+    assert algorithm.finite_calls == 7  # checked after every step
+    assert [r["iteration"] for r in info.value.records] == [0, 2, 4, 6]
+    assert read_metrics(tmp_path / "metrics.jsonl") == info.value.records
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["runner"]["iteration"] == 6
+    reference = NoisyQuadratic()
+    for _ in range(6):
+        reference.step()
+    _assert_same_state(saved["algorithm"], reference.state_dict())
+
+
+def test_divergence_without_is_finite_detected_at_evaluation(tmp_path: Path) -> None:
+    config = _config(tmp_path, iterations=20, eval_every=4, checkpoint_every=3)
+    with pytest.raises(DivergenceError) as info:
+        run(NoisyQuadratic(diverge_at=7), QuadraticTask(), config)
+    assert info.value.iteration == 8
+    assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 4]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["runner"]["iteration"] == 6
+
+
+def test_divergence_never_overwrites_checkpoint(tmp_path: Path) -> None:
+    config = _config(tmp_path, iterations=20, eval_every=100, checkpoint_every=3)
+    with pytest.raises(DivergenceError) as info:
+        run(NoisyQuadratic(diverge_at=5), QuadraticTask(), config)
+    assert info.value.iteration == 6  # found at the checkpoint, before saving
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["runner"]["iteration"] == 3
+    assert state_is_finite(saved["algorithm"])
+
+
+def test_divergence_of_initial_state(tmp_path: Path) -> None:
+    algorithm = NoisyQuadratic()
+    algorithm.x[0] = math.nan
+    with pytest.raises(DivergenceError, match=r"iteration 0.*no metrics.*no checkpoint written"):
+        run(algorithm, QuadraticTask(), _config(tmp_path, iterations=3))
+
+
+def test_state_is_finite() -> None:
+    good = {"x": torch.ones(2), "n": torch.tensor([1, 2]), "nested": [{"y": (torch.zeros(1), 1.5)}], "s": "a"}
+    assert state_is_finite(good)
+    assert not state_is_finite({"nested": [{"y": (torch.tensor([1.0, math.nan]),)}]})
+    assert not state_is_finite({"lr": math.inf})
+    assert not state_is_finite({"z": torch.tensor([complex(math.inf, 0)])})
+
+
+def test_bad_task_outputs(tmp_path: Path) -> None:
+    class Clashing(QuadraticTask):
+        def evaluate(self, algorithm: Any) -> dict[str, Any]:
+            return {"time": 1.0}
+
+    class NotADict(QuadraticTask):
+        def evaluate(self, algorithm: Any) -> Any:
+            return 3.0
+
+    with pytest.raises(ValueError, match=r"reserved key\(s\) \['time'\]"):
+        run(NoisyQuadratic(), Clashing(), _config(tmp_path / "a", iterations=2))
+    with pytest.raises(TypeError, match="must return a dict, got float"):
+        run(NoisyQuadratic(), NotADict(), _config(tmp_path / "b", iterations=2))
+    with pytest.raises(ValueError, match="must not contain the key 'runner'"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=2), extra_config={"runner": 0})
+
+
+def test_progress_bar_shows_last_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bars: list[Any] = []
+
+    class FakeBar:
+        def __init__(self, **kwargs: Any) -> None:
+            self.kwargs = kwargs
+            self.updates = 0
+            self.postfixes: list[dict[str, str]] = []
+            self.closed = False
+            bars.append(self)
+
+        def update(self, n: int) -> None:
+            self.updates += n
+
+        def set_postfix(self, values: dict[str, str], refresh: bool = True) -> None:
+            self.postfixes.append(values)
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(runner_module, "tqdm", FakeBar)
+    config = RunConfig(out_dir=tmp_path, iterations=5, eval_every=2, progress=True)
+    records = run(NoisyQuadratic(), QuadraticTask(), config)
+    (bar,) = bars
+    assert bar.kwargs["total"] == 5 and bar.kwargs["initial"] == 0 and bar.kwargs["disable"] is None
+    assert bar.updates == 5 and bar.closed
+    assert bar.postfixes[-1] == _postfix(records[-1])
+    assert bar.postfixes[-1]["loss"] == f"{records[-1]['loss']:.4g}"
+    assert bar.postfixes[-1]["epoch"] == "1.25"
+
+
+def test_postfix_formats_scalars_only() -> None:
+    record = {"iteration": 3, "epoch": 0.75, "time": 1.0, "oracle_calls": {"grad": 3}, "loss": 0.123456,
+              "name": "a", "flag": True, "vec": [1, 2]}
+    assert _postfix(record) == {"epoch": "0.75", "loss": "0.1235", "name": "a"}
