@@ -50,16 +50,17 @@ def test_every_oracle_matches_the_closed_form(quad: MultiBlockQuadratic) -> None
     gy2, hess = orc.lower_hessian(x, y, lower, blocks)
     assert torch.allclose(gy2, gy_true, atol=TOL, rtol=0)
     assert torch.allclose(hess, A.expand(2, *A.shape), atol=TOL, rtol=0)
-    jac = orc.cross_jacobian(x, y, lower, blocks)
+    gy3, hess3, jac = orc.lower_second_order(x, y, lower, blocks)
     assert torch.allclose(jac.values, C.expand(2, *C.shape), atol=TOL, rtol=0)
+    assert torch.allclose(hess3, hess, atol=TOL, rtol=0) and torch.allclose(gy3, gy_true, atol=TOL, rtol=0)
     gx_f, gy_f = orc.upper_grads(x, y, upper, blocks)
     gyf_true = torch.einsum("byz,pbz->pby", F, y) + torch.einsum("bxy,px->pby", K, x) + f
     gxf_true = torch.einsum("bxy,pby->pbx", K, y) + torch.einsum("bxz,pz->pbx", H, x) + h
     assert torch.allclose(gy_f, gyf_true, atol=TOL, rtol=0)
     assert gx_f is not None and torch.allclose(gx_f.values, gxf_true, atol=TOL, rtol=0)
     # one count per block and point
-    assert orc.counts["hvp"] == 6 and orc.counts["cross"] == 12 and orc.counts["grad_y_g"] == 18
-    assert orc.counts["hessian_yy"] == 6 and orc.counts["jacobian_xy"] == 6 and orc.counts["grad_x_f"] == 6
+    assert orc.counts["hvp"] == 6 and orc.counts["cross"] == 12 and orc.counts["grad_y_g"] == 24
+    assert orc.counts["hessian_yy"] == 12 and orc.counts["jacobian_xy"] == 6 and orc.counts["grad_x_f"] == 6
 
 
 def test_exact_hypergradient_from_oracles(quad: MultiBlockQuadratic) -> None:
@@ -170,8 +171,8 @@ def test_sparse_x_oracles_equal_the_dense_form() -> None:
     _, _, jv_dense = Oracles(dense).lower_products(xs, ys, vs, batch, blocks)
     assert jv_sparse.index is not None and jv_sparse.values.shape == (2, 2, 7)
     assert torch.allclose(jv_sparse.block_mean(n), jv_dense.block_mean(n), atol=TOL, rtol=0)
-    jac_sparse = Oracles(sparse).cross_jacobian(xs, ys, batch, blocks)
-    jac_dense = Oracles(dense).cross_jacobian(xs, ys, batch, blocks)
+    jac_sparse = Oracles(sparse).lower_second_order(xs, ys, batch, blocks)[2]
+    jac_dense = Oracles(dense).lower_second_order(xs, ys, batch, blocks)[2]
     rebuilt = torch.zeros(2, 2, n, d, dtype=torch.float64)
     for b in range(2):
         rebuilt[:, b].index_add_(1, batch["index"][b], jac_sparse.values[:, b])

@@ -102,9 +102,7 @@ def test_half_stars_only_for_ml20m(tmp_path):
     with pytest.raises(MovieLensError, match=r"u\.data:2: rating outside \{1, 2, 3, 4, 5\}"):
         read_ratings(_write(tmp_path / "u.data", "1\t2\t3\t10\n1\t3\t3.5\t11\n"))
     with pytest.raises(MovieLensError, match=r"ratings\.csv:3: rating outside"):
-        read_ratings(
-            _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,10\n1,3,0.25,1\n")
-        )
+        read_ratings(_write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,10\n1,3,0.25,1\n"))
     with pytest.raises(MovieLensError, match=r"ratings\.csv:2: rating outside"):
         read_ratings(_write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,2,5.5,10\n"))
 
@@ -200,9 +198,7 @@ def _as_set(csr: UserItemCSR) -> set[tuple[int, int, float]]:
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
-        st.tuples(
-            st.integers(0, 4), st.integers(0, 6), st.integers(1, 5), st.integers(0, 5)
-        ),  # few times: many ties
+        st.tuples(st.integers(0, 4), st.integers(0, 6), st.integers(1, 5), st.integers(0, 5)),  # few times: many ties
         min_size=1,
         max_size=60,
     ),
@@ -232,11 +228,7 @@ def test_split_ml100k(shared_data):
 
 def test_split_small_users_ties_and_duplicates():
     # user 0: 8 ratings -> 1 train, 2 dev, 5 test; user 1: 1 rating -> train only; user 2: 3 ratings -> 1/0/2
-    rows = (
-        [(0, k, 1 + k % 5, 10 * k) for k in range(8)]
-        + [(1, 0, 3, 5)]
-        + [(2, 0, 1, 0), (2, 1, 2, 1), (2, 2, 3, 2)]
-    )
+    rows = [(0, k, 1 + k % 5, 10 * k) for k in range(8)] + [(1, 0, 3, 5)] + [(2, 0, 1, 0), (2, 1, 2, 1), (2, 2, 3, 2)]
     rows += [(2, 2, 5, 2)]  # exact (user, item, time) duplicate: the first row (rating 3) is kept
     rows += [(1, 3, 2, 1), (1, 3, 4, 0)]  # (user, item) at two times: the latest (rating 2 at time 1) is kept
     u, i, rt, t = (np.array(c) for c in zip(*rows, strict=True))
@@ -349,9 +341,7 @@ def test_errors_are_value_errors():
 def test_download_errors(tmp_path, monkeypatch):
     junk = tmp_path / "junk.zip"
     junk.write_bytes(b"not a zip")
-    monkeypatch.setitem(
-        ml.MOVIELENS_SOURCES, "ml-1m", ml._Source(junk.as_uri(), "ml-1m/ratings.dat", "ml-1m", None)
-    )
+    monkeypatch.setitem(ml.MOVIELENS_SOURCES, "ml-1m", ml._Source(junk.as_uri(), "ml-1m/ratings.dat", "ml-1m", None))
     with pytest.raises(MovieLensError, match="not a MovieLens archive"):
         download_movielens("ml-1m", tmp_path / "c")
     missing = ml._Source((tmp_path / "absent.zip").as_uri(), "ml-1m/ratings.dat", "ml-1m", None)

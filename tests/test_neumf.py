@@ -54,9 +54,7 @@ def test_score_all_items_equals_pairwise_scores():
     users = torch.tensor([4, 0, 17, 4])
     pairwise = m.score(users, torch.arange(80).expand(4, -1))
     torch.testing.assert_close(m.score_all_items(users), pairwise, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(
-        m.score_all_items(users, max_elements=64 * 4 * 3), pairwise, rtol=1e-12, atol=1e-14
-    )
+    torch.testing.assert_close(m.score_all_items(users, max_elements=64 * 4 * 3), pairwise, rtol=1e-12, atol=1e-14)
     assert m.score_all_items(users).dtype == torch.float64
     # deeper MLP too
     deep = NeuMF(5, 9, emb_size=8, layers=(16, 4), generator=torch.Generator().manual_seed(0)).eval()

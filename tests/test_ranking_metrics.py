@@ -16,9 +16,7 @@ from mbbo.ranking.metrics import evaluate_ndcg, evaluate_split, ideal_dcg, ndcg_
 def _reference_ndcg(scores: list[float], ratings: dict[int, float], excluded: set[int], k: int) -> float:
     """Slow, obviously-correct NDCG@k of one user (distinct scores)."""
     candidates = sorted((i for i in range(len(scores)) if i not in excluded), key=lambda i: -scores[i])
-    dcg = sum(
-        (2 ** ratings.get(item, 0) - 1) / math.log2(rank + 2) for rank, item in enumerate(candidates[:k])
-    )
+    dcg = sum((2 ** ratings.get(item, 0) - 1) / math.log2(rank + 2) for rank, item in enumerate(candidates[:k]))
     ideal = sorted((2**r - 1 for i, r in ratings.items() if i not in excluded), reverse=True)[:k]
     idcg = sum(g / math.log2(rank + 2) for rank, g in enumerate(ideal))
     return dcg / idcg if idcg > 0 else float("nan")
@@ -49,8 +47,7 @@ def test_matches_slow_reference(data):
     ks = tuple(data.draw(st.lists(st.integers(1, 15), min_size=1, max_size=4)))
     scores = [data.draw(st.permutations(list(range(n)))) for _ in range(u)]  # distinct scores
     ratings = [
-        data.draw(st.dictionaries(st.integers(0, n - 1), st.sampled_from([0.5, 1, 2, 3.5, 5])))
-        for _ in range(u)
+        data.draw(st.dictionaries(st.integers(0, n - 1), st.sampled_from([0.5, 1, 2, 3.5, 5]))) for _ in range(u)
     ]
     excluded = [data.draw(st.sets(st.integers(0, n - 1))) - set(r) for r in ratings]
     s = torch.tensor(scores, dtype=torch.float64)
@@ -83,9 +80,7 @@ def test_ideal_dcg():
     full = ideal_dcg(csr)
     want0 = 7 + 3 / math.log2(3) + 1 / math.log2(4)
     torch.testing.assert_close(full, torch.tensor([want0, 0.0, 2**0.5 - 1]))
-    torch.testing.assert_close(
-        ideal_dcg(csr, 2, users=torch.tensor([0])), torch.tensor([7 + 3 / math.log2(3)])
-    )
+    torch.testing.assert_close(ideal_dcg(csr, 2, users=torch.tensor([0])), torch.tensor([7 + 3 / math.log2(3)]))
     assert ideal_dcg(csr, dtype=torch.float64).dtype == torch.float64
     with pytest.raises(ValueError, match="k="):
         ideal_dcg(csr, 0)
@@ -163,9 +158,7 @@ def test_ml100k_random_and_popularity(shared_data):
     pop += torch.bincount(split.dev.items, minlength=split.n_items).double()
     pop += 1e-6 * torch.arange(split.n_items)  # deterministic tie-breaking
     res = evaluate_split(lambda u: pop.expand(len(u), -1), split, "test")
-    np.testing.assert_allclose(
-        [res[f"ndcg@{k}"] for k in (5, 10, 20, 50)], [0.0476, 0.0657, 0.0837, 0.1132], rtol=0.03
-    )
+    np.testing.assert_allclose([res[f"ndcg@{k}"] for k in (5, 10, 20, 50)], [0.0476, 0.0657, 0.0837, 0.1132], rtol=0.03)
     dev = evaluate_split(lambda u: pop.expand(len(u), -1), split, "dev")
     assert 0.05 < dev["ndcg@10"] < 0.08
     with pytest.raises(ValueError, match="which"):

@@ -91,9 +91,7 @@ def _clustered_split(seed: int = 0):
 
 def test_warmup_learns_on_synthetic_clusters():
     split = _clustered_split()
-    model = NeuMF(
-        split.n_users, split.n_items, emb_size=16, layers=(16,), generator=torch.Generator().manual_seed(0)
-    )
+    model = NeuMF(split.n_users, split.n_items, emb_size=16, layers=(16,), generator=torch.Generator().manual_seed(0))
     before = evaluate_split(model, split, "dev")
     epochs = []
     res = warmup(
@@ -122,12 +120,8 @@ def test_warmup_resets_head_and_is_deterministic():
     split = _clustered_split(1)
 
     def run(reset: bool, seed: int = 0):
-        model = NeuMF(
-            split.n_users, split.n_items, emb_size=8, layers=(8,), generator=torch.Generator().manual_seed(0)
-        )
-        res = warmup(
-            model, split, 2, batch_size=16, num_pos=3, num_neg=10, reset_head=reset, seed=seed, shift="none"
-        )
+        model = NeuMF(split.n_users, split.n_items, emb_size=8, layers=(8,), generator=torch.Generator().manual_seed(0))
+        res = warmup(model, split, 2, batch_size=16, num_pos=3, num_neg=10, reset_head=reset, seed=seed, shift="none")
         return model, res
 
     kept, r1 = run(False)
@@ -148,9 +142,7 @@ def test_warmup_resets_head_and_is_deterministic():
 def test_warmup_improves_ml100k(shared_data):
     """A short warm-up (2 epochs of a small NeuMF) already beats random scores on ML-100K."""
     split = split_leave_last(read_ratings(shared_data / "movielens" / "ml-100k" / "u.data"))
-    model = NeuMF(
-        split.n_users, split.n_items, emb_size=16, layers=(16,), generator=torch.Generator().manual_seed(0)
-    )
+    model = NeuMF(split.n_users, split.n_items, emb_size=16, layers=(16,), generator=torch.Generator().manual_seed(0))
     res = warmup(model, split, 2, lr=0.01, reset_head=False)
     assert res.ce[1] < res.ce[0]
     assert evaluate_split(model, split, "dev")["ndcg@10"] > 0.02  # random is ~0.005

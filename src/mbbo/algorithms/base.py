@@ -45,21 +45,21 @@ class BilevelAlgorithm:
 
     Random streams (`torch.Generator`, seeded from `seed`): block sampling, lower data, upper data and an
     extra stream (second block sample, Neumann batches...), so that each estimator's fresh-sample assumption
-    holds and the same seed gives the same trajectory.
+    holds and the same seed gives the same trajectory. `compile=True` compiles the oracles (`Oracles`).
     """
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[Hyper]] = Hyper
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
-                 **overrides: Any) -> None:
+                 compile: bool = False, **overrides: Any) -> None:
         config = config if config is not None else self.Config()
         if overrides:
             config = config.replace(**overrides)
         config.validate(problem)
         self.config = config
         self.problem = problem
-        self.oracles = Oracles(problem)
+        self.oracles = Oracles(problem, compile=compile)
         self.iteration = 0
         device = problem.x0.device
         self.generators = {s: torch.Generator(device=device) for s in STREAMS}

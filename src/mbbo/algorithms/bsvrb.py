@@ -101,8 +101,8 @@ class _Blockwise(BilevelAlgorithm):
     moving_average: ClassVar[bool] = False
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
-                 **overrides: Any) -> None:
-        super().__init__(problem, config, seed=seed, **overrides)
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         self.block_sampler = BlockSampler(problem.num_blocks, self.config.block_batch)
         self.z = torch.zeros_like(self.x)
         self._initialise(problem.y0)

@@ -67,8 +67,8 @@ class RSVRB(BilevelAlgorithm):
     Config = RSVRBConfig
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
-                 **overrides: Any) -> None:
-        super().__init__(problem, config, seed=seed, **overrides)
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         cfg, pb = self.config, problem
         m = pb.num_blocks
         self.block_sampler = BlockSampler(m, cfg.block_batch)
@@ -83,9 +83,8 @@ class RSVRB(BilevelAlgorithm):
         blocks = torch.arange(pb.num_blocks, device=self.x.device)
         lower, upper = self.sample_batches(blocks)
         xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
-        gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
+        gy, hess, jac = self.oracles.lower_second_order(xs, ys, lower, blocks)
         _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
-        jac = self.oracles.cross_jacobian(xs, ys, lower, blocks)
         self.y = MovingBlocks(y, gy[0], cfg.lower_lr, decay=self.q)
         self.y.stamps.fill_(t)
         # estimators stamped t - 1; read at iteration k as value * q^(k - stamp)
@@ -144,9 +143,8 @@ class RSVRB(BilevelAlgorithm):
         xs = torch.stack([self.x, self.x_prev]) if two else self.x.unsqueeze(0)
         ys = torch.stack([y_cur, y_prev]) if two else y_cur.unsqueeze(0)
 
-        gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
+        gy, hess, jac = self.oracles.lower_second_order(xs, ys, lower, blocks)
         _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
-        jac = self.oracles.cross_jacobian(xs, ys, lower, blocks)
 
         gx_f = None
         if pb.upper_depends_on_x:

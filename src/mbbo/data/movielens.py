@@ -19,7 +19,7 @@ ICML 2022; BSVRB, Hu et al., ICML 2023), as implemented by LibAUC's ``preprocess
 pre-processing the authors used: see ``shared/specs/ndcg.md`` section 2.
 
 Storage choice. Per-user item lists are :class:`UserItemCSR` tensors (``offsets``, sorted ``items``,
-``ratings``): memory is O(#ratings), so ML-20M (20M ratings, 138K x 27K users x items) costs ~400 MB instead
+``ratings``): memory is O(#ratings), so ML-20M (20M ratings, 138K x 27K users x items) costs ~240 MB instead
 of the 15 GB of a dense float table. Evaluation builds dense masks only for a chunk of users at a time.
 Entry ``j`` of the training CSR is the *pair id* of (user, item) pair ``j``: per-pair estimator tables
 (SONG's ``u_{q,i}``, the warm-up's moving average) are 1-D tensors indexed by it.
@@ -216,8 +216,7 @@ def _read_values(path: Path, spec: _FormatSpec) -> tuple[np.ndarray, np.ndarray]
             if spec.header_prefix and not header.strip().lower().startswith(spec.header_prefix):
                 shown = header[:80].decode("utf-8", errors="replace")
                 raise MovieLensError(
-                    f"{path}:{line_no}: expected a header starting with {spec.header_prefix.decode()!r}, "
-                    f"got {shown!r}"
+                    f"{path}:{line_no}: expected a header starting with {spec.header_prefix.decode()!r}, got {shown!r}"
                 )
             line_no += 1
         rest = b""
@@ -290,9 +289,7 @@ class Ratings:
         raw_i = np.asarray(items, dtype=np.int64)
         r = np.asarray(ratings, dtype=np.float32)
         t = np.asarray(timestamps, dtype=np.float64)
-        if not (
-            raw_u.ndim == raw_i.ndim == r.ndim == t.ndim == 1 and len(raw_u) == len(raw_i) == len(r) == len(t)
-        ):
+        if not (raw_u.ndim == raw_i.ndim == r.ndim == t.ndim == 1 and len(raw_u) == len(raw_i) == len(r) == len(t)):
             raise MovieLensError("users, items, ratings and timestamps must be 1-D arrays of the same length")
         user_ids, u = np.unique(raw_u, return_inverse=True)
         item_ids, i = np.unique(raw_i, return_inverse=True)
@@ -322,9 +319,7 @@ def read_ratings(path: str | os.PathLike[str], fmt: Format | None = None) -> Rat
     if fmt not in _FORMATS:
         raise MovieLensError(f"fmt={fmt!r} is not one of {sorted(_FORMATS)}")
     values, lines = _read_values(p, _FORMATS[fmt])
-    return Ratings.from_arrays(
-        values[:, 0], values[:, 1], values[:, 2], values[:, 3], source=str(p), lines=lines
-    )
+    return Ratings.from_arrays(values[:, 0], values[:, 1], values[:, 2], values[:, 3], source=str(p), lines=lines)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -363,9 +358,7 @@ MOVIELENS_SOURCES: dict[str, _Source] = {
         "ml-100k",
         "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
     ),
-    "ml-1m": _Source(
-        "https://files.grouplens.org/datasets/movielens/ml-1m.zip", "ml-1m/ratings.dat", "ml-1m", None
-    ),
+    "ml-1m": _Source("https://files.grouplens.org/datasets/movielens/ml-1m.zip", "ml-1m/ratings.dat", "ml-1m", None),
     "ml-20m": _Source(
         "https://files.grouplens.org/datasets/movielens/ml-20m.zip", "ml-20m/ratings.csv", "ml-20m", None
     ),
@@ -401,8 +394,7 @@ def _download(url: str, dest: Path) -> None:
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as err:
         raise MovieLensError(
-            f"{dest}: could not download {url} ({err}); download the archive by hand and pass its ratings "
-            "file as path="
+            f"{dest}: could not download {url} ({err}); download the archive by hand and pass its ratings file as path="
         ) from err
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -439,9 +431,7 @@ def download_movielens(name: str = "ml-100k", cache: str | os.PathLike[str] | No
                 shutil.copyfileobj(member, out)
     except (zipfile.BadZipFile, KeyError) as err:
         archive.unlink(missing_ok=True)
-        raise MovieLensError(
-            f"{archive}: not a MovieLens archive with {src.member} ({err}); deleted"
-        ) from err
+        raise MovieLensError(f"{archive}: not a MovieLens archive with {src.member} ({err}); deleted") from err
     if src.member_sha256 is not None and (got := _sha256(target)) != src.member_sha256:
         target.unlink(missing_ok=True)
         archive.unlink(missing_ok=True)
@@ -517,9 +507,7 @@ class UserItemCSR:
         u = torch.as_tensor(np.asarray(users), dtype=torch.int64)
         i = torch.as_tensor(np.asarray(items), dtype=torch.int64)
         r = torch.as_tensor(np.asarray(ratings), dtype=torch.float32)
-        if u.numel() and (
-            int(u.min()) < 0 or int(u.max()) >= n_users or int(i.min()) < 0 or int(i.max()) >= n_items
-        ):
+        if u.numel() and (int(u.min()) < 0 or int(u.max()) >= n_users or int(i.min()) < 0 or int(i.max()) >= n_items):
             raise ValueError("user or item index out of range")
         order = torch.argsort(u * n_items + i)
         u, i, r = u[order], i[order], r[order]
@@ -561,9 +549,7 @@ class UserItemCSR:
         return self.items[lo:hi], self.ratings[lo:hi]
 
     def to(self, device: torch.device | str | None) -> UserItemCSR:
-        return UserItemCSR(
-            self.offsets.to(device), self.items.to(device), self.ratings.to(device), self.n_items
-        )
+        return UserItemCSR(self.offsets.to(device), self.items.to(device), self.ratings.to(device), self.n_items)
 
     def entries(self, users: Tensor) -> tuple[Tensor, Tensor]:
         """Entries of the given users: ``(position in users, entry index)``, both ``(total,)`` int64.
@@ -603,9 +589,7 @@ class UserItemCSR:
         Vectorised by binary search on the sorted keys ``user * n_items + item``."""
         keys = self.row_of_entry() * self.n_items + self.items
         users = users.to(self.device, torch.int64)
-        query = users.reshape(users.shape + (1,) * (items.ndim - users.ndim)) * self.n_items + items.to(
-            self.device
-        )
+        query = users.reshape(users.shape + (1,) * (items.ndim - users.ndim)) * self.n_items + items.to(self.device)
         if keys.numel() == 0:
             return torch.zeros_like(query, dtype=torch.bool)
         pos = torch.searchsorted(keys, query.reshape(-1)).clamp_max(keys.numel() - 1)

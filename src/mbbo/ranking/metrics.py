@@ -64,9 +64,7 @@ def ndcg_at_ks(scores: Tensor, relevance: Tensor, ks: Sequence[int], exclude: Te
             ignored).
     """
     if scores.shape != relevance.shape or scores.ndim != 2:
-        raise ValueError(
-            f"scores {tuple(scores.shape)} and relevance {tuple(relevance.shape)} must be equal (U, N)"
-        )
+        raise ValueError(f"scores {tuple(scores.shape)} and relevance {tuple(relevance.shape)} must be equal (U, N)")
     if not ks or min(ks) < 1:
         raise ValueError(f"ks={ks} must be non-empty positive integers")
     n = scores.shape[1]
@@ -139,9 +137,7 @@ def evaluate_ndcg(
             c, n = s.shape
             if n != targets.n_items:
                 raise ValueError(f"scorer returned {n} items, expected {targets.n_items}")
-            rel = torch.zeros(
-                c, n, dtype=s.dtype if s.is_floating_point() else torch.float32, device=s.device
-            )
+            rel = torch.zeros(c, n, dtype=s.dtype if s.is_floating_point() else torch.float32, device=s.device)
             pos, entry = targets.entries(chunk)
             rel[pos.to(s.device), targets.items[entry].to(s.device)] = gains(targets.ratings[entry]).to(
                 s.device, rel.dtype

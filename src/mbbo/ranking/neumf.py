@@ -80,9 +80,7 @@ class NeuMF(nn.Module):
             p.normal_(0.0, self.init_std, generator=generator)
 
     @torch.no_grad()
-    def reset_head(
-        self, generator: torch.Generator | None = None, init: Literal["torch", "normal"] = "torch"
-    ) -> None:
+    def reset_head(self, generator: torch.Generator | None = None, init: Literal["torch", "normal"] = "torch") -> None:
         """Re-initialise the output layer only (the step between warm-up and the ranking losses).
 
         ``init="torch"`` is ``nn.Linear.reset_parameters`` as in the reference (``--init_last 1``): uniform on
@@ -101,10 +99,16 @@ class NeuMF(nn.Module):
         """Scores ``h(users, items)``; ``users`` broadcasts against ``items`` after right-padding its shape
         (e.g. users ``(B,)`` with items ``(B, L)`` gives ``(B, L)``)."""
         users = users.reshape(users.shape + (1,) * (items.ndim - users.ndim))
-        users, items = torch.broadcast_tensors(users, items)
+        # W [p'_u; q'_i] + b = W_u p'_u + (W_i q'_i + b): user terms once per user, then broadcast
+        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
+        e = self.emb_size
+        pre = self.mlp_u(users) @ first.weight[:, :e].T + (self.mlp_i(items) @ first.weight[:, e:].T + first.bias)
+        mlp = self.mlp[1:](pre)
         mf = self.mf_u(users) * self.mf_i(items)
-        mlp = self.mlp(torch.cat([self.mlp_u(users), self.mlp_i(items)], dim=-1))
-        return self.prediction(self.out_dropout(torch.cat([mf, mlp], dim=-1))).squeeze(-1)
+        if self.training and self.out_dropout.p > 0:
+            return self.prediction(self.out_dropout(torch.cat([mf, mlp], dim=-1))).squeeze(-1)
+        w = self.prediction.weight.squeeze(0)
+        return mf @ w[:e] + mlp @ w[e:]
 
     forward = score
 
