@@ -1,0 +1,511 @@
+"""Runnable tasks by name: their settings, the algorithms that fit them, and how to build them for the runner.
+
+A :class:`TaskSpec` knows
+
+- its settings: a dataclass with defaults (exposed under *setting names*; `aliases` renames a dataclass field
+  for users, e.g. the hyper-parameter task's data `seed` is the setting `data_seed`, so that it never clashes
+  with the run's `--seed`);
+- which algorithms fit it (:meth:`TaskSpec.check_algorithm` raises :class:`IncompatibleAlgorithmError` saying
+  why when one does not);
+- how to build `(problem, evaluator)`: the :class:`~mbbo.problem.MultiBlockProblem` the algorithm runs on and a
+  :class:`TaskAdapter` that the runner evaluates (`iterations_per_epoch()` bound to the algorithm's block batch,
+  `evaluate(algorithm)`).
+
+Registered tasks (:data:`TASKS`, name -> spec; :func:`register_task` adds more):
+
+- `hyperparam`: T1, multi-block hyper-parameter optimisation with robust losses on a LIBSVM binary set or the
+  embedded `breast_cancer`; T2 (imbalanced, noisy labels) is the same task with `remove_positive_fraction` /
+  `flip_probability` (and `num_blocks=1` for the single-model formulation).
+- `quadratic`: T3, the multi-block quadratic with closed forms; metrics `grad_norm` = ||grad F(x)||,
+  `objective` = F(x) and `lower_error` = mean_i ||y_i - y_i*(x)||.
+
+How fit is decided (in this order): the name must be a registered algorithm; a spec may restrict itself to
+an allow-list of base names (`algorithms`, `re_<name>` fits when `<name>` does); an algorithm class that
+declares `single_block = True` fits only tasks whose `num_blocks` setting is 1; a spec may add its own
+check (`fits`, returning the reason for a misfit or None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from mbbo.algorithms.registry import ALGORITHMS, RESTART_PREFIX, algorithm_names
+from mbbo.problem import MultiBlockProblem
+from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
+from mbbo.tasks.quadratic import MultiBlockQuadratic
+
+__all__ = [
+    "TASKS",
+    "BuiltTask",
+    "IncompatibleAlgorithmError",
+    "QuadraticEvaluator",
+    "QuadraticSettings",
+    "TaskAdapter",
+    "TaskSpec",
+    "algorithm_class",
+    "coerce_fields",
+    "coerce_value",
+    "field_types",
+    "get_task",
+    "register_task",
+    "task_names",
+]
+
+
+class IncompatibleAlgorithmError(ValueError):
+    """An algorithm that does not fit a task was asked for; the message says why and what fits."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# typed values (settings, hyper-parameters and run options come from YAML/TOML/the command line)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotation of every dataclass field of `cls` (string annotations evaluated)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def _type_name(annotation: Any) -> str:
+    """A short readable name of a type annotation: `float`, `int | None`, `float | str`."""
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    args = typing.get_args(annotation)
+    if args:
+        return " | ".join(_type_name(arg) for arg in args)
+    return str(annotation)
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (`X | Y`, `Optional[X]`), or the annotation alone."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+_NO_MATCH = object()
+
+
+def _coerce_member(value: Any, member: Any) -> Any:
+    """`value` as type `member`, or `_NO_MATCH`. Ints are accepted for floats, integral floats for ints."""
+    if member is Any:
+        return value
+    if member is type(None):
+        return None if value is None else _NO_MATCH
+    if member is bool:
+        return value if isinstance(value, bool) else _NO_MATCH
+    if isinstance(value, bool):
+        return _NO_MATCH
+    if member is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        return _NO_MATCH
+    if member is float:
+        return float(value) if isinstance(value, int | float) else _NO_MATCH
+    if member is str:
+        return value if isinstance(value, str) else _NO_MATCH
+    if isinstance(member, type):
+        return value if isinstance(value, member) else _NO_MATCH
+    return value  # an annotation we cannot check (e.g. a generic): leave it to the owner's validation
+
+
+def coerce_value(name: str, value: Any, annotation: Any, *, what: str = "setting") -> Any:
+    """Check `value` against a field annotation and convert it where that is lossless.
+
+    Ints are accepted for float fields (`lr=1` -> 1.0), integral floats for int fields (`iterations=1e4` ->
+    10000); bools are never numbers. Union members are tried in order (`float | str`: a number, else a string).
+
+    Raises:
+        ValueError: the value does not fit; the message names `what`, `name`, the expected type and the value.
+    """
+    for member in _union_members(annotation):
+        converted = _coerce_member(value, member)
+        if converted is not _NO_MATCH:
+            return converted
+    raise ValueError(
+        f"bad value for {what} {name!r}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any], *, what: str = "setting") -> dict[str, Any]:
+    """Type-check `values` against the dataclass fields of `cls` (see :func:`coerce_value`).
+
+    Raises:
+        ValueError: an unknown key (the message lists the valid ones) or a value of the wrong type.
+    """
+    types_ = field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; valid: {sorted(types_)}")
+    return {key: coerce_value(key, value, types_[key], what=what) for key, value in values.items()}
+
+
+def algorithm_class(name: str) -> tuple[type, bool]:
+    """`(class, restarted)` of a registered algorithm name (`re_<name>` is the restarted `<name>`).
+
+    Raises:
+        ValueError: unknown name (with close matches and the list of known names).
+    """
+    base = name[len(RESTART_PREFIX):] if name.startswith(RESTART_PREFIX) else name
+    if base not in ALGORITHMS:
+        close = difflib.get_close_matches(name, algorithm_names(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown algorithm {name!r}{hint} Known: {', '.join(algorithm_names())}")
+    return ALGORITHMS[base], base != name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what the runner evaluates
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskAdapter:
+    """A task object as the runner wants it: `iterations_per_epoch()` without arguments and `evaluate`.
+
+    Attributes:
+        task: anything with `iterations_per_epoch(block_batch)` and `evaluate(algorithm)` (e.g.
+            :class:`~mbbo.tasks.hyperparam.HyperparamTask`).
+        block_batch: the algorithm's number of sampled blocks per iteration B.
+    """
+
+    task: Any
+    block_batch: int = 1
+
+    def iterations_per_epoch(self) -> int:
+        """The task's iterations per epoch for this block batch."""
+        return int(self.task.iterations_per_epoch(self.block_batch))
+
+    def evaluate(self, algorithm: Any) -> dict[str, float]:
+        """The task's metrics of the algorithm's current iterate."""
+        return self.task.evaluate(algorithm)
+
+
+class BuiltTask(NamedTuple):
+    """What :meth:`TaskSpec.build` returns: unpack as `problem, evaluator = spec.build(...)`."""
+
+    problem: MultiBlockProblem
+    evaluator: TaskAdapter
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the spec
+# ---------------------------------------------------------------------------------------------------------
+
+BuildFn = Callable[[Any, torch.dtype, torch.device], tuple[MultiBlockProblem, Any]]
+FitsFn = Callable[[str, type, Any], str | None]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A runnable task.
+
+    Attributes:
+        name: the registry name (`mbbo run --task NAME`).
+        description: one line for `mbbo list`.
+        settings_cls: dataclass of the task's settings, with defaults.
+        builder: `(settings, dtype, device) -> (problem, task)` where `task` has
+            `iterations_per_epoch(block_batch)` and `evaluate(algorithm)`.
+        metrics: names of the metrics `evaluate` returns (for documentation and listing).
+        aliases: setting name -> dataclass field name, for fields exposed under another name.
+        dataset_setting: the setting naming the data set (`--dataset`), or None for tasks without data.
+        data_dir_setting: the setting naming a data directory (`--data-dir`), or None.
+        algorithms: allow-list of base algorithm names, or None for every registered algorithm.
+        algorithms_reason: why only the allow-list fits (used in the error message).
+        fits: extra check `(name, algorithm class, settings) -> reason for a misfit or None`.
+        devices: device types the task supports, or None for any.
+    """
+
+    name: str
+    description: str
+    settings_cls: type
+    builder: BuildFn
+    metrics: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    dataset_setting: str | None = None
+    data_dir_setting: str | None = None
+    algorithms: tuple[str, ...] | None = None
+    algorithms_reason: str = ""
+    fits: FitsFn | None = None
+    devices: tuple[str, ...] | None = None
+
+    # --- settings -----------------------------------------------------------------------------------------
+    def _field(self, setting: str) -> str:
+        """The dataclass field behind a setting name."""
+        return self.aliases.get(setting, setting)
+
+    def _setting(self, field_name: str) -> str:
+        """The setting name of a dataclass field."""
+        for setting, name in self.aliases.items():
+            if name == field_name:
+                return setting
+        return field_name
+
+    def setting_names(self) -> list[str]:
+        """Every setting name, in the dataclass's field order."""
+        return [self._setting(f.name) for f in dataclasses.fields(self.settings_cls)]
+
+    def setting_types(self) -> dict[str, Any]:
+        """Setting name -> type annotation."""
+        return {self._setting(name): annotation for name, annotation in field_types(self.settings_cls).items()}
+
+    def defaults(self) -> dict[str, Any]:
+        """Setting name -> default value."""
+        return self.settings_dict(self.settings_cls())
+
+    def settings_dict(self, settings: Any) -> dict[str, Any]:
+        """A settings object as a dict keyed by setting names."""
+        return {self._setting(name): value for name, value in dataclasses.asdict(settings).items()}
+
+    def make_settings(self, values: Mapping[str, Any] | None = None) -> Any:
+        """The settings object from `values` (setting names; missing ones take their defaults).
+
+        Values are type-checked (:func:`coerce_value`) and the object's `validate()` runs if it has one.
+
+        Raises:
+            ValueError: an unknown setting (listing the valid ones), a value of the wrong type or one that
+                `validate()` rejects.
+        """
+        values = dict(values or {})
+        types_ = self.setting_types()
+        unknown = sorted(set(values) - set(types_))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} for task {self.name!r}; valid: {sorted(types_)}")
+        typed = {
+            self._field(key): coerce_value(key, value, types_[key], what=f"{self.name} setting")
+            for key, value in values.items()
+        }
+        settings = self.settings_cls(**typed)
+        validate = getattr(settings, "validate", None)
+        if callable(validate):
+            validate()
+        return settings
+
+    def dataset(self, settings: Any) -> str | None:
+        """The data set a settings object names, or None for tasks without data."""
+        return None if self.dataset_setting is None else getattr(settings, self._field(self.dataset_setting))
+
+    # --- algorithms -----------------------------------------------------------------------------------
+    def misfit(self, algorithm: str, settings: Any | None = None) -> str | None:
+        """Why `algorithm` does not fit this task (with `settings`, default: the defaults), or None if it does.
+
+        Raises:
+            ValueError: the algorithm name is not registered.
+        """
+        cls, _ = algorithm_class(algorithm)
+        settings = self.settings_cls() if settings is None else settings
+        base = cls.name
+        if self.algorithms is not None and base not in self.algorithms:
+            reason = f" ({self.algorithms_reason})" if self.algorithms_reason else ""
+            return f"task {self.name!r} accepts only {', '.join(self.algorithms)}{reason}"
+        num_blocks = getattr(settings, "num_blocks", 1)
+        if getattr(cls, "single_block", False) and num_blocks != 1:
+            return (f"{base} is a single-block algorithm and task {self.name!r} has num_blocks={num_blocks} "
+                    f"(set num_blocks=1 to run it)")
+        if self.fits is not None:
+            return self.fits(algorithm, cls, settings)
+        return None
+
+    def check_algorithm(self, algorithm: str, settings: Any | None = None) -> None:
+        """Raise :class:`IncompatibleAlgorithmError` if `algorithm` does not fit (ValueError if unknown)."""
+        reason = self.misfit(algorithm, settings)
+        if reason is not None:
+            fitting = self.compatible_algorithms(settings)
+            listed = ", ".join(fitting) if fitting else "none"
+            raise IncompatibleAlgorithmError(
+                f"algorithm {algorithm!r} does not fit task {self.name!r}: {reason}. Algorithms that fit: {listed}"
+            )
+
+    def compatible_algorithms(self, settings: Any | None = None) -> list[str]:
+        """Registered algorithm names (restarted variants included) that fit this task with `settings`."""
+        return [name for name in algorithm_names() if self.misfit(name, settings) is None]
+
+    # --- building -----------------------------------------------------------------------------------------
+    def check_device(self, device: torch.device | str) -> None:
+        """Raise ValueError if the task cannot run on `device`."""
+        kind = torch.device(device).type
+        if self.devices is not None and kind not in self.devices:
+            raise ValueError(f"task {self.name!r} runs only on {', '.join(self.devices)}, not on {kind!r}")
+
+    def build(self, settings: Any | None = None, *, block_batch: int = 1, dtype: torch.dtype = torch.float64,
+              device: torch.device | str = "cpu") -> BuiltTask:
+        """`(problem, evaluator)` for the runner; the evaluator's epoch length uses `block_batch`.
+
+        Raises:
+            ValueError: bad settings, an unsupported device, or a data error (`DataError` is a ValueError).
+        """
+        settings = self.settings_cls() if settings is None else settings
+        if isinstance(block_batch, bool) or not isinstance(block_batch, int) or block_batch < 1:
+            raise ValueError(f"block_batch must be an integer >= 1, got {block_batch!r}")
+        self.check_device(device)
+        problem, task = self.builder(settings, dtype, torch.device(device))
+        return BuiltTask(problem, TaskAdapter(task, block_batch))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hyperparam (T1 / T2)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _build_hyperparam(settings: HyperparamSettings, dtype: torch.dtype, device: torch.device
+                      ) -> tuple[MultiBlockProblem, HyperparamTask]:
+    """Load the data and build the T1/T2 problem."""
+    task = HyperparamTask.load(settings, dtype=dtype, device=device)
+    return task.problem(), task
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quadratic (T3, multi-block)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuadraticSettings:
+    """Settings of the multi-block quadratic task (see :mod:`mbbo.tasks.quadratic`).
+
+    Attributes:
+        num_blocks, dim_x, dim_y: m, d_x and d_y.
+        mu, L: spectrum range of the lower Hessians A_i.
+        interpolating: every block's hypergradient vanishes at one common x*.
+        noise: per-sample standard deviation of the gradient noise.
+        hessian_noise: per-sample standard deviation of the lower Hessian scale.
+        batch_size: samples per sampled block.
+        data_seed: seed of the random instance.
+    """
+
+    num_blocks: int = 10
+    dim_x: int = 10
+    dim_y: int = 5
+    mu: float = 1.0
+    L: float = 4.0
+    interpolating: bool = False
+    noise: float = 0.1
+    hessian_noise: float = 0.0
+    batch_size: int = 1
+    data_seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        for name in ("num_blocks", "dim_x", "dim_y", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (math.isfinite(self.mu) and math.isfinite(self.L) and 0 < self.mu <= self.L):
+            raise ValueError(f"need 0 < mu <= L (finite), got mu={self.mu!r}, L={self.L!r}")
+        for name in ("noise", "hessian_noise"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass
+class QuadraticEvaluator:
+    """Closed-form metrics of the multi-block quadratic; one epoch is one pass over the blocks."""
+
+    quadratic: MultiBlockQuadratic
+
+    def iterations_per_epoch(self, block_batch: int) -> int:
+        """ceil(m / B): an epoch samples as many blocks as there are."""
+        return max(1, math.ceil(self.quadratic.num_blocks / block_batch))
+
+    @torch.no_grad()
+    def evaluate(self, algorithm: Any) -> dict[str, float]:
+        """`grad_norm` = ||grad F(x)||, `objective` = F(x), `lower_error` = mean_i ||y_i - y_i*(x)||."""
+        q = self.quadratic
+        x: Tensor = algorithm.x.to(q.A.dtype)
+        y = algorithm.lower_variables().to(q.A.dtype).reshape(q.num_blocks, -1)
+        lower_error = torch.linalg.vector_norm(y - q.lower_solution(x), dim=-1).mean()
+        return {
+            "grad_norm": float(torch.linalg.vector_norm(q.hypergradient(x))),
+            "objective": float(q.objective(x)),
+            "lower_error": float(lower_error),
+        }
+
+
+def _build_quadratic(settings: QuadraticSettings, dtype: torch.dtype, device: torch.device
+                     ) -> tuple[MultiBlockProblem, QuadraticEvaluator]:
+    """Draw the instance and build its stochastic problem."""
+    s = settings
+    quadratic = MultiBlockQuadratic.random(s.num_blocks, s.dim_x, s.dim_y, seed=s.data_seed, mu=s.mu, L=s.L,
+                                           interpolating=s.interpolating, dtype=dtype)
+    problem = quadratic.problem(noise=s.noise, hessian_noise=s.hessian_noise, batch_size=s.batch_size)
+    return problem, QuadraticEvaluator(quadratic)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------------------------------
+
+TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
+    """Add `spec` to :data:`TASKS` (ValueError if the name is taken, unless `replace`)."""
+    if not replace and spec.name in TASKS:
+        raise ValueError(f"task {spec.name!r} is already registered")
+    fields_ = {f.name for f in dataclasses.fields(spec.settings_cls)}
+    bad = sorted(name for name in spec.aliases.values() if name not in fields_)
+    if bad:
+        raise ValueError(f"aliases of task {spec.name!r} name unknown settings fields {bad}")
+    names = spec.setting_names()
+    for label, setting in (("dataset_setting", spec.dataset_setting), ("data_dir_setting", spec.data_dir_setting)):
+        if setting is not None and setting not in names:
+            raise ValueError(f"{label} {setting!r} of task {spec.name!r} is not one of its settings {names}")
+    TASKS[spec.name] = spec
+    return spec
+
+
+def task_names() -> list[str]:
+    """Registered task names, sorted."""
+    return sorted(TASKS)
+
+
+def get_task(name: str) -> TaskSpec:
+    """The spec of a registered task.
+
+    Raises:
+        ValueError: unknown name (with close matches and the known names).
+    """
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, task_names(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown task {name!r}{hint} Known: {', '.join(task_names())}")
+    return TASKS[name]
+
+
+register_task(TaskSpec(
+    name="hyperparam",
+    description=("T1/T2: multi-block hyper-parameter optimisation with robust losses (one weight per training "
+                 "sample shared by m logistic models with loss temperatures); T2 via remove_positive_fraction / "
+                 "flip_probability"),
+    settings_cls=HyperparamSettings,
+    builder=_build_hyperparam,
+    metrics=("val_loss", "test_loss", "test_accuracy", "best_block", "mean_weight"),
+    aliases={"data_seed": "seed"},
+    dataset_setting="dataset",
+    data_dir_setting="data_dir",
+))
+
+register_task(TaskSpec(
+    name="quadratic",
+    description="T3: multi-block quadratic bilevel problem with closed-form hypergradient (stochastic oracles)",
+    settings_cls=QuadraticSettings,
+    builder=_build_quadratic,
+    metrics=("grad_norm", "objective", "lower_error"),
+    devices=("cpu",),
+))
