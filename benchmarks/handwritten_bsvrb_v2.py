@@ -2,49 +2,81 @@
 
 Exactly the iteration of `mbbo.algorithms.bsvrb.BSVRBv2` (same random streams, same estimators, same lazy
 all-block updates), but every oracle is an explicit formula instead of `torch.func` (no autograd), batched
-over the sampled blocks and both points with `bmm`. Given the same seed it follows the library's trajectory
-to rounding (checked by `tests/test_handwritten_bsvrb_v2.py`), which is what makes its time a valid floor.
+over the sampled blocks and both points with two `bmm` calls per iteration. Given the same seed it follows the
+library's trajectory to rounding (checked by `tests/test_handwritten_bsvrb_v2.py`), which is what makes its
+time a valid floor.
 
-The T1 block i with temperature s, ridge lam, training rows a_j (bias included), labels y_j = +-1 and sample
-weights sigma(p_j): with the signed rows q_j = y_j a_j, the margin m_j = q_j^T w and c_j = sigma(-m_j / s),
+Closed forms. Block i has temperature s, ridge lam; training rows a_j (bias included), labels y_j = +-1,
+sample weights sigma(p_j). With the signed rows q_j = y_j a_j, the margin m_j = q_j^T w and c_j the slope of
+softplus at -m_j / s (sigma(-m_j / s), or exactly 1 where -m_j / s > 20: torch's softplus is linear there, so
+the library's autograd oracles see slope 1 and curvature 0; reproduced here):
 
-    grad_w g              = (1/b) sum_j -sigma(p_j) c_j / s              q_j  + lam w
-    (grad_ww g) v         = (1/b) sum_j  sigma(p_j) c_j (1 - c_j) / s^2 (q_j^T v) q_j + lam v   (y_j^2 = 1)
-    [(grad_pw g) v]_j     = (1/b)        sigma'(p_j) (-c_j / s) (q_j^T v)           (row j of p only)
-    grad_w f              = (1/b) sum_{j in val} -c_j / s  q_j
+    grad_w g           = (1/b) sum_j -sigma(p_j) c_j / s q_j + lam w
+    (grad_ww g) v      = (1/b) sum_j sigma(p_j) c_j (1 - c_j) / s^2 (q_j^T v) q_j + lam v       (y_j^2 = 1)
+    [(grad_pw g) v]_j  = (1/b) sigma'(p_j) (-c_j / s) (q_j^T v)                  (only the b rows of p)
+    grad_w f           = (1/b) sum_{j in val} -c_j / s q_j
 
-with c_j replaced by 1 where -m_j / s > 20 (torch's softplus is linear there, so the library's autograd
-oracles see slope 1 and curvature 0). The upper tracker z and x stay dense (d_x = n_train); the hypergradient is added to z as sparse rows.
+Layout. The training and validation rows are one table of signed rows, so one gather serves both mini-batches;
+the lower variables and linear-system variables are one (m, 2d) table [w_i | v_i] with directions [s_i | u_i],
+updated lazily like `mbbo.blocks.MovingBlocks` (both parts of a block are written at the same iterations);
+projected replays of v_i (the ball ||v|| <= C) run on the 2-D coordinates of v in span{v_start, u} instead of
+on d-vectors. x and the upper tracker z are dense (d_x = n_train); the hypergradient enters z as sparse rows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mbbo.blocks import BlockSampler, MovingBlocks
+from mbbo.blocks import BlockSampler
 from mbbo.problem import MultiBlockProblem
 from mbbo.tasks.hyperparam import HyperparamTask
-from mbbo.trackers import MSVR
+from mbbo.trackers import MSVR, STORM
 
 #: The library's random streams (mbbo.algorithms.base.STREAMS), seeded with seed * 1_000_003 + position.
 STREAMS = ("blocks", "lower", "upper", "extra")
 
-#: `torch.nn.functional.softplus` is linear above this input (its default threshold), so the library's
-#: autograd sees slope 1 and curvature 0 there; the closed forms reproduce that exactly.
+#: `torch.nn.functional.softplus` is linear above this input (its default threshold).
 SOFTPLUS_THRESHOLD = 20.0
 
 
-def _softplus_slope(t: Tensor) -> Tensor:
-    """d softplus(t) / dt as torch computes it: sigma(t), or exactly 1 above the threshold (then the
-    curvature c (1 - c) is exactly 0 as well)."""
+def softplus_slope(t: Tensor) -> Tensor:
+    """d softplus(t) / dt as torch's autograd computes it: sigma(t), or exactly 1 above the threshold (where
+    the curvature c (1 - c) is then exactly 0 too)."""
     return torch.where(t > SOFTPLUS_THRESHOLD, torch.ones_like(t), torch.sigmoid(t))
 
 
+def replay_projected(start: Tensor, step_direction: Tensor, steps: Tensor, radius: float) -> tuple[Tensor, Tensor]:
+    """k-fold projected steps w <- Proj_{||w|| <= radius}(w - step_direction) for each row, k = steps[row].
+
+    Returns (w after k steps, w after k - 1 steps; the start when k = 0). Every iterate lies in
+    span{start, step_direction}, so the recursion runs on two coefficients per row from the rows' Gram
+    entries (scalars), not on d-vectors.
+    """
+    gram = torch.stack([(start * start).sum(-1), (start * step_direction).sum(-1),
+                        (step_direction * step_direction).sum(-1)], dim=-1).tolist()
+    coeffs: list[list[float]] = []
+    for (n_ss, n_sd, n_dd), k in zip(gram, steps.tolist(), strict=True):
+        a, b = 1.0, 0.0
+        a_prev, b_prev = a, b
+        for _ in range(k):
+            a_prev, b_prev = a, b
+            b -= 1.0
+            norm = math.sqrt(max(a * a * n_ss + 2.0 * a * b * n_sd + b * b * n_dd, 0.0))
+            if norm > radius:
+                a, b = a * (radius / norm), b * (radius / norm)
+        coeffs.append([a, b, a_prev, b_prev])
+    c = torch.tensor(coeffs, dtype=start.dtype, device=start.device)
+    cur = c[:, 0:1] * start + c[:, 1:2] * step_direction
+    prev = c[:, 2:3] * start + c[:, 3:4] * step_direction
+    return cur, prev
+
+
 class HandwrittenBSVRBv2:
-    """BSVRB_v2 for the T1 hyper-parameter task with closed-form oracles.
+    """BSVRB_v2 for the T1 hyper-parameter task with closed-form oracles (see the module docstring).
 
     Hyper-parameters and defaults are those of `mbbo.algorithms.bsvrb.BSVRBv2Config` (the authors' run
     script): B = 10, eta = 1e-3, tau = tau_v = 1, alpha = 0.9, gamma = 1, beta = 0.9, ||v|| <= 10.
@@ -60,14 +92,17 @@ class HandwrittenBSVRBv2:
         pb = problem if problem is not None else task.problem()
         self.lam = float(task.settings.lam)
         self.batch_size = int(task.settings.batch_size)
-        self.lr, self.beta = float(lr), float(beta)
+        self.lr = float(lr)
         self.msvr = MSVR(alpha, float(gamma))
-        # signed rows q_j = y_j a_j: margins, gradients and Hessian products all use q_j only
-        self.Q_train = (task.y_train[:, None] * task.X_train).contiguous()
-        self.Q_val = (task.y_val[:, None] * task.X_val).contiguous()
-        temps = task.temperatures
-        self.inv_temp = 1.0 / temps
-        self.num_blocks = temps.shape[0]
+        self.storm = STORM(beta)
+        self.radius = float(v_radius)
+        # signed rows q_j = y_j a_j of the training rows, then the validation rows
+        self.n_train = task.X_train.shape[0]
+        self.n_val = task.X_val.shape[0]
+        self.Q = torch.cat([task.y_train[:, None] * task.X_train, task.y_val[:, None] * task.X_val]).contiguous()
+        self.inv_temp = 1.0 / task.temperatures
+        self.num_blocks = task.temperatures.shape[0]
+        self.dim = pb.dim_y
         self.block_sampler = BlockSampler(self.num_blocks, block_batch)
         device = pb.x0.device
         self.generators = {s: torch.Generator(device=device) for s in STREAMS}
@@ -78,103 +113,113 @@ class HandwrittenBSVRBv2:
         self.x_prev = self.x.clone()
         self.z = torch.zeros_like(self.x)
 
-        # estimators of all blocks from one mini-batch each at (x_0, y_0), v_0 = 0
+        # lazy table [w_i | v_i] with directions [s_i | u_i], step sizes per column and stamps
+        d = self.dim
+        like = {"dtype": pb.y0.dtype, "device": device}
+        self.steps = torch.cat([torch.full((d,), float(lower_lr), **like), torch.full((d,), float(linsys_lr), **like)])
+        self.values = torch.cat([pb.y0, torch.zeros_like(pb.y0)], dim=1)
+        self.stamps = torch.zeros(self.num_blocks, dtype=torch.long, device=device)
+        # estimators of all blocks from one mini-batch each at (x_0, y_0, v_0 = 0)
         blocks = torch.arange(self.num_blocks, device=device)
-        y0 = pb.y0.clone()
-        v0 = torch.zeros_like(y0)
-        idx, idx_val = self._sample(blocks, init_batch_size)
-        gy, hv, _ = self._lower(blocks, idx, y0.unsqueeze(-1), v0.unsqueeze(-1), self.x.unsqueeze(0))
-        gy_f = self._upper(blocks, idx_val, y0.unsqueeze(-1))
-        self.v = MovingBlocks(v0, hv[..., 0] - gy_f[..., 0], linsys_lr, radius=v_radius)
-        self.y = MovingBlocks(y0, gy[..., 0], lower_lr)
+        rows, idx = self._sample(blocks, init_batch_size)
+        new, _ = self._oracles(blocks, rows, self.values.unsqueeze(1), self.x[idx].unsqueeze(0))
+        self.directions = new[:, 0].contiguous()
         self.fresh = True
 
     # --- sampling (same streams and order as the library) -------------------------------------------
     def _sample(self, blocks: Tensor, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """Row indices (B, b) of the lower (training) and upper (validation) mini-batches."""
+        """Rows of the signed table (B, 2b): the lower (training) mini-batch, then the upper (validation)
+        one; and the training indices (B, b), which are also the rows of p."""
         b = batch_size or self.batch_size
         shape = (blocks.shape[0], b)
-        idx = torch.randint(self.Q_train.shape[0], shape, generator=self.generators["lower"])
-        idx_val = torch.randint(self.Q_val.shape[0], shape, generator=self.generators["upper"])
-        return idx.to(self.x.device), idx_val.to(self.x.device)
+        idx = torch.randint(self.n_train, shape, generator=self.generators["lower"]).to(self.x.device)
+        idx_val = torch.randint(self.n_val, shape, generator=self.generators["upper"]).to(self.x.device)
+        return torch.cat([idx, idx_val + self.n_train], dim=1), idx
 
     # --- closed-form oracles, batched over blocks (B) and points (P) ---------------------------------
-    def _lower(self, blocks: Tensor, idx: Tensor, w: Tensor, v: Tensor, xs: Tensor
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        """grad_w g, (grad_ww g) v as (B, d, P) and the cross product (grad_pw g) v as (B, b, P) at rows idx.
+    def _oracles(self, blocks: Tensor, rows: Tensor, wv: Tensor, p_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """At P points [w | v] (wv: (B, P, 2d)) and p at the training rows of the batch (p_rows: (P, B, b)):
 
-        w, v: (B, d, P) (point k in column k); xs: (P, n_train) values of p.
+        [grad_w g | (grad_ww g) v - grad_w f] as (B, P, 2d), and (grad_pw g) v at those rows as (B, b, P).
         """
-        num_points = w.shape[-1]
-        Q = self.Q_train[idx]  # (B, b, d)
-        prod = torch.bmm(Q, torch.cat([w, v], dim=-1))  # (B, b, 2P): margins and q^T v
-        margins, qv = prod[..., :num_points], prod[..., num_points:]
+        B, P, b, d = wv.shape[0], wv.shape[1], p_rows.shape[2], self.dim
+        Q = self.Q[rows]  # (B, 2b, d)
+        prod = torch.bmm(Q, wv.view(B, 2 * P, d).transpose(1, 2)).view(B, 2 * b, P, 2)
+        margins, qv = prod[..., 0], prod[:, :b, :, 1]  # (B, 2b, P), (B, b, P)
         inv_s = self.inv_temp[blocks].view(-1, 1, 1)
-        c = _softplus_slope(margins * -inv_s)
-        sp = torch.sigmoid(xs[:, idx].permute(1, 2, 0))  # (B, b, P)
-        scale = inv_s / idx.shape[1]
-        dl = c * scale  # -(d l / d m) / b
-        g_coef = -sp * dl
-        h_coef = sp * (c * (1.0 - c)) * (scale * inv_s) * qv
-        out = torch.bmm(Q.transpose(1, 2), torch.cat([g_coef, h_coef], dim=-1))  # (B, d, 2P)
-        gy = out[..., :num_points] + self.lam * w
-        hv = out[..., num_points:] + self.lam * v
-        cross = (sp * (sp - 1.0)) * dl * qv
-        return gy, hv, cross
+        c = softplus_slope(margins * -inv_s)
+        cs = c * (inv_s / b)  # -(d l / d m) / b
+        sp = torch.sigmoid(p_rows).permute(1, 2, 0)  # sigma(p_j): (B, b, P)
+        g_coef = -sp * cs[:, :b]
+        h_coef = g_coef * (c[:, :b] - 1.0) * inv_s * qv
+        coef = torch.stack([torch.cat([g_coef, torch.zeros_like(g_coef)], dim=1),
+                            torch.cat([h_coef, cs[:, b:]], dim=1)], dim=-1)  # (B, 2b, P, 2)
+        out = torch.bmm(coef.view(B, 2 * b, 2 * P).transpose(1, 2), Q).view(B, P, 2 * d)
+        cross = g_coef * (1.0 - sp) * qv
+        return out + self.lam * wv, cross
 
-    def _upper(self, blocks: Tensor, idx_val: Tensor, w: Tensor) -> Tensor:
-        """grad_w f as (B, d, P) on the validation rows idx_val; w: (B, d, P)."""
-        Q = self.Q_val[idx_val]
-        inv_s = self.inv_temp[blocks].view(-1, 1, 1)
-        c = _softplus_slope(torch.bmm(Q, w) * -inv_s)
-        return torch.bmm(Q.transpose(1, 2), c * (-inv_s / idx_val.shape[1]))
+    # --- lazy all-block updates ------------------------------------------------------------------------
+    def _read(self, blocks: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        """[w_i | v_i] at iteration t and t - 1 (before this iteration's move), (B, 2d) each."""
+        start = self.values[blocks]
+        step_dir = self.directions[blocks] * self.steps
+        k = t - self.stamps[blocks]
+        kf = k.to(start.dtype).unsqueeze(1)
+        cur = start - kf * step_dir
+        prev = start - (kf - 1.0).clamp_min(0.0) * step_dir
+        d = self.dim
+        outside = torch.linalg.vector_norm(cur[:, d:], dim=1) > self.radius
+        if bool(outside.any()):
+            r = outside.nonzero().squeeze(1)
+            c, p = replay_projected(start[r, d:], step_dir[r, d:], k[r], self.radius)
+            cur[r, d:] = c
+            prev[r, d:] = p
+        return cur, prev
 
     # --- the iteration ------------------------------------------------------------------------------
     def step(self) -> None:
         """One BSVRB_v2 iteration (see `mbbo.algorithms.bsvrb`)."""
         t = self.iteration
         blocks = self.block_sampler.sample(self.generators["blocks"], self.x.device)
-        idx, idx_val = self._sample(blocks)
-        y_cur, y_prev = self.y.read(blocks, t)
-        v_cur, v_prev = self.v.read(blocks, t)
+        rows, idx = self._sample(blocks)
+        cur, prev = self._read(blocks, t)
         if self.fresh:
-            w, v, xs = y_cur.unsqueeze(-1), v_cur.unsqueeze(-1), self.x.unsqueeze(0)
+            wv, p_rows = cur.unsqueeze(1), self.x[idx].unsqueeze(0)
         else:
-            w = torch.stack([y_cur, y_prev], dim=-1)
-            v = torch.stack([v_cur, v_prev], dim=-1)
-            xs = torch.stack([self.x, self.x_prev])
-        gy, hv, cross = self._lower(blocks, idx, w, v, xs)
-        gy_f = self._upper(blocks, idx_val, w)
-        res = hv - gy_f
-        s_new = self.msvr.update(self.y.direction(blocks, t), gy[..., 0], gy[..., -1])
-        u_new = self.msvr.update(self.v.direction(blocks, t), res[..., 0], res[..., -1])
-        self.v.write(blocks, v_cur, u_new, t)
-        # hypergradient G = -(1/B) sum_i (grad_pw g_i) v_i at both points; STORM on z with sparse rows:
-        # z <- G_0 + (1 - beta)(z - G_1) = (1 - beta) z + (G_0 - (1 - beta) G_1)
+            wv, p_rows = torch.stack([cur, prev], dim=1), torch.stack([self.x[idx], self.x_prev[idx]])
+        new, cross = self._oracles(blocks, rows, wv, p_rows)
+        # MSVR on [s_i | u_i] with the same samples at both points
+        self.directions[blocks] = self.msvr.update(self.directions[blocks], new[:, 0], new[:, -1])
+        self.values[blocks] = cur
+        self.stamps[blocks] = t
+        # G = -(1/B) sum_i (grad_pw g_i) v_i (sparse rows); STORM: z <- G_0 + (1 - beta)(z - G_1)
+        train_rows = idx.reshape(-1)
         scale = -1.0 / blocks.shape[0]
         if self.fresh:
-            self.z = self.z.new_zeros(self.z.shape).index_add_(0, idx.reshape(-1), cross[..., 0].reshape(-1),
-                                                               alpha=scale)
+            self.z = torch.zeros_like(self.z).index_add_(0, train_rows, cross[..., 0].reshape(-1), alpha=scale)
         else:
-            q = 1.0 - self.beta
-            rows = (cross[..., 0] - q * cross[..., 1]).reshape(-1)
-            self.z = (self.z * q).index_add_(0, idx.reshape(-1), rows, alpha=scale)
+            q = 1.0 - self.storm.beta
+            sparse = (cross[..., 0] - q * cross[..., 1]).reshape(-1)
+            self.z = (self.z * q).index_add_(0, train_rows, sparse, alpha=scale)
         self.fresh = False
-        self.y.write(blocks, y_cur, s_new, t)
         self.x_prev = self.x
-        self.x = self.x - self.lr * self.z
+        self.x = torch.add(self.x, self.z, alpha=-self.lr)
         self.iteration += 1
 
     # --- views ---------------------------------------------------------------------------------------
+    def _current_all(self) -> Tensor:
+        return self._read(torch.arange(self.num_blocks, device=self.values.device), self.iteration)[0]
+
     def lower_variables(self) -> Tensor:
         """Current w_i of all blocks, (m, d)."""
-        return self.y.current_all(self.iteration)
+        return self._current_all()[:, : self.dim]
 
     def linear_system_variables(self) -> Tensor:
         """Current v_i of all blocks, (m, d)."""
-        return self.v.current_all(self.iteration)
+        return self._current_all()[:, self.dim:]
 
     def state(self) -> dict[str, Any]:
         """x, z, lower and linear-system variables (for comparisons)."""
-        return {"x": self.x.clone(), "z": self.z.clone(), "y": self.lower_variables(),
-                "v": self.linear_system_variables()}
+        both = self._current_all()
+        return {"x": self.x.clone(), "z": self.z.clone(), "y": both[:, : self.dim].clone(),
+                "v": both[:, self.dim:].clone()}

@@ -32,7 +32,7 @@ from mbbo.algorithms.base import BilevelAlgorithm, Hyper, check_positive, check_
 from mbbo.blocks import BlockSampler, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
-from mbbo.projections import eigenvalue_floor, project_ball, solve_spd
+from mbbo.projections import eig_compose, eig_solve, floored_eigh, project_ball
 from mbbo.trackers import EMA, MSVR, STORM
 
 
@@ -204,7 +204,7 @@ class BSVRBv1(_Blockwise):
     def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
         xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
-        self.hessians = eigenvalue_floor(hess[0], self.config.hessian_floor)
+        self.eigvals, self.eigvecs = floored_eigh(hess[0], self.config.hessian_floor)
         return gy[0]
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
@@ -212,19 +212,25 @@ class BSVRBv1(_Blockwise):
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
         gx_f, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
         s_new = self.track(self.y.direction(blocks, t), gy)
-        h_old = self.hessians[blocks]
-        h_new = eigenvalue_floor(self.track(h_old, hess), self.config.hessian_floor)
-        self.hessians[blocks] = h_new
+        # H_i is kept as its floored eigen-decomposition: the projection's eigh also gives the solves
+        lam_old, vecs_old = self.eigvals[blocks], self.eigvecs[blocks]
+        lam_new, vecs_new = floored_eigh(self.track(eig_compose(lam_old, vecs_old), hess), self.config.hessian_floor)
+        self.eigvals[blocks], self.eigvecs[blocks] = lam_new, vecs_new
         # G_new uses the new Hessian estimates, G_old the previous ones (same samples)
-        w = solve_spd(torch.stack([h_new, h_old])[: xs.shape[0]], gy_f)
+        w = eig_solve(torch.stack([lam_new, lam_old])[: xs.shape[0]], torch.stack([vecs_new, vecs_old])[: xs.shape[0]],
+                      gy_f)
         return self.hypergradient(gx_f, self.oracles.cross(xs, ys, w, lower, blocks)), s_new
 
+    def hessian_estimates(self) -> Tensor:
+        """The floored Hessian estimates H_i of all blocks, (m, d_y, d_y)."""
+        return eig_compose(self.eigvals, self.eigvecs)
+
     def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "hessians": self.hessians.clone()}
+        return {**super()._tensors(), "eigvals": self.eigvals.clone(), "eigvecs": self.eigvecs.clone()}
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         super()._load_tensors(state)
-        self.hessians = state["hessians"].clone()
+        self.eigvals, self.eigvecs = state["eigvals"].clone(), state["eigvecs"].clone()
 
 
 class BSVRBv2(_Blockwise):
