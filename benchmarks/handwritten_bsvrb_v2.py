@@ -16,8 +16,8 @@ the library's autograd oracles see slope 1 and curvature 0; reproduced here):
     [(grad_pw g) v]_j  = (1/b) sigma'(p_j) (-c_j / s) (q_j^T v)                  (only the b rows of p)
     grad_w f           = (1/b) sum_{j in val} -c_j / s q_j
 
-Layout. The training and validation rows are one table of signed rows, so one gather serves both mini-batches;
-the lower variables and linear-system variables are one (m, 2d) table [w_i | v_i] with directions [s_i | u_i],
+Layout. The training and validation mini-batches are gathered into one buffer (no copy of the data set), so
+two `bmm` calls per iteration serve both levels at both points; the lower variables and linear-system variables are one (m, 2d) table [w_i | v_i] with directions [s_i | u_i],
 updated lazily like `mbbo.blocks.MovingBlocks` (both parts of a block are written at the same iterations);
 projected replays of v_i (the ball ||v|| <= C) run on the 2-D coordinates of v in span{v_start, u} instead of
 on d-vectors. x and the upper tracker z are dense (d_x = n_train); the hypergradient enters z as sparse rows.
@@ -96,10 +96,9 @@ class HandwrittenBSVRBv2:
         self.msvr = MSVR(alpha, float(gamma))
         self.storm = STORM(beta)
         self.radius = float(v_radius)
-        # signed rows q_j = y_j a_j of the training rows, then the validation rows
-        self.n_train = task.X_train.shape[0]
-        self.n_val = task.X_val.shape[0]
-        self.Q = torch.cat([task.y_train[:, None] * task.X_train, task.y_val[:, None] * task.X_val]).contiguous()
+        # the task's tensors, not copies (so that the memory comparison with the library is fair)
+        self.X_train, self.y_train = task.X_train, task.y_train
+        self.X_val, self.y_val = task.X_val, task.y_val
         self.inv_temp = 1.0 / task.temperatures
         self.num_blocks = task.temperatures.shape[0]
         self.dim = pb.dim_y
@@ -121,40 +120,50 @@ class HandwrittenBSVRBv2:
         self.stamps = torch.zeros(self.num_blocks, dtype=torch.long, device=device)
         # estimators of all blocks from one mini-batch each at (x_0, y_0, v_0 = 0)
         blocks = torch.arange(self.num_blocks, device=device)
-        rows, idx = self._sample(blocks, init_batch_size)
-        new, _ = self._oracles(blocks, rows, self.values.unsqueeze(1), self.x[idx].unsqueeze(0))
+        idx, idx_val = self._sample(blocks, init_batch_size)
+        new, _ = self._oracles(blocks, idx, idx_val, self.values.unsqueeze(1), self.x[idx].unsqueeze(0))
         self.directions = new[:, 0].contiguous()
         self.fresh = True
 
     # --- sampling (same streams and order as the library) -------------------------------------------
     def _sample(self, blocks: Tensor, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """Rows of the signed table (B, 2b): the lower (training) mini-batch, then the upper (validation)
-        one; and the training indices (B, b), which are also the rows of p."""
+        """Row indices (B, b) of the lower (training) and upper (validation) mini-batches."""
         b = batch_size or self.batch_size
         shape = (blocks.shape[0], b)
-        idx = torch.randint(self.n_train, shape, generator=self.generators["lower"]).to(self.x.device)
-        idx_val = torch.randint(self.n_val, shape, generator=self.generators["upper"]).to(self.x.device)
-        return torch.cat([idx, idx_val + self.n_train], dim=1), idx
+        idx = torch.randint(self.X_train.shape[0], shape, generator=self.generators["lower"])
+        idx_val = torch.randint(self.X_val.shape[0], shape, generator=self.generators["upper"])
+        return idx.to(self.x.device), idx_val.to(self.x.device)
 
     # --- closed-form oracles, batched over blocks (B) and points (P) ---------------------------------
-    def _oracles(self, blocks: Tensor, rows: Tensor, wv: Tensor, p_rows: Tensor) -> tuple[Tensor, Tensor]:
-        """At P points [w | v] (wv: (B, P, 2d)) and p at the training rows of the batch (p_rows: (P, B, b)):
+    def _oracles(self, blocks: Tensor, idx: Tensor, idx_val: Tensor, wv: Tensor, p_rows: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """At P points [w | v] (wv: (B, P, 2d)) and p at the training rows idx (p_rows: (P, B, b)):
 
-        [grad_w g | (grad_ww g) v - grad_w f] as (B, P, 2d), and (grad_pw g) v at those rows as (B, b, P).
+        [grad_w g | (grad_ww g) v - grad_w f] as (B, P, 2d), and (grad_pw g) v at the rows idx as (B, b, P).
+
+        The training and validation rows are gathered into one (2B, b, d) buffer (batch entry B + i holds
+        block i's validation rows), so two `bmm` calls serve both levels at both points.
         """
-        B, P, b, d = wv.shape[0], wv.shape[1], p_rows.shape[2], self.dim
-        Q = self.Q[rows]  # (B, 2b, d)
-        prod = torch.bmm(Q, wv.view(B, 2 * P, d).transpose(1, 2)).view(B, 2 * b, P, 2)
-        margins, qv = prod[..., 0], prod[:, :b, :, 1]  # (B, 2b, P), (B, b, P)
-        inv_s = self.inv_temp[blocks].view(-1, 1, 1)
+        B, P, b, d = wv.shape[0], wv.shape[1], idx.shape[1], self.dim
+        X = torch.empty(2 * B * b, d, dtype=self.X_train.dtype, device=self.X_train.device)
+        torch.index_select(self.X_train, 0, idx.reshape(-1), out=X[: B * b])
+        torch.index_select(self.X_val, 0, idx_val.reshape(-1), out=X[B * b:])
+        X = X.view(2 * B, b, d)
+        labels = torch.cat([self.y_train[idx], self.y_val[idx_val]]).unsqueeze(-1)  # (2B, b, 1)
+        W = wv.view(B, 2 * P, d).repeat(2, 1, 1)  # columns (point, [w, v]) for both halves
+        prod = torch.bmm(X, W.transpose(1, 2)).view(2 * B, b, P, 2) * labels.unsqueeze(-1)
+        margins, qv = prod[..., 0], prod[:B, :, :, 1]  # y_j a_j^T w: (2B, b, P); y_j a_j^T v: (B, b, P)
+        inv_s = self.inv_temp[blocks].view(-1, 1, 1).repeat(2, 1, 1)
         c = softplus_slope(margins * -inv_s)
         cs = c * (inv_s / b)  # -(d l / d m) / b
         sp = torch.sigmoid(p_rows).permute(1, 2, 0)  # sigma(p_j): (B, b, P)
-        g_coef = -sp * cs[:, :b]
-        h_coef = g_coef * (c[:, :b] - 1.0) * inv_s * qv
-        coef = torch.stack([torch.cat([g_coef, torch.zeros_like(g_coef)], dim=1),
-                            torch.cat([h_coef, cs[:, b:]], dim=1)], dim=-1)  # (B, 2b, P, 2)
-        out = torch.bmm(coef.view(B, 2 * b, 2 * P).transpose(1, 2), Q).view(B, P, 2 * d)
+        g_coef = -sp * cs[:B]
+        h_coef = g_coef * (c[:B] - 1.0) * inv_s[:B] * qv
+        # coefficients of the rows a_j (signed by y_j): gradient of g, then the residual H v - grad f
+        coef = torch.cat([torch.stack([g_coef, h_coef], dim=-1),
+                          torch.stack([torch.zeros_like(g_coef), cs[B:]], dim=-1)]) * labels.unsqueeze(-1)
+        out = torch.bmm(coef.view(2 * B, b, 2 * P).transpose(1, 2), X)  # (2B, 2P, d)
+        out = (out[:B] + out[B:]).view(B, P, 2 * d)
         cross = g_coef * (1.0 - sp) * qv
         return out + self.lam * wv, cross
 
@@ -181,13 +190,13 @@ class HandwrittenBSVRBv2:
         """One BSVRB_v2 iteration (see `mbbo.algorithms.bsvrb`)."""
         t = self.iteration
         blocks = self.block_sampler.sample(self.generators["blocks"], self.x.device)
-        rows, idx = self._sample(blocks)
+        idx, idx_val = self._sample(blocks)
         cur, prev = self._read(blocks, t)
         if self.fresh:
             wv, p_rows = cur.unsqueeze(1), self.x[idx].unsqueeze(0)
         else:
             wv, p_rows = torch.stack([cur, prev], dim=1), torch.stack([self.x[idx], self.x_prev[idx]])
-        new, cross = self._oracles(blocks, rows, wv, p_rows)
+        new, cross = self._oracles(blocks, idx, idx_val, wv, p_rows)
         # MSVR on [s_i | u_i] with the same samples at both points
         self.directions[blocks] = self.msvr.update(self.directions[blocks], new[:, 0], new[:, -1])
         self.values[blocks] = cur

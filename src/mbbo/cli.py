@@ -32,6 +32,7 @@ import inspect
 import math
 import sys
 import textwrap
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,15 @@ from mbbo.config import apply_overrides, load_config
 from mbbo.data.libsvm import available_datasets
 from mbbo.plotting import X_AXES, plot_runs
 from mbbo.runner import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESERVED_KEYS, DivergenceError, RunConfig, run
-from mbbo.tasks.registry import TASKS, TaskSpec, algorithm_class, coerce_fields, get_task, task_names
+from mbbo.tasks.registry import (
+    TASKS,
+    TaskSpec,
+    algorithm_class,
+    coerce_fields,
+    coerce_value,
+    get_task,
+    task_names,
+)
 
 __all__ = ["DTYPES", "Experiment", "RunOptions", "build_parser", "main", "resolve_experiment"]
 
@@ -141,8 +150,6 @@ def _restart_defaults() -> dict[str, Any]:
 
 def _restart_types() -> dict[str, Any]:
     """Type annotations of the restart options."""
-    import typing
-
     hints = typing.get_type_hints(Restarted.__init__)
     return {name: hints.get(name, Any) for name in RESTART_OPTIONS}
 
@@ -349,8 +356,6 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
         types_ = _restart_types()
         restart = _restart_defaults()
         for key, value in restart_given.items():
-            from mbbo.tasks.registry import coerce_value
-
             restart[key] = coerce_value(key, value, types_[key], what="restart option")
     _check_dtype_device(options)
     spec.check_device(options.device)

@@ -25,7 +25,7 @@ from torch.func import grad, vjp, vmap
 
 from mbbo.problem import Batch, MultiBlockProblem
 
-ORACLE_KINDS = ("grad_x_f", "grad_y_f", "grad_y_g", "hvp", "cross", "hessian_yy", "jacobian_xy")
+ORACLE_KINDS = ("grad_x_f", "grad_y_f", "grad_x_g", "grad_y_g", "hvp", "cross", "hessian_yy", "jacobian_xy")
 
 
 @dataclass
@@ -81,6 +81,13 @@ class Oracles:
             jv, hv = pullback(v)
             return gy, hv, jv
 
+        def hvp(x, y, v, batch, block):
+            _, pullback = vjp(lambda y_: grad_y_g(x, y_, batch, block), y)
+            return pullback(v)[0]
+
+        def lower_grads(x, y, batch, block):
+            return grad(g, argnums=(0, 1))(x, y, batch, block)
+
         def cross(x, y, w, batch, block):
             _, pullback = vjp(lambda x_: grad_y_g(x_, y, batch, block), x)
             return pullback(w)[0]
@@ -106,6 +113,8 @@ class Oracles:
             "lower_grad": (lower_grad, 1),
             "lower_products": (lower_products, 2),
             "cross": (cross, 2),
+            "hvp": (hvp, 2),
+            "lower_grads": (lower_grads, 1),
             "lower_hessian": (lower_hessian, 1),
             "lower_second_order": (lower_second_order, 1),
             "upper_grads": (upper_grads, 1),
@@ -148,6 +157,17 @@ class Oracles:
         self._count(y.shape[0] * y.shape[1], "grad_y_g", "hvp", "cross")
         gy, hv, jv = self._call("lower_products", self._x_args(x, batch), y, v, batch=batch, blocks=blocks)
         return gy, hv, self._wrap_x(jv, batch)
+
+    def hvp(self, x: Tensor, y: Tensor, v: Tensor, batch: Batch, blocks: Tensor) -> Tensor:
+        """(grad_yy g_i) v_i only: (P, B, d_y)."""
+        self._count(y.shape[0] * y.shape[1], "hvp")
+        return self._call("hvp", self._x_args(x, batch), y, v, batch=batch, blocks=blocks)
+
+    def lower_grads(self, x: Tensor, y: Tensor, batch: Batch, blocks: Tensor) -> tuple[XGrad, Tensor]:
+        """(grad_x g_i, grad_y g_i): first-order methods (F2SA, penalties)."""
+        self._count(y.shape[0] * y.shape[1], "grad_x_g", "grad_y_g")
+        gx, gy = self._call("lower_grads", self._x_args(x, batch), y, batch=batch, blocks=blocks)
+        return self._wrap_x(gx, batch), gy
 
     def cross(self, x: Tensor, y: Tensor, w: Tensor, batch: Batch, blocks: Tensor) -> XGrad:
         """(grad_xy g_i) w_i."""

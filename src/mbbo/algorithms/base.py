@@ -75,6 +75,11 @@ class BilevelAlgorithm:
         upper = pb.upper_sampler.sample(blocks, self.generators["upper"], batch_size)
         return lower, upper
 
+    @classmethod
+    def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
+        """Why this algorithm does not fit `problem` (None when it does)."""
+        return None
+
     # --- what subclasses provide -------------------------------------------------------------------
     def step(self) -> None:
         raise NotImplementedError

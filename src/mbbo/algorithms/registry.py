@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 from typing import Any
 
 from mbbo.algorithms.base import BilevelAlgorithm
-from mbbo.algorithms.bsvrb import BSVRBv1, BSVRBv2, MovingAverageV1, MovingAverageV2
 from mbbo.algorithms.restart import Restarted
-from mbbo.algorithms.rsvrb import RSVRB
 from mbbo.problem import MultiBlockProblem
 
-ALGORITHMS: dict[str, type[BilevelAlgorithm]] = {
-    cls.name: cls for cls in (BSVRBv1, BSVRBv2, RSVRB, MovingAverageV1, MovingAverageV2)
-}
+# every class in these modules that sets its own `name` is registered under it
+ALGORITHM_MODULES = ("bsvrb", "rsvrb", "stocbio", "aid_itd", "classic", "amigo", "soba", "saba", "mrbo", "f2sa",
+                     "unbounded")
+
+
+def _collect() -> dict[str, type[BilevelAlgorithm]]:
+    found: dict[str, type[BilevelAlgorithm]] = {}
+    for module_name in ALGORITHM_MODULES:
+        module = importlib.import_module(f"mbbo.algorithms.{module_name}")
+        for cls in vars(module).values():
+            if (inspect.isclass(cls) and issubclass(cls, BilevelAlgorithm) and cls.__module__ == module.__name__
+                    and "name" in cls.__dict__):
+                if cls.name in found:
+                    raise RuntimeError(f"algorithm name {cls.name!r} registered twice")
+                found[cls.name] = cls
+    return found
+
+
+ALGORITHMS: dict[str, type[BilevelAlgorithm]] = _collect()
 RESTART_PREFIX = "re_"
 RESTART_OPTIONS = ("stage_length", "decay", "growth", "output")
 

@@ -380,7 +380,8 @@ class QuadraticSettings:
 
     Attributes:
         num_blocks, dim_x, dim_y: m, d_x and d_y.
-        mu, L: spectrum range of the lower Hessians A_i.
+        mu, L: spectrum range of the lower Hessians A_i (defaults in [0.25, 1]: the algorithms' default lower
+            step sizes, up to 1, are then stable).
         interpolating: every block's hypergradient vanishes at one common x*.
         noise: per-sample standard deviation of the gradient noise.
         hessian_noise: per-sample standard deviation of the lower Hessian scale.
@@ -391,8 +392,8 @@ class QuadraticSettings:
     num_blocks: int = 10
     dim_x: int = 10
     dim_y: int = 5
-    mu: float = 1.0
-    L: float = 4.0
+    mu: float = 0.25
+    L: float = 1.0
     interpolating: bool = False
     noise: float = 0.1
     hessian_noise: float = 0.0
