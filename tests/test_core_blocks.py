@@ -1,0 +1,168 @@
+"""Building blocks: trackers against their definitions, projections, lazy per-block tables, restarts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mbbo.algorithms.bsvrb import BSVRBv2
+from mbbo.algorithms.restart import Restarted
+from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks
+from mbbo.projections import (
+    eig_compose,
+    eig_solve,
+    eigenvalue_floor,
+    floored_eigh,
+    project_ball,
+    solve_spd,
+)
+from mbbo.tasks.quadratic import MultiBlockQuadratic
+from mbbo.trackers import EMA, MSVR, STORM, RandomizedSTORM
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_trackers_follow_their_definitions_on_a_toy_sequence() -> None:
+    u, new, old = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0]), torch.tensor([2.0, 0.5])
+    assert torch.allclose(EMA(0.25).update(u, new), 0.75 * u + 0.25 * new)
+    assert torch.allclose(STORM(0.25).update(u, new, old), new + 0.75 * (u - old))
+    assert torch.allclose(MSVR(0.9, 1.0).update(u, new, old), 0.1 * u + 0.9 * new + 1.0 * (new - old))
+    rs = RandomizedSTORM(0.5, num_blocks=10, block_batch=2)
+    assert torch.allclose(rs.update(u, new, old), 0.5 * (u - 5 * old) + 5 * new)
+    assert torch.allclose(rs.decay(torch.tensor([0.0, 3.0])), torch.tensor([1.0, 0.125]))
+    # STORM on a deterministic sequence tracks it exactly once initialised exactly
+    seq = [torch.tensor([float(k), float(k * k)]) for k in range(6)]
+    d = seq[0]
+    for prev, cur in zip(seq, seq[1:], strict=False):
+        d = STORM(0.3).update(d, cur, prev)
+    assert torch.allclose(d, seq[-1])
+    # MSVR with gamma = 1 - alpha is STORM with beta = alpha
+    assert torch.allclose(MSVR(0.4, 0.6).update(u, new, old), STORM(0.4).update(u, new, old))
+
+
+def test_msvr_theory_gamma_and_validation() -> None:
+    assert MSVR.theory(0.5, 20, 5).gamma == pytest.approx(15 / 2.5 + 0.5)
+    assert MSVR.theory(0.5, 5, 5).gamma == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        MSVR(0.0, 1.0)
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        MSVR(0.5, -1.0)
+    with pytest.raises(ValueError, match="beta must lie in"):
+        STORM(1.5)
+    with pytest.raises(ValueError, match="undefined"):
+        MSVR.theory(1.0, 10, 2)
+
+
+def test_projections() -> None:
+    v = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    p = project_ball(v, 1.0)
+    assert torch.allclose(p, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 4, generator=gen)
+    h = a + a.transpose(-1, -2)
+    floored = eigenvalue_floor(h, 0.5)
+    assert torch.linalg.eigvalsh(floored).min() >= 0.5 - 1e-12
+    # matrices already above the floor are unchanged
+    spd = a @ a.transpose(-1, -2) + 2 * torch.eye(4)
+    assert torch.allclose(eigenvalue_floor(spd, 0.5), spd, atol=1e-12)
+    lam, vecs = floored_eigh(h, 0.5)
+    assert torch.allclose(eig_compose(lam, vecs), floored, atol=1e-12)
+    rhs = torch.randn(3, 4, generator=gen)
+    assert torch.allclose(eig_solve(lam, vecs, rhs), torch.linalg.solve(floored, rhs), atol=1e-10)
+    assert torch.allclose(solve_spd(spd, rhs), torch.linalg.solve(spd, rhs), atol=1e-12)
+    assert torch.allclose(solve_spd(h, rhs), torch.linalg.solve(h, rhs), atol=1e-8)  # indefinite: LU fallback
+
+
+def test_block_sampler() -> None:
+    s = BlockSampler(10, 3)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([s.sample(gen, torch.device("cpu")) for _ in range(2000)])
+    assert all(len(set(row.tolist())) == 3 for row in draws[:50])
+    freq = torch.bincount(draws.reshape(-1), minlength=10) / draws.numel()
+    assert torch.allclose(freq, torch.full((10,), 0.1), atol=0.01)
+    assert torch.equal(BlockSampler(4, 4).sample(gen, torch.device("cpu")), torch.arange(4))
+    with pytest.raises(ValueError, match=r"block_batch must be an integer in \[1, m\] = \[1, 4\], got 5"):
+        BlockSampler(4, 5)
+
+
+@pytest.mark.parametrize(("decay", "radius"), [(1.0, None), (0.7, None), (1.0, 0.8)])
+def test_moving_blocks_lazy_equals_eager(decay: float, radius: float | None) -> None:
+    gen = torch.Generator().manual_seed(1)
+    m, d, step = 7, 3, 0.2
+    values = project_ball(torch.randn(m, d, generator=gen), 0.8) if radius else torch.randn(m, d, generator=gen)
+    dirs = torch.randn(m, d, generator=gen)
+    lazy = MovingBlocks(values, dirs, step, radius=radius, decay=decay, lazy=True)
+    eager = MovingBlocks(values, dirs, step, radius=radius, decay=decay, lazy=False)
+    for t in range(40):
+        blocks = torch.randperm(m, generator=gen)[:2]
+        for table in (lazy, eager):
+            cur, prev = table.read(blocks, t)
+            if t > 0:
+                assert torch.allclose(cur, eager.read(blocks, t)[0], atol=1e-12)
+                assert torch.allclose(prev, eager.read(blocks, t)[1], atol=1e-12)
+        assert torch.allclose(lazy.direction(blocks, t), eager.direction(blocks, t), atol=1e-12)
+        new_dirs = torch.randn(2, d, generator=gen)
+        cur, _ = lazy.read(blocks, t)
+        lazy.write(blocks, cur, new_dirs, t)
+        eager.write(blocks, eager.read(blocks, t)[0], new_dirs, t)
+        eager.end_iteration(blocks, t)
+        lazy.end_iteration(blocks, t)
+    assert torch.allclose(lazy.current_all(40), eager.current_all(40), atol=1e-12)
+    restored = MovingBlocks(values, dirs, step, radius=radius, decay=decay)
+    restored.load_state_dict(lazy.state_dict())
+    assert torch.equal(restored.current_all(40), lazy.current_all(40))
+
+
+def test_decaying_sparse_rows_equal_dense_decay() -> None:
+    gen = torch.Generator().manual_seed(2)
+    m, n, b, d, q = 4, 12, 3, 2, 0.5
+    buf = DecayingSparseRows(m, b, d, q, tolerance=0.0, capacity=1)
+    dense = torch.zeros(m, n, d)
+    for t in range(30):
+        blocks = torch.randperm(m, generator=gen)[:2]
+        rows = torch.randint(n, (2, b), generator=gen)
+        contrib = torch.randn(2, b, d, generator=gen)
+        dense = dense * q
+        for i in range(2):
+            dense[blocks[i]].index_add_(0, rows[i], contrib[i])
+        buf.add(blocks, rows, contrib, t)
+    assert buf.capacity > 1  # it grew instead of dropping live contributions
+    for block in range(m):
+        assert torch.allclose(buf.dense(block, n, 29), dense[block], atol=1e-12)
+    w = torch.randn(m, d, generator=gen)
+    index, values = buf.matvec(torch.arange(m), w, 29)
+    out = torch.zeros(m, n).scatter_add_(1, index, values)
+    assert torch.allclose(out, torch.einsum("mnd,md->mn", dense, w), atol=1e-12)
+    # a tolerance frees slots whose weight fell below it: memory stays bounded
+    small = DecayingSparseRows(m, b, d, q, tolerance=1e-3, capacity=1)
+    for t in range(200):
+        small.add(torch.tensor([0]), torch.zeros(1, b, dtype=torch.long), torch.ones(1, b, d), t)
+    assert small.capacity <= 16
+
+
+def test_restart_wrapper_decays_steps_and_grows_stages() -> None:
+    quad = MultiBlockQuadratic.random(6, 3, 2, seed=0, interpolating=True)
+    inner = BSVRBv2(quad.problem(), block_batch=2, lr=0.1, lower_lr=0.05, linsys_lr=0.05)
+    wrapped = Restarted(inner, stage_length=3, decay=2.0, growth=2.0)
+    for _ in range(3):
+        wrapped.step()
+    assert wrapped.stage == 1 and inner.config.lr == pytest.approx(0.05) and inner.config.alpha == pytest.approx(0.45)
+    assert wrapped.current_length == 6
+    for _ in range(6):
+        wrapped.step()
+    assert wrapped.stage == 2 and inner.config.lower_lr == pytest.approx(0.0125)
+    uniform = Restarted(BSVRBv2(quad.problem(), block_batch=2), stage_length=4, output="uniform")
+    for _ in range(4):
+        uniform.step()
+    assert uniform.stage == 1
+    with pytest.raises(ValueError, match="not hyper-parameters"):
+        Restarted(inner, decayed=("nonexistent",))
+    with pytest.raises(ValueError, match="output must be"):
+        Restarted(inner, output="best")
