@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -18,7 +20,6 @@ from mbbo.projections import (
 )
 from mbbo.tasks.quadratic import MultiBlockQuadratic
 from mbbo.trackers import EMA, MSVR, STORM, RandomizedSTORM
-
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,7 @@ def test_trackers_follow_their_definitions_on_a_toy_sequence() -> None:
     # STORM on a deterministic sequence tracks it exactly once initialised exactly
     seq = [torch.tensor([float(k), float(k * k)]) for k in range(6)]
     d = seq[0]
-    for prev, cur in zip(seq, seq[1:], strict=False):
+    for prev, cur in itertools.pairwise(seq):
         d = STORM(0.3).update(d, cur, prev)
     assert torch.allclose(d, seq[-1])
     # MSVR with gamma = 1 - alpha is STORM with beta = alpha
