@@ -49,3 +49,25 @@ def eig_solve(eigvals: Tensor, eigvecs: Tensor, rhs: Tensor) -> Tensor:
     """H^{-1} rhs for H = U diag(lambda) U^T (lambda > 0): U ((U^T rhs) / lambda)."""
     coeffs = (eigvecs.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1) / eigvals
     return (eigvecs @ coeffs.unsqueeze(-1)).squeeze(-1)
+
+
+def floor_and_factor(h: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    """Eigenvalue floor of symmetric H (..., d, d) and the Cholesky factor of the result.
+
+    Equal to `eigenvalue_floor` but cheaper when H is already >= floor * I: that is checked by a Cholesky
+    factorisation of H - floor * I, and only the matrices that fail it are eigen-decomposed.
+    Returns (projected H, lower Cholesky factor of projected H) for `cholesky_solve`.
+    """
+    sym = 0.5 * (h + h.transpose(-1, -2))
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    _, info = torch.linalg.cholesky_ex(sym - floor * eye)
+    bad = info != 0
+    if bool(bad.any()):
+        sym = sym.clone()
+        sym[bad] = eigenvalue_floor(sym[bad], floor)
+    return sym, torch.linalg.cholesky(sym)
+
+
+def cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    """H^{-1} rhs from the lower Cholesky factor of H; rhs (..., d)."""
+    return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)

@@ -32,7 +32,7 @@ from mbbo.algorithms.base import BilevelAlgorithm, Hyper, check_positive, check_
 from mbbo.blocks import BlockSampler, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
-from mbbo.projections import eig_compose, eig_solve, floored_eigh, project_ball
+from mbbo.projections import cholesky_solve, floor_and_factor, project_ball
 from mbbo.trackers import EMA, MSVR, STORM
 
 
@@ -76,7 +76,7 @@ class BlockwiseConfig(Hyper):
 
 @dataclass
 class BSVRBv1Config(BlockwiseConfig):
-    hessian_floor: float = 1e-4
+    hessian_floor: float = 1e-6
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
@@ -195,7 +195,10 @@ class _Blockwise(BilevelAlgorithm):
 class BSVRBv1(_Blockwise):
     """BSVRB_v1: MSVR on the lower gradients and on the explicit Hessians (low-dimensional y_i).
 
-    Hessian estimates are projected onto {H >= hessian_floor * I} by an eigenvalue floor.
+    Hessian estimates are projected onto {H >= hessian_floor * I} by an eigenvalue floor (eigen-decomposing
+    only the matrices that a Cholesky check finds below the floor). `hessian_floor` should not exceed the
+    strong-convexity constant of the g_i (T1: lam = 1e-5; the default 1e-6 leaves the projection idle almost
+    always there, while 1e-4 would clip every sampled-Hessian estimate, whose rank is at most b).
     """
 
     name = "bsvrb_v1"
@@ -204,7 +207,7 @@ class BSVRBv1(_Blockwise):
     def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
         xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
-        self.eigvals, self.eigvecs = floored_eigh(hess[0], self.config.hessian_floor)
+        self.hessians, self.factors = floor_and_factor(hess[0], self.config.hessian_floor)
         return gy[0]
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
@@ -212,25 +215,24 @@ class BSVRBv1(_Blockwise):
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
         gx_f, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
         s_new = self.track(self.y.direction(blocks, t), gy)
-        # H_i is kept as its floored eigen-decomposition: the projection's eigh also gives the solves
-        lam_old, vecs_old = self.eigvals[blocks], self.eigvecs[blocks]
-        lam_new, vecs_new = floored_eigh(self.track(eig_compose(lam_old, vecs_old), hess), self.config.hessian_floor)
-        self.eigvals[blocks], self.eigvecs[blocks] = lam_new, vecs_new
+        # H_i is kept with its Cholesky factor, which both the floor check and the solves use
+        h_new, factor_new = floor_and_factor(self.track(self.hessians[blocks], hess), self.config.hessian_floor)
+        factors = torch.stack([factor_new, self.factors[blocks]])[: xs.shape[0]]
+        self.hessians[blocks], self.factors[blocks] = h_new, factor_new
         # G_new uses the new Hessian estimates, G_old the previous ones (same samples)
-        w = eig_solve(torch.stack([lam_new, lam_old])[: xs.shape[0]], torch.stack([vecs_new, vecs_old])[: xs.shape[0]],
-                      gy_f)
+        w = cholesky_solve(factors, gy_f)
         return self.hypergradient(gx_f, self.oracles.cross(xs, ys, w, lower, blocks)), s_new
 
     def hessian_estimates(self) -> Tensor:
         """The floored Hessian estimates H_i of all blocks, (m, d_y, d_y)."""
-        return eig_compose(self.eigvals, self.eigvecs)
+        return self.hessians.clone()
 
     def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "eigvals": self.eigvals.clone(), "eigvecs": self.eigvecs.clone()}
+        return {**super()._tensors(), "hessians": self.hessians.clone(), "factors": self.factors.clone()}
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         super()._load_tensors(state)
-        self.eigvals, self.eigvecs = state["eigvals"].clone(), state["eigvecs"].clone()
+        self.hessians, self.factors = state["hessians"].clone(), state["factors"].clone()
 
 
 class BSVRBv2(_Blockwise):

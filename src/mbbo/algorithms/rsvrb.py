@@ -45,7 +45,7 @@ class RSVRBConfig(Hyper):
     lr: float = 1e-3
     lower_lr: float = 0.5
     beta: float = 0.9
-    hessian_floor: float = 1e-4
+    hessian_floor: float = 1e-6
     jacobian_tolerance: float = 1e-16
 
     def validate(self, problem: MultiBlockProblem) -> None:
