@@ -31,6 +31,8 @@ from typing import ClassVar, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from mbbo import projections
+
 __all__ = [
     "HVP",
     "ConjugateGradient",
@@ -484,9 +486,7 @@ def eigen_floor(H: Tensor, floor: float) -> Tensor:
     _check_real("floor", floor, None, None)
     if H.ndim < 2 or H.shape[-1] != H.shape[-2]:
         raise ValueError(f"H must have shape (..., d, d), got {tuple(H.shape)}")
-    sym = 0.5 * (H + H.mT)
-    evals, evecs = torch.linalg.eigh(sym)
-    return (evecs * evals.clamp_min(floor).unsqueeze(-2)) @ evecs.mT
+    return projections.eigenvalue_floor(H, floor)
 
 
 def explicit_solve(H: Tensor, b: Tensor, floor: float | None = None, *, cholesky: bool = False) -> Tensor:
@@ -506,12 +506,10 @@ def explicit_solve(H: Tensor, b: Tensor, floor: float | None = None, *, cholesky
         raise ValueError(f"b must have shape (..., {H.shape[-1]}), got {tuple(b.shape)}")
     if floor is not None:
         _check_real("floor", floor, 0.0, None, low_open=True)
-        evals, evecs = torch.linalg.eigh(0.5 * (H + H.mT))
-        coef = (evecs.mT @ b.unsqueeze(-1)) / evals.clamp_min(floor).unsqueeze(-1)
-        return (evecs @ coef).squeeze(-1)
+        return projections.eig_solve(*projections.floored_eigh(H, floor), b)
     if cholesky:
         factor, info = torch.linalg.cholesky_ex(H)
         if bool((info != 0).any()):
             raise ValueError("explicit_solve(cholesky=True): H is not positive definite; use floor=mu > 0")
-        return torch.cholesky_solve(b.unsqueeze(-1), factor).squeeze(-1)
+        return projections.cholesky_solve(factor, b)
     return torch.linalg.solve(H, b.unsqueeze(-1)).squeeze(-1)

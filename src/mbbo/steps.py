@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mbbo import projections
+
 __all__ = [
     "SGD",
     "Adam",
@@ -456,11 +458,7 @@ class NesterovAveraged:
 def project_ball(v: Tensor, radius: float) -> Tensor:
     """Projection onto the ball {||v|| <= radius}, row-wise over the last dim: v min(1, radius/||v||)."""
     _check_real("radius", radius, 0.0, None)
-    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    scale = torch.where(
-        norm > radius, radius / norm.clamp_min(torch.finfo(v.dtype).tiny), torch.ones_like(norm)
-    )
-    return v * scale
+    return projections.project_ball(v, radius)
 
 
 def project_box(
