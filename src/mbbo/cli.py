@@ -405,6 +405,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         experiment.settings, block_batch=int(experiment.hyper.get("block_batch", 1)),
         dtype=DTYPES[options.dtype], device=options.device,
     )
+    experiment.spec.check_algorithm(experiment.algorithm, experiment.settings, problem)
     algorithm = make_algorithm(experiment.algorithm, problem, seed=options.seed, **experiment.hyper,
                                **(experiment.restart or {}))
     if options.eval_every is None:
@@ -442,9 +443,14 @@ def _wrap(label: str, items: Sequence[str], indent: int = 6) -> str:
     return textwrap.fill(text, width=100, initial_indent=" " * indent, subsequent_indent=" " * (indent + 2))
 
 
+def _without_restarts(names: Sequence[str]) -> list[str]:
+    """Base names only (`re_<name>` fits wherever `<name>` does)."""
+    return [name for name in names if not name.startswith("re_")]
+
+
 def _list_tasks() -> list[str]:
     """Lines describing every task."""
-    lines = ["Tasks (mbbo run --task NAME; settings via --set NAME=VALUE):"]
+    lines = ["Tasks (mbbo run --task NAME; settings via --set NAME=VALUE; re_<name> fits where <name> does):"]
     for name in task_names():
         spec = TASKS[name]
         lines.append(f"  {name}")
@@ -452,7 +458,13 @@ def _list_tasks() -> list[str]:
                                    subsequent_indent=" " * 6))
         lines.append(_wrap("settings", [f"{k}={v!r}" for k, v in spec.defaults().items()]))
         lines.append(_wrap("metrics", list(spec.metrics)))
-        lines.append(_wrap("algorithms (default settings)", spec.compatible_algorithms()))
+        fitting = spec.compatible_algorithms()
+        lines.append(_wrap("algorithms that fit (default settings)", _without_restarts(fitting)))
+        if "num_blocks" in spec.setting_names() and spec.defaults()["num_blocks"] != 1:
+            single = spec.compatible_algorithms(spec.make_settings({"num_blocks": 1}))
+            extra = [name for name in _without_restarts(single) if name not in fitting]
+            if extra:
+                lines.append(_wrap("with num_blocks=1 also", extra))
     return lines
 
 

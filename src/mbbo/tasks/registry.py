@@ -20,9 +20,12 @@ Registered tasks (:data:`TASKS`, name -> spec; :func:`register_task` adds more):
   `objective` = F(x) and `lower_error` = mean_i ||y_i - y_i*(x)||.
 
 How fit is decided (in this order): the name must be a registered algorithm; a spec may restrict itself to
-an allow-list of base names (`algorithms`, `re_<name>` fits when `<name>` does); an algorithm class that
-declares `single_block = True` fits only tasks whose `num_blocks` setting is 1; a spec may add its own
-check (`fits`, returning the reason for a misfit or None).
+an allow-list of base names (`algorithms`, `re_<name>` fits when `<name>` does); a single-block algorithm
+(a :class:`~mbbo.algorithms.single.SingleBlockAlgorithm`, or any class declaring `single_block = True`) fits
+only tasks whose `num_blocks` setting is 1; a spec may add its own check (`fits`, returning the reason for a
+misfit or None). These need only the settings, so they run before any data is loaded. Once the problem is
+built, the algorithm's own `unsuitable_for(problem)` has the last word (e.g. SABA needs finite-sum samplers,
+FO-ITD-BiO an upper loss that depends on x): pass `problem=` to :meth:`TaskSpec.check_algorithm`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.registry import ALGORITHMS, RESTART_PREFIX, algorithm_names
+from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
 from mbbo.tasks.quadratic import MultiBlockQuadratic
@@ -57,6 +61,7 @@ __all__ = [
     "coerce_value",
     "field_types",
     "get_task",
+    "is_single_block",
     "register_task",
     "task_names",
 ]
@@ -83,9 +88,9 @@ def _type_name(annotation: Any) -> str:
         return "None"
     if isinstance(annotation, type):
         return annotation.__name__
-    args = typing.get_args(annotation)
-    if args:
-        return " | ".join(_type_name(arg) for arg in args)
+    members = _union_members(annotation)
+    if len(members) > 1:
+        return " | ".join(_type_name(member) for member in members)
     return str(annotation)
 
 
@@ -119,9 +124,33 @@ def _coerce_member(value: Any, member: Any) -> Any:
         return float(value) if isinstance(value, int | float) else _NO_MATCH
     if member is str:
         return value if isinstance(value, str) else _NO_MATCH
+    if typing.get_origin(member) is tuple:
+        return _coerce_tuple(value, typing.get_args(member))
     if isinstance(member, type):
         return value if isinstance(value, member) else _NO_MATCH
     return value  # an annotation we cannot check (e.g. a generic): leave it to the owner's validation
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...]) -> Any:
+    """A list or tuple as a tuple of the annotated item types (`tuple[float, float]`, `tuple[int, ...]`)."""
+    if not isinstance(value, list | tuple):
+        return _NO_MATCH
+    items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if not args:
+        return tuple(value)
+    if len(items) != len(value):
+        return _NO_MATCH
+    converted = [_first_match(item, annotation) for item, annotation in zip(value, items, strict=True)]
+    return _NO_MATCH if any(c is _NO_MATCH for c in converted) else tuple(converted)
+
+
+def _first_match(value: Any, annotation: Any) -> Any:
+    """`value` converted to the first fitting member of `annotation`, or `_NO_MATCH`."""
+    for member in _union_members(annotation):
+        converted = _coerce_member(value, member)
+        if converted is not _NO_MATCH:
+            return converted
+    return _NO_MATCH
 
 
 def coerce_value(name: str, value: Any, annotation: Any, *, what: str = "setting") -> Any:
@@ -133,10 +162,9 @@ def coerce_value(name: str, value: Any, annotation: Any, *, what: str = "setting
     Raises:
         ValueError: the value does not fit; the message names `what`, `name`, the expected type and the value.
     """
-    for member in _union_members(annotation):
-        converted = _coerce_member(value, member)
-        if converted is not _NO_MATCH:
-            return converted
+    converted = _first_match(value, annotation)
+    if converted is not _NO_MATCH:
+        return converted
     raise ValueError(
         f"bad value for {what} {name!r}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
     )
@@ -167,6 +195,14 @@ def algorithm_class(name: str) -> tuple[type, bool]:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown algorithm {name!r}{hint} Known: {', '.join(algorithm_names())}")
     return ALGORITHMS[base], base != name
+
+
+def is_single_block(cls: type) -> bool:
+    """Whether an algorithm class solves only single-block (m = 1) problems."""
+    declared = getattr(cls, "single_block", None)
+    if declared is not None:
+        return bool(declared)
+    return issubclass(cls, SingleBlockAlgorithm)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,39 +337,58 @@ class TaskSpec:
         return None if self.dataset_setting is None else getattr(settings, self._field(self.dataset_setting))
 
     # --- algorithms -----------------------------------------------------------------------------------
-    def misfit(self, algorithm: str, settings: Any | None = None) -> str | None:
+    def misfit(self, algorithm: str, settings: Any | None = None, problem: MultiBlockProblem | None = None
+               ) -> str | None:
         """Why `algorithm` does not fit this task (with `settings`, default: the defaults), or None if it does.
+
+        With the built `problem`, the algorithm's `unsuitable_for(problem)` is consulted too.
 
         Raises:
             ValueError: the algorithm name is not registered.
         """
-        cls, _ = algorithm_class(algorithm)
+        cls, restarted = algorithm_class(algorithm)
         settings = self.settings_cls() if settings is None else settings
         base = cls.name
+        if restarted and not callable(getattr(cls, "restart", None)):
+            return f"{base} has no restart() method, so it cannot be restarted ({algorithm})"
         if self.algorithms is not None and base not in self.algorithms:
             reason = f" ({self.algorithms_reason})" if self.algorithms_reason else ""
             return f"task {self.name!r} accepts only {', '.join(self.algorithms)}{reason}"
         num_blocks = getattr(settings, "num_blocks", 1)
-        if getattr(cls, "single_block", False) and num_blocks != 1:
+        if is_single_block(cls) and num_blocks != 1:
             return (f"{base} is a single-block algorithm and task {self.name!r} has num_blocks={num_blocks} "
-                    f"(set num_blocks=1 to run it)")
+                    f"(set num_blocks=1 to run it, or use a multi-block algorithm)")
         if self.fits is not None:
-            return self.fits(algorithm, cls, settings)
+            reason = self.fits(algorithm, cls, settings)
+            if reason is not None:
+                return reason
+        unsuitable = getattr(cls, "unsuitable_for", None)
+        if problem is not None and callable(unsuitable):
+            reason = unsuitable(problem)
+            if reason:
+                return f"{base}: {reason}"
         return None
 
-    def check_algorithm(self, algorithm: str, settings: Any | None = None) -> None:
-        """Raise :class:`IncompatibleAlgorithmError` if `algorithm` does not fit (ValueError if unknown)."""
-        reason = self.misfit(algorithm, settings)
+    def check_algorithm(self, algorithm: str, settings: Any | None = None,
+                        problem: MultiBlockProblem | None = None) -> None:
+        """Raise :class:`IncompatibleAlgorithmError` if `algorithm` does not fit (ValueError if unknown).
+
+        Without `problem` only the settings-level checks run (cheap: nothing is loaded); with the built
+        problem the algorithm's `unsuitable_for(problem)` runs as well.
+        """
+        reason = self.misfit(algorithm, settings, problem)
         if reason is not None:
-            fitting = self.compatible_algorithms(settings)
-            listed = ", ".join(fitting) if fitting else "none"
+            fitting = [n for n in self.compatible_algorithms(settings, problem) if not n.startswith(RESTART_PREFIX)]
+            listed = f"{', '.join(fitting)} (and their {RESTART_PREFIX}<name> variants)" if fitting else "none"
             raise IncompatibleAlgorithmError(
                 f"algorithm {algorithm!r} does not fit task {self.name!r}: {reason}. Algorithms that fit: {listed}"
             )
 
-    def compatible_algorithms(self, settings: Any | None = None) -> list[str]:
-        """Registered algorithm names (restarted variants included) that fit this task with `settings`."""
-        return [name for name in algorithm_names() if self.misfit(name, settings) is None]
+    def compatible_algorithms(self, settings: Any | None = None, problem: MultiBlockProblem | None = None
+                              ) -> list[str]:
+        """Registered algorithm names (restarted variants included) that fit this task with `settings`
+        (and, when given, the built `problem`)."""
+        return [name for name in algorithm_names() if self.misfit(name, settings, problem) is None]
 
     # --- building -----------------------------------------------------------------------------------------
     def check_device(self, device: torch.device | str) -> None:
@@ -380,8 +435,8 @@ class QuadraticSettings:
 
     Attributes:
         num_blocks, dim_x, dim_y: m, d_x and d_y.
-        mu, L: spectrum range of the lower Hessians A_i (defaults in [0.25, 1]: the algorithms' default lower
-            step sizes, up to 1, are then stable).
+        mu, L: spectrum range of the lower Hessians A_i (defaults in [0.25, 0.5]: the algorithms' default lower
+            step sizes, up to 1, are then stable with MSVR's gamma = 1).
         interpolating: every block's hypergradient vanishes at one common x*.
         noise: per-sample standard deviation of the gradient noise.
         hessian_noise: per-sample standard deviation of the lower Hessian scale.
@@ -393,7 +448,7 @@ class QuadraticSettings:
     dim_x: int = 10
     dim_y: int = 5
     mu: float = 0.25
-    L: float = 1.0
+    L: float = 0.5
     interpolating: bool = False
     noise: float = 0.1
     hessian_noise: float = 0.0
