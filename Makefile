@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mbbo run --task hyperparam --dataset breast_cancer --algorithm bsvrb_v2 --epochs 20 --out runs/demo
+	$(BIN)/mbbo run --task hyperparam --dataset breast_cancer --algorithm bsvrb_v2 --iterations 2000 --eval-every 50 --out runs/demo --overwrite
 	$(BIN)/mbbo plot runs/demo --x epoch --y val_loss -o runs/demo/val_loss.png
 
 test: $(STAMP)

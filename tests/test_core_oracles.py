@@ -221,3 +221,18 @@ def test_module_lower_variables_plug_in_unchanged() -> None:
     mods = [nn.Linear(3, 1).double() for _ in range(2)]
     pl = MultiBlockProblem(upper, lower_module, torch.zeros(2, dtype=torch.float64), mods, sampler, sampler)
     assert pl.num_blocks == 2 and not torch.equal(pl.y0[0], pl.y0[1])
+
+
+def test_compiled_oracles_equal_eager(quad: MultiBlockQuadratic) -> None:
+    """`compile=True` (torch.compile of the vmapped oracles) gives the same values as eager mode."""
+    pb = quad.problem()
+    blocks = torch.tensor([1, 3])
+    x, y, v = _points(quad, blocks)
+    lower = pb.lower_sampler.sample(blocks, torch.Generator())
+    eager = Oracles(pb).lower_products(x, y, v, lower, blocks)
+    compiled_oracles = Oracles(pb, compile=True)
+    compiled = compiled_oracles.lower_products(x, y, v, lower, blocks)
+    assert compiled_oracles.compiled
+    for a, b in zip(eager[:2], compiled[:2], strict=True):
+        assert torch.allclose(a, b, atol=TOL, rtol=0)
+    assert torch.allclose(eager[2].values, compiled[2].values, atol=TOL, rtol=0)
