@@ -50,6 +50,8 @@ class BilevelAlgorithm:
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[Hyper]] = Hyper
+    # hyper-parameters a restart (RE-) divides at each stage; BSVRB's alpha, beta are estimator weights
+    restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:

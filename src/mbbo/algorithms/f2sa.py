@@ -1,1 +1,210 @@
-"""(being written)"""
+"""F2SA, the fully first-order stochastic approximation method (Kwon, Kwon, Wright, Nowak, ICML 2023), and its
+projected variant for a constrained lower level (Kwon, Kwon, Wright, Nowak, "On penalty methods for nonconvex
+bilevel optimization and first-order stochastic approximation", ICLR 2024).
+
+Penalty reformulation (`mbbo.penalty`): L_lambda(x) = min_y [f + lambda g](x, y) - lambda min_z g(x, z). Two lower
+sequences, y for the penalised problem f + lambda g (the lambda-scaled form, as in the paper and benchopt; the ICLR'24
+form sigma f + g with sigma = 1/lambda is the same iteration with step lambda * alpha_k), z for g alone, and only
+gradients (no Hessian-vector products)::
+
+    for t = 1..T:   y <- Pi_Y( y - alpha_k (grad_y F(x, y; zeta) + lambda_k grad_y G(x, y; phi)) )
+                    z <- Pi_Y( z - gamma_k grad_y G(x, z; phi') )
+    x <- x - beta_k [ grad_x F(x, y; zeta') + lambda_k (grad_x G(x, y; phi'') - grad_x G(x, z; phi'')) ]
+    lambda_{k+1} = schedule(lambda_k, k)
+
+Pi_Y is the identity for `f2sa` and the projection onto the lower-level set Y for `f2sa_projected`. The two
+x-gradients of g use one mini-batch phi'' (as in the paper's h_x: the difference is then O(||y - z||) and the
+factor lambda does not amplify sampling noise); benchopt draws two batches (`shared_x_sample=False`).
+
+Step sizes alpha_k = lr / (k+1)^{y_exponent}, gamma_k = lower_lr / (k+1)^{z_exponent},
+beta_k = lr / outer_ratio / (k+1)^{x_exponent}.
+
+The lambda schedule: paper vs benchopt. Both make lambda grow, at different rates (algorithms.md 5.3):
+- benchopt (`lambda_schedule="benchopt"`, the default, with benchopt's defaults): lambda_{k+1} = lambda_k +
+  delta_lambda (k+1)^{-1/7}, i.e. lambda_k ~ (7/6) delta_lambda k^{6/7}; exponents 5/7 (y), 4/7 (z), 4/7 (x);
+- paper (`lambda_schedule="paper"`): lambda_k = lambda0 (k+1)^{1/7}, the ratio gamma_k / alpha_k of the step sizes
+  alpha_k ~ k^{-5/7}, gamma_k ~ k^{-4/7}, so that the effective step lambda_k alpha_k of y on g stays ~ gamma_k. In
+  the paper the x step is xi * alpha_k (set `x_exponent=5/7`, `outer_ratio=1/xi`) [paper, as recalled]. With
+  benchopt's faster growth the effective step lambda_k alpha_k of y on g grows like k^{1/7} instead of decaying
+  like gamma_k (slowly: it stays small with the default lr), and the bias O(1/lambda_k) vanishes faster.
+- `"constant"`: lambda_k = lambda0.
+
+Defaults: benchopt/benchmark_bilevel `solvers/f2sa.py` (step_size 0.01, outer_ratio 1, lmbda0 1, delta_lmbda 0.1,
+n_inner_steps 10). Oracles per iteration: 2T grad_y g, T grad f (y-part used), then grad f and grad_x g at y and z.
+`lower_variables()` returns z, the estimate of y*(x) (benchopt reports the same sequence); `.y` is the penalised one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mbbo.algorithms.base import Hyper, check_positive
+from mbbo.algorithms.single import SingleBlockAlgorithm
+from mbbo.penalty import SCHEDULES, Projection, as_projection, make_penalty_schedule, penalty_gradient
+from mbbo.problem import MultiBlockProblem
+from mbbo.steps import InversePower
+
+
+def _check_exponent(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_batch_size(value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {value!r}")
+
+
+@dataclass
+class F2SAConfig(Hyper):
+    """F2SA hyper-parameters; defaults: benchopt's F2SA solver (see the module docstring)."""
+
+    lr: float = 0.01
+    outer_ratio: float = 1.0
+    lower_lr: float | None = None  # base step of z; None: lr (benchopt uses step_size for both)
+    y_exponent: float = 5.0 / 7.0
+    z_exponent: float = 4.0 / 7.0
+    x_exponent: float = 4.0 / 7.0
+    lambda_schedule: str = "benchopt"
+    lambda0: float = 1.0
+    delta_lambda: float = 0.1
+    lambda_power: float = 1.0 / 7.0
+    n_inner_steps: int = 10
+    shared_x_sample: bool = True
+    batch_size: int | None = None
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        check_positive("lr", self.lr)
+        check_positive("outer_ratio", self.outer_ratio)
+        if self.lower_lr is not None:
+            check_positive("lower_lr", self.lower_lr)
+        for name in ("y_exponent", "z_exponent", "x_exponent"):
+            _check_exponent(name, getattr(self, name))
+        if self.lambda_schedule not in SCHEDULES:
+            raise ValueError(f"lambda_schedule must be one of {SCHEDULES}, got {self.lambda_schedule!r}")
+        check_positive("lambda0", self.lambda0)
+        if not (isinstance(self.delta_lambda, int | float) and self.delta_lambda >= 0):
+            raise ValueError(f"delta_lambda must be a number >= 0, got {self.delta_lambda!r}")
+        _check_exponent("lambda_power", self.lambda_power)
+        if not isinstance(self.n_inner_steps, int) or isinstance(self.n_inner_steps, bool) or self.n_inner_steps < 1:
+            raise ValueError(f"n_inner_steps must be an integer >= 1, got {self.n_inner_steps!r}")
+        if not isinstance(self.shared_x_sample, bool):
+            raise ValueError(f"shared_x_sample must be a bool, got {self.shared_x_sample!r}")
+        _check_batch_size(self.batch_size)
+
+
+@dataclass
+class F2SAProjectedConfig(F2SAConfig):
+    """As F2SA plus the lower-level constraint set Y: `projection` is a callable v -> Pi_Y(v) or a radius R
+    (Y = {||y|| <= R}). The papers give no default set; R = 10 is a loose ball for standardised problems."""
+
+    projection: Projection | float = 10.0
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        super().validate(problem)
+        if self.projection is None:
+            raise ValueError("projection must be a callable or a radius in (0, inf), got None; use f2sa instead")
+        try:
+            as_projection(self.projection)
+        except ValueError as err:
+            raise ValueError(f"projection: {err}") from None
+
+
+class F2SA(SingleBlockAlgorithm):
+    """F2SA (Kwon, Kwon, Wright, Nowak, ICML 2023): fully first-order penalty method (module docstring)."""
+
+    name = "f2sa"
+    Config = F2SAConfig
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        proj = self.projection
+        if proj is not None:
+            self.y = proj(self.y)
+        self.z = self.y.clone()
+        self.lam = self.schedule.value(0)
+
+    # --- configuration --------------------------------------------------------------------------------
+    @property
+    def projection(self) -> Projection | None:
+        return None
+
+    @property
+    def schedule(self):
+        cfg = self.config
+        return make_penalty_schedule(cfg.lambda_schedule, cfg.lambda0, cfg.delta_lambda, cfg.lambda_power)
+
+    def step_sizes(self, k: int) -> tuple[float, float, float]:
+        """(alpha_k for y, gamma_k for z, beta_k for x)."""
+        cfg = self.config
+        lower = cfg.lr if cfg.lower_lr is None else cfg.lower_lr
+        return (InversePower(cfg.lr, cfg.y_exponent)(k), InversePower(lower, cfg.z_exponent)(k),
+                InversePower(cfg.lr / cfg.outer_ratio, cfg.x_exponent)(k))
+
+    # --- the iteration --------------------------------------------------------------------------------
+    def penalty_direction(self, x: Tensor, y: Tensor, z: Tensor, lam: float) -> Tensor:
+        """grad_x F(x, y) + lam (grad_x G(x, y) - grad_x G(x, z)) on fresh mini-batches (one lower batch for both
+        points when `shared_x_sample`)."""
+        bs = self.config.batch_size
+        gx_f, _ = self.upper_grads(x, y, self.upper_batch(bs))
+        if self.config.shared_x_sample:
+            gx_g, _ = self.lower_grads(torch.stack([x, x]), torch.stack([y, z]), self.lower_batch(bs))
+            gx_g_y, gx_g_z = gx_g[0], gx_g[1]
+        else:
+            gx_g_y, _ = self.lower_grads(x, y, self.lower_batch(bs))
+            gx_g_z, _ = self.lower_grads(x, z, self.lower_batch(bs))
+        return penalty_gradient(gx_f, gx_g_y, gx_g_z, lam)
+
+    def step(self) -> None:
+        cfg, k, lam, proj = self.config, self.iteration, self.lam, self.projection
+        alpha, gamma, beta = self.step_sizes(k)
+        x, y, z = self.x, self.y, self.z
+        for _ in range(cfg.n_inner_steps):
+            gy_g = self.grad_y_g(x, y, self.lower_batch(cfg.batch_size))
+            _, gy_f = self.upper_grads(x, y, self.upper_batch(cfg.batch_size))
+            gz_g = self.grad_y_g(x, z, self.lower_batch(cfg.batch_size))
+            y = y - alpha * (gy_f + lam * gy_g)
+            z = z - gamma * gz_g
+            if proj is not None:
+                y, z = proj(y), proj(z)
+        direction = self.penalty_direction(x, y, z, lam)
+        self.y, self.z = y, z
+        self.x_prev = x
+        self.x = x - beta * direction
+        self.lam = self.schedule.advance(lam, k)
+        self.iteration += 1
+
+    def restart(self) -> None:
+        """For `Restarted`: nothing to re-initialise (no estimator); y, z, lambda and the schedules carry over."""
+
+    # --- state ----------------------------------------------------------------------------------------
+    def lower_variables(self) -> Tensor:
+        return self.z.unsqueeze(0)
+
+    def is_finite(self) -> bool:
+        return super().is_finite() and bool(torch.isfinite(self.y).all())
+
+    def _tensors(self) -> dict[str, Any]:
+        return {"y": self.y.clone(), "z": self.z.clone(), "lam": float(self.lam)}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        self.y = state["y"].clone()
+        self.z = state["z"].clone()
+        self.lam = float(state["lam"])
+
+
+class F2SAProjected(F2SA):
+    """Projected F2SA (Kwon, Kwon, Wright, Nowak, ICLR 2024): F2SA with projections Pi_Y onto the lower-level
+    constraint set on the y and z steps (and on the initial point); the upper direction is unchanged (Danskin)."""
+
+    name = "f2sa_projected"
+    Config = F2SAProjectedConfig
+
+    @property
+    def projection(self) -> Projection | None:
+        return as_projection(self.config.projection)

@@ -40,7 +40,8 @@ class Restarted:
             raise ValueError(f"output must be 'last' or 'uniform', got {output!r}")
         known = set(algorithm.config.__dataclass_fields__)
         if decayed is None:
-            decayed = tuple(k for k in DEFAULT_DECAYED if k in known)
+            wanted = getattr(algorithm, "restart_decayed", DEFAULT_DECAYED)
+            decayed = tuple(k for k in wanted if k in known)
         missing = [name for name in decayed if name not in known]
         if missing:
             raise ValueError(f"decayed hyper-parameters {missing} are not hyper-parameters of "

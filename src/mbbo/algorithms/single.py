@@ -8,7 +8,7 @@ dimension: x is (d_x,), y and v are (d_y,), and the two-point forms take stacked
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -18,7 +18,13 @@ from mbbo.problem import Batch, MultiBlockProblem
 
 
 class SingleBlockAlgorithm(BilevelAlgorithm):
-    """An algorithm for min_x f(x, y*(x)), y*(x) = argmin_y g(x, y) (one block). Subclasses implement `step`."""
+    """An algorithm for min_x f(x, y*(x)), y*(x) = argmin_y g(x, y) (one block). Subclasses implement `step`.
+
+    `restart_decayed`: the step sizes a restart (`re_<name>`) divides; momentum-like weights of the zoo
+    (beta, alpha) keep their meaning and are not decayed.
+    """
+
+    restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "inner_lr", "linsys_lr")
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:

@@ -1,1 +1,722 @@
-"""(being written)"""
+"""Bilevel methods for upper levels with unbounded smoothness, from M. Liu's group (George Mason University):
+BO-REP (Hao, Gong, Liu, ICLR 2024), SLIP (Gong, Hao, Liu, ICML 2024), AccBO (Gong, Hao, Liu, NeurIPS 2024),
+AdamBO and VR-AdamBO (Gong, Hao, Liu 2025, arXiv 2503.03908) and Ada-BiO (Gong, Hao, Liu, NeurIPS 2025,
+arXiv 2509.15399).
+
+Common structure: the upper step is normalised, ``x <- x - eta m / ||m||`` (global norm; or Adam), on a momentum
+m of a stochastic hypergradient ``grad_x F - (grad_xy G) v`` with v ~ (grad_yy G)^{-1} grad_y F (sign convention of
+the library). v is either a tracked linear-system variable z (BO-REP, SLIP: one SGD step on
+1/2 z^T H z - z^T grad_y F per iteration, optionally projected on a ball) or a Neumann series on fresh HVP
+mini-batches (AccBO, AdamBO, VR-AdamBO, Ada-BiO), with the paper's scaling (`mbbo.linsolve.Neumann`), not the
+reference codes' sums without the eta factor.
+
+Not copied from the authors' code (algorithms.md 4): AccBO's STORM difference is evaluated on the *same* sample
+(mini-batches and Neumann truncation level) at (x_t, yhat_t) and (x_{t-1}, yhat_{t-1}), in one stacked call, not
+against the previous iteration's hypergradient; AccBO's lower level really extrapolates and averages; Neumann
+series are not truncated to one random term after computing all Q. The reference repositories' lower losses
+use a ridge written as a norm (not strongly convex); that is the task's concern, not the algorithms'.
+
+Reusable pieces: :func:`sgd_steps` and :func:`epoch_sgd` (lower-level solvers on g(x, .)),
+:meth:`UnboundedBase.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
+samples) and :func:`rule_state_dict` / :func:`load_rule_state` (checkpointing the states of `mbbo.steps` rules).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mbbo.algorithms.base import Hyper, check_positive
+from mbbo.algorithms.single import SingleBlockAlgorithm
+from mbbo.linsolve import HVPFactory, Neumann
+from mbbo.problem import MultiBlockProblem
+from mbbo.projections import project_ball
+from mbbo.steps import SGD, Adam, AdamState, Clipped, CountState, NesterovAveraged, NesterovState, Normalized
+from mbbo.trackers import EMA, STORM
+
+# ----------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_open_unit(name: str, value: object) -> None:
+    """beta in [0, 1) (beta = 0: no momentum)."""
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+
+
+def _check_optional_positive(name: str, value: float | None) -> None:
+    if value is not None:
+        check_positive(name, value)
+
+
+def _check_batch_size(value: int | None) -> None:
+    if value is not None:
+        _check_int("batch_size", value, 1)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reusable pieces
+
+
+def sgd_steps(grad: Callable[[Tensor], Tensor], y: Tensor, n_steps: int, lr: float) -> Tensor:
+    """n_steps of y <- y - lr * grad(y), where grad draws its own fresh mini-batch at each call."""
+    for _ in range(n_steps):
+        y = y - lr * grad(y)
+    return y
+
+
+def epoch_sgd(grad: Callable[[Tensor], Tensor], y: Tensor, epochs: int, steps: int, lr: float,
+              radius: float | None = None) -> Tensor:
+    """Epoch-SGD (Hazan & Kale 2014), BO-REP's initialisation refinement for a strongly convex lower level.
+
+    Epoch k = 0..epochs-1 starts at w_k, runs steps * 2^k SGD steps of size lr / 2^k, each projected onto the
+    ball of radius radius / 2^(k/2) around w_k (when radius is given), and w_{k+1} is the average of its iterates.
+    """
+    start = y
+    for k in range(epochs):
+        w, total, n = start, torch.zeros_like(start), steps * 2**k
+        for _ in range(n):
+            w = w - (lr / 2**k) * grad(w)
+            if radius is not None:
+                w = start + project_ball(w - start, radius / 2 ** (k / 2))
+            total = total + w
+        start = total / n
+    return start
+
+
+def rule_state_dict(state: Any) -> dict[str, Any]:
+    """A step-rule state of `mbbo.steps` (CountState, AdamState, NesterovState) as a dict of clones."""
+    out: dict[str, Any] = {}
+    for f in fields(state):
+        value = getattr(state, f.name)
+        if isinstance(value, Tensor):
+            value = value.clone()
+        elif isinstance(value, list):
+            value = [t.clone() for t in value]
+        out[f.name] = value
+    return out
+
+
+def load_rule_state(cls: type, state: dict[str, Any]) -> Any:
+    """Inverse of :func:`rule_state_dict`."""
+    assert is_dataclass(cls)
+    values = {k: (v.clone() if isinstance(v, Tensor) else [t.clone() for t in v] if isinstance(v, list) else v)
+              for k, v in state.items()}
+    return cls(**values)
+
+
+class UnboundedBase(SingleBlockAlgorithm):
+    """Shared oracles of the family: lower SGD on fresh batches and Neumann hypergradients."""
+
+    def _batch_size(self) -> int | None:
+        return getattr(self.config, "batch_size", None)
+
+    def lower_grad_fn(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """y -> grad_y G(x, y; zeta) on a fresh lower mini-batch at each call."""
+        return lambda y: self.grad_y_g(x, y, self.lower_batch(self._batch_size()))
+
+    def neumann_hypergradient(self, x: Tensor, y: Tensor, solver: Neumann) -> Tensor:
+        """grad_x F(x, y; xi) - (grad_xy G(x, y; zeta)) v, v = solver's Neumann approximation of
+        (grad_yy G)^{-1} grad_y F(x, y; xi), each term on a fresh mini-batch of the "extra" stream.
+
+        x, y may be stacked points (P, d_x), (P, d_y): then every point sees the same samples xi, zeta, the same
+        HVP batches and the same random truncation level (STORM needs the same sample at two points).
+        """
+        bs = self._batch_size()
+        gx_f, gy_f = self.upper_grads(x, y, self.upper_batch(bs))
+
+        def make(j: int) -> Callable[[Tensor], Tensor]:
+            batch = self.lower_batch(bs, stream="extra")
+            return lambda v: self.hvp(x, y, v, batch)
+
+        v = solver.solve(HVPFactory(make), gy_f, generator=self.generators["extra"]).v
+        return gx_f - self.cross(x, y, v, self.lower_batch(bs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BO-REP and SLIP: normalised momentum on a tracked linear-system variable
+
+
+@dataclass
+class BOREPConfig(Hyper):
+    """BO-REP; defaults: hyper-representation on ARD in the authors' code (MingruiLiu-ML-Lab/
+    Bilevel-Optimization-under-Unbounded-Smoothness): eta 1e-2, inner lr 1e-3, beta 0.9, nu 1e-2, I = 2, N = 3."""
+
+    lr: float = 1e-2
+    beta: float = 0.9
+    linsys_lr: float = 1e-2
+    lower_lr: float = 1e-3
+    interval: int = 2
+    lower_steps: int = 3
+    refine_steps: int = 3
+    refine_epochs: int = 0  # 0: plain SGD warm start of refine_steps (code); >= 1: epoch-SGD (paper)
+    refine_lr: float | None = None  # None: lower_lr
+    refine_radius: float | None = None
+    z_radius: float | None = None  # paper: R = l_{f,0} / mu; the code does not project
+    batch_size: int | None = None
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        check_positive("lr", self.lr)
+        _check_open_unit("beta", self.beta)
+        check_positive("linsys_lr", self.linsys_lr)
+        check_positive("lower_lr", self.lower_lr)
+        _check_int("interval", self.interval, 1)
+        _check_int("lower_steps", self.lower_steps, 0)
+        _check_int("refine_steps", self.refine_steps, 0)
+        _check_int("refine_epochs", self.refine_epochs, 0)
+        if self.refine_epochs > 0 and self.refine_steps < 1:
+            raise ValueError(f"refine_steps must be >= 1 when refine_epochs > 0, got {self.refine_steps!r}")
+        _check_optional_positive("refine_lr", self.refine_lr)
+        _check_optional_positive("refine_radius", self.refine_radius)
+        _check_optional_positive("z_radius", self.z_radius)
+        _check_batch_size(self.batch_size)
+
+
+class BOREP(UnboundedBase):
+    """BO-REP (Hao, Gong, Liu, "Bilevel optimization under unbounded smoothness: a new algorithm and convergence
+    analysis", ICLR 2024)::
+
+        initialisation refinement: y_0 <- SGD warm start or epoch-SGD on g(x_0, .)
+        for t:  if t mod I == 0:  y <- N SGD steps on g(x_t, .) from y            (periodic lower update)
+                z_{t+1} = Pi_{||z|| <= R}( z_t - nu (H(x_t, y_t; zeta) z_t - grad_y F(x_t, y_t; xi)) )
+                m_{t+1} = beta m_t + (1 - beta) (grad_x F(x_t, y_t; xi) - J(x_t, y_t; zeta) z_t)
+                x_{t+1} = x_t - eta m_{t+1} / ||m_{t+1}||
+
+    One HVP and one cross product per iteration (same lower batch), m_0 = 0, z_0 = 0.
+    """
+
+    name = "bo_rep"
+    Config = BOREPConfig
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.z = torch.zeros_like(self.y)
+        self.m = torch.zeros_like(self.x)
+        self.rule_state = CountState(0)
+
+    def upper_rule(self) -> Normalized | Clipped | SGD:
+        return Normalized(self.config.lr)
+
+    def refine(self) -> None:
+        """Initialisation refinement at x_0 (first iteration)."""
+        cfg = self.config
+        lr = cfg.lower_lr if cfg.refine_lr is None else cfg.refine_lr
+        grad = self.lower_grad_fn(self.x)
+        if cfg.refine_epochs == 0:
+            self.y = sgd_steps(grad, self.y, cfg.refine_steps, lr)
+        else:
+            self.y = epoch_sgd(grad, self.y, cfg.refine_epochs, cfg.refine_steps, lr, cfg.refine_radius)
+
+    def lower_update(self) -> None:
+        cfg = self.config
+        if self.iteration % cfg.interval == 0:
+            self.y = sgd_steps(self.lower_grad_fn(self.x), self.y, cfg.lower_steps, cfg.lower_lr)
+
+    def products(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(grad_x F, grad_y F, H z, J z) at (x_t, y_t, z_t)."""
+        bs = self.config.batch_size
+        gx_f, gy_f = self.upper_grads(self.x, self.y, self.upper_batch(bs))
+        lower = self.lower_batch(bs)
+        return gx_f, gy_f, self.hvp(self.x, self.y, self.z, lower), self.cross(self.x, self.y, self.z, lower)
+
+    def step(self) -> None:
+        if self.iteration == 0:
+            self.refine()
+        self.lower_update()
+        gx_f, gy_f, hz, jz = self.products()
+        self._upper_and_linsys(gx_f, gy_f, hz, jz)
+
+    def _upper_and_linsys(self, gx_f: Tensor, gy_f: Tensor, hz: Tensor, jz: Tensor) -> None:
+        cfg = self.config
+        z = self.z - cfg.linsys_lr * (hz - gy_f)
+        self.z = z if cfg.z_radius is None else project_ball(z, cfg.z_radius)
+        self.m = EMA(1.0 - cfg.beta).update(self.m, gx_f - jz)
+        update, self.rule_state = self.upper_rule().update(self.m, self.rule_state)
+        self.x_prev = self.x
+        self.x = self.x + update
+        self.iteration += 1
+
+    def restart(self) -> None:
+        """Re-initialises the momentum (for `Restarted`); y, z and x are carried over."""
+        self.m = torch.zeros_like(self.x)
+        self.rule_state = CountState(0)
+
+    def _tensors(self) -> dict[str, Any]:
+        return {**super()._tensors(), "z": self.z.clone(), "m": self.m.clone(),
+                "rule_state": rule_state_dict(self.rule_state)}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        super()._load_tensors(state)
+        self.z, self.m = state["z"].clone(), state["m"].clone()
+        self.rule_state = load_rule_state(CountState, state["rule_state"])
+
+
+STEP_RULES = ("normalized", "clipped", "sgd")
+
+
+@dataclass
+class SLIPConfig(Hyper):
+    """SLIP; defaults: the README of MingruiLiu-ML-Lab/Single-Loop-bilevel-Optimizer-under-Unbounded-Smoothness
+    (data cleaning on Sentiment140): eta 5e-2, beta 0.9, nu 1e-2, T0 = 3, inner lr 5e-2.
+
+    `step_rule`: "normalized" (paper), "clipped" (the code's grad_clip option: step min(lr, clip / ||m||) m) or
+    "sgd" (x <- x - lr m: MA-SOBA of Chen, Xu, Zhang 2023, together with warm_start_steps=0)."""
+
+    lr: float = 5e-2
+    beta: float = 0.9
+    linsys_lr: float = 1e-2
+    lower_lr: float = 5e-2
+    warm_start_steps: int = 3
+    z_radius: float | None = None
+    step_rule: str = "normalized"
+    clip: float = 1.0
+    batch_size: int | None = None
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        check_positive("lr", self.lr)
+        _check_open_unit("beta", self.beta)
+        check_positive("linsys_lr", self.linsys_lr)
+        check_positive("lower_lr", self.lower_lr)
+        _check_int("warm_start_steps", self.warm_start_steps, 0)
+        _check_optional_positive("z_radius", self.z_radius)
+        _check_choice("step_rule", self.step_rule, STEP_RULES)
+        check_positive("clip", self.clip)
+        _check_batch_size(self.batch_size)
+
+
+class SLIP(BOREP):
+    """SLIP (Gong, Hao, Liu, "A nearly optimal single loop algorithm for stochastic bilevel optimization under
+    unbounded smoothness", ICML 2024): BO-REP with the lower level updated every iteration, simultaneously::
+
+        warm start: y_0 <- T0 SGD steps on g(x_0, .)
+        for t:  y_{t+1} = y_t - gamma grad_y G(x_t, y_t; pi)
+                z_{t+1} = Pi(z_t - nu (H_t z_t - grad_y F(x_t, y_t; xi)))
+                m_{t+1} = beta m_t + (1 - beta)(grad_x F(x_t, y_t; xi) - J_t z_t)
+                x_{t+1} = x_t - eta m_{t+1} / ||m_{t+1}||
+
+    grad_y G, H_t z_t and J_t z_t come from one graph on one lower mini-batch (`lower_products`).
+    """
+
+    name = "slip"
+    Config = SLIPConfig
+
+    def upper_rule(self) -> Normalized | Clipped | SGD:
+        cfg = self.config
+        if cfg.step_rule == "clipped":
+            return Clipped(cfg.lr, cfg.clip)
+        return SGD(cfg.lr) if cfg.step_rule == "sgd" else Normalized(cfg.lr)
+
+    def refine(self) -> None:
+        self.y = sgd_steps(self.lower_grad_fn(self.x), self.y, self.config.warm_start_steps, self.config.lower_lr)
+
+    def step(self) -> None:
+        cfg = self.config
+        if self.iteration == 0:
+            self.refine()
+        gx_f, gy_f = self.upper_grads(self.x, self.y, self.upper_batch(cfg.batch_size))
+        gy_g, hz, jz = self.lower_products(self.x, self.y, self.z, self.lower_batch(cfg.batch_size))
+        self.y = self.y - cfg.lower_lr * gy_g
+        self._upper_and_linsys(gx_f, gy_f, hz, jz)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AccBO and VR-AdamBO: Nesterov lower level with averaging, randomised Neumann, STORM on two points
+
+
+@dataclass
+class AccBOConfig(Hyper):
+    """AccBO; defaults: data hyper-cleaning on SNLI in the authors' code (MingruiLiu-ML-Lab/
+    Accelerated-Bilevel-Optimization-Unbounded-Smoothness): eta 0.1, alpha 0.1, beta 0.9, gamma (Nesterov) 0.1,
+    tau 0.5, update_interval 2, 3 inner steps, Q = 3, eta_N = 1e-2.
+
+    `neumann_unbiased=True` uses Q eta_N prod_{j<=q}(I - eta_N H_j) grad_y F (Ghadimi & Wang, the paper's
+    estimator); False drops the factor Q as the code does."""
+
+    lr: float = 0.1
+    beta: float = 0.9
+    lower_lr: float = 0.1
+    nesterov_momentum: float = 0.1
+    averaging: float = 0.5
+    interval: int = 2
+    lower_steps: int = 3
+    warm_start_steps: int = 0
+    neumann_terms: int = 3
+    neumann_lr: float = 1e-2
+    neumann_unbiased: bool = True
+    batch_size: int | None = None
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        check_positive("lr", self.lr)
+        _check_open_unit("beta", self.beta)
+        check_positive("lower_lr", self.lower_lr)
+        if not (isinstance(self.nesterov_momentum, int | float) and 0.0 <= self.nesterov_momentum <= 1.0):
+            raise ValueError(f"nesterov_momentum must lie in [0, 1], got {self.nesterov_momentum!r}")
+        if not (isinstance(self.averaging, int | float) and 0.0 < self.averaging <= 1.0):
+            raise ValueError(f"averaging must lie in (0, 1], got {self.averaging!r}")
+        _check_int("interval", self.interval, 1)
+        _check_int("lower_steps", self.lower_steps, 0)
+        _check_int("warm_start_steps", self.warm_start_steps, 0)
+        _check_int("neumann_terms", self.neumann_terms, 1)
+        check_positive("neumann_lr", self.neumann_lr)
+        if not isinstance(self.neumann_unbiased, bool):
+            raise ValueError(f"neumann_unbiased must be a bool, got {self.neumann_unbiased!r}")
+        _check_batch_size(self.batch_size)
+
+
+class AccBO(UnboundedBase):
+    """AccBO (Gong, Hao, Liu, "An accelerated algorithm for stochastic bilevel optimization under unbounded
+    smoothness", NeurIPS 2024)::
+
+        every I iterations, k steps of Nesterov with averaging (`mbbo.steps.NesterovAveraged`):
+            y~ = y_t + gamma (y_t - y_{t-1});  y_{t+1} = y~ - alpha grad_y G(x_t, y~; pi);
+            yhat_{t+1} = (1 - tau) yhat_t + tau y_{t+1}
+        h(x, yhat; xi) = grad_x F - J v,  v = Q eta_N prod_{j=1}^{q} (I - eta_N H_j) grad_y F,
+                         q ~ U{0..Q-1}  (`mbbo.linsolve.Neumann(random_truncation=True)`)
+        m_t = beta m_{t-1} + (1 - beta) h(x_t, yhat_{t+1}; xi_t) + beta (h(x_t, yhat_{t+1}; xi_t)
+                                                                     - h(x_{t-1}, yhat_t; xi_t))      (STORM)
+        x_{t+1} = x_t - eta m_t / ||m_t||
+
+    Both hypergradients of the STORM difference use the same sample xi_t (upper batch, cross batch, HVP batches
+    and truncation level q), evaluated at the two stacked points in one call; m_0 = h at the first iteration.
+    """
+
+    name = "accbo"
+    Config = AccBOConfig
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.lower_state = self.lower_rule().init(self.y)
+        self.y_hat_prev = self.y.clone()
+        self.m = torch.zeros_like(self.x)
+        self.rule_state: Any = self.init_upper_state()
+        self.fresh = True  # no previous point yet: m starts at the first hypergradient
+
+    def lower_rule(self) -> NesterovAveraged:
+        cfg = self.config
+        return NesterovAveraged(cfg.lower_lr, cfg.nesterov_momentum, cfg.averaging)
+
+    def neumann(self) -> Neumann:
+        cfg = self.config
+        return Neumann(cfg.neumann_terms, cfg.neumann_lr, random_truncation=True, scale_by_q=cfg.neumann_unbiased)
+
+    @property
+    def y_hat(self) -> Tensor:
+        """The averaged lower sequence, at which the hypergradient is evaluated."""
+        return self.lower_state.average
+
+    def lower_update(self, n_steps: int) -> None:
+        rule, grad = self.lower_rule(), self.lower_grad_fn(self.x)
+        for _ in range(n_steps):
+            g = grad(rule.extrapolate(self.y, self.lower_state))
+            self.y, self.lower_state = rule.update(g, self.lower_state, self.y)
+
+    def two_point_hypergradients(self) -> Tensor:
+        """h(x_t, yhat_{t+1}; xi_t) and, after the first iteration, h(x_{t-1}, yhat_t; xi_t): (P, d_x)."""
+        if self.fresh:
+            xs, ys = self.x.unsqueeze(0), self.y_hat.unsqueeze(0)
+        else:
+            xs, ys = torch.stack([self.x, self.x_prev]), torch.stack([self.y_hat, self.y_hat_prev])
+        return self.neumann_hypergradient(xs, ys, self.neumann())
+
+    def step(self) -> None:
+        cfg = self.config
+        if self.iteration == 0 and cfg.warm_start_steps:
+            self.lower_update(cfg.warm_start_steps)
+        if self.iteration % cfg.interval == 0:
+            self.lower_update(cfg.lower_steps)
+        h = self.two_point_hypergradients()
+        y_hat = self.y_hat
+        self.upper_update(h)
+        self.y_hat_prev = y_hat
+        self.fresh = False
+        self.iteration += 1
+
+    def restart(self) -> None:
+        """Re-initialises the momentum from the next hypergradient (for `Restarted`)."""
+        self.fresh = True
+        self.rule_state = self.init_upper_state()
+
+    # --- upper level (overridden by VR-AdamBO) ------------------------------------------------------
+    def init_upper_state(self) -> Any:
+        return CountState(0)
+
+    def upper_update(self, h: Tensor) -> None:
+        cfg = self.config
+        self.m = h[0] if self.fresh else STORM(1.0 - cfg.beta).update(self.m, h[0], h[-1])
+        update, self.rule_state = Normalized(cfg.lr).update(self.m, self.rule_state)
+        self.x_prev = self.x
+        self.x = self.x + update
+
+    def _tensors(self) -> dict[str, Any]:
+        return {**super()._tensors(), "m": self.m.clone(), "y_hat_prev": self.y_hat_prev.clone(), "fresh": self.fresh,
+                "lower_state": rule_state_dict(self.lower_state), "rule_state": rule_state_dict(self.rule_state)}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        super()._load_tensors(state)
+        self.m, self.y_hat_prev = state["m"].clone(), state["y_hat_prev"].clone()
+        self.fresh = bool(state["fresh"])
+        self.lower_state = load_rule_state(NesterovState, state["lower_state"])
+        self.rule_state = load_rule_state(type(self.init_upper_state()), state["rule_state"])
+
+
+@dataclass
+class VRAdamBOConfig(AccBOConfig):
+    """VR-AdamBO: AccBO's lower level, randomised Neumann and STORM, with Adam's second moment on the upper level.
+    Adam defaults as AdamBO's code (lr 5e-3, betas (0.9, 0.999), eps 1e-8, coupled weight decay 0.01)."""
+
+    lr: float = 5e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        super().validate(problem)
+        Adam(self.lr, tuple(self.betas), self.eps, self.weight_decay)  # validates betas, eps, weight_decay
+
+
+class VRAdamBO(AccBO):
+    """VR-AdamBO (Gong, Hao, Liu 2025, arXiv 2503.03908), the variance-reduced AdamBO. [paper, partly
+    unverified: no public code was found; a public review of the paper describes it as AccBO with an Adam-type
+    upper update instead of normalised momentum, which is what is implemented]::
+
+        g_t = h(x_t, yhat_{t+1}; xi_t) + wd x_t,   g~_{t-1} = h(x_{t-1}, yhat_t; xi_t) + wd x_{t-1}   (same sample)
+        m_t = g_t + beta1 (m_{t-1} - g~_{t-1})                      (STORM first moment, m_0 = g_0)
+        s_t = beta2 s_{t-1} + (1 - beta2) g_t^2
+        x_{t+1} = x_t - lr m_t / (sqrt(s_t / (1 - beta2^{t+1})) + eps)
+
+    The first moment needs no bias correction (it starts at g_0); the second moment is corrected as in Adam.
+    """
+
+    name = "vr_adambo"
+    Config = VRAdamBOConfig
+
+    def init_upper_state(self) -> Any:
+        return AdamState(0, [torch.zeros_like(self.x)], [torch.zeros_like(self.x)])
+
+    def upper_update(self, h: Tensor) -> None:
+        cfg = self.config
+        beta1, beta2 = cfg.betas
+        g_new = h[0] + cfg.weight_decay * self.x
+        if self.fresh:
+            m = g_new
+        else:
+            g_old = h[-1] + cfg.weight_decay * self.x_prev
+            m = STORM(1.0 - beta1).update(self.m, g_new, g_old)
+        t = self.rule_state.count + 1
+        s = beta2 * self.rule_state.exp_avg_sq[0] + (1.0 - beta2) * g_new * g_new
+        denom = (s / (1.0 - beta2**t)).sqrt() + cfg.eps
+        self.m = m
+        self.rule_state = AdamState(t, [m.clone()], [s])
+        self.x_prev = self.x
+        self.x = self.x - cfg.lr * m / denom
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AdamBO: Adam on a Neumann hypergradient
+
+
+@dataclass
+class AdamBOConfig(Hyper):
+    """AdamBO; defaults: the authors' code (jhao6/d3x645, TREC meta-tasks): torch Adam lr 5e-3, betas
+    (0.9, 0.999), eps 1e-8, coupled weight decay 0.01; lower SGD lr 1e-4 with a warm start of 3 steps, then 1
+    step per iteration; Neumann Q = 3. neumann_lr = 1e-2 (AccBO's eta_N): the code hard-codes 1e-4 together
+    with a Neumann sum that lacks its eta factor; with the paper's scaling 1e-4 would shrink v ~ 1e4-fold."""
+
+    lr: float = 5e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    lower_lr: float = 1e-4
+    warm_start_steps: int = 3
+    lower_steps: int = 1
+    neumann_terms: int = 3
+    neumann_lr: float = 1e-2
+    batch_size: int | None = None
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        check_positive("lr", self.lr)
+        Adam(self.lr, tuple(self.betas), self.eps, self.weight_decay)
+        check_positive("lower_lr", self.lower_lr)
+        _check_int("warm_start_steps", self.warm_start_steps, 0)
+        _check_int("lower_steps", self.lower_steps, 0)
+        _check_int("neumann_terms", self.neumann_terms, 0)
+        check_positive("neumann_lr", self.neumann_lr)
+        _check_batch_size(self.batch_size)
+
+
+class AdamBO(UnboundedBase):
+    """AdamBO (Gong, Hao, Liu 2025, "On the convergence of Adam-type algorithms for bilevel optimization under
+    unbounded smoothness", arXiv 2503.03908), single loop::
+
+        (first iteration: warm start, warm_start_steps SGD steps on g(x_0, .))
+        h_t = grad_x F(x_t, y_t; xi) - J v,  v = eta_N sum_{q=0}^{Q} prod_{j<=q} (I - eta_N H_j) grad_y F
+        y_{t+1} = lower_steps SGD steps on g(x_t, .) from y_t
+        x_{t+1} = x_t + Adam(h_t)      (`mbbo.steps.Adam`, torch.optim.Adam's rule, coupled weight decay)
+    """
+
+    name = "adambo"
+    Config = AdamBOConfig
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.rule_state = self.adam().init(self.x)
+
+    def adam(self) -> Adam:
+        cfg = self.config
+        return Adam(cfg.lr, tuple(cfg.betas), cfg.eps, cfg.weight_decay)
+
+    def step(self) -> None:
+        cfg = self.config
+        if self.iteration == 0:
+            self.y = sgd_steps(self.lower_grad_fn(self.x), self.y, cfg.warm_start_steps, cfg.lower_lr)
+        h = self.neumann_hypergradient(self.x, self.y, Neumann(cfg.neumann_terms, cfg.neumann_lr))
+        self.y = sgd_steps(self.lower_grad_fn(self.x), self.y, cfg.lower_steps, cfg.lower_lr)
+        update, self.rule_state = self.adam().update(h, self.rule_state, self.x)
+        self.x_prev = self.x
+        self.x = self.x + update
+        self.iteration += 1
+
+    def restart(self) -> None:
+        """Re-initialises Adam's moments (for `Restarted`)."""
+        self.rule_state = self.adam().init(self.x)
+
+    def _tensors(self) -> dict[str, Any]:
+        return {**super()._tensors(), "rule_state": rule_state_dict(self.rule_state)}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        super()._load_tensors(state)
+        self.rule_state = load_rule_state(AdamState, state["rule_state"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ada-BiO: adaptive momentum and step sizes
+
+
+@dataclass
+class AdaBiOConfig(Hyper):
+    """Ada-BiO; defaults: the hyper-parameter optimisation experiment of the paper (Appendix K, BERT on TREC):
+    (eta_x, eta_y, alpha, gamma) = (1e-5, 0.5, 1.0, 0.1). The Neumann series (Appendix E.1, eta_N = 1/l_{g,1},
+    N >= 3 log T / (2 log(1 / (1 - mu_g / l_{g,1})))) has no published default: 10 terms of step 0.1 (benchopt's
+    StocBiO defaults).
+
+    `variance_estimate`: "independent" (the analysed rule: ||g_{x,k} - g~_{x,k}||^2 with a second, independent
+    hypergradient sample) or "consecutive" (the paper's practical variant, Section 6.2: ||g_{x,k} - g_{x,k-1}||^2,
+    no second sample). `step_decay=False` drops the 1/sqrt(t) of eta_{x,t} (the practical variant's eta_x / sqrt(T)
+    with the constant absorbed in lr)."""
+
+    lr: float = 1e-5
+    lower_lr: float = 0.5
+    alpha: float = 1.0
+    gamma: float = 0.1
+    neumann_terms: int = 10
+    neumann_lr: float = 0.1
+    variance_estimate: str = "independent"
+    step_decay: bool = True
+    batch_size: int | None = None
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        for name in ("lr", "lower_lr", "alpha", "gamma", "neumann_lr"):
+            check_positive(name, getattr(self, name))
+        _check_int("neumann_terms", self.neumann_terms, 0)
+        _check_choice("variance_estimate", self.variance_estimate, ("independent", "consecutive"))
+        if not isinstance(self.step_decay, bool):
+            raise ValueError(f"step_decay must be a bool, got {self.step_decay!r}")
+        _check_batch_size(self.batch_size)
+
+
+class AdaBiO(UnboundedBase):
+    """Ada-BiO (Gong, Hao, Liu, "Adaptive algorithms with sharp convergence rates for stochastic hierarchical
+    optimization", NeurIPS 2025, arXiv 2509.15399, Algorithm 2 with the parameter choices of its eqs. (3)-(4)).
+
+    With t = 1, 2, ..., g_{x,t} = Neumann hypergradient at (x_t, y_t) on a sample xi_t, g~_{x,t} the same on an
+    independent sample xi'_t, g_{y,t} = grad_y G(x_t, y_t; zeta_t)::
+
+        alpha_t  = alpha / sqrt(alpha^2 + sum_{k<=t} ||g_{x,k} - g~_{x,k}||^2)          (beta_t = 1 - alpha_t)
+        alpha'_t = alpha / sqrt(alpha^2 + sum_{k<=t} (||g_{x,k} - g~_{x,k}||^2 + ||g_{y,k}||^2))
+        eta_{x,t} = eta_x sqrt(alpha'_t) / sqrt(t),     eta_{y,t} = eta_y / sqrt(gamma^2 + sum_{k<=t} ||g_{y,k}||^2)
+        m_t = beta_t m_{t-1} + (1 - beta_t) g_{x,t}       (m_1 = g_{x,1})
+        x_{t+1} = x_t - eta_{x,t} m_t / ||m_t||,           y_{t+1} = y_t - eta_{y,t} g_{y,t}   (AdaGrad-Norm)
+
+    Sources. The algorithm box, eta_{x,t} = eta_x sqrt(alpha'_t)/sqrt(t), the double-sampling estimate of the
+    variance and the AdaGrad-Norm lower level with eta_{y,0} = eta_y / gamma are in the paper's text (Sections
+    4.1-4.3, 6.2, Lemma C.2); the closed forms of alpha_t, alpha'_t and eta_{y,t} (whose formula blocks are not
+    in the text copy of the paper that could be read) follow the public PaperNotes summary
+    (en.papernotes.org, NeurIPS2025 "Adaptive Algorithms with Sharp Convergence Rates for Stochastic Hierarchical
+    Optimization") and agree with the paper's Lemmas 5.5 and G.2 (alpha_t between (1 + 4 sigma^2 t / alpha^2)^{-1/2}
+    and (1 + sigma^2 t / alpha^2)^{-1/2}). The grouping of the lower-level term inside alpha'_t (summed over k,
+    as written here) is this library's reading of that summary.
+    """
+
+    name = "ada_bio"
+    Config = AdaBiOConfig
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.m = torch.zeros_like(self.x)
+        self.g_prev = torch.zeros_like(self.x)
+        self.restart()
+
+    def restart(self) -> None:
+        """Restarts the adaptive statistics, the momentum and the 1/sqrt(t) decay (also used by `Restarted`)."""
+        self.t = 0  # iterations since the (re)start
+        self.sum_x = 0.0  # sum_k ||g_{x,k} - g~_{x,k}||^2
+        self.sum_y = 0.0  # sum_k ||g_{y,k}||^2
+
+    def step_sizes(self) -> tuple[float, float, float]:
+        """(alpha_t, eta_{x,t}, eta_{y,t}) from the accumulated sums (after this iteration's update)."""
+        cfg, t = self.config, self.t + 1
+        a2 = cfg.alpha**2
+        alpha_t = cfg.alpha / math.sqrt(a2 + self.sum_x)
+        alpha_p = cfg.alpha / math.sqrt(a2 + self.sum_x + self.sum_y)
+        eta_x = cfg.lr * math.sqrt(alpha_p) / (math.sqrt(t) if cfg.step_decay else 1.0)
+        eta_y = cfg.lower_lr / math.sqrt(cfg.gamma**2 + self.sum_y)
+        return alpha_t, eta_x, eta_y
+
+    def step(self) -> None:
+        cfg = self.config
+        solver = Neumann(cfg.neumann_terms, cfg.neumann_lr)
+        g_x = self.neumann_hypergradient(self.x, self.y, solver)
+        if cfg.variance_estimate == "independent":
+            g_ref = self.neumann_hypergradient(self.x, self.y, solver)
+        else:
+            g_ref = g_x if self.t == 0 else self.g_prev
+        g_y = self.grad_y_g(self.x, self.y, self.lower_batch(cfg.batch_size))
+        self.sum_x += float((g_x - g_ref).pow(2).sum())
+        self.sum_y += float(g_y.pow(2).sum())
+        alpha_t, eta_x, eta_y = self.step_sizes()
+        self.m = g_x if self.t == 0 else self.m.lerp(g_x, alpha_t)
+        update, _ = Normalized(eta_x).update(self.m, CountState(0))
+        self.g_prev = g_x
+        self.y = self.y - eta_y * g_y
+        self.x_prev = self.x
+        self.x = self.x + update
+        self.t += 1
+        self.iteration += 1
+
+    def _tensors(self) -> dict[str, Any]:
+        return {**super()._tensors(), "m": self.m.clone(), "g_prev": self.g_prev.clone(), "t": self.t,
+                "sum_x": self.sum_x, "sum_y": self.sum_y}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        super()._load_tensors(state)
+        self.m, self.g_prev = state["m"].clone(), state["g_prev"].clone()
+        self.t, self.sum_x, self.sum_y = int(state["t"]), float(state["sum_x"]), float(state["sum_y"])
