@@ -51,6 +51,13 @@ class XGrad:
         return XGrad(self.values[p].unsqueeze(0), self.index)
 
 
+def _lift(out: Tensor | tuple) -> Tensor | tuple:
+    """Adds the (point, block) dimensions of size one back to an unvmapped result."""
+    if isinstance(out, tuple):
+        return tuple(_lift(o) for o in out)
+    return out.unsqueeze(0).unsqueeze(0)
+
+
 class Oracles:
     """Counted, vmapped oracles of a `MultiBlockProblem`.
 
@@ -130,7 +137,13 @@ class Oracles:
         return vmap(inner, in_dims=(0, *([0] * n_vec), None, None))
 
     def _call(self, name: str, x: Tensor, *args: Tensor, batch: Batch, blocks: Tensor):
-        return self._vmapped[name](x, *args, self.problem.with_block_data(batch, blocks), blocks)
+        batch = self.problem.with_block_data(batch, blocks)
+        if args[0].shape[0] == 1 and blocks.shape[0] == 1 and not self.compiled:
+            # one point, one block (single-block methods): call the function itself, no vmap overhead
+            x1 = x[0, 0] if self.problem.sparse_x else x[0]
+            out = self._fns[name][0](x1, *(a[0, 0] for a in args), {k: v[0] for k, v in batch.items()}, blocks[0])
+            return _lift(out)
+        return self._vmapped[name](x, *args, batch, blocks)
 
     def _x_args(self, x: Tensor, batch: Batch) -> Tensor:
         """Dense x (P, d_x) as is; sparse x gathered to the batch rows (P, B, b) before vmap."""
