@@ -40,6 +40,24 @@ class Hyper:
         return type(self)(**{**asdict(self), **changes})
 
 
+@dataclass
+class MultiBlockConfig(Hyper):
+    """Hyper-parameters every multi-block method has (defaults of the BSVRB/RSVRB scripts: m = 100, B = 10)."""
+
+    block_batch: int = 10
+    lr: float = 1e-3
+    lower_lr: float = 0.5
+    beta: float = 0.9
+
+    def validate(self, problem: MultiBlockProblem) -> None:
+        m = problem.num_blocks
+        if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
+            raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
+        check_positive("lr", self.lr)
+        check_positive("lower_lr", self.lower_lr)
+        check_unit("beta", self.beta)
+
+
 class BilevelAlgorithm:
     """Base class: `step()` performs one iteration; the runner drives it (see `mbbo.protocols`).
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import BilevelAlgorithm, Hyper, check_positive, check_unit
+from mbbo.algorithms.base import BilevelAlgorithm, Hyper, MultiBlockConfig, check_positive, check_unit
 from mbbo.blocks import BlockSampler, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
@@ -37,26 +37,18 @@ from mbbo.trackers import EMA, MSVR, STORM
 
 
 @dataclass
-class BlockwiseConfig(Hyper):
+class BlockwiseConfig(MultiBlockConfig):
     """Shared hyper-parameters; defaults from the authors' run scripts (m = 100, B = 10, b = 32)."""
 
-    block_batch: int = 10
-    lr: float = 1e-3
-    lower_lr: float = 0.5
     alpha: float = 0.9
     gamma: float | str = 1.0
-    beta: float = 0.9
     lazy: bool = True
     init_batch_size: int | None = None
 
     def validate(self, problem: MultiBlockProblem) -> None:
+        super().validate(problem)
         m = problem.num_blocks
-        if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
-            raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
-        check_positive("lr", self.lr)
-        check_positive("lower_lr", self.lower_lr)
         check_unit("alpha", self.alpha)
-        check_unit("beta", self.beta)
         if isinstance(self.gamma, str):
             if self.gamma != "theory":
                 raise ValueError(f"gamma must be a number >= 0 or 'theory', got {self.gamma!r}")

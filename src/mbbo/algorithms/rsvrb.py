@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import BilevelAlgorithm, Hyper, check_positive, check_unit
+from mbbo.algorithms.base import BilevelAlgorithm, Hyper, MultiBlockConfig, check_positive
 from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import MultiBlockProblem
@@ -38,23 +38,14 @@ from mbbo.trackers import STORM, RandomizedSTORM
 
 
 @dataclass
-class RSVRBConfig(Hyper):
+class RSVRBConfig(MultiBlockConfig):
     """Defaults from run_RSVRB.sh: eta = 1e-3, tau = 0.5, beta = 0.9, B = 10."""
 
-    block_batch: int = 10
-    lr: float = 1e-3
-    lower_lr: float = 0.5
-    beta: float = 0.9
     hessian_floor: float = 1e-6
     jacobian_tolerance: float = 1e-16
 
     def validate(self, problem: MultiBlockProblem) -> None:
-        m = problem.num_blocks
-        if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
-            raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
-        check_positive("lr", self.lr)
-        check_positive("lower_lr", self.lower_lr)
-        check_unit("beta", self.beta)
+        super().validate(problem)
         check_positive("hessian_floor", self.hessian_floor)
         if not 0.0 <= self.jacobian_tolerance < 1.0:
             raise ValueError(f"jacobian_tolerance must lie in [0, 1), got {self.jacobian_tolerance!r}")
