@@ -16,11 +16,12 @@ the library's autograd oracles see slope 1 and curvature 0; reproduced here):
     [(grad_pw g) v]_j  = (1/b) sigma'(p_j) (-c_j / s) (q_j^T v)                  (only the b rows of p)
     grad_w f           = (1/b) sum_{j in val} -c_j / s q_j
 
-Layout. The training and validation mini-batches are gathered into one buffer (no copy of the data set), so
-two `bmm` calls per iteration serve both levels at both points; the lower variables and linear-system variables are one (m, 2d) table [w_i | v_i] with directions [s_i | u_i],
-updated lazily like `mbbo.blocks.MovingBlocks` (both parts of a block are written at the same iterations);
-projected replays of v_i (the ball ||v|| <= C) run on the 2-D coordinates of v in span{v_start, u} instead of
-on d-vectors. x and the upper tracker z are dense (d_x = n_train); the hypergradient enters z as sparse rows.
+Layout. The training and validation mini-batches are gathered into one buffer (no copy of the data set),
+so two `bmm` calls per iteration serve both levels at both points. The lower variables and the linear-system
+variables are one (m, 2d) table [w_i | v_i] with directions [s_i | u_i], updated lazily like
+`mbbo.blocks.MovingBlocks` (both parts of a block are written at the same iterations); projected replays of
+v_i (the ball ||v|| <= C) run on the 2-D coordinates of v in span{v_start, u} instead of on d-vectors. x and
+the upper tracker z are dense (d_x = n_train); the hypergradient enters z as sparse rows.
 """
 
 from __future__ import annotations

@@ -131,10 +131,14 @@ class Oracles:
             self._vmapped = {name: torch.compile(fn, dynamic=False) for name, fn in self._vmapped.items()}
 
     def _vmap(self, fn, n_vec: int):
-        """vmap over blocks (inner) and points (outer). Args: x, y, [v], batch, block."""
-        x_dim_blocks = 0 if self.problem.sparse_x else None
-        inner = vmap(fn, in_dims=(x_dim_blocks, *([0] * n_vec), 0, 0))
-        return vmap(inner, in_dims=(0, *([0] * n_vec), None, None))
+        """vmap over points (inner) and blocks (outer); args x, y, [v], batch, block; results (P, B, ...).
+
+        Points inside: within one block the mini-batch is not batched over points, so `X @ y` becomes one
+        matrix product X @ [y_t, y_{t-1}] instead of copies of X broadcast over the points.
+        """
+        over_points = vmap(fn, in_dims=(0, *([0] * n_vec), None, None))
+        x_dim_blocks = 1 if self.problem.sparse_x else None
+        return vmap(over_points, in_dims=(x_dim_blocks, *([1] * n_vec), 0, 0), out_dims=1)
 
     def _call(self, name: str, x: Tensor, *args: Tensor, batch: Batch, blocks: Tensor):
         batch = self.problem.with_block_data(batch, blocks)
