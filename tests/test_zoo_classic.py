@@ -9,20 +9,15 @@ import torch
 from mbbo.algorithms.classic import BSA, TTSA
 from mbbo.algorithms.registry import make_algorithm
 from mbbo.linsolve import Neumann
-from mbbo.problem import MultiBlockProblem, RowSampler
-from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic, inner_loss, make_benchopt_quadratic, outer_loss
+from mbbo.problem import MultiBlockProblem
+from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic, make_benchopt_quadratic
 from mbbo.tasks.quadratic import MultiBlockQuadratic
 
 DT = torch.float64
 
 
 def benchopt_problem(bq: BenchoptQuadratic, batch_size: int) -> MultiBlockProblem:
-    """The benchopt `simulated` problem as an m = 1 problem whose samplers draw rows of the per-sample factors."""
-    return MultiBlockProblem(
-        lambda x, y, batch, block: outer_loss(x, y, batch),
-        lambda x, y, batch, block: inner_loss(x, y, batch),
-        bq.x0(), bq.y0().unsqueeze(0), RowSampler(bq.inner_batch(), batch_size),
-        RowSampler(bq.outer_batch(), batch_size), name="benchopt_quadratic")
+    return bq.problem(batch_size)
 
 
 @pytest.fixture(scope="module")

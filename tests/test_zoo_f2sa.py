@@ -19,8 +19,8 @@ from mbbo.penalty import (
     make_penalty_schedule,
     penalty_gradient,
 )
-from mbbo.problem import MultiBlockProblem, RowSampler
-from mbbo.tasks.benchopt_quadratic import inner_loss, make_benchopt_quadratic, outer_loss
+from mbbo.problem import MultiBlockProblem
+from mbbo.tasks.benchopt_quadratic import make_benchopt_quadratic
 from mbbo.tasks.quadratic import MultiBlockQuadratic
 
 # step sizes for the T3-like quadratic below (benchopt's defaults, lr 0.01 and lambda0 = 1, are tuned for
@@ -34,11 +34,7 @@ def bq():
 
 
 def _problem(bq, batch_size: int = 64) -> MultiBlockProblem:
-    """benchopt's simulated quadratic (d_in = 20, d_out = 5, float64) as an m = 1 problem of row mini-batches."""
-    return MultiBlockProblem(
-        lambda x, y, b, k: outer_loss(x, y, b), lambda x, y, b, k: inner_loss(x, y, b),
-        -2.0 * torch.ones(5, dtype=torch.float64), torch.zeros(1, 20, dtype=torch.float64),
-        RowSampler(bq.inner.batch(), batch_size), RowSampler(bq.outer.batch(), batch_size), name="benchopt_t3")
+    return bq.problem(batch_size)
 
 
 def test_registered_names() -> None:

@@ -18,8 +18,8 @@ from mbbo.algorithms.unbounded import (
     VRAdamBO,
     epoch_sgd,
 )
-from mbbo.problem import MultiBlockProblem, RowSampler
-from mbbo.tasks.benchopt_quadratic import inner_loss, make_benchopt_quadratic, outer_loss
+from mbbo.problem import MultiBlockProblem
+from mbbo.tasks.benchopt_quadratic import make_benchopt_quadratic
 
 NAMES = ["bo_rep", "slip", "accbo", "adambo", "vr_adambo", "ada_bio"]
 STEPS = dict(lr=0.05, lower_lr=0.5)
@@ -41,11 +41,7 @@ def bq():
 
 
 def _problem(bq, batch_size: int = 64) -> MultiBlockProblem:
-    """benchopt's simulated quadratic (d_in = 20, d_out = 5, float64) as an m = 1 problem of row mini-batches."""
-    return MultiBlockProblem(
-        lambda x, y, b, k: outer_loss(x, y, b), lambda x, y, b, k: inner_loss(x, y, b),
-        -2.0 * torch.ones(5, dtype=torch.float64), torch.zeros(1, 20, dtype=torch.float64),
-        RowSampler(bq.inner.batch(), batch_size), RowSampler(bq.outer.batch(), batch_size), name="benchopt_t3")
+    return bq.problem(batch_size)
 
 
 def test_registered_names() -> None:

@@ -50,6 +50,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from mbbo.problem import MultiBlockProblem, RowSampler
+
 __all__ = [
     "BATCH_KEYS",
     "BenchoptQuadratic",
@@ -243,6 +245,14 @@ class BenchoptQuadratic:
     def y0(self) -> Tensor:
         """benchopt's initial lower variable, 0."""
         return torch.zeros(self.d_in, dtype=self.dtype, device=self.device)
+
+    def problem(self, batch_size: int = 64, outer_batch_size: int | None = None) -> MultiBlockProblem:
+        """The engine's m = 1 problem: uniform mini-batches of the per-sample rows (benchopt: batch 64)."""
+        return MultiBlockProblem(
+            lambda x, y, batch, block: outer_loss(x, y, batch),
+            lambda x, y, batch, block: inner_loss(x, y, batch),
+            self.x0(), self.y0().unsqueeze(0), RowSampler(self.inner_batch(), batch_size),
+            RowSampler(self.outer_batch(), outer_batch_size or batch_size), name="benchopt_quadratic")
 
     # closed forms ---------------------------------------------------------------------------------------
     def _solve_inner_hessian(self, rhs: Tensor) -> Tensor:
