@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in algs:
             times[name].append(1e3 * spent[name] / args.iterations)
     report = {
-        "problem": "MultiBlockQuadratic.random(m=100, d_x=%d, d_y=124), noise 0.1, b = 32" % args.dim_x,
+        "problem": f"MultiBlockQuadratic.random(m=100, d_x={args.dim_x}, d_y=124), noise 0.1, b = 32",
         "block_batch": 10, "dtype": "float64", "threads": torch.get_num_threads(), "compile": args.compile,
         "iterations": args.iterations, "repeats": args.repeats, "torch": torch.__version__,
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average": os.getloadavg(),
