@@ -69,6 +69,8 @@ class Oracles:
     def __init__(self, problem: MultiBlockProblem, *, compile: bool = False) -> None:
         self.problem = problem
         self.compiled = compile
+        self._gathered: Batch = {}
+        self._gathered_for: Tensor | None = None
         self.counts: Counter[str] = Counter({k: 0 for k in ORACLE_KINDS})
         pb = problem
 
@@ -140,8 +142,15 @@ class Oracles:
         x_dim_blocks = 1 if self.problem.sparse_x else None
         return vmap(over_points, in_dims=(x_dim_blocks, *([1] * n_vec), 0, 0), out_dims=1)
 
+    def _block_data(self, blocks: Tensor) -> Batch:
+        """The sampled blocks' constants, gathered once per block sample (several oracles share it)."""
+        if blocks is not self._gathered_for:
+            self._gathered = self.problem.with_block_data({}, blocks)
+            self._gathered_for = blocks
+        return self._gathered
+
     def _call(self, name: str, x: Tensor, *args: Tensor, batch: Batch, blocks: Tensor):
-        batch = self.problem.with_block_data(batch, blocks)
+        batch = {**batch, **self._block_data(blocks)}
         if args[0].shape[0] == 1 and blocks.shape[0] == 1 and not self.compiled:
             # one point, one block (single-block methods): call the function itself, no vmap overhead
             x1 = x[0, 0] if self.problem.sparse_x else x[0]

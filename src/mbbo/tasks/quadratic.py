@@ -134,11 +134,12 @@ class MultiBlockQuadratic:
     def lower_loss(self, x: Tensor, y: Tensor, batch: Batch, block: Tensor) -> Tensor:
         scale = 1.0 + batch["hessian_noise"].mean()
         A, C, a = batch["A"], batch["C"], batch["a"]
-        return 0.5 * scale * y @ A @ y + x @ C @ y + (a + batch["noise_g"].mean(0)) @ y
+        # matrix-vector products (A @ y), whose vmap batching rules avoid copying A per point
+        return 0.5 * scale * (y @ (A @ y)) + x @ (C @ y) + (a + batch["noise_g"].mean(0)) @ y
 
     def upper_loss(self, x: Tensor, y: Tensor, batch: Batch, block: Tensor) -> Tensor:
         F, K, H, h, f = batch["F"], batch["K"], batch["H"], batch["h"], batch["f"]
-        return 0.5 * y @ F @ y + x @ K @ y + 0.5 * x @ H @ x + h @ x + (f + batch["noise_f"].mean(0)) @ y
+        return 0.5 * (y @ (F @ y)) + x @ (K @ y) + 0.5 * (x @ (H @ x)) + h @ x + (f + batch["noise_f"].mean(0)) @ y
 
     def problem(
         self,
@@ -155,7 +156,7 @@ class MultiBlockQuadratic:
         m, dx, dy = self.num_blocks, self.C.shape[1], self.C.shape[2]
         dtype = self.A.dtype
         lower = _ScaledNoise({"noise_g": (dy,), "hessian_noise": ()}, batch_size, noise, hessian_noise, dtype)
-        upper = NoiseSampler({"noise_f": (dy,)}, batch_size, std=noise, dtype=dtype)
+        upper = _ScaledNoise({"noise_f": (dy,)}, batch_size, noise, 0.0, dtype)
         x0 = torch.zeros(dx, dtype=dtype) if x0 is None else x0
         y0 = torch.zeros(m, dy, dtype=dtype) if y0 is None else y0
         coefficients = {
@@ -174,25 +175,19 @@ class MultiBlockQuadratic:
 
 
 class _ScaledNoise(NoiseSampler):
-    """Gradient noise of std `std` and Hessian-scale noise of std `hessian_std`."""
+    """Mini-batch means of per-sample noise, drawn directly: N(0, std^2 / b) gradient noise (`noise_g` or
+    `noise_f`) and N(0, hessian_std^2 / b) Hessian-scale noise, as one row per block (the losses average rows)."""
 
-    def __init__(
-        self,
-        shapes: dict[str, tuple[int, ...]],
-        batch_size: int,
-        std: float,
-        hessian_std: float,
-        dtype: torch.dtype,
-    ) -> None:
+    def __init__(self, shapes: dict[str, tuple[int, ...]], batch_size: int, std: float, hessian_std: float,
+                 dtype: torch.dtype) -> None:
         super().__init__(shapes, batch_size, std=std, dtype=dtype)
         self.hessian_std = hessian_std
 
     def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
-        out = super().sample(blocks, generator, batch_size)
-        if self.std > 0:
-            out["hessian_noise"] = out["hessian_noise"] * (self.hessian_std / self.std)
-        else:
-            out["hessian_noise"] = self.hessian_std * torch.randn(
-                out["hessian_noise"].shape, generator=generator, dtype=self.dtype
-            )
+        b = batch_size or self.batch_size
+        out = {}
+        for key, shape in self.shapes.items():
+            std = self.hessian_std if key == "hessian_noise" else self.std
+            draw = torch.randn(blocks.shape[0], 1, *shape, generator=generator, dtype=self.dtype)
+            out[key] = draw * (std / b**0.5)
         return out
