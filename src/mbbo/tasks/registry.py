@@ -565,3 +565,6 @@ register_task(TaskSpec(
     metrics=("grad_norm", "objective", "lower_error"),
     devices=("cpu",),
 ))
+
+# tasks defined in their own modules register themselves on import (kept last: they import this module)
+import mbbo.tasks.zoo_tasks  # noqa: E402, F401
