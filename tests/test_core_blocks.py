@@ -167,3 +167,23 @@ def test_restart_wrapper_decays_steps_and_grows_stages() -> None:
         Restarted(inner, decayed=("nonexistent",))
     with pytest.raises(ValueError, match="output must be"):
         Restarted(inner, output="best")
+
+
+def test_row_sampler_returns_the_indexed_rows() -> None:
+    from mbbo.problem import FullBatch, RowSampler
+
+    gen = torch.Generator().manual_seed(0)
+    data = {"X": torch.randn(50, 3, 2, generator=gen), "y": torch.arange(50)}
+    blocks = torch.tensor([0, 4])
+    batch = RowSampler(data, 7).sample(blocks, torch.Generator().manual_seed(3))
+    assert batch["X"].shape == (2, 7, 3, 2) and torch.equal(batch["X"], data["X"][batch["index"]])
+    assert torch.equal(batch["y"], batch["index"])
+    per_block = {"X": torch.randn(5, 20, 2, generator=gen)}
+    pb = RowSampler(per_block, 4, per_block=True).sample(blocks, torch.Generator().manual_seed(3))
+    assert torch.equal(pb["X"], per_block["X"][blocks[:, None], pb["index"]])
+    full = FullBatch(data).sample(blocks, gen)
+    assert torch.equal(full["X"][1], data["X"]) and torch.equal(full["index"][0], torch.arange(50))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        RowSampler(data, 0)
+    with pytest.raises(ValueError, match="disagree on the number of rows"):
+        RowSampler({"a": torch.zeros(3), "b": torch.zeros(4)}, 2)

@@ -13,7 +13,6 @@ import torch
 
 from mbbo.algorithms.registry import ALGORITHMS, make_algorithm
 from mbbo.cli import main
-from mbbo.problem import RowSampler
 from mbbo.tasks import cleaning_data as cd
 from mbbo.tasks import regularization_data as rd
 from mbbo.tasks.benchopt_quadratic import make_benchopt_quadratic, quadratic_loss
@@ -21,7 +20,6 @@ from mbbo.tasks.registry import TASKS, IncompatibleAlgorithmError, get_task
 from mbbo.tasks.zoo_tasks import (
     BenchoptQuadraticSettings,
     CleaningSettings,
-    GatherRowSampler,
     RegularizationSettings,
     build_benchopt_quadratic,
     pack_level,
@@ -76,16 +74,6 @@ def test_packed_loss_is_quadratic_loss() -> None:
     x, y = torch.randn(3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     rows = pack_level(inst.inner)[5:17]
     assert torch.allclose(packed_quadratic_loss(x, y, rows), quadratic_loss(x, y, inst.inner_batch(slice(5, 17))))
-
-
-def test_gather_sampler_draws_what_row_sampler_draws() -> None:
-    data = {"X": torch.randn(50, 3, 2), "y": torch.arange(50)}
-    blocks = torch.zeros(2, dtype=torch.long)
-    ours = GatherRowSampler(data, 7).sample(blocks, torch.Generator().manual_seed(3))
-    theirs = RowSampler(data, 7).sample(blocks, torch.Generator().manual_seed(3))
-    assert ours.keys() == theirs.keys()
-    for key in theirs:
-        assert torch.equal(ours[key], theirs[key])
 
 
 def test_paper_instance_settings() -> None:

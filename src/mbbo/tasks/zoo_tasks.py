@@ -52,7 +52,6 @@ __all__ = [
     "BenchoptQuadraticSettings",
     "CleaningEvaluator",
     "CleaningSettings",
-    "GatherRowSampler",
     "RegularizationEvaluator",
     "RegularizationSettings",
     "build_benchopt_quadratic",
@@ -75,26 +74,6 @@ def _check_int(name: str, value: Any, low: int = 1) -> None:
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-class GatherRowSampler(RowSampler):
-    """:class:`~mbbo.problem.RowSampler` (same draws, same batches) gathering rows with ``index_select``.
-
-    ``tensor[index]`` with a (B, b) index goes through advanced indexing, about 3x slower than ``index_select``
-    on cold rows of a large table (measured 45-60 us vs 18 us for 64 rows of the paper instance's 32768 x 330
-    table; about 5% of a SOBA iteration). Being a RowSampler, it stays a finite sum for SABA / SRBA.
-    """
-
-    def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
-        if self.per_block:
-            return super().sample(blocks, generator, batch_size)
-        b = batch_size or self.batch_size
-        index = torch.randint(self.n_rows, (blocks.shape[0], b), generator=generator, device=generator.device)
-        index = index.to(self._device)
-        flat = index.reshape(-1)
-        out = {k: v.index_select(0, flat).view(*index.shape, *v.shape[1:]) for k, v in self.data.items()}
-        out["index"] = index
-        return out
 
 
 def _epoch(n_rows: int, batch_size: int) -> int:
@@ -217,8 +196,8 @@ def benchopt_quadratic_problem(instance: BenchoptQuadratic, batch_size: int = 64
     replacement on each level (SABA/SRBA cut the rows into fixed contiguous batches themselves); start y0 = 0,
     x0 = -2 * 1 (benchopt's). The per-sample data is packed into one row table per level (:func:`pack_level`,
     batch key ``rows``)."""
-    lower = GatherRowSampler({"rows": pack_level(instance.inner)}, batch_size)
-    upper = GatherRowSampler({"rows": pack_level(instance.outer)}, batch_size)
+    lower = RowSampler({"rows": pack_level(instance.inner)}, batch_size)
+    upper = RowSampler({"rows": pack_level(instance.outer)}, batch_size)
     return MultiBlockProblem(_quadratic_loss, _quadratic_loss, instance.x0(), instance.y0().unsqueeze(0),
                              lower, upper, name="benchopt_quadratic")
 
@@ -364,8 +343,8 @@ def cleaning_problem(data: cd.CleaningData, reg: float, batch_size: int, x_init:
     dtype, device = data.X_train.dtype, data.X_train.device
     x0 = torch.full((data.n_train,), float(x_init), dtype=dtype, device=device)
     W0 = torch.zeros(1, data.n_features, data.n_classes, dtype=dtype, device=device)
-    lower = GatherRowSampler({"X": data.X_train, "y": data.y_train}, batch_size)
-    upper = GatherRowSampler({"X": data.X_val, "y": data.y_val}, batch_size)
+    lower = RowSampler({"X": data.X_train, "y": data.y_train}, batch_size)
+    upper = RowSampler({"X": data.X_val, "y": data.y_val}, batch_size)
     return MultiBlockProblem(upper_loss, lower_loss, x0, W0, lower, upper, upper_depends_on_x=False,
                              sparse_x=True, name="cleaning")
 
@@ -499,8 +478,8 @@ def regularization_problem(data: rd.RegularizationData, batch_size: int, paramet
         fill = 0.0 if parametrization == "exp" else 1.0
         x0 = torch.full((d,), fill, dtype=dtype, device=device)
         z0 = torch.zeros(d, dtype=dtype, device=device)
-    lower = GatherRowSampler(data.train_batch(), batch_size)
-    upper = GatherRowSampler(data.val_batch(), batch_size)
+    lower = RowSampler(data.train_batch(), batch_size)
+    upper = RowSampler(data.val_batch(), batch_size)
     return MultiBlockProblem(upper_loss, lower_loss, x0, z0.unsqueeze(0), lower, upper, upper_depends_on_x=False,
                              name="regularization")
 
