@@ -187,3 +187,15 @@ def test_row_sampler_returns_the_indexed_rows() -> None:
         RowSampler(data, 0)
     with pytest.raises(ValueError, match="disagree on the number of rows"):
         RowSampler({"a": torch.zeros(3), "b": torch.zeros(4)}, 2)
+
+
+def test_quadratic_noise_is_a_mini_batch_mean() -> None:
+    """The quadratic task draws the mean of b per-sample noises directly: std = noise / sqrt(b)."""
+    quad = MultiBlockQuadratic.random(2, 3, 4, seed=0)
+    pb = quad.problem(noise=0.5, hessian_noise=0.2, batch_size=16)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([pb.lower_sampler.sample(torch.tensor([0, 1]), gen)["noise_g"] for _ in range(4000)])
+    assert draws.std().item() == pytest.approx(0.5 / 4, rel=0.05)
+    hess = torch.cat([pb.lower_sampler.sample(torch.tensor([0]), gen, batch_size=4)["hessian_noise"]
+                      for _ in range(4000)])
+    assert hess.std().item() == pytest.approx(0.2 / 2, rel=0.05)

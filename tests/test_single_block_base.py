@@ -72,10 +72,10 @@ def test_unsuitable_for_multi_block_problem() -> None:
 
 def test_batches_streams_and_sizes(alg: Probe) -> None:
     lower = alg.lower_batch()
-    assert lower["noise_g"].shape == (1, 2, DY) and lower["hessian_noise"].shape == (1, 2)
-    assert alg.lower_batch(batch_size=5)["noise_g"].shape == (1, 5, DY)
-    assert alg.upper_batch()["noise_f"].shape == (1, 2, DY)
-    assert alg.upper_batch(7)["noise_f"].shape == (1, 7, DY)
+    # the quadratic's samplers draw each block's mini-batch mean directly: one row per block
+    assert lower["noise_g"].shape == (1, 1, DY) and lower["hessian_noise"].shape == (1, 1)
+    assert alg.lower_batch(batch_size=5)["noise_g"].shape == (1, 1, DY)
+    assert alg.upper_batch()["noise_f"].shape == (1, 1, DY)
     # each stream draws from its own generator: "extra" leaves "lower" untouched
     states = {k: g.get_state() for k, g in alg.generators.items()}
     alg.lower_batch(stream="extra")
