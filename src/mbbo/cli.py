@@ -51,7 +51,6 @@ from mbbo.runner import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESERVED_KEY
 from mbbo.tasks.registry import (
     TASKS,
     TaskSpec,
-    algorithm_class,
     coerce_fields,
     coerce_value,
     get_task,
@@ -339,7 +338,7 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
     if options.epochs is None and options.iterations is None:
         options.epochs = DEFAULT_EPOCHS
     spec = get_task(options.task)
-    cls, restarted = algorithm_class(options.algorithm)
+    cls, restarted = spec.algorithm_class(options.algorithm)
     keys = _Keys(options.task, options.algorithm, spec.setting_names(),
                  [f.name for f in dataclasses.fields(cls.Config)], list(RESTART_OPTIONS) if restarted else [])
     setting_values: dict[str, Any] = {}
@@ -410,8 +409,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     experiment.spec.check_algorithm(experiment.algorithm, experiment.settings, problem)
     extra = {"compile": True} if options.compile else {}
-    algorithm = make_algorithm(experiment.algorithm, problem, seed=options.seed, **experiment.hyper,
-                               **(experiment.restart or {}), **extra)
+    if experiment.spec.make_method is not None:
+        algorithm = experiment.spec.make_method(experiment.algorithm, problem, evaluator, options.seed,
+                                                dict(experiment.hyper))
+    else:
+        algorithm = make_algorithm(experiment.algorithm, problem, seed=options.seed, **experiment.hyper,
+                                   **(experiment.restart or {}), **extra)
     if options.eval_every is None:
         run_config = dataclasses.replace(run_config, eval_every=evaluator.iterations_per_epoch())
     try:

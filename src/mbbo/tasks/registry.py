@@ -265,6 +265,9 @@ class TaskSpec:
         algorithms_reason: why only the allow-list fits (used in the error message).
         fits: extra check `(name, algorithm class, settings) -> reason for a misfit or None`.
         devices: device types the task supports, or None for any.
+        methods: for tasks trained by their own methods rather than registered bilevel algorithms (NDCG):
+            method name -> hyper-parameter dataclass; then only these names fit the task.
+        make_method: `(name, problem, evaluator, seed, hyper) -> steppable` building such a method.
     """
 
     name: str
@@ -279,6 +282,17 @@ class TaskSpec:
     algorithms_reason: str = ""
     fits: FitsFn | None = None
     devices: tuple[str, ...] | None = None
+    methods: Mapping[str, type] | None = None
+    make_method: Callable[..., Any] | None = None
+
+    def algorithm_class(self, name: str) -> tuple[type, bool]:
+        """`(class with name and Config, restarted)` for an algorithm or one of the task's own methods."""
+        if self.methods is None:
+            return algorithm_class(name)
+        if name not in self.methods:
+            raise ValueError(f"task {self.name!r} runs its own methods; {name!r} is not one of them. "
+                             f"Known: {', '.join(sorted(self.methods))}")
+        return type(name, (), {"name": name, "Config": self.methods[name]}), False
 
     # --- settings -----------------------------------------------------------------------------------------
     def _field(self, setting: str) -> str:
@@ -346,7 +360,9 @@ class TaskSpec:
         Raises:
             ValueError: the algorithm name is not registered.
         """
-        cls, restarted = algorithm_class(algorithm)
+        cls, restarted = self.algorithm_class(algorithm)
+        if self.methods is not None:
+            return None
         settings = self.settings_cls() if settings is None else settings
         base = cls.name
         if restarted and not callable(getattr(cls, "restart", None)):
@@ -388,6 +404,8 @@ class TaskSpec:
                               ) -> list[str]:
         """Registered algorithm names (restarted variants included) that fit this task with `settings`
         (and, when given, the built `problem`)."""
+        if self.methods is not None:
+            return sorted(self.methods)
         return [name for name in algorithm_names() if self.misfit(name, settings, problem) is None]
 
     # --- building -----------------------------------------------------------------------------------------
@@ -567,4 +585,5 @@ register_task(TaskSpec(
 ))
 
 # tasks defined in their own modules register themselves on import (kept last: they import this module)
+import mbbo.tasks.ndcg  # noqa: E402
 import mbbo.tasks.zoo_tasks  # noqa: E402, F401
