@@ -10,20 +10,10 @@ from mbbo.algorithms.aid_itd import AIDBiO, FOITDBiO, ITDBiO
 from mbbo.algorithms.registry import make_algorithm
 from mbbo.inner_solvers import LowerSGD, unrolled_hypergradient
 from mbbo.problem import MultiBlockProblem, RowSampler
-from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic, make_benchopt_quadratic
+from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic
 from mbbo.tasks.quadratic import MultiBlockQuadratic
 
 DT = torch.float64
-
-
-def benchopt_problem(bq: BenchoptQuadratic, batch_size: int) -> MultiBlockProblem:
-    return bq.problem(batch_size)
-
-
-@pytest.fixture(scope="module")
-def bq() -> BenchoptQuadratic:
-    # T3-like: d_in = 20, d_out = 5, float64; ||grad h(x0)||^2 = 2.43, value Hessian spectrum in [0.02, 1.07]
-    return make_benchopt_quadratic(n_inner=512, n_outer=512, d_in=20, d_out=5, random_state=0)
 
 
 # measured ||grad h||^2 at iteration 40 (batch 64, seeds 0/1/2), from 2.43 at x0
@@ -38,7 +28,7 @@ CONVERGENCE = {
 @pytest.mark.parametrize("case", sorted(CONVERGENCE))
 def test_lowers_grad_norm_on_benchopt_quadratic(bq: BenchoptQuadratic, case: str) -> None:
     kw, threshold = CONVERGENCE[case]
-    alg = make_algorithm(case.removesuffix("_cg"), benchopt_problem(bq, 64), seed=0, lr=1.0, lower_lr=0.3,
+    alg = make_algorithm(case.removesuffix("_cg"), bq.problem(64), seed=0, lr=1.0, lower_lr=0.3,
                          lower_steps=5, **kw)
     for _ in range(40):
         alg.step()
@@ -204,7 +194,7 @@ def test_bad_hyper_parameters_raise(name: str, kw: dict, param: str) -> None:
     ("aid_bio", {"linsys_solver": "sgd"}), ("aid_bio", {"linsys_solver": "cg"}), ("itd_bio", {}),
     ("fo_itd_bio", {})])
 def test_resume_is_bit_identical(bq: BenchoptQuadratic, name: str, kw: dict) -> None:
-    pb = benchopt_problem(bq, 8)
+    pb = bq.problem(8)
     kw = {"lower_steps": 2, **kw} | ({"linsys_steps": 2} if name == "aid_bio" else {})
     a = make_algorithm(name, pb, seed=3, **kw)
     for _ in range(3):

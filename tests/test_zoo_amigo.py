@@ -8,21 +8,10 @@ import torch
 
 from mbbo.algorithms.amigo import FSLA, AmIGO
 from mbbo.algorithms.registry import make_algorithm
-from mbbo.problem import MultiBlockProblem
 from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic, make_benchopt_quadratic
 from mbbo.tasks.quadratic import MultiBlockQuadratic
 
 DT = torch.float64
-
-
-def benchopt_problem(bq: BenchoptQuadratic, batch_size: int) -> MultiBlockProblem:
-    return bq.problem(batch_size)
-
-
-@pytest.fixture(scope="module")
-def bq() -> BenchoptQuadratic:
-    # T3-like: d_in = 20, d_out = 5, float64; ||grad h(x0)||^2 = 2.43, value Hessian spectrum in [0.02, 1.07]
-    return make_benchopt_quadratic(n_inner=512, n_outer=512, d_in=20, d_out=5, random_state=0)
 
 
 # measured ||grad h||^2 at iteration 40 (batch 64, lr 1, lower_lr 0.3, linsys_lr 0.3; seeds 0/1/2), from 2.43
@@ -35,7 +24,7 @@ CONVERGENCE = {
 @pytest.mark.parametrize("name", sorted(CONVERGENCE))
 def test_lowers_grad_norm_on_benchopt_quadratic(bq: BenchoptQuadratic, name: str) -> None:
     kw, threshold = CONVERGENCE[name]
-    alg = make_algorithm(name, benchopt_problem(bq, 64), seed=0, lr=1.0, lower_lr=0.3, linsys_lr=0.3, **kw)
+    alg = make_algorithm(name, bq.problem(64), seed=0, lr=1.0, lower_lr=0.3, linsys_lr=0.3, **kw)
     for _ in range(40):
         alg.step()
     assert float(bq.grad_norm_sq(alg.x)) <= threshold
@@ -86,7 +75,7 @@ def test_fsla_two_iterations_by_hand_on_sampled_rows() -> None:
     """Per-sample Hessians and cross terms differ, so the second iteration's STORM correction (same samples at
     (x_1, y_2, v_2) and (x_0, y_1, v_1)) is visible."""
     small = make_benchopt_quadratic(n_inner=40, n_outer=40, d_in=4, d_out=3, random_state=1)
-    pb = benchopt_problem(small, 3)
+    pb = small.problem(3)
     alpha, eta, rho, beta = 0.3, 0.25, 0.4, 0.5
     alg = FSLA(pb, seed=2, lr=beta, lower_lr=alpha, linsys_lr=eta, momentum=rho)
     gens = {k: _clone(g) for k, g in alg.generators.items()}
@@ -148,7 +137,7 @@ def test_bad_hyper_parameters_raise(name: str, kw: dict, param: str) -> None:
 
 @pytest.mark.parametrize("name", ["amigo", "fsla"])
 def test_resume_is_bit_identical(bq: BenchoptQuadratic, name: str) -> None:
-    pb = benchopt_problem(bq, 8)
+    pb = bq.problem(8)
     kw = {"lower_steps": 2, "linsys_steps": 2} if name == "amigo" else {}
     a = make_algorithm(name, pb, seed=3, **kw)
     for _ in range(3):

@@ -9,21 +9,10 @@ import torch
 from mbbo.algorithms.classic import BSA, TTSA
 from mbbo.algorithms.registry import make_algorithm
 from mbbo.linsolve import Neumann
-from mbbo.problem import MultiBlockProblem
-from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic, make_benchopt_quadratic
+from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic
 from mbbo.tasks.quadratic import MultiBlockQuadratic
 
 DT = torch.float64
-
-
-def benchopt_problem(bq: BenchoptQuadratic, batch_size: int) -> MultiBlockProblem:
-    return bq.problem(batch_size)
-
-
-@pytest.fixture(scope="module")
-def bq() -> BenchoptQuadratic:
-    # T3-like: d_in = 20, d_out = 5, float64; ||grad h(x0)||^2 = 2.43, value Hessian spectrum in [0.02, 1.07]
-    return make_benchopt_quadratic(n_inner=512, n_outer=512, d_in=20, d_out=5, random_state=0)
 
 
 # measured ||grad h||^2 at iteration 40 (batch 64, lr 1, lower_lr 0.3, Neumann Q = 5, eta = 0.3, the default
@@ -37,7 +26,7 @@ CONVERGENCE = {
 @pytest.mark.parametrize("name", sorted(CONVERGENCE))
 def test_lowers_grad_norm_on_benchopt_quadratic(bq: BenchoptQuadratic, name: str) -> None:
     kw, threshold = CONVERGENCE[name]
-    alg = make_algorithm(name, benchopt_problem(bq, 64), seed=0, lr=1.0, lower_lr=0.3, linsys_lr=0.3,
+    alg = make_algorithm(name, bq.problem(64), seed=0, lr=1.0, lower_lr=0.3, linsys_lr=0.3,
                          linsys_steps=5, **kw)
     for _ in range(40):
         alg.step()
@@ -137,7 +126,7 @@ def test_bad_hyper_parameters_raise(name: str, kw: dict, param: str) -> None:
 
 @pytest.mark.parametrize("name", ["bsa", "ttsa"])
 def test_resume_is_bit_identical(bq: BenchoptQuadratic, name: str) -> None:
-    pb = benchopt_problem(bq, 8)
+    pb = bq.problem(8)
     kw = {"linsys_steps": 4} | ({"lower_steps": 2} if name == "bsa" else {})
     a = make_algorithm(name, pb, seed=3, **kw)
     for _ in range(3):

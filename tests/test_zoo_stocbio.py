@@ -9,27 +9,16 @@ import torch
 
 from mbbo.algorithms.registry import make_algorithm
 from mbbo.algorithms.stocbio import StocBiO
-from mbbo.problem import MultiBlockProblem
-from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic, make_benchopt_quadratic
+from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic
 from mbbo.tasks.quadratic import MultiBlockQuadratic
 
 DT = torch.float64
 
 
-def benchopt_problem(bq: BenchoptQuadratic, batch_size: int) -> MultiBlockProblem:
-    return bq.problem(batch_size)
-
-
-@pytest.fixture(scope="module")
-def bq() -> BenchoptQuadratic:
-    # T3-like: d_in = 20, d_out = 5, float64; ||grad h(x0)||^2 = 2.43, value Hessian spectrum in [0.02, 1.07]
-    return make_benchopt_quadratic(n_inner=512, n_outer=512, d_in=20, d_out=5, random_state=0)
-
-
 def test_stocbio_lowers_grad_norm_on_benchopt_quadratic(bq: BenchoptQuadratic) -> None:
     """Batch 64, D = Q = 5: ||grad h||^2 from 2.43 to <= 0.25 in 40 iterations (measured at iteration 40,
     seeds 0/1/2: 0.007, 0.017, 0.054; at most 0.11 from iteration 8 on: the noise floor of constant steps)."""
-    alg = make_algorithm("stocbio", benchopt_problem(bq, 64), seed=0, lr=1.0, lower_lr=0.3, linsys_lr=0.3,
+    alg = make_algorithm("stocbio", bq.problem(64), seed=0, lr=1.0, lower_lr=0.3, linsys_lr=0.3,
                          lower_steps=5, linsys_steps=5)
     for _ in range(40):
         alg.step()
@@ -131,7 +120,7 @@ def test_bad_hyper_parameters_raise(kw: dict, name: str) -> None:
 
 
 def test_resume_is_bit_identical(bq: BenchoptQuadratic) -> None:
-    pb = benchopt_problem(bq, 8)
+    pb = bq.problem(8)
     kw = {"lower_steps": 2, "linsys_steps": 3}
     a = make_algorithm("stocbio", pb, seed=3, **kw)
     for _ in range(3):

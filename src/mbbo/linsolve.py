@@ -23,7 +23,6 @@ without warm start or randomness ignore the arguments they do not use (see ``sup
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Protocol
@@ -32,6 +31,8 @@ import torch
 from torch import Tensor
 
 from mbbo import projections
+from mbbo.validation import check_int as _check_int
+from mbbo.validation import check_real as _check_real
 
 __all__ = [
     "HVP",
@@ -97,38 +98,6 @@ class LinearSolver(Protocol):
 
 # ----------------------------------------------------------------------------------------------------------
 # validation and small helpers
-
-
-def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
-    lo = "-inf" if low is None else repr(low)
-    hi = "inf" if high is None else repr(high)
-    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-
-
-def _check_real(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    rng = _interval(low, high, low_open, high_open)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        assert isinstance(value, int | float)
-        if low is not None and (value < low or (low_open and value == low)):
-            ok = False
-        if high is not None and (value > high or (high_open and value == high)):
-            ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
-
-
-def _check_int(name: str, value: object, low: int = 0) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer in [{low}, inf), got {value!r}")
 
 
 def _hvp_at(source: HVPSource, j: int) -> HVP:

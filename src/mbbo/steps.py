@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from mbbo import projections
+from mbbo.validation import check_real as _check_real
 
 __all__ = [
     "SGD",
@@ -63,29 +64,6 @@ NormScope = Literal["global", "per_tensor"]
 
 # ----------------------------------------------------------------------------------------------------------
 # validation and tree helpers
-
-
-def _check_real(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    lo = "-inf" if low is None else repr(low)
-    hi = "inf" if high is None else repr(high)
-    rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        assert isinstance(value, int | float)
-        if low is not None and (value < low or (low_open and value == low)):
-            ok = False
-        if high is not None and (value > high or (high_open and value == high)):
-            ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
 
 
 def _check_lr(name: str, lr: object) -> None:
