@@ -9,7 +9,9 @@ NDCG@5 (evaluated every epoch) is reloaded and evaluated on test.
 
 Budget. The whole experiment is budgeted to ``--budget-minutes`` of wall time (40 by default). The script warms up
 the seeds, measures one epoch of every method, and then chooses ``E`` (at most 120, even, so that halfway is an
-epoch boundary) so that the 9 x ``len(seeds)`` runs fit; it prints and records the choice. ``--epochs`` overrides it.
+epoch boundary) so that the 9 x ``len(seeds)`` runs fit; it prints and records the choice. ``--epochs`` overrides it
+(the committed results use ``--epochs 120 --measure``: about 2 hours of the two cores; ``--measure`` times one epoch
+of each method alone, also when ``--epochs`` is given).
 
 ML-100K scale. ML-20M has 541 Adam steps per epoch, ML-100K 4. The papers' warm-up (20 epochs at lr 1e-3) then
 ranks below popularity, and the papers' lr 4e-4 hardly moves the model in the epochs we can afford (measured: SONG
@@ -20,6 +22,11 @@ the top-20 threshold (measured: mean |lambda_q - lambda_q*| ~ 2.5 for scores of 
 "in the top 20"), so the top-K weighting is inactive. This script uses eta0 = 1 and tau1 = 0.1 for both top-K methods
 (chosen on dev among (eta0, tau1, version) = (0.01, 1e-3, theo), (0.1, 0.1, theo), (1, 0.1, theo), (1, 0.1, prac)
 in 20-epoch K-SONG pilots: best dev NDCG@5 0.0706, 0.0724, 0.0735, 0.0713; lambda error 0.3, 28% of positives above).
+The remaining defaults of SONG, K-SONG and BSVRB were checked on dev with 120-epoch runs of seed 0
+(``experiments/ndcg_ml100k_tuning.py``; ``experiments/results/ndcg_ml100k_tuning.md``): gamma0 in {0.05, 0.1, 0.3},
+psi_alpha in {0.5, 1, 2, 4, 8}, 'theo' vs 'prac', BSVRB beta_v in {0.005, 1, 10} and gamma_m in {0.01, 0.1}; the
+papers' values (gamma0 0.1, psi_alpha 2, 'theo', beta_v 0.005, gamma_m 0.01) were best for every method, so the
+table uses them. ``--set METHOD.FIELD=VALUE`` changes one method's setting for a whole run.
 
 Outputs (small files, written atomically) in ``experiments/results/``:
 
@@ -29,11 +36,13 @@ Outputs (small files, written atomically) in ``experiments/results/``:
 - ``ndcg_ml100k_metrics.json``: per-epoch dev metrics of every run, per-run test metrics and timings, the settings.
 
 Per-run logs and checkpoints go to ``--work-dir`` (``runs/ndcg_ml100k``, git-ignored); a finished run is reused
-when the script is started again with the same settings.
+when the script is started again with the same settings (so several invocations with disjoint ``--methods`` and
+the same ``--work-dir`` can share the cores, and a final invocation with all methods only writes the report).
 
 Usage::
 
-    .venv/bin/python experiments/ndcg_ml100k.py                       # the full experiment (about 40 minutes)
+    .venv/bin/python experiments/ndcg_ml100k.py --epochs 120 --measure   # the committed results
+    .venv/bin/python experiments/ndcg_ml100k.py                          # budgeted to --budget-minutes (40)
     .venv/bin/python experiments/ndcg_ml100k.py --epochs 2 --seeds 0 --methods song listnet --tag smoke
 """
 
@@ -130,15 +139,42 @@ def _settings(args: dict[str, Any], seed: int, eval_test: bool = False) -> dict[
         "seed": seed,
         "warmup_epochs": args["warmup_epochs"],
         "warmup_lr": args["warmup_lr"],
-        "warmup_cache": str(Path(args["work_dir"]) / "warmup_cache"),
+        "warmup_cache": args.get("warmup_cache") or str(Path(args["work_dir"]) / "warmup_cache"),
         "ks": KS,
         "eval_test": eval_test,
     }
 
 
-def _hparams(args: dict[str, Any]) -> dict[str, Any]:
-    """Trainer hyper-parameters set by the script (the others are the TrainerConfig defaults)."""
-    return {"lr": args["lr"], "eta0": args["eta0"], "tau1": args["tau1"]}
+def _hparams(args: dict[str, Any], method: str) -> dict[str, Any]:
+    """Trainer hyper-parameters set by the script for ``method`` (the others are the TrainerConfig defaults):
+    the common ``lr``, ``eta0``, ``tau1``, then the method's ``--set`` overrides."""
+    return {"lr": args["lr"], "eta0": args["eta0"], "tau1": args["tau1"], **args.get("overrides", {}).get(method, {})}
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["ksong.psi_alpha=1", ...]`` -> ``{"ksong": {"psi_alpha": 1}}`` (values parsed as YAML scalars).
+
+    Raises ValueError naming the item when it is not ``METHOD.FIELD=VALUE`` with a known method and field.
+    """
+    import dataclasses
+
+    import yaml
+
+    from mbbo.ranking.trainer import METHODS, TrainerConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainerConfig)} - {"method", "seed", "epochs"}
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        method, dot, name = target.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {item!r}: expected METHOD.FIELD=VALUE, e.g. ksong.psi_alpha=1")
+        if method not in METHODS:
+            raise ValueError(f"--set {item!r}: method {method!r} must be one of {METHODS}")
+        if name not in fields:
+            raise ValueError(f"--set {item!r}: field {name!r} must be one of {sorted(fields)}")
+        out.setdefault(method, {})[name] = yaml.safe_load(raw)
+    return out
 
 
 def warm_job(args: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -157,7 +193,7 @@ def measure_job(args: dict[str, Any], method: str, steps: int) -> dict[str, Any]
     _setup_torch()
     from mbbo.tasks.ndcg import build
 
-    trainer, task = build(method, _settings(args, args["seeds"][0]), epochs=120, **_hparams(args))
+    trainer, task = build(method, _settings(args, args["seeds"][0]), epochs=120, **_hparams(args, method))
     trainer.step()
     ipe = trainer.iterations_per_epoch()
     steps = max(1, min(steps, ipe))
@@ -168,7 +204,8 @@ def measure_job(args: dict[str, Any], method: str, steps: int) -> dict[str, Any]
     train_cpu = (time.process_time() - c) * ipe / steps
     w = time.perf_counter()
     task.evaluate(trainer)
-    return {"method": method, "train_wall": train_wall, "train_cpu": train_cpu, "eval_wall": time.perf_counter() - w}
+    return {"method": method, "train_wall": train_wall, "train_cpu": train_cpu, "eval_wall": time.perf_counter() - w,
+            "load_average": os.getloadavg()[0]}
 
 
 class _BestDev:
@@ -204,8 +241,8 @@ def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[s
 
     out_dir = Path(args["work_dir"]) / f"{method}_seed{seed}"
     done = out_dir / "result.json"
-    key = {"method": method, "seed": seed, "epochs": epochs, **_hparams(args), "warmup_epochs": args["warmup_epochs"],
-           "warmup_lr": args["warmup_lr"], "data": args["data"]}
+    key = {"method": method, "seed": seed, "epochs": epochs, **_hparams(args, method),
+           "warmup_epochs": args["warmup_epochs"], "warmup_lr": args["warmup_lr"], "data": args["data"]}
     if done.is_file():
         try:
             previous = json.loads(done.read_text())
@@ -214,7 +251,7 @@ def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[s
         if previous is not None and previous.get("key") == key:
             return previous
     wall = time.perf_counter()
-    trainer, task = build(method, _settings(args, seed), epochs=epochs, **_hparams(args))
+    trainer, task = build(method, _settings(args, seed), epochs=epochs, **_hparams(args, method))
     wrapped = _BestDev(task)
     ipe = task.iterations_per_epoch()
     records = run(trainer, wrapped, RunConfig(out_dir=out_dir, epochs=epochs, eval_every=ipe, progress=False,
@@ -286,11 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=str(DEFAULT_WORK))
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--tag", default="ndcg_ml100k", help="prefix of the result files")
+    p.add_argument("--measure", action="store_true",
+                   help="time one epoch of each method, one at a time, also when --epochs is given")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="a TrainerConfig field for one method (repeatable), e.g. --set ksong.psi_alpha=1")
     a = p.parse_args(argv)
+    try:
+        overrides = parse_overrides(a.overrides)
+    except ValueError as exc:
+        p.error(str(exc))
     t0 = time.perf_counter()
     args = {"data": a.data, "seeds": a.seeds, "lr": a.lr, "eta0": a.eta0, "tau1": a.tau1,
             "warmup_epochs": a.warmup_epochs,
-            "warmup_lr": a.warmup_lr, "work_dir": a.work_dir}
+            "warmup_lr": a.warmup_lr, "work_dir": a.work_dir, "overrides": overrides}
     Path(a.work_dir).mkdir(parents=True, exist_ok=True)
     _setup_torch()
     from mbbo.tasks.ndcg import NDCGSettings, load_split, popularity_ndcg
@@ -306,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
              f"head reset, {w['after_reset']['test_ndcg@10']:.4f} after ({w['seconds']:.0f} s)")
 
     measured: list[dict[str, Any]] = []
-    if a.epochs is None:
+    if a.epochs is None or a.measure:
         with _pool(1) as pool:  # one at a time: the measurement must not compete with itself
             measured = list(pool.map(measure_job, [args] * len(a.methods), a.methods, [4] * len(a.methods)))
         for m in measured:
             _log(f"measured {m['method']}: {m['train_wall']:.2f} s/epoch training (CPU {m['train_cpu']:.2f} s), "
                  f"{m['eval_wall']:.2f} s per dev evaluation")
+    if a.epochs is None:
         elapsed = time.perf_counter() - t0
         remaining = a.budget_minutes * 60 - elapsed - 60  # one minute for the test evaluations and the report
         epochs, per_epoch = choose_epochs(measured, len(a.seeds), a.workers, remaining)
@@ -402,16 +448,23 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
            f"warm-up {a.warmup_epochs} epochs of "
            f"listwise cross-entropy at lr {a.warmup_lr}, head re-initialised; other hyper-parameters are the "
            "defaults of `mbbo.ranking.trainer.TrainerConfig` (ndcg.md). Seconds per epoch are training only "
-           "(no evaluation), measured on a shared 2-core machine with two runs in parallel.", "",
+           "(no evaluation), measured on a shared 2-core machine with two runs in parallel.", ""]
+    if args["overrides"]:
+        md += ["Per-method settings (`--set`, chosen on dev): " + "; ".join(
+            f"{DISPLAY[m]}: " + ", ".join(f"{k} = {v}" for k, v in kv.items())
+            for m, kv in args["overrides"].items()) + ".", ""]
+    md += [
            "ML-100K choices (reasons and pilots in the docstring of `experiments/ndcg_ml100k.py`): warm-up "
            f"{a.warmup_epochs} epochs at lr {a.warmup_lr} instead of the papers' 20 at 1e-3 (4 Adam steps per epoch "
            f"here, 541 on ML-20M); lr {a.lr} instead of 4e-4; eta0 {a.eta0} and tau1 {a.tau1} instead of 0.01 and "
            "1e-3 (with those the thresholds lambda_q never reach the top-K level); K = 20 instead of 300 "
-           "(K/N ~ 1.2% as on ML-20M); fewer epochs than 120 (the budget above).", ""]
+           "(K/N ~ 1.2% as on ML-20M)" + ("; fewer epochs than 120 (the budget above)." if epochs < 120 else "."), ""]
     if measured:
-        md += ["Measured before choosing the budget (one epoch, seed 0, one run at a time):", ""]
+        md += ["Measured one method at a time (one epoch of 4 steps after one unmeasured step, seed 0, "
+               "1 thread):", ""]
         md += [f"- {DISPLAY[m['method']]}: {m['train_wall']:.2f} s/epoch wall ({m['train_cpu']:.2f} s CPU), "
-               f"dev evaluation {m['eval_wall']:.2f} s" for m in measured]
+               f"dev evaluation {m['eval_wall']:.2f} s (load average {m.get('load_average', float('nan')):.1f})"
+               for m in measured]
         md.append("")
     _write_text(out / f"{tag}_table.md", "\n".join(md))
 

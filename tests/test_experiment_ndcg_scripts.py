@@ -1,0 +1,126 @@
+"""The ML-100K NDCG experiment and its dev-set tuning script (`experiments/ndcg_ml100k*.py`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" / "ml-100k" / "u.data"
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    """``(ndcg_ml100k, ndcg_ml100k_tuning)`` as modules (the folder is not a package)."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import ndcg_ml100k
+        import ndcg_ml100k_tuning
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    return ndcg_ml100k, ndcg_ml100k_tuning
+
+
+def test_parse_overrides_types_and_grouping(scripts):
+    main, _ = scripts
+    out = main.parse_overrides(["ksong.psi_alpha=1", "ksong.topk_version=prac", "song.gamma0=0.5",
+                                "bsvrb_ndcg.lr_decay_epochs=[30, 60]"])
+    assert out == {"ksong": {"psi_alpha": 1, "topk_version": "prac"}, "song": {"gamma0": 0.5},
+                   "bsvrb_ndcg": {"lr_decay_epochs": [30, 60]}}
+    assert main.parse_overrides([]) == {}
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [("ksong.psi_alpha", "METHOD.FIELD=VALUE"), ("psi_alpha=1", "METHOD.FIELD=VALUE"),
+     ("kson.eta0=1", "method 'kson'"), ("ksong.foo=1", "field 'foo'"), ("ksong.seed=3", "field 'seed'")],
+)
+def test_parse_overrides_errors_name_the_item(scripts, item, message):
+    main, _ = scripts
+    with pytest.raises(ValueError, match=message):
+        main.parse_overrides([item])
+
+
+def test_hparams_apply_overrides_to_their_method_only(scripts):
+    main, _ = scripts
+    args = {"lr": 5e-3, "eta0": 1.0, "tau1": 0.1, "overrides": {"ksong": {"eta0": 0.5, "psi_alpha": 1.0}}}
+    assert main._hparams(args, "ksong") == {"lr": 5e-3, "eta0": 0.5, "tau1": 0.1, "psi_alpha": 1.0}
+    assert main._hparams(args, "song") == {"lr": 5e-3, "eta0": 1.0, "tau1": 0.1}
+    assert main._hparams({"lr": 1e-3, "eta0": 1.0, "tau1": 0.1}, "song")["lr"] == 1e-3  # no overrides key
+
+
+def test_choose_epochs_even_and_capped(scripts):
+    main, _ = scripts
+    measured = [{"train_wall": 1.0, "eval_wall": 0.5}, {"train_wall": 2.0, "eval_wall": 0.5}]
+    epochs, per_epoch = main.choose_epochs(measured, n_seeds=3, workers=2, remaining=600.0)
+    assert per_epoch == pytest.approx(4.0 * 3 / 1.6)
+    assert epochs == 80 and epochs % 2 == 0
+    assert main.choose_epochs(measured, 3, 2, 1e9)[0] == 120
+    assert main.choose_epochs(measured, 3, 2, 1.0)[0] == 2
+
+
+def test_parse_candidate_and_labels(scripts):
+    _, tuning = scripts
+    assert tuning.parse_candidate("song") == ("song", {})
+    assert tuning.parse_candidate("ksong.psi_alpha=1,topk_version=prac") == (
+        "ksong", {"psi_alpha": 1, "topk_version": "prac"})
+    assert tuning.candidate_label("ksong", {"topk_version": "prac", "psi_alpha": 1}) == (
+        "ksong(psi_alpha=1, topk_version=prac)")
+    assert tuning.candidate_label("song", {}) == "song"
+    for bad, message in (("sng", "method must be one of"), ("ksong.", "nothing after"), ("ksong.bad=1", "'bad'")):
+        with pytest.raises(ValueError, match=message):
+            tuning.parse_candidate(bad)
+
+
+def test_candidate_dirs_separate_overrides(scripts, tmp_path: Path):
+    _, tuning = scripts
+    a = tuning.candidate_dir(tmp_path, "ksong", {"psi_alpha": 1, "eta0": 0.5})
+    assert a == tuning.candidate_dir(tmp_path, "ksong", {"eta0": 0.5, "psi_alpha": 1})  # order-free
+    assert a != tuning.candidate_dir(tmp_path, "ksong", {"psi_alpha": 2, "eta0": 0.5})
+    assert a.parent == tmp_path and a.name.startswith("ksong_")
+
+
+def test_summarise_means_and_ranks_by_dev(scripts):
+    _, tuning = scripts
+    runs = [
+        {"method": "ksong", "overrides": {}, "seed": 0, "best_dev_ndcg@5": 0.08, "best_epoch": 10, "test_ndcg@10": 0.5},
+        {"method": "ksong", "overrides": {}, "seed": 1, "best_dev_ndcg@5": 0.10, "best_epoch": 20, "test_ndcg@10": 0.1},
+        {"method": "ksong", "overrides": {"psi_alpha": 1}, "seed": 0, "best_dev_ndcg@5": 0.095, "best_epoch": 4,
+         "test_ndcg@10": 0.0},
+        {"method": "song", "overrides": {}, "seed": 0, "best_dev_ndcg@5": 0.2, "best_epoch": 1, "test_ndcg@10": 0.2},
+    ]
+    rows = tuning.summarise(runs)
+    assert [r["candidate"] for r in rows] == ["ksong(psi_alpha=1)", "ksong", "song"]  # by method, then dev
+    plain = rows[1]
+    assert plain["seeds"] == [0, 1]
+    assert plain["dev_ndcg@5_mean"] == pytest.approx(0.09) and plain["dev_ndcg@5_std"] == pytest.approx(0.01)
+    assert plain["test_ndcg@10_mean"] == pytest.approx(0.3) and plain["best_epoch_mean"] == 15
+
+
+@pytest.mark.skipif(not ML100K.is_file(), reason="shared ML-100K data not present")
+def test_scripts_end_to_end_on_ml100k(scripts, tmp_path: Path):
+    """Two epochs of SONG and K-SONG (one with a --set override) after a one-epoch warm-up, then one tuning
+    candidate reusing the warm-up cache: the files are written and the override reaches the trainer."""
+    main, tuning = scripts
+    common = ["--data", str(ML100K), "--seeds", "0", "--warmup-epochs", "1", "--workers", "1"]
+    work, out = tmp_path / "work", tmp_path / "out"
+    assert main.main([*common, "--methods", "song", "ksong", "--epochs", "2", "--work-dir", str(work),
+                      "--out", str(out), "--tag", "t", "--set", "ksong.psi_alpha=1.5"]) == 0
+    for suffix in ("_table.csv", "_table.md", "_metrics.json", "_curves.png"):
+        assert (out / f"t{suffix}").is_file()
+    table = (out / "t_table.md").read_text()
+    assert "Per-method settings" in table and "psi_alpha = 1.5" in table
+    ksong = json.loads((work / "ksong_seed0" / "result.json").read_text())
+    assert ksong["key"]["psi_alpha"] == 1.5 and ksong["epochs"] == 2 and len(ksong["curve"]) == 3
+    assert "psi_alpha" not in json.loads((work / "song_seed0" / "result.json").read_text())["key"]
+
+    assert tuning.main([*common, "--epochs", "2", "--candidate", "song.gamma0=0.5", "--work-dir",
+                        str(tmp_path / "tune"), "--warmup-cache", str(work / "warmup_cache"), "--out", str(out),
+                        "--tag", "tune"]) == 0
+    summary = json.loads((out / "tune.json").read_text())
+    assert [r["candidate"] for r in summary["rows"]] == ["song(gamma0=0.5)"]
+    assert 0.0 < summary["rows"][0]["dev_ndcg@5_mean"] < 1.0
+    assert "song(gamma0=0.5)" in (out / "tune.md").read_text()
