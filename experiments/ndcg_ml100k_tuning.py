@@ -90,6 +90,13 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _cell(row: dict[str, Any], name: str) -> str:
+    """``mean ± std`` over seeds, or the single value."""
+    if len(row["seeds"]) == 1:
+        return f"{row[name + '_mean']:.4f}"
+    return f"{row[name + '_mean']:.4f} ± {row[name + '_std']:.4f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--candidate", action="append", required=True, metavar="METHOD[.FIELD=VALUE,...]")
@@ -136,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.warmup_epochs} epochs at {a.warmup_lr}, K = 20 for the top-K methods; the rest are the "
           "`TrainerConfig` defaults.", "",
           "| candidate | dev NDCG@5 | test NDCG@10 | best epoch |", "|---|---|---|---|"]
-    md += [f"| {r['candidate']} | {r['dev_ndcg@5_mean']:.4f} ± {r['dev_ndcg@5_std']:.4f} | "
-           f"{r['test_ndcg@10_mean']:.4f} ± {r['test_ndcg@10_std']:.4f} | {r['best_epoch_mean']:.1f} |"
+    md += [f"| {r['candidate']} | {_cell(r, 'dev_ndcg@5')} | {_cell(r, 'test_ndcg@10')} | {r['best_epoch_mean']:.1f} |"
            for r in rows]
     main_script._write_text(out / f"{a.tag}.md", "\n".join(md) + "\n")
     main_script._write_json(out / f"{a.tag}.json", {"settings": {**args, "epochs": a.epochs}, "rows": rows,

@@ -98,6 +98,8 @@ def test_summarise_means_and_ranks_by_dev(scripts):
     assert plain["seeds"] == [0, 1]
     assert plain["dev_ndcg@5_mean"] == pytest.approx(0.09) and plain["dev_ndcg@5_std"] == pytest.approx(0.01)
     assert plain["test_ndcg@10_mean"] == pytest.approx(0.3) and plain["best_epoch_mean"] == 15
+    assert tuning._cell(plain, "dev_ndcg@5") == "0.0900 ± 0.0100"
+    assert tuning._cell(rows[0], "dev_ndcg@5") == "0.0950"  # one seed: no spread
 
 
 @pytest.mark.skipif(not ML100K.is_file(), reason="shared ML-100K data not present")
