@@ -10,7 +10,7 @@ NDCG@5 (evaluated every epoch) is reloaded and evaluated on test.
 Budget. The whole experiment is budgeted to ``--budget-minutes`` of wall time (40 by default). The script warms up
 the seeds, measures one epoch of every method, and then chooses ``E`` (at most 120, even, so that halfway is an
 epoch boundary) so that the 9 x ``len(seeds)`` runs fit; it prints and records the choice. ``--epochs`` overrides it
-(the committed results use ``--epochs 120 --measure``: about 2 hours of the two cores; ``--measure`` times one epoch
+(the committed results use ``--epochs 120 --measure``: about 2.3 CPU-hours; ``--measure`` times one epoch
 of each method alone, also when ``--epochs`` is given).
 
 ML-100K scale. ML-20M has 541 Adam steps per epoch, ML-100K 4. The papers' warm-up (20 epochs at lr 1e-3) then
