@@ -193,19 +193,10 @@ def test_bad_hyper_parameters_raise(name: str, kw: dict, param: str) -> None:
 @pytest.mark.parametrize(("name", "kw"), [
     ("aid_bio", {"linsys_solver": "sgd"}), ("aid_bio", {"linsys_solver": "cg"}), ("itd_bio", {}),
     ("fo_itd_bio", {})])
-def test_resume_is_bit_identical(bq: BenchoptQuadratic, name: str, kw: dict) -> None:
+def test_resume_is_bit_identical(bq: BenchoptQuadratic, name: str, kw: dict, resumed_twin) -> None:
     pb = bq.problem(8)
     kw = {"lower_steps": 2, **kw} | ({"linsys_steps": 2} if name == "aid_bio" else {})
-    a = make_algorithm(name, pb, seed=3, **kw)
-    for _ in range(3):
-        a.step()
-    saved = a.state_dict()
-    for _ in range(3):
-        a.step()
-    b = make_algorithm(name, pb, seed=99, **kw)
-    b.load_state_dict(saved)
-    for _ in range(3):
-        b.step()
+    a, b = resumed_twin(lambda seed: make_algorithm(name, pb, seed=seed, **kw), 3, 3)
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.oracle_counts() == b.oracle_counts()
     if name == "aid_bio":
         assert torch.equal(a.v, b.v)

@@ -136,19 +136,10 @@ def test_bad_hyper_parameters_raise(name: str, kw: dict, param: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["amigo", "fsla"])
-def test_resume_is_bit_identical(bq: BenchoptQuadratic, name: str) -> None:
+def test_resume_is_bit_identical(bq: BenchoptQuadratic, name: str, resumed_twin) -> None:
     pb = bq.problem(8)
     kw = {"lower_steps": 2, "linsys_steps": 2} if name == "amigo" else {}
-    a = make_algorithm(name, pb, seed=3, **kw)
-    for _ in range(3):
-        a.step()
-    saved = a.state_dict()
-    for _ in range(4):
-        a.step()
-    b = make_algorithm(name, pb, seed=99, **kw)
-    b.load_state_dict(saved)
-    for _ in range(4):
-        b.step()
+    a, b = resumed_twin(lambda seed: make_algorithm(name, pb, seed=seed, **kw), 3, 4)
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.v, b.v)
     assert a.oracle_counts() == b.oracle_counts()
     if name == "fsla":

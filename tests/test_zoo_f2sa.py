@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 
@@ -172,19 +171,9 @@ def test_bad_hyper_parameter_is_named(bq, name: str, bad: dict, param: str) -> N
 
 
 @pytest.mark.parametrize("name", ["f2sa", "f2sa_projected"])
-def test_resume_is_bit_identical(bq, name: str) -> None:
+def test_resume_is_bit_identical(bq, name: str, resumed_twin) -> None:
     kw = dict(FAST, n_inner_steps=1)
-    ref = make_algorithm(name, _problem(bq), seed=5, **kw)
-    for _ in range(3):
-        ref.step()
-    buffer = io.BytesIO()
-    torch.save(ref.state_dict(), buffer)
-    buffer.seek(0)
-    resumed = make_algorithm(name, _problem(bq), seed=123, **kw)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
-    for _ in range(3):
-        ref.step()
-        resumed.step()
+    ref, resumed = resumed_twin(lambda seed: make_algorithm(name, _problem(bq), seed=seed, **kw), 3, 3)
     assert torch.equal(ref.x, resumed.x)
     assert torch.equal(ref.y, resumed.y) and torch.equal(ref.z, resumed.z)
     assert ref.lam == resumed.lam

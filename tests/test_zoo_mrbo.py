@@ -111,18 +111,9 @@ def test_bad_hyper_parameters_are_named(name: str, bad: dict) -> None:
     ("mrbo", {"neumann_terms": 3}), ("sustain", {"neumann_terms": 3}),
     ("vrbo", {"neumann_terms": 2, "lower_steps": 2, "period": 3}),
 ])
-def test_resume_is_bit_identical(name: str, hyper: dict) -> None:
+def test_resume_is_bit_identical(name: str, hyper: dict, resumed_twin) -> None:
     _, pb = benchopt_problem(**SMALL)
-    alg = make_algorithm(name, pb, seed=3, **hyper)
-    for _ in range(4):
-        alg.step()
-    saved = alg.state_dict()
-    for _ in range(4):
-        alg.step()
-    resumed = make_algorithm(name, pb, seed=99, **hyper)
-    resumed.load_state_dict(saved)
-    for _ in range(4):
-        resumed.step()
+    alg, resumed = resumed_twin(lambda seed: make_algorithm(name, pb, seed=seed, **hyper), 4, 4)
     assert torch.equal(resumed.x, alg.x)
     assert torch.equal(resumed.lower_variables(), alg.lower_variables())
     assert resumed.oracle_counts() == alg.oracle_counts()

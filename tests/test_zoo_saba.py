@@ -148,19 +148,10 @@ def test_saba_memory_layout_cannot_change_mid_run() -> None:
 
 
 @pytest.mark.parametrize(("name", "hyper"), [("saba", {}), ("saba", {"memory": "sample"}), ("srba", {})])
-def test_resume_is_bit_identical(name: str, hyper: dict) -> None:
+def test_resume_is_bit_identical(name: str, hyper: dict, resumed_twin) -> None:
     """Saved after 7 steps (SABA: inside an epoch of 5 lower batches; SRBA: between refreshes at 4 and 8)."""
     _, pb = benchopt_problem(**SMALL)
-    alg = make_algorithm(name, pb, seed=3, **hyper)
-    for _ in range(7):
-        alg.step()
-    saved = alg.state_dict()
-    for _ in range(6):
-        alg.step()
-    resumed = make_algorithm(name, pb, seed=99, **hyper)
-    resumed.load_state_dict(saved)
-    for _ in range(6):
-        resumed.step()
+    alg, resumed = resumed_twin(lambda seed: make_algorithm(name, pb, seed=seed, **hyper), 7, 6)
     assert torch.equal(resumed.x, alg.x)
     assert torch.equal(resumed.lower_variables(), alg.lower_variables())
     assert torch.equal(resumed.v, alg.v)

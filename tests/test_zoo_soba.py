@@ -81,18 +81,9 @@ def test_bad_hyper_parameters_are_named(name: str, bad: dict) -> None:
 
 
 @pytest.mark.parametrize("name", ["soba", "ma_soba"])
-def test_resume_is_bit_identical(name: str) -> None:
+def test_resume_is_bit_identical(name: str, resumed_twin) -> None:
     _, pb = benchopt_problem(n_inner=40, n_outer=30, d_in=6, d_out=3, batch_size=4)
-    alg = make_algorithm(name, pb, seed=3)
-    for _ in range(7):
-        alg.step()
-    saved = alg.state_dict()
-    for _ in range(6):
-        alg.step()
-    resumed = make_algorithm(name, pb, seed=99)
-    resumed.load_state_dict(saved)
-    for _ in range(6):
-        resumed.step()
+    alg, resumed = resumed_twin(lambda seed: make_algorithm(name, pb, seed=seed), 7, 6)
     assert torch.equal(resumed.x, alg.x)
     assert torch.equal(resumed.lower_variables(), alg.lower_variables())
     assert torch.equal(resumed.v, alg.v)

@@ -119,19 +119,10 @@ def test_bad_hyper_parameters_raise(kw: dict, name: str) -> None:
         ok.set_hyper(**kw)
 
 
-def test_resume_is_bit_identical(bq: BenchoptQuadratic) -> None:
+def test_resume_is_bit_identical(bq: BenchoptQuadratic, resumed_twin) -> None:
     pb = bq.problem(8)
     kw = {"lower_steps": 2, "linsys_steps": 3}
-    a = make_algorithm("stocbio", pb, seed=3, **kw)
-    for _ in range(3):
-        a.step()
-    saved = a.state_dict()
-    for _ in range(3):
-        a.step()
-    b = make_algorithm("stocbio", pb, seed=99, **kw)
-    b.load_state_dict(saved)
-    for _ in range(3):
-        b.step()
+    a, b = resumed_twin(lambda seed: make_algorithm("stocbio", pb, seed=seed, **kw), 3, 3)
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.oracle_counts() == b.oracle_counts()
     c = make_algorithm("stocbio", pb, seed=4, **kw)
     for _ in range(6):

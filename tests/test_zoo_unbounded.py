@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -209,19 +208,9 @@ def test_bad_hyper_parameter_is_named(bq, name: str, bad: dict, param: str) -> N
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_resume_is_bit_identical(bq, name: str) -> None:
+def test_resume_is_bit_identical(bq, name: str, resumed_twin) -> None:
     hyper = CASES[name][1]
-    ref = make_algorithm(name, _problem(bq), seed=7, **hyper)
-    for _ in range(3):
-        ref.step()
-    buffer = io.BytesIO()
-    torch.save(ref.state_dict(), buffer)
-    buffer.seek(0)
-    resumed = make_algorithm(name, _problem(bq), seed=99, **hyper)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
-    for _ in range(3):
-        ref.step()
-        resumed.step()
+    ref, resumed = resumed_twin(lambda seed: make_algorithm(name, _problem(bq), seed=seed, **hyper), 3, 3)
     assert torch.equal(ref.x, resumed.x)
     assert torch.equal(ref.lower_variables(), resumed.lower_variables())
     assert ref.oracle_counts() == resumed.oracle_counts()
