@@ -587,8 +587,8 @@ def _add_plot_parser(subparsers: Any) -> None:
     p.add_argument("--y", required=True, metavar="METRIC", help="metric to plot (e.g. val_loss, grad_norm)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="image file (.png, .pdf, .svg, ...)")
     p.add_argument("--logy", action="store_true", help="logarithmic y axis")
-    p.add_argument("--label-from", dest="label_from", default="algorithm",
-                   help="config key giving the legend label (default algorithm)")
+    p.add_argument("--label-from", dest="label_from", default=None,
+                   help="config key giving the legend label (default: algorithm, else the folder name)")
     p.set_defaults(func=_cmd_plot)
 
 
