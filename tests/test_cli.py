@@ -239,12 +239,37 @@ def test_single_block_algorithm_on_one_block(tmp_path: Path, capsys: pytest.Capt
     (["--algorithm", "bsvrb_v2", "--set", "hyper=3"], "'hyper' must be a mapping"),
     (["--algorithm", "bsvrb_v2", "--set", "noequals"], "must have the form key=value"),
     (["--algorithm", "bsvrb_v2", "--config", "missing.yaml"], "no config file at missing.yaml"),
+    (["--algorithm", "bsvrb_v2", "--set", "lr=nan"], "lr must be a positive finite number, got nan"),
+    (["--algorithm", "bsvrb_v2", "--set", "eval_every=0"], "eval_every must be an integer in [1, inf), got 0"),
+    (["--algorithm", "bsvrb_v2", "--set", "checkpoint_every=-2"], "checkpoint_every must be an integer"),
+    (["--algorithm", "bsvrb_v2", "--seed", str(2**70)], "seed must be an integer in [0, 2**63 - 1]"),
+    (["--algorithm", "bsvrb_v2", "--set", "seed=-1"], "seed must be an integer in [0, 2**63 - 1], got -1"),
+    (["--algorithm", "bsvrb_v2", "--set", "seed=1.5"], "'seed': expected int, got 1.5"),
+    (["--algorithm", "bsvrb_v2", "--set", "threads=0"], "threads must be an integer in [1, inf), got 0"),
 ])
 def test_bad_input_exits_2_with_message(extra: list[str], message: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*QUAD, "--iterations", "1", "--out", str(tmp_path / "bad"), *extra]) == 2
     assert message in _error(capsys)
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_empty_out_flag_and_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*QUAD, "--algorithm", "bsvrb_v2", "--iterations", "1", "--out", ""]) == 2
+    assert "out is empty" in _error(capsys)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main([*QUAD, "--algorithm", "bsvrb_v2", "--iterations", "1", "--out", str(afile), "--overwrite"]) == 2
+    assert "is a file, not a folder" in _error(capsys)
+    assert afile.read_text() == "keep me"
+
+
+def test_python_dash_m_mbbo_and_version() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mbbo", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"mbbo {cli.mbbo.__version__}"
 
 
 def test_unknown_key_lists_valid_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -56,6 +56,7 @@ from mbbo.tasks.registry import (
     get_task,
     task_names,
 )
+from mbbo.validation import check_int, check_real
 
 __all__ = ["DTYPES", "Experiment", "RunOptions", "build_parser", "main", "resolve_experiment"]
 
@@ -316,6 +317,24 @@ def _default_out(spec: TaskSpec, options: RunOptions, dataset: str | None) -> Pa
     return Path("runs") / "-".join(parts)
 
 
+MAX_SEED = 2**63 - 1
+
+
+def _check_run_options(options: RunOptions) -> None:
+    """The same ranges whether an option comes from a flag, `--set` or a config file."""
+    for name in ("iterations", "eval_every", "checkpoint_every"):
+        value = getattr(options, name)
+        if value is not None:
+            check_int(name, value, low=1)
+    check_int("threads", options.threads, low=1)
+    if options.epochs is not None:
+        check_real("epochs", options.epochs, 0.0, None, low_open=True)
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int) or not 0 <= options.seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {options.seed!r}")
+    if options.out is not None and not str(options.out).strip():
+        raise ValueError("out is empty: give a folder name, or leave --out out for the default folder")
+
+
 def resolve_experiment(args: argparse.Namespace) -> Experiment:
     """Resolve an `mbbo run` namespace into an :class:`Experiment` (nothing is loaded or built).
 
@@ -331,6 +350,7 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
         _split_layer(set_values, "--set"),
     ]
     options = RunOptions(**coerce_fields(RunOptions, _merge_run(layers), what="run option"))
+    _check_run_options(options)
     if options.task is None:
         raise ValueError(f"no task given: pass --task (one of {', '.join(task_names())}) or set 'task'")
     if options.algorithm is None:
@@ -380,6 +400,8 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """Fail early (before any data is loaded) on a clobbered run or a missing checkpoint."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file, not a folder; choose another output folder")
     if resume and not (out_dir / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint at {out_dir / CHECKPOINT_FILE}")
     existing = [name for name in (CHECKPOINT_FILE, METRICS_FILE) if (out_dir / name).exists()]
