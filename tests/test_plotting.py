@@ -124,7 +124,7 @@ def test_unknown_label_key_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--label-from 'lrr': no such key .*config.json.*algorithm, lr"):
         load_run(folder, "lrr")
     bare = make_run(tmp_path, "bare", None, [1.0, 0.5])
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         load_run(bare, "lr")
 
 
@@ -136,7 +136,7 @@ def test_a_file_given_as_run_folder_is_named(tmp_path: Path) -> None:
 
 def test_all_nan_metric_is_an_error(tmp_path: Path) -> None:
     folder = make_run(tmp_path, "r", {"algorithm": "soba"}, [float("nan"), float("nan")])
-    with pytest.raises(ValueError, match="'val_loss' .* has no finite value"):
+    with pytest.raises(ValueError, match=r"'val_loss' .* has no finite value"):
         plot_runs([folder], "epoch", "val_loss", tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()
 
