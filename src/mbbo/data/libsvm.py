@@ -247,7 +247,7 @@ def _open_libsvm(path: Path) -> BinaryIO:
     with open(path, "rb") as raw:
         head = raw.read(3)
     opener = next((op for magic, op in _MAGIC.items() if head.startswith(magic)), None)
-    handle: BinaryIO = opener(path, "rb") if opener is not None else open(path, "rb")  # type: ignore[assignment]
+    handle: BinaryIO = opener(path, "rb") if opener is not None else open(path, "rb")  # noqa: SIM115  # type: ignore[assignment]
     sniff = handle.read(1 << 16)
     handle.seek(0)
     if b"\r" in sniff and b"\n" not in sniff:
