@@ -152,7 +152,7 @@ def test_records_format_and_files(tmp_path: Path) -> None:
     assert config["algorithm"] == "fake" and config["path"] == str(tmp_path)
     assert config["runner"] == {
         "out_dir": str(out), "iterations": 10, "epochs": None, "eval_every": 4, "checkpoint_every": None,
-        "progress": False, "overwrite": False,
+        "checkpoint_seconds": 300.0, "divergence_factor": 1e8, "progress": False, "overwrite": False,
     }
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["runner"]["iteration"] == 10
@@ -256,9 +256,12 @@ def test_resume_errors_and_warning(tmp_path: Path) -> None:
     run(NoisyQuadratic(), QuadraticTask(), config, extra_config={"lr": 0.2})
     with pytest.raises(ValueError, match="at iteration 6, past the requested 4 iterations"):
         run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path / "run", iterations=4), resume=True)
-    with pytest.warns(RuntimeWarning, match=r"differs from the checkpoint's in \['lr'\]"):
+    before = (tmp_path / "run" / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"the configuration differs from the run's \(lr: 0.2 in the checkpoint, "
+                                         r"0.5 now\)"):
         run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path / "run", iterations=7), resume=True,
             extra_config={"lr": 0.5})
+    assert (tmp_path / "run" / "config.json").read_bytes() == before  # refused before anything was written
 
 
 def test_fresh_run_refuses_to_clobber(tmp_path: Path) -> None:

@@ -30,8 +30,12 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
+import signal
 import sys
+import tempfile
 import textwrap
+import threading
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +51,18 @@ from mbbo.checkpoint import CheckpointError
 from mbbo.config import apply_overrides, load_config
 from mbbo.data.libsvm import available_datasets
 from mbbo.plotting import X_AXES, plot_runs
-from mbbo.runner import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESERVED_KEYS, DivergenceError, RunConfig, run
+from mbbo.runner import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESERVED_KEYS,
+    DivergenceError,
+    RunConfig,
+    RunInterrupted,
+    RunLockedError,
+    RunWriteError,
+    run,
+)
 from mbbo.tasks.registry import (
     TASKS,
     TaskSpec,
@@ -396,8 +411,22 @@ def _format_value(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def _check_writable(out_dir: Path) -> None:
+    """Create `out_dir` and write a scratch file in it, so that a read-only or full disk fails up front."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir) as probe:
+            probe.write(b"mbbo")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise ValueError(f"cannot write in the output folder {out_dir}: {exc.strerror or exc}; choose another "
+                         "--out") from exc
+
+
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Fail early (before any data is loaded) on a clobbered run or a missing checkpoint."""
+    """Fail early (before any data is loaded) on a clobbered run, a missing checkpoint or a folder that
+    cannot be written."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if out_dir.exists() and not out_dir.is_dir():
@@ -410,6 +439,7 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{out_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
             f"--overwrite to start again"
         )
+    _check_writable(out_dir)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -438,15 +468,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         algorithm = make_algorithm(experiment.algorithm, problem, seed=options.seed, **experiment.hyper,
                                    **(experiment.restart or {}), **extra)
     if options.eval_every is None:
-        run_config = dataclasses.replace(run_config, eval_every=evaluator.iterations_per_epoch())
+        per_epoch = max(1, round(evaluator.iterations_per_epoch()))
+        run_config = dataclasses.replace(run_config, eval_every=per_epoch)
     try:
         records = run(algorithm, evaluator, run_config, resume=args.resume, extra_config=experiment.config())
+    except RunInterrupted as exc:
+        print(f"mbbo: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"mbbo: interrupted; continue from the last checkpoint in {experiment.out_dir} with --resume",
               file=sys.stderr)
         return 130
-    except DivergenceError as exc:
-        print(f"mbbo: error: the run diverged: {exc}", file=sys.stderr)
+    except (DivergenceError, RunWriteError) as exc:
+        print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     files = ", ".join(name for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)
                       if (experiment.out_dir / name).exists())
@@ -650,11 +684,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError,
+            RunLockedError) as exc:
         print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RunInterrupted as exc:  # a signal before the run started (loading data, building, warm-up)
+        print(f"mbbo: {exc.message} before the run started; nothing was written", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mbbo: interrupted (Ctrl-C) before the run started; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt() -> Any:
+    """Outside the run loop (which checkpoints on signals), SIGTERM interrupts like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover
