@@ -2,15 +2,18 @@
 
     mbbo run --task quadratic --algorithm bsvrb_v2 --iterations 200 --set lr=0.01 block_batch=5
     mbbo run --task hyperparam --dataset a8a --data-dir ../shared/data/libsvm --algorithm bsvrb_v1 --epochs 200
-    mbbo run --config experiment.yaml --set flip_probability=0.2 --resume
+    mbbo run --config experiment.yaml --set flip_probability=0.2
+    mbbo run --out runs/a --resume                 # continue a run: its own config.json gives everything
+    mbbo run --config runs/a/config.json --out runs/b --set lr=0.01   # a new run from an old run's configuration
     mbbo plot runs/* --x epoch --y val_loss -o val_loss.png --logy
     mbbo list
 
 Configuration of `mbbo run`, later layers winning: defaults < config file (`--config`, YAML or TOML) <
-command-line flags < `--set key=value`. The config file and `--set` take
+command-line flags < `--set key=value`; with `--resume`, the run's own `OUT/config.json` comes first. A run's
+`config.json` is also accepted by `--config`. The config file and `--set` take
 
-- run options: `task`, `algorithm`, `epochs`, `iterations`, `eval_every`, `checkpoint_every`, `seed`,
-  `threads`, `dtype`, `device`, `out`;
+- run options: `task`, `algorithm`, `epochs`, `iterations`, `eval_every`, `checkpoint_every`,
+  `checkpoint_seconds`, `divergence_factor`, `seed`, `threads`, `dtype`, `device`, `out`;
 - task settings (e.g. `num_blocks`, `batch_size`, `flip_probability`, `dataset`; see `mbbo list`);
 - algorithm hyper-parameters (e.g. `lr`, `block_batch`) and, for restarted `re_<name>` algorithms, the restart
   options (`stage_length`, `decay`, `growth`, `output`).
@@ -91,7 +94,11 @@ class RunOptions:
         task, algorithm: registered names (required).
         epochs, iterations: the budget; at most one (neither: 1 epoch).
         eval_every: evaluate every this many iterations (None: once per epoch).
-        checkpoint_every: checkpoint every this many iterations (None: only at the end).
+        checkpoint_every: checkpoint every this many iterations (None: after evaluations within a 2 % time
+            budget, at least every `checkpoint_seconds`, and at the end).
+        checkpoint_seconds: the longest wall time between two default checkpoints (None: no bound).
+        divergence_factor: stop when the iterate's norm or a metric grows past this factor times its
+            initial magnitude (None: only NaN/inf stop a run).
         seed: the algorithm's seed (its random streams); the task's data seed is a task setting.
         threads: `torch.set_num_threads`.
         dtype: `float32` or `float64`.
@@ -106,6 +113,8 @@ class RunOptions:
     iterations: int | None = None
     eval_every: int | None = None
     checkpoint_every: int | None = None
+    checkpoint_seconds: float | None = 300.0
+    divergence_factor: float | None = 1e8
     seed: int = 0
     threads: int = 1
     dtype: str = "float64"
@@ -131,6 +140,21 @@ class _Layer:
     settings: dict[str, Any]
     hyper: dict[str, Any]
     bare: dict[str, Any]
+
+
+#: Keys of a run's config.json that describe the run rather than configure it.
+RECORD_ONLY_KEYS = ("dataset", "torch_version", "mbbo_version")
+BUDGET_KEYS = ("iterations", "epochs", "eval_every", "checkpoint_every", "checkpoint_seconds", "divergence_factor")
+
+
+def _from_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's `config.json` as a configuration layer: the budget from its `runner` section, the restart
+    options as bare keys, the record-only keys (data set name, versions) dropped."""
+    layer = {k: v for k, v in values.items() if k not in (*RECORD_ONLY_KEYS, "runner", "restart")}
+    runner = values.get("runner") or {}
+    layer.update({k: runner[k] for k in BUDGET_KEYS if runner.get(k) is not None})
+    layer.update(values.get("restart") or {})
+    return layer
 
 
 def _split_layer(values: Mapping[str, Any], source: str) -> _Layer:
@@ -358,8 +382,13 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
         FileNotFoundError: a missing config file.
     """
     file_values = load_config(args.config) if args.config else {}
+    if "runner" in file_values:
+        file_values = _from_run_config(file_values)
     set_values = apply_overrides({}, list(args.set or []))
+    own = Path(args.out) / CONFIG_FILE if args.resume and args.out else None
+    run_values = _from_run_config(load_config(own)) if own is not None and own.is_file() else {}
     layers = [
+        _split_layer(run_values, f"the run's own {own}"),
         _split_layer(file_values, f"config file {args.config}"),
         _flag_layer(args),
         _split_layer(set_values, "--set"),
@@ -449,6 +478,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # validate the budget before anything is loaded; eval_every is fixed once the epoch length is known
     run_config = RunConfig(out_dir=experiment.out_dir, iterations=options.iterations, epochs=options.epochs,
                            eval_every=options.eval_every or 1, checkpoint_every=options.checkpoint_every,
+                           checkpoint_seconds=options.checkpoint_seconds,
+                           divergence_factor=options.divergence_factor,
                            progress=not args.no_progress, overwrite=args.overwrite)
     _check_out_dir(experiment.out_dir, args.resume, args.overwrite)
     if isinstance(options.threads, bool) or options.threads < 1:

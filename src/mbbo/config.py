@@ -21,6 +21,7 @@ __all__ = ["ConfigError", "apply_overrides", "load_config", "merge", "parse_valu
 
 YAML_SUFFIXES = (".yaml", ".yml")
 TOML_SUFFIXES = (".toml",)
+JSON_SUFFIXES = (".json",)  # a run's config.json
 
 
 class ConfigError(ValueError):
@@ -98,8 +99,8 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     source = Path(path)
     suffix = source.suffix.lower()
-    if suffix not in YAML_SUFFIXES + TOML_SUFFIXES:
-        allowed = ", ".join(YAML_SUFFIXES + TOML_SUFFIXES)
+    if suffix not in YAML_SUFFIXES + TOML_SUFFIXES + JSON_SUFFIXES:
+        allowed = ", ".join(YAML_SUFFIXES + TOML_SUFFIXES + JSON_SUFFIXES)
         raise ConfigError(
             f"{source}: unknown config file suffix {source.suffix!r} (expected one of {allowed})"
         )
@@ -111,7 +112,10 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         line = source.read_bytes()[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{source}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
                           f"{exc.start}); save the file as UTF-8") from exc
-    data = _parse_yaml_file(source, text) if suffix in YAML_SUFFIXES else _parse_toml_file(source, text)
+    if suffix in TOML_SUFFIXES:
+        data = _parse_toml_file(source, text)
+    else:  # JSON is YAML (flow style), and this parser refuses duplicate keys and names the line
+        data = _parse_yaml_file(source, text)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -419,15 +419,14 @@ class _Run:
 
     def after_step(self) -> None:
         """Evaluate and/or checkpoint if due; a diverged state is never evaluated nor saved."""
-        want_eval = self.eval_due(self.iteration)
-        want_checkpoint = self.checkpoint_due(self.iteration, want_eval)
-        if not (want_eval or want_checkpoint):
-            return
-        state = self.checked_state()
-        if want_eval:
+        state = None
+        evaluated = self.eval_due(self.iteration)
+        if evaluated:
+            state = self.checked_state()
             self.evaluate()
-        if want_checkpoint:
-            self.save(state)
+        # decided after the evaluation, whose time counts in the 2 % budget of the default rule
+        if self.checkpoint_due(self.iteration, evaluated):
+            self.save(state if state is not None else self.checked_state())
 
     def stop(self, signum: int) -> None:
         """Checkpoint the last completed step (unless done already) and raise RunInterrupted."""
