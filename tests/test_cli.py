@@ -112,7 +112,7 @@ def test_run_hyperparam_a8a_shared_data(tmp_path: Path, shared_data: Path) -> No
     records = _records(out)
     assert [r["iteration"] for r in records] == [0, 3]
     assert all(set(r) >= HYPER_KEYS for r in records)
-    assert records[-1]["epoch"] == pytest.approx(3 / 56)  # a8a: 18,156 // (10 * 32) = 56 iterations per epoch
+    assert records[-1]["epoch"] == pytest.approx(3 * 10 * 32 / 18_156)  # epoch = iteration B b / n_train
     assert (out / "checkpoint.pt").is_file()
 
 

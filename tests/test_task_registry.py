@@ -268,7 +268,7 @@ def test_build_hyperparam_breast_cancer() -> None:
     problem, evaluator = spec.build(settings, block_batch=2)
     task = evaluator.task
     assert isinstance(task, HyperparamTask) and problem.num_blocks == 3
-    assert evaluator.iterations_per_epoch() == task.X_train.shape[0] // (2 * 8)
+    assert evaluator.iterations_per_epoch() == task.X_train.shape[0] / (2 * 8)  # fractional: 364 / 16
     metrics = evaluator.evaluate(make_algorithm("bsvrb_v1", problem, block_batch=2))
     assert {"val_loss", "test_loss", "test_accuracy"} <= set(metrics)
 

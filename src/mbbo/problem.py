@@ -178,7 +178,8 @@ class MultiBlockProblem:
             blocks (same initial parameters), or a list of m modules (stacked with `stack_module_state`).
         lower_sampler / upper_sampler: per-block mini-batch samplers for the lower and upper data.
         num_blocks: m; required when y0 is a single module.
-        upper_depends_on_x: False when f_i(x, y) = f_i(y): skips grad_x f.
+        upper_depends_on_x: False when f_i(x, y) = f_i(y): skips grad_x f. Set automatically when the
+            upper loss, evaluated once at construction, does not use x.
         block_data: per-block constants (tensors with leading dimension m, e.g. temperatures or coefficient
             matrices). The engine gathers the sampled blocks' rows before vmap and adds them to each block's
             batch under their names, so a loss reads `batch["A"]` instead of indexing by `block` (indexing a
@@ -236,6 +237,8 @@ class MultiBlockProblem:
             if y0.dim() < 1:
                 raise ValueError(f"y0 must have a leading block dimension m, got a tensor of shape {tuple(y0.shape)}")
             m = y0.shape[0]
+            if m < 1:
+                raise ValueError(f"the number of blocks m must be >= 1, got y0 of shape {tuple(y0.shape)} (m = {m})")
             self.y_layout = FlatLayout(y0.shape[1:])
             y_table = y0.reshape(m, -1)
         if num_blocks is not None and num_blocks != m:
@@ -245,7 +248,12 @@ class MultiBlockProblem:
         self.num_blocks = m
         for key, value in self.block_data.items():
             if value.shape[0] != m:
-                raise ValueError(f"block_data[{key!r}] has leading dimension {value.shape[0]}, expected m = {m}")
+                hint = ""
+                if isinstance(y0, Tensor):
+                    hint = (f"; m is the first dimension of y0, whose shape is {tuple(y0.shape)}: give y0 as "
+                            f"(m, ...) with one row per block (e.g. y0.expand({value.shape[0]}, *y0.shape) for "
+                            "equal starts)")
+                raise ValueError(f"block_data[{key!r}] has leading dimension {value.shape[0]}, expected m = {m}{hint}")
         self.y0 = y_table.detach().clone().to(self.x0.dtype) if y_table.is_floating_point() else y_table
         self.y0 = self.y0.contiguous()
 
@@ -276,7 +284,8 @@ class MultiBlockProblem:
         return {**batch, **{k: v[blocks] for k, v in self.block_data.items()}}
 
     def _probe(self) -> None:
-        """Evaluates both losses once on block 0 so that shape mistakes fail at construction, clearly."""
+        """Evaluates both losses once on block 0 so that shape mistakes fail at construction, clearly; an
+        upper loss that does not use x switches `upper_depends_on_x` off (grad_x f is then zero)."""
         gen = torch.Generator(device=self.x0.device).manual_seed(0)
         block = torch.zeros(1, dtype=torch.long, device=self.x0.device)
         for which, sampler, loss in (("lower_loss", self.lower_sampler, self.lower_loss),
@@ -284,9 +293,11 @@ class MultiBlockProblem:
             batch = {k: v[0] for k, v in self.with_block_data(sampler.sample(block, gen, batch_size=2), block).items()}
             if self.sparse_x and "index" not in batch:
                 raise ValueError(f"sparse_x=True but the sampler of {which} returns no 'index' entry")
-            x = self.x0[batch["index"]] if self.sparse_x else self.x_for_loss(self.x0)
+            x_flat = self.x0.detach().clone().requires_grad_(self.x0.is_floating_point())
+            x = x_flat[batch["index"]] if self.sparse_x else self.x_for_loss(x_flat)
             try:
-                value = loss(x, self.y_for_loss(self.y0[0]), batch, block[0])
+                with torch.enable_grad():
+                    value = loss(x, self.y_for_loss(self.y0[0]), batch, block[0])
             except (RuntimeError, IndexError, ValueError) as err:
                 raise ValueError(
                     f"{which} failed on block 0 with y of shape {tuple(self.y0.shape[1:])} "
@@ -296,3 +307,13 @@ class MultiBlockProblem:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"{which} must return a scalar (0-d tensor) per block, got {shape}; "
                                  "check that y and the loss agree on shapes")
+            if which == "upper_loss" and self.upper_depends_on_x and not _uses(value, x_flat):
+                self.upper_depends_on_x = False  # f_i(x, y) = f_i(y): grad_x f is zero, not computed
+
+
+def _uses(value: Tensor, x: Tensor) -> bool:
+    """Whether `value` was computed from `x` (autograd reaches it)."""
+    if not (value.requires_grad and x.requires_grad):
+        return False
+    (grad,) = torch.autograd.grad(value, x, allow_unused=True)
+    return grad is not None

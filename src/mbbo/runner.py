@@ -289,6 +289,8 @@ class _Run:
     scales: dict[str, float] = field(default_factory=dict)
     last_checkpoint_wall: float = field(default_factory=time.perf_counter)
     checkpoint_cost: float = 0.0
+    checkpoint_total: float = 0.0  # seconds spent writing checkpoints in this process
+    started_wall: float = field(default_factory=time.perf_counter)
     stop_signal: int | None = None
 
     @property
@@ -386,7 +388,10 @@ class _Run:
             "algorithm": state,
             "runner": {"iteration": self.iteration, "elapsed": self.elapsed, "total": self.total,
                        "scales": dict(self.scales),
-                       "last_record": records[-1]["iteration"] if records else None},
+                       "last_record": records[-1]["iteration"] if records else None,
+                       # the checkpoint cost of this process so far (before this write), for measurement
+                       "checkpoint_seconds": self.checkpoint_total,
+                       "wall_seconds": time.perf_counter() - self.started_wall},
             "config": self.resolved,
         }
 
@@ -398,6 +403,7 @@ class _Run:
         self.last_checkpoint = self.iteration
         self.last_checkpoint_wall = time.perf_counter()
         self.checkpoint_cost = self.last_checkpoint_wall - start
+        self.checkpoint_total += self.checkpoint_cost
 
     def checked_state(self) -> dict[str, Any]:
         """`state_dict()` after the NaN/inf guard and the growth guard on the iterate."""

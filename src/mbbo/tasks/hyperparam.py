@@ -104,9 +104,10 @@ class HyperparamTask:
     def dim(self) -> int:
         return self.X_train.shape[1]
 
-    def iterations_per_epoch(self, block_batch: int) -> int:
-        """n_train / (B b): one epoch touches as many (block, sample) pairs as there are training rows."""
-        return max(1, self.X_train.shape[0] // (block_batch * self.settings.batch_size))
+    def iterations_per_epoch(self, block_batch: int) -> float:
+        """n_train / (B b), not rounded: one epoch touches as many (block, row) pairs as there are training
+        rows, so epoch = iteration * B * b / n_train."""
+        return self.X_train.shape[0] / (block_batch * self.settings.batch_size)
 
     # --- the bilevel problem ---------------------------------------------------------------------------
     def lower_loss(self, p_rows: Tensor, w: Tensor, batch: Batch, block: Tensor) -> Tensor:

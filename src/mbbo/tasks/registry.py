@@ -223,9 +223,9 @@ class TaskAdapter:
     task: Any
     block_batch: int = 1
 
-    def iterations_per_epoch(self) -> int:
-        """The task's iterations per epoch for this block batch."""
-        return int(self.task.iterations_per_epoch(self.block_batch))
+    def iterations_per_epoch(self) -> float:
+        """The task's iterations per epoch for this block batch (fractional where the task says so)."""
+        return self.task.iterations_per_epoch(self.block_batch)
 
     def evaluate(self, algorithm: Any) -> dict[str, float]:
         """The task's metrics of the algorithm's current iterate."""
