@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from typing import Any
 
 import torch
 
-from mbbo.checkpoint import load_checkpoint, save_checkpoint
+from mbbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mbbo.data.errors import DataError
 from mbbo.data.movielens import RankingSplit, load_movielens, read_ratings, split_leave_last
 from mbbo.ranking.metrics import evaluate_split
 from mbbo.ranking.neumf import NeuMF
@@ -144,7 +146,15 @@ def load_split(settings: NDCGSettings) -> RankingSplit:
             ratings = read_ratings(path)
         else:
             ratings = load_movielens(settings.dataset, path)
-        _SPLITS[key] = split_leave_last(ratings, settings.n_test, settings.n_dev, device=settings.device)
+        split = split_leave_last(ratings, settings.n_test, settings.n_dev, device=settings.device)
+        where = path if path is not None else settings.dataset
+        for part in ("dev", "test"):
+            if getattr(split, part).nnz == 0:
+                raise DataError(
+                    f"{where}: no user has {part} interactions (n_test={settings.n_test}, n_dev={settings.n_dev}; "
+                    "a user's last ratings go to test, then dev, and each user keeps one for training): every NDCG "
+                    "would be NaN. Use data with more ratings per user")
+        _SPLITS[key] = split
     return _SPLITS[key]
 
 
@@ -200,7 +210,13 @@ def warm_start(split: RankingSplit, settings: NDCGSettings) -> tuple[dict[str, t
     root = _cache_root(settings)
     path = None if root is None else root / f"warmup_{key}.pt"
     if path is not None and path.is_file():
-        payload = load_checkpoint(path)
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as exc:  # a cache is disposable: recompute it
+            cause = type(exc.__cause__ or exc).__name__
+            warnings.warn(f"the NDCG warm-up cache {path} is unreadable (corrupt or truncated: {cause}); "
+                          "recomputing it", RuntimeWarning, stacklevel=2)
+            payload = {}
         if payload.get("spec") == spec:
             return payload["model"], payload["info"]
     model = _make_model(split, settings)
