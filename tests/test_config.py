@@ -59,9 +59,9 @@ def test_load_toml_and_yml(tmp_path: Path) -> None:
 
 
 def test_load_errors(tmp_path: Path) -> None:
-    bad_suffix = tmp_path / "exp.json"
+    bad_suffix = tmp_path / "exp.ini"
     bad_suffix.write_text("{}")
-    with pytest.raises(ConfigError, match=r"exp\.json.*unknown config file suffix '\.json'"):
+    with pytest.raises(ConfigError, match=r"exp\.ini.*unknown config file suffix '\.ini'"):
         load_config(bad_suffix)
     with pytest.raises(FileNotFoundError, match=r"absent\.yaml"):
         load_config(tmp_path / "absent.yaml")
@@ -191,3 +191,10 @@ def test_merge_does_not_alias_inputs() -> None:
     merged = merge({}, file_config)
     merged["nested"]["sizes"].append(3)
     assert file_config == {"nested": {"sizes": [1, 2]}}
+
+
+def test_a_runs_config_json_loads(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{"task": "quadratic", "hyper": {"lr": 1e-05, "gamma": NaN}, "runner": {"iterations": 3}}')
+    loaded = load_config(path)
+    assert loaded["hyper"]["lr"] == 1e-5 and math.isnan(loaded["hyper"]["gamma"]) and loaded["runner"]["iterations"] == 3

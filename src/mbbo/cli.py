@@ -557,8 +557,13 @@ def _list_tasks() -> list[str]:
         if "num_blocks" in spec.setting_names() and spec.defaults()["num_blocks"] != 1:
             single = spec.compatible_algorithms(spec.make_settings({"num_blocks": 1}))
             extra = [name for name in _without_restarts(single) if name not in fitting]
+            conditional = [name for name in extra if not spec.finite_sum
+                           and getattr(ALGORITHMS[name], "needs_finite_sum", None) == "by default"]
             if extra:
-                lines.append(_wrap("with num_blocks=1 also", extra))
+                lines.append(_wrap("with num_blocks=1 also", [n for n in extra if n not in conditional]))
+            if conditional:
+                lines.append(_wrap("with num_blocks=1 and refresh_batch_size, period set (no finite sum here)",
+                                   conditional))
     return lines
 
 

@@ -268,6 +268,8 @@ class TaskSpec:
         methods: for tasks trained by their own methods rather than registered bilevel algorithms (NDCG):
             method name -> hyper-parameter dataclass; then only these names fit the task.
         make_method: `(name, problem, evaluator, seed, hyper) -> steppable` building such a method.
+        finite_sum: whether the task's samplers draw rows of stored data; False (fresh noise) rules out the
+            algorithms whose `needs_finite_sum` is "always" and flags those needing it "by default".
     """
 
     name: str
@@ -284,6 +286,7 @@ class TaskSpec:
     devices: tuple[str, ...] | None = None
     methods: Mapping[str, type] | None = None
     make_method: Callable[..., Any] | None = None
+    finite_sum: bool = True
 
     def algorithm_class(self, name: str) -> tuple[type, bool]:
         """`(class with name and Config, restarted)` for an algorithm or one of the task's own methods."""
@@ -378,6 +381,9 @@ class TaskSpec:
             reason = self.fits(algorithm, cls, settings)
             if reason is not None:
                 return reason
+        if not self.finite_sum and getattr(cls, "needs_finite_sum", None) == "always":
+            return (f"{base} needs a finite-sum problem (samplers over stored rows), and task {self.name!r} "
+                    "draws fresh noise")
         unsuitable = getattr(cls, "unsuitable_for", None)
         if problem is not None and callable(unsuitable):
             reason = unsuitable(problem)
@@ -581,6 +587,7 @@ register_task(TaskSpec(
     settings_cls=QuadraticSettings,
     builder=_build_quadratic,
     metrics=("grad_norm", "objective", "lower_error"),
+    finite_sum=False,
     devices=("cpu",),
 ))
 
