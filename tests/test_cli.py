@@ -360,3 +360,13 @@ def test_list_prints_registered_names(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["list", "datasets"]) == 0
     only = capsys.readouterr().out
     assert "breast_cancer" in only and "Tasks" not in only
+
+
+def test_run_help_names_the_settings_and_where_to_look(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "hyperparam: dataset, num_blocks, batch_size" in out
+    assert "`mbbo list algorithms`" in out and "`mbbo list tasks`" in out
+    for name in registry.task_names():
+        assert f"  {name}: " in out

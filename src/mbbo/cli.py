@@ -633,12 +633,28 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _run_epilog() -> str:
+    """What `--set` takes, task by task, and where to read the rest."""
+    lines = ["task settings (--set NAME=VALUE; defaults and fitting algorithms: `mbbo list tasks`):"]
+    for name in task_names():
+        lines.append(textwrap.fill(", ".join(TASKS[name].setting_names()), width=100,
+                                   initial_indent=f"  {name}: ", subsequent_indent=" " * 6))
+    lines += [
+        "algorithm hyper-parameters (--set NAME=VALUE): `mbbo list algorithms` shows every algorithm's, with",
+        "  defaults; restarted re_<name> algorithms also take stage_length, decay, growth, output.",
+        "run options in files or --set: checkpoint_seconds (300), divergence_factor (1e8; null turns the growth",
+        "  check off). Continue a run with `mbbo run --out OUT --resume`.",
+    ]
+    return "\n".join(lines)
+
+
 def _add_run_parser(subparsers: Any) -> None:
     """The `run` subcommand."""
     p = subparsers.add_parser(
         "run", help="run an algorithm on a task",
         description="Run an algorithm on a task; writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoint.pt. "
                     "Precedence: defaults < --config file < flags < --set.",
+        epilog=_run_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", help=f"task name ({', '.join(task_names())})")
     p.add_argument("--algorithm", help="algorithm name (see `mbbo list algorithms`)")
