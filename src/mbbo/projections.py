@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mbbo.validation import check_real
+
 
 def project_ball(v: Tensor, radius: float) -> Tensor:
     """Euclidean projection of each row (last dim) onto {||v|| <= radius}: v * min(1, radius / ||v||)."""
+    check_real("radius", radius, 0.0, None)
     norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     return v * torch.clamp(radius / norm.clamp_min(torch.finfo(v.dtype).tiny), max=1.0)
 
