@@ -191,4 +191,5 @@ def test_training_improves_ndcg_over_the_warm_start(split, method):
     for _ in range(15 * tr.iterations_per_epoch()):
         tr.step()
     end = evaluate_split(tr.model, split, "dev", (5,))["ndcg@5"]
-    assert end > start + 0.2, (start, end)
+    # from ~0.04; ListNet reaches 0.23 with the reference NeuMF (no dropout before the head), the others more
+    assert end > start + 0.15, (start, end)
