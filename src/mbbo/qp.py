@@ -88,7 +88,8 @@ def _polish(P: np.ndarray, q: np.ndarray, G: np.ndarray, c: np.ndarray, y: np.nd
     if (mu_a < -tol).any() or (G @ y_p - c > tol).any():
         return None
     stationarity = P @ y_p + q + G_a.T @ mu_a
-    if np.abs(stationarity).max(initial=0.0) > 1e-10 * (1.0 + np.abs(q).max(initial=0.0)) or np.abs(G_a @ y_p - c[active]).max(initial=0.0) > tol:
+    residual = np.abs(G_a @ y_p - c[active]).max(initial=0.0)
+    if np.abs(stationarity).max(initial=0.0) > 1e-10 * (1.0 + np.abs(q).max(initial=0.0)) or residual > tol:
         return None  # a rank-deficient active set (e.g. an equality written as two rows): keep the solver's
     mu_p = np.zeros_like(mu)
     mu_p[active] = np.maximum(mu_a, 0.0)

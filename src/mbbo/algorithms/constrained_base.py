@@ -15,7 +15,7 @@ from mbbo.constrained import ConstrainedProblem, ConstraintOracles, exact_lower_
 from mbbo.problem import MultiBlockProblem
 from mbbo.qp import QPResult
 
-__all__ = ["ConstrainedMixin", "ConstrainedAlgorithm", "not_constrained_reason"]
+__all__ = ["ConstrainedAlgorithm", "ConstrainedMixin", "not_constrained_reason"]
 
 
 def not_constrained_reason(problem: MultiBlockProblem) -> str | None:

@@ -25,9 +25,9 @@ an allow-list of base names (`algorithms`, `re_<name>` fits when `<name>` does);
 only tasks whose `num_blocks` setting is 1; a spec may add its own check (`fits`, returning the reason for a
 misfit or None); a method for constrained lower levels (a class declaring `constrained_only = True`: sflcb,
 blocc, lv_hba, penalty) fits only the tasks whose allow-list names it (the constrained tasks, whose allow-lists
-in turn hold only these methods). These need only the settings, so they run before any data is loaded. Once the problem is
-built, the algorithm's own `unsuitable_for(problem)` has the last word (e.g. SABA needs finite-sum samplers,
-FO-ITD-BiO an upper loss that depends on x): pass `problem=` to :meth:`TaskSpec.check_algorithm`.
+in turn hold only these methods). These need only the settings, so they run before any data is loaded.
+Once the problem is built, the algorithm's own `unsuitable_for(problem)` has the last word (e.g. SABA needs
+finite-sum samplers, FO-ITD-BiO an upper loss that depends on x): pass `problem=` to :meth:`TaskSpec.check_algorithm`.
 """
 
 from __future__ import annotations
@@ -590,6 +590,6 @@ register_task(TaskSpec(
 ))
 
 # tasks defined in their own modules register themselves on import (kept last: they import this module)
+import mbbo.tasks.constrained_tasks  # noqa: E402
 import mbbo.tasks.ndcg  # noqa: E402
 import mbbo.tasks.zoo_tasks  # noqa: E402, F401
-import mbbo.tasks.constrained_tasks  # noqa: E402, F401
