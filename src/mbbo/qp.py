@@ -123,7 +123,10 @@ def solve_qp(P: Tensor, q: Tensor, G: Tensor, c: Tensor, *, tol: float = 1e-9, p
 
 def project_halfspaces(v: Tensor, G: Tensor, c: Tensor, *, tol: float = 1e-9) -> QPResult:
     """The Euclidean projection of v (n,) onto {p : G p <= c}, with the multipliers of the projection QP
-    (p = v - G^T mu). For a projected gradient step p = Proj(y - s d), mu / s estimates the constraints'
-    Lagrange multipliers of the problem whose gradient is d."""
+    (p = v - G^T mu); a v that satisfies every row is returned as it is (status "Inside"). For a projected
+    gradient step p = Proj(y - s d), mu / s estimates the constraints' Lagrange multipliers of the problem
+    whose gradient is d."""
+    if bool((G @ v <= c).all()):  # already inside: the projection is v itself, every multiplier zero
+        return QPResult(v.clone(), v.new_zeros(c.shape[0]), "Inside", False)
     eye = torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
     return solve_qp(eye, -v, G, c, tol=tol)

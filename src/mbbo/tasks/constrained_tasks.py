@@ -246,6 +246,30 @@ class CoupledToySettings:
         _check_int("dim", self.dim, 1)
 
 
+@dataclass
+class DistanceEvaluator:
+    """Distance to the known answer x*, objective gap F(x) - F(x*), lower error ||model - y*(x)|| and the
+    constraint violation of the reported model."""
+
+    problem: ConstrainedProblem
+    answer: Tensor
+    objective: Any
+    best_value: float
+    lower_solution: Any
+
+    def iterations_per_epoch(self, block_batch: int = 1) -> int:
+        return 1
+
+    @torch.no_grad()
+    def evaluate(self, algorithm: Any) -> dict[str, float]:
+        x = algorithm.x.to(torch.float64)
+        model = next(iter(_models(algorithm).values()))
+        return {"distance": float(torch.linalg.vector_norm(x - self.answer)),
+                "objective_gap": float(self.objective(x)) - self.best_value,
+                "lower_error": float(torch.linalg.vector_norm(model.to(torch.float64) - self.lower_solution(x))),
+                "violation": violation(self.problem.h(algorithm.x, model))}
+
+
 @dataclass(frozen=True)
 class CoupledToy:
     """The coupled linear toy's matrices (float64) and closed forms: y*(x) = M x + m, x* and F(x*)."""
