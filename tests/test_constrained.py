@@ -128,7 +128,7 @@ def test_boxes_and_halfspace_forms() -> None:
     x, y = problem.project_joint(torch.tensor([2.0, -1.0], dtype=F64), torch.tensor([9.0, 0.0], dtype=F64))
     assert torch.allclose(x, torch.tensor([1.0, 0.0], dtype=F64), atol=1e-9)
     assert float(problem.h(x, y).max()) <= 1e-9 and float(y.max()) <= 3.0 + 1e-9
-    G, c = problem.lower_halfspaces(x)
+    G, _ = problem.lower_halfspaces(x)
     assert G.shape == (4, 2) and torch.equal(problem.project_x(torch.tensor([5.0, -5.0], dtype=F64)),
                                              torch.tensor([1.0, 0.0], dtype=F64))
 
@@ -261,7 +261,7 @@ def test_svm_data_helpers() -> None:
 
 def test_toy_coupled_closed_form_is_the_optimum() -> None:
     spec = get_task("toy_coupled")
-    problem, adapter = spec.build(spec.make_settings({"dim": 5}))
+    _, adapter = spec.build(spec.make_settings({"dim": 5}))
     evaluator = adapter.task
     x_star = evaluator.answer
     base = float(evaluator.objective(x_star))
