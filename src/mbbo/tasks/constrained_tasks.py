@@ -54,6 +54,13 @@ def _models(algorithm: Any) -> dict[str, Tensor]:
     return models() if callable(models) else {"y": algorithm.lower_variables()[0]}
 
 
+class FullBatchEvaluator:
+    """Base of the evaluators here: full-batch methods, one iteration is one epoch."""
+
+    def iterations_per_epoch(self, block_batch: int = 1) -> int:
+        return 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # svm_slack
 # ---------------------------------------------------------------------------------------------------------
@@ -105,17 +112,13 @@ def _svm_upper(x: Tensor, y: Tensor, batch: Batch, block: Tensor) -> Tensor:
 
 
 @dataclass
-class SVMSlackEvaluator:
+class SVMSlackEvaluator(FullBatchEvaluator):
     """Test accuracy, constraint violation and validation loss of each reported model."""
 
     problem: ConstrainedProblem
     test_a: Tensor
     test_s: Tensor
     val: Batch
-
-    def iterations_per_epoch(self, block_batch: int = 1) -> int:
-        """Full-batch methods: one iteration is one epoch."""
-        return 1
 
     @torch.no_grad()
     def evaluate(self, algorithm: Any) -> dict[str, float]:
@@ -192,16 +195,13 @@ FOUND_TOLERANCE = 1e-2
 
 
 @dataclass
-class SFLCBToyEvaluator:
+class SFLCBToyEvaluator(FullBatchEvaluator):
     """Per start i: |x_i - x_grid|; reported: `distance` (mean over starts), `fraction_found` (share of starts
     within 1e-2 of x_grid), `objective_gap` (mean f(x_i, x_i) - f(x_grid, x_grid)), `violation`."""
 
     problem: ConstrainedProblem
     x_grid: float
     f_grid: float
-
-    def iterations_per_epoch(self, block_batch: int = 1) -> int:
-        return 1
 
     @torch.no_grad()
     def evaluate(self, algorithm: Any) -> dict[str, float]:
@@ -247,7 +247,7 @@ class CoupledToySettings:
 
 
 @dataclass
-class DistanceEvaluator:
+class DistanceEvaluator(FullBatchEvaluator):
     """Distance to the known answer x*, objective gap F(x) - F(x*), lower error ||model - y*(x)|| and the
     constraint violation of the reported model."""
 
@@ -256,9 +256,6 @@ class DistanceEvaluator:
     objective: Any
     best_value: float
     lower_solution: Any
-
-    def iterations_per_epoch(self, block_batch: int = 1) -> int:
-        return 1
 
     @torch.no_grad()
     def evaluate(self, algorithm: Any) -> dict[str, float]:
