@@ -120,11 +120,11 @@ def _finished(dataset: str, method: str, data_dir: Path, seeds: int) -> list[lis
     return runs
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], spec: str = ".4f") -> str:
     if not values:
         return "—"
     mean, std = mean_std(values)
-    return f"{mean:.4f} ± {std:.4f}"
+    return f"{mean:{spec}} ± {std:{spec}}"
 
 
 def report(data_dir: Path, seeds: int) -> None:
@@ -161,7 +161,8 @@ def report(data_dir: Path, seeds: int) -> None:
                 bands.append(Band(f"{method} ({first})", x, mean, std, len(runs)))
         if bands_it:
             plot_bands([("fraction of the run's iterations", bands_it), ("seconds (step time only)", bands_t)],
-                       OUT / f"accuracy_{dataset}.png", ylabel="test accuracy", title=f"svm_slack, {dataset}")
+                       OUT / f"accuracy_{dataset}.png", ylabel="test accuracy", title=f"svm_slack, {dataset}",
+                       ylim=(0.5, 0.9))
             plot_bands([("fraction of the run's iterations", bands_v)], OUT / f"violation_{dataset}.png",
                        ylabel="max(h, 0) of the reported model", title=f"svm_slack, {dataset}")
     toys = {}
@@ -183,7 +184,8 @@ def _write_page(lines: list[tuple[str, str, dict[str, Any]]], toys: dict[str, An
         rows.append(f"| {dataset} | {method} | {e['seeds']} | {e['iterations']} | {first}: "
                     f"{_cell(e[f'test_accuracy_{first}'])} | {second}: {_cell(e[f'test_accuracy_{second}'])} | "
                     f"{PUBLISHED[method] if dataset == 'diabetes' else '≈0.76-0.78 (figures, BLOCC/LV-HBA)'} | "
-                    f"{_cell(e['violation'])} | {_cell(e['max_violation_over_run'])} | {_cell(e['seconds'])} |")
+                    f"{_cell(e['violation'], '.1e')} | {_cell(e['max_violation_over_run'], '.1e')} | "
+                    f"{_cell(e['seconds'], '.0f')} |")
     toy_rows = ["| toy | method | iterations | distance to the answer | other metrics |", "|---|---|---|---|---|"]
     for key, rec in toys.items():
         task, method = key.split("/")
