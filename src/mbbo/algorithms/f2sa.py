@@ -161,23 +161,25 @@ class F2SA(SingleBlockAlgorithm):
         return penalty_gradient(gx_f, gx_g_y, gx_g_z, lam)
 
     def step(self) -> None:
-        cfg, k, lam, proj = self.config, self.iteration, self.lam, self.projection
+        cfg, k, lam = self.config, self.iteration, self.lam
         alpha, gamma, beta = self.step_sizes(k)
         x, y, z = self.x, self.y, self.z
         for _ in range(cfg.n_inner_steps):
             gy_g = self.grad_y_g(x, y, self.lower_batch(cfg.batch_size))
             _, gy_f = self.upper_grads(x, y, self.upper_batch(cfg.batch_size))
             gz_g = self.grad_y_g(x, z, self.lower_batch(cfg.batch_size))
-            y = y - alpha * (gy_f + lam * gy_g)
-            z = z - gamma * gz_g
-            if proj is not None:
-                y, z = proj(y), proj(z)
+            y, z = self.project_lower(x, y - alpha * (gy_f + lam * gy_g), z - gamma * gz_g, alpha, gamma)
         direction = self.penalty_direction(x, y, z, lam)
         self.y, self.z = y, z
         self.x_prev = x
         self.x = x - beta * direction
         self.lam = self.schedule.advance(lam, k)
         self.iteration += 1
+
+    def project_lower(self, x: Tensor, y: Tensor, z: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
+        """Pi_Y of the y and z steps (identity without a projection); (x, step sizes) for x-dependent sets."""
+        proj = self.projection
+        return (proj(y), proj(z)) if proj is not None else (y, z)
 
     def restart(self) -> None:
         """For `Restarted`: nothing to re-initialise (no estimator); y, z, lambda and the schedules carry over."""

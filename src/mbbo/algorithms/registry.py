@@ -13,7 +13,7 @@ from mbbo.problem import MultiBlockProblem
 
 # every class in these modules that sets its own `name` is registered under it
 ALGORITHM_MODULES = ("bsvrb", "rsvrb", "stocbio", "aid_itd", "classic", "amigo", "soba", "saba", "mrbo", "f2sa",
-                     "unbounded")
+                     "unbounded", "sflcb", "blocc", "lv_hba", "constrained_penalty")
 
 
 def _collect() -> dict[str, type[BilevelAlgorithm]]:

@@ -31,6 +31,7 @@ __all__ = [
     "BREAST_CANCER_SEED",
     "BREAST_CANCER_TEST_FRACTION",
     "LIBSVM_BINARY",
+    "LIBSVM_SINGLE",
     "BinaryDataset",
     "LibsvmFile",
     "LibsvmSpec",
@@ -38,6 +39,7 @@ __all__ = [
     "load_binary_dataset",
     "load_breast_cancer_dataset",
     "load_libsvm_file",
+    "load_single_libsvm",
 ]
 
 _LIBSVM_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
@@ -103,6 +105,45 @@ LIBSVM_BINARY: dict[str, LibsvmSpec] = {
         "web page classification",
     ),
 }
+
+
+#: Single-file LIBSVM binary sets (no separate test file: tasks split them), with their feature counts. The files
+#: are LIBSVM's scaled versions (`diabetes_scale`, `fourclass_scale`); sha256 as in shared/data/SHA256SUMS.
+LIBSVM_SINGLE: dict[str, tuple[LibsvmFile, int]] = {
+    "diabetes": (LibsvmFile("diabetes", _LIBSVM_URL + "diabetes_scale",
+                            "e4c45e3a45cfce99fbc897edb76b0c74fbece588b953f5c3b1297bf28c52d6b0"), 8),
+    "fourclass": (LibsvmFile("fourclass", _LIBSVM_URL + "fourclass_scale",
+                             "6f5a73e857c0f4af2ca06e81d48c1be91fa566fbafaeaf6eb6c355f29fef4618"), 2),
+}
+
+
+def load_single_libsvm(name: str, data_dir: str | Path | None = None, cache: Path | None = None,
+                       download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`(X, y)` of a registered single-file set (`LIBSVM_SINGLE`): read `data_dir/name` (checked against its
+    sha256) or the verified cached copy (downloaded once when allowed).
+
+    Raises:
+        DataError: unknown name, missing file, checksum mismatch, download failure or refused.
+    """
+    if name not in LIBSVM_SINGLE:
+        raise DataError(f"unknown single-file data set {name!r}; available: {', '.join(LIBSVM_SINGLE)}")
+    file, n_features = LIBSVM_SINGLE[name]
+    if data_dir is not None:
+        path = Path(data_dir) / name
+        _check_file_exists(path)
+        actual = sha256_file(path)
+        if actual != file.sha256:
+            raise DataError(f"checksum mismatch for {path}: expected sha256 {file.sha256}, got {actual}. "
+                            f"Replace it with the original from {file.url}.")
+    else:
+        cache_name = f"{_CACHE_SUBDIR}/{file.name}"
+        hint = f"You can also download {file.url} by hand, save it as {name} in DIR and pass --data-dir DIR."
+        found = fetch(cache_name, file.url, file.sha256, cache, hint=hint) if download else lookup(
+            cache_name, file.sha256, cache)
+        if found is None:
+            raise DataError(f"{name} is not in the cache and download=False. {hint}")
+        path = found
+    return load_libsvm_file(path, n_features)
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,9 +23,11 @@ How fit is decided (in this order): the name must be a registered algorithm; a s
 an allow-list of base names (`algorithms`, `re_<name>` fits when `<name>` does); a single-block algorithm
 (a :class:`~mbbo.algorithms.single.SingleBlockAlgorithm`, or any class declaring `single_block = True`) fits
 only tasks whose `num_blocks` setting is 1; a spec may add its own check (`fits`, returning the reason for a
-misfit or None). These need only the settings, so they run before any data is loaded. Once the problem is
-built, the algorithm's own `unsuitable_for(problem)` has the last word (e.g. SABA needs finite-sum samplers,
-FO-ITD-BiO an upper loss that depends on x): pass `problem=` to :meth:`TaskSpec.check_algorithm`.
+misfit or None); a method for constrained lower levels (a class declaring `constrained_only = True`: sflcb,
+blocc, lv_hba, penalty) fits only the tasks whose allow-list names it (the constrained tasks, whose allow-lists
+in turn hold only these methods). These need only the settings, so they run before any data is loaded.
+Once the problem is built, the algorithm's own `unsuitable_for(problem)` has the last word (e.g. SABA needs
+finite-sum samplers, FO-ITD-BiO an upper loss that depends on x): pass `problem=` to :meth:`TaskSpec.check_algorithm`.
 """
 
 from __future__ import annotations
@@ -373,6 +375,9 @@ class TaskSpec:
         if self.algorithms is not None and base not in self.algorithms:
             reason = f" ({self.algorithms_reason})" if self.algorithms_reason else ""
             return f"task {self.name!r} accepts only {', '.join(self.algorithms)}{reason}"
+        if getattr(cls, "constrained_only", False) and (self.algorithms is None or base not in self.algorithms):
+            return (f"{base} solves bilevel problems with a constrained lower level h(x, y) <= 0 and fits only the "
+                    f"tasks that list it (svm_slack, toy_sflcb, toy_coupled); task {self.name!r} has no constraint")
         num_blocks = getattr(settings, "num_blocks", 1)
         if is_single_block(cls) and num_blocks != 1:
             return (f"{base} is a single-block algorithm and task {self.name!r} has num_blocks={num_blocks} "
@@ -592,5 +597,6 @@ register_task(TaskSpec(
 ))
 
 # tasks defined in their own modules register themselves on import (kept last: they import this module)
+import mbbo.tasks.constrained_tasks  # noqa: E402
 import mbbo.tasks.ndcg  # noqa: E402
 import mbbo.tasks.zoo_tasks  # noqa: E402, F401
