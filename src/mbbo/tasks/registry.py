@@ -268,6 +268,7 @@ class TaskSpec:
         methods: for tasks trained by their own methods rather than registered bilevel algorithms (NDCG):
             method name -> hyper-parameter dataclass; then only these names fit the task.
         make_method: `(name, problem, evaluator, seed, hyper) -> steppable` building such a method.
+        distributed: the task's methods run on torch.distributed ranks (`mbbo run --nproc R`, torchrun).
     """
 
     name: str
@@ -284,6 +285,7 @@ class TaskSpec:
     devices: tuple[str, ...] | None = None
     methods: Mapping[str, type] | None = None
     make_method: Callable[..., Any] | None = None
+    distributed: bool = False
 
     def algorithm_class(self, name: str) -> tuple[type, bool]:
         """`(class with name and Config, restarted)` for an algorithm or one of the task's own methods."""
@@ -585,5 +587,6 @@ register_task(TaskSpec(
 ))
 
 # tasks defined in their own modules register themselves on import (kept last: they import this module)
+import mbbo.tasks.federated  # noqa: E402
 import mbbo.tasks.ndcg  # noqa: E402
 import mbbo.tasks.zoo_tasks  # noqa: E402, F401
