@@ -32,7 +32,7 @@ from mbbo.federated.data import FederatedProblem
 from mbbo.federated.mixing import MixingMatrix
 from mbbo.validation import check_int, check_real
 
-__all__ = ["DSBO", "DSBOConfig", "TOPOLOGIES"]
+__all__ = ["DSBO", "TOPOLOGIES", "DSBOConfig"]
 
 TOPOLOGIES = ("ring", "regular")
 

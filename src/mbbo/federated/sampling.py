@@ -33,7 +33,7 @@ def participation_count(num_clients: int, fraction: float) -> int:
     """m = max(floor(C M), 1): FedNest's clients per communication for a participation fraction C."""
     check_int("num_clients", num_clients, 1)
     check_real("participation", fraction, 0.0, 1.0, low_open=True)
-    return max(int(math.floor(fraction * num_clients + 1e-9)), 1)
+    return max(math.floor(fraction * num_clients + 1e-9), 1)
 
 
 @dataclass(frozen=True)

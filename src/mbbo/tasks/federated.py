@@ -32,6 +32,7 @@ from mbbo.federated import METHODS
 from mbbo.federated.base import FederatedAlgorithm
 from mbbo.federated.comm import make_backend
 from mbbo.federated.data import ClientBatch, ClientData, FederatedProblem, split_iid, split_label_shards
+from mbbo.federated.sampling import participation_count
 from mbbo.validation import check_int, check_real
 
 __all__ = ["FedHyperrepSettings", "FedImbalanceSettings", "FederatedEvaluator", "build_hyperrep",
@@ -135,7 +136,7 @@ def build_hyperrep(settings: FedHyperrepSettings, dtype: torch.dtype = torch.flo
     features, labels = load_digits_tensors(dtype)
     g = torch.Generator().manual_seed(settings.data_seed)
     perm = torch.randperm(len(labels), generator=g)
-    n_test = int(round(settings.test_fraction * len(labels)))
+    n_test = round(settings.test_fraction * len(labels))
     test, pool = perm[:n_test], perm[n_test:]
     lower_parts, upper_parts = [], []
     for i, rows in enumerate(_split(labels[pool], settings, g)):
@@ -225,8 +226,7 @@ class FederatedEvaluator:
 
     def iterations_per_epoch(self, block_batch: int = 1) -> int:
         p = self.problem
-        n = max(int(math.floor(p.participation * p.num_clients + 1e-9)), 1)
-        return max(1, math.ceil(p.num_clients / n))
+        return max(1, math.ceil(p.num_clients / participation_count(p.num_clients, p.participation)))
 
     @torch.no_grad()
     def evaluate(self, algorithm: Any) -> dict[str, float]:
