@@ -111,6 +111,7 @@ class DistributedBackend(Backend):
                              "use at least as many clients as processes")
         super().__init__(num_clients)
         self.slices = owner_slices(num_clients, self.world_size)
+        self._plans: dict[tuple[int, tuple[int, ...]], list[tuple[int, list[int], list[int]]]] = {}
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         out = t.clone()
@@ -122,31 +123,38 @@ class DistributedBackend(Backend):
         dist.all_gather(parts, rows.contiguous())
         return torch.cat(parts)
 
+    def _plan(self, weights: Tensor) -> list[tuple[int, list[int], list[int]]]:
+        """Per other rank r: (r, its agents our agents mix with, our agents its agents mix with)."""
+        key = (weights.data_ptr(), tuple(weights.shape))
+        if key not in self._plans:
+            nonzero = weights != 0
+            mine = slice(self.owned.start, self.owned.stop)
+            plan = []
+            for r, other in enumerate(self.slices):
+                if r != self.rank:
+                    need = [j for j in other if bool(nonzero[mine, j].any())]
+                    give = [j for j in self.owned if bool(nonzero[other.start:other.stop, j].any())]
+                    plan.append((r, need, give))
+            self._plans[key] = plan
+        return self._plans[key]
+
     def gossip(self, weights: Tensor, rows: Tensor) -> Tensor:
-        """Receives the rows of every other rank's agents that an owned agent mixes with, sends ours to
-        every rank that needs them, then mixes in the same order as the simulated ``W @ X``."""
+        """Sends our rows to every rank whose agents mix with them, receives the rows our agents mix with
+        (isend / irecv), then mixes in the same order as the simulated ``W @ X``."""
         full = rows.new_zeros((self.num_clients, *rows.shape[1:]))
         full[self.owned.start:self.owned.stop] = rows
-        nonzero = weights != 0
-        requests = []
-        for r, other in enumerate(self.slices):
-            if r == self.rank:
-                continue
-            # rows of rank r that our agents need, and our rows that rank r's agents need
-            need = [j for j in other if bool(nonzero[self.owned.start:self.owned.stop, j].any())]
-            give = [j for j in self.owned if bool(nonzero[other.start:other.stop, j].any())]
+        sends, receives = [], []
+        for r, need, give in self._plan(weights):
             if give:
-                requests.append(dist.isend(rows[[j - self.owned.start for j in give]].contiguous(), dst=r))
+                sends.append(dist.isend(rows[[j - self.owned.start for j in give]].contiguous(), dst=r))
             if need:
                 buffer = rows.new_empty((len(need), *rows.shape[1:]))
-                requests.append((dist.irecv(buffer, src=r), need, buffer))
-        for item in requests:
-            if isinstance(item, tuple):
-                work, need, buffer = item
-                work.wait()
-                full[need] = buffer
-            else:
-                item.wait()
+                receives.append((dist.irecv(buffer, src=r), need, buffer))
+        for work, need, buffer in receives:
+            work.wait()
+            full[need] = buffer
+        for work in sends:
+            work.wait()
         return weights[self.owned.start:self.owned.stop].to(rows.dtype) @ full
 
 

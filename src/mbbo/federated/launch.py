@@ -65,8 +65,9 @@ def launch(argv: Sequence[str], nproc: int) -> int:
         mp.start_processes(_worker, args=(args, nproc, free_port()), nprocs=nproc, join=True,
                            start_method="spawn")
     except mp.ProcessExitedException as exc:
-        print(f"mbbo: error: rank {exc.error_index} exited with status {exc.exit_code} (pid {exc.pid}); the "
-              "other ranks were stopped", file=sys.stderr)
+        how = (f"was killed by signal {exc.signal_name}" if exc.signal_name
+               else f"exited with status {exc.exit_code}")
+        print(f"mbbo: error: rank {exc.error_index} {how}; the other ranks were stopped", file=sys.stderr)
         return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
     except mp.ProcessRaisedException as exc:
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
