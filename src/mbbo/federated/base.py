@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.stocbio import check_choice
 from mbbo.federated.comm import Backend, CommCounter, SimulatedBackend
 from mbbo.federated.data import ClientBatch, FederatedProblem
 from mbbo.federated.local import WEIGHTINGS, Aggregator
@@ -25,7 +27,7 @@ from mbbo.federated.sampling import ClientSampler, draw_rows, participation_coun
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.validation import check_int, check_real
 
-__all__ = ["SYNC_MODES", "FederatedAlgorithm", "FederatedConfig", "check_choice", "check_lr"]
+__all__ = ["SYNC_MODES", "FederatedAlgorithm", "FederatedConfig", "ServerlessStepConfig", "check_lr"]
 
 SYNC_MODES = ("per_hvp", "solution")
 LOWER_STREAM, UPPER_STREAM = 1, 2
@@ -35,13 +37,8 @@ def check_lr(name: str, value: object) -> None:
     check_real(name, value, 0.0, None, low_open=True)
 
 
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
 @dataclass
-class FederatedConfig:
+class FederatedConfig(Hyper):
     """Hyper-parameters every federated method has.
 
     batch_size: rows per client mini-batch (None: the client's full data); weighting: server mean over the
@@ -57,7 +54,7 @@ class FederatedConfig:
     neumann_lr: float = 0.01
     sync: str = "per_hvp"
 
-    def validate(self, problem: FederatedProblem) -> None:
+    def validate(self, problem: FederatedProblem) -> None:  # type: ignore[override]
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, 1)
         check_choice("weighting", self.weighting, WEIGHTINGS)
@@ -65,12 +62,21 @@ class FederatedConfig:
         check_lr("neumann_lr", self.neumann_lr)
         check_choice("sync", self.sync, SYNC_MODES)
 
-    def replace(self, **changes: Any) -> FederatedConfig:
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"unknown hyper-parameter(s) {sorted(unknown)} for {type(self).__name__}; "
-                             f"known: {[f.name for f in fields(self)]}")
-        return type(self)(**{**asdict(self), **changes})
+
+@dataclass
+class ServerlessStepConfig(FederatedConfig):
+    """Adds lower_steps = T gradient steps on y per outer iteration with step lower_lr, and the x step lr
+    (FedMBO's averaged steps, DSBO's gossip steps)."""
+
+    lower_steps: int = 5
+    lower_lr: float = 0.05
+    lr: float = 0.05
+
+    def validate(self, problem: FederatedProblem) -> None:  # type: ignore[override]
+        super().validate(problem)
+        check_int("lower_steps", self.lower_steps, 1)
+        check_lr("lower_lr", self.lower_lr)
+        check_lr("lr", self.lr)
 
 
 class FederatedAlgorithm:
@@ -83,7 +89,7 @@ class FederatedAlgorithm:
                  backend: Backend | None = None, **overrides: Any) -> None:
         config = config if config is not None else self.Config()
         if overrides:
-            config = config.replace(**overrides)
+            config = config.replace(**overrides)  # type: ignore[assignment]
         config.validate(problem)
         self.config = config
         self.problem = problem

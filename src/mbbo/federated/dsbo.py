@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.federated.base import FederatedAlgorithm, FederatedConfig, check_choice, check_lr
+from mbbo.algorithms.stocbio import check_choice
+from mbbo.federated.base import FederatedAlgorithm, ServerlessStepConfig
 from mbbo.federated.comm import Backend
 from mbbo.federated.data import FederatedProblem
 from mbbo.federated.mixing import MixingMatrix
@@ -38,24 +39,18 @@ TOPOLOGIES = ("ring", "regular")
 
 
 @dataclass
-class DSBOConfig(FederatedConfig):
+class DSBOConfig(ServerlessStepConfig):
     """lower_steps = T, lower_lr = beta, neumann_terms = N z-steps with neumann_lr = gamma, lr = alpha,
     momentum = theta; the graph: ``topology`` ring or random ``regular`` of ``degree`` (seeded by
     ``graph_seed``)."""
 
-    lower_steps: int = 5
-    lower_lr: float = 0.05
-    lr: float = 0.05
     momentum: float = 0.5
     topology: str = "ring"
     degree: int = 3
     graph_seed: int = 0
 
-    def validate(self, problem: FederatedProblem) -> None:
+    def validate(self, problem: FederatedProblem) -> None:  # type: ignore[override]
         super().validate(problem)
-        check_int("lower_steps", self.lower_steps, 1)
-        check_lr("lower_lr", self.lower_lr)
-        check_lr("lr", self.lr)
         check_real("momentum", self.momentum, 0.0, 1.0, low_open=True)
         check_choice("topology", self.topology, TOPOLOGIES)
         check_int("degree", self.degree, 1)

@@ -22,26 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mbbo.federated.base import FederatedAlgorithm, FederatedConfig, check_lr
-from mbbo.federated.data import FederatedProblem
-from mbbo.validation import check_int
+from mbbo.federated.base import FederatedAlgorithm, ServerlessStepConfig
 
 __all__ = ["FedMBO", "FedMBOConfig"]
 
 
 @dataclass
-class FedMBOConfig(FederatedConfig):
+class FedMBOConfig(ServerlessStepConfig):
     """lower_steps = T (server-averaged SGD steps), lower_lr = beta, lr = alpha; Q = neumann_terms."""
-
-    lower_steps: int = 5
-    lower_lr: float = 0.05
-    lr: float = 0.05
-
-    def validate(self, problem: FederatedProblem) -> None:
-        super().validate(problem)
-        check_int("lower_steps", self.lower_steps, 1)
-        check_lr("lower_lr", self.lower_lr)
-        check_lr("lr", self.lr)
 
 
 class FedMBO(FederatedAlgorithm):

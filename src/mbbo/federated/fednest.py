@@ -60,7 +60,7 @@ class FedNestConfig(FederatedConfig):
     outer_steps: int = 5
     outer_lr: float = 0.01
 
-    def validate(self, problem: FederatedProblem) -> None:
+    def validate(self, problem: FederatedProblem) -> None:  # type: ignore[override]
         super().validate(problem)
         check_int("inner_rounds", self.inner_rounds, 1)
         check_int("local_epochs", self.local_epochs, 1)

@@ -257,20 +257,17 @@ def _register() -> None:
     from mbbo.tasks.registry import TaskSpec, register_task
 
     methods = {name: cls.Config for name, cls in METHODS.items()}
-    register_task(TaskSpec(
-        name="fed_hyperrep",
-        description="federated hyper-representation on digits (MLP 64-200-10, x = body, y = head), iid or "
-                    "label-shard clients: FedNest variants, FedMBO, DSBO; simulated or torch.distributed",
-        settings_cls=FedHyperrepSettings, builder=build_hyperrep, metrics=METRICS, methods=methods,
-        make_method=make_federated, distributed=True,
-    ))
-    register_task(TaskSpec(
-        name="fed_imbalance",
-        description="federated imbalanced loss tuning on digits (class-wise logit scale and offset, imbalance "
-                    "ratio 100, linear model): FedNest variants, FedMBO, DSBO",
-        settings_cls=FedImbalanceSettings, builder=build_imbalance, metrics=METRICS, methods=methods,
-        make_method=make_federated, distributed=True,
-    ))
+    descriptions = {
+        "fed_hyperrep": ("federated hyper-representation on digits (MLP 64-200-10, x = body, y = head), iid or "
+                         "label-shard clients: FedNest variants, FedMBO, DSBO; simulated or torch.distributed",
+                         FedHyperrepSettings, build_hyperrep),
+        "fed_imbalance": ("federated imbalanced loss tuning on digits (class-wise logit scale and offset, "
+                          "imbalance ratio 100, linear model): FedNest variants, FedMBO, DSBO",
+                          FedImbalanceSettings, build_imbalance),
+    }
+    for name, (description, settings_cls, builder) in descriptions.items():
+        register_task(TaskSpec(name=name, description=description, settings_cls=settings_cls, builder=builder,
+                               metrics=METRICS, methods=methods, make_method=make_federated, distributed=True))
 
 
 _register()
