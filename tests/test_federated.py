@@ -149,6 +149,7 @@ def test_comm_counter_and_owner_slices() -> None:
     d = CommCounter()
     d.load(c.as_dict())
     assert d == c
+    assert c.metrics()["comm_mbytes"] == pytest.approx(c.bytes / 1e6)
     assert owner_slices(5, 2) == [range(0, 3), range(3, 5)]
     backend = SimulatedBackend(5)
     assert bool(backend.local(torch.tensor([0, 4])).all())
@@ -405,7 +406,7 @@ def test_cli_nproc_run_equals_the_simulated_run(tmp_path: Path) -> None:
     assert real.returncode == 0, real.stderr
     for a, b in zip(_records(tmp_path / "sim" / "metrics.jsonl"), _records(tmp_path / "real" / "metrics.jsonl"),
                     strict=True):
-        for key in ("test_accuracy", "objective", "consensus_x", "gossip_rounds", "comm_bytes"):
+        for key in ("test_accuracy", "objective", "consensus_x", "gossip_rounds", "comm_mbytes"):
             assert abs(float(a[key]) - float(b[key])) <= 1e-10, key  # type: ignore[arg-type]
     assert (tmp_path / "real" / "rank1" / "metrics.jsonl").is_file()
 

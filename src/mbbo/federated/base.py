@@ -27,7 +27,7 @@ from mbbo.federated.sampling import ClientSampler, draw_rows, participation_coun
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.validation import check_int, check_real
 
-__all__ = ["SYNC_MODES", "FederatedAlgorithm", "FederatedConfig", "ServerlessStepConfig", "check_lr"]
+__all__ = ["SYNC_MODES", "FederatedAlgorithm", "FederatedConfig", "LowerStepConfig", "check_lr"]
 
 SYNC_MODES = ("per_hvp", "solution")
 LOWER_STREAM, UPPER_STREAM = 1, 2
@@ -64,7 +64,7 @@ class FederatedConfig(Hyper):
 
 
 @dataclass
-class ServerlessStepConfig(FederatedConfig):
+class LowerStepConfig(FederatedConfig):
     """Adds lower_steps = T gradient steps on y per outer iteration with step lower_lr, and the x step lr
     (FedMBO's averaged steps, DSBO's gossip steps)."""
 
@@ -193,7 +193,7 @@ class FederatedAlgorithm:
 
     def extra_metrics(self) -> dict[str, float]:
         """Communication counts (and, for decentralised methods, consensus errors)."""
-        return {k: float(v) for k, v in self.comm.as_dict().items()}
+        return self.comm.metrics()
 
     def rounds_per_iteration(self) -> int:
         """Server (or gossip) rounds one outer iteration costs (the table of specs/distributed.md §3)."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.stocbio import check_choice
-from mbbo.federated.base import FederatedAlgorithm, ServerlessStepConfig
+from mbbo.federated.base import FederatedAlgorithm, LowerStepConfig
 from mbbo.federated.comm import Backend
 from mbbo.federated.data import FederatedProblem
 from mbbo.federated.mixing import MixingMatrix
@@ -39,7 +39,7 @@ TOPOLOGIES = ("ring", "regular")
 
 
 @dataclass
-class DSBOConfig(ServerlessStepConfig):
+class DSBOConfig(LowerStepConfig):
     """lower_steps = T, lower_lr = beta, neumann_terms = N z-steps with neumann_lr = gamma, lr = alpha,
     momentum = theta; the graph: ``topology`` ring or random ``regular`` of ``degree`` (seeded by
     ``graph_seed``)."""

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mbbo.federated.base import FederatedAlgorithm, ServerlessStepConfig
+from mbbo.federated.base import FederatedAlgorithm, LowerStepConfig
 
 __all__ = ["FedMBO", "FedMBOConfig"]
 
 
 @dataclass
-class FedMBOConfig(ServerlessStepConfig):
+class FedMBOConfig(LowerStepConfig):
     """lower_steps = T (server-averaged SGD steps), lower_lr = beta, lr = alpha; Q = neumann_terms."""
 
 

@@ -249,7 +249,7 @@ def make_federated(name: str, problem: FederatedProblem, evaluator: Any, seed: i
     return METHODS[name](problem, seed=seed, backend=make_backend(problem.num_clients), **hyper)
 
 
-METRICS = ("test_accuracy", "balanced_accuracy", "objective", "comm_rounds", "gossip_rounds", "comm_bytes",
+METRICS = ("test_accuracy", "balanced_accuracy", "objective", "comm_rounds", "gossip_rounds", "comm_mbytes",
            "consensus_x", "consensus_y")
 
 
