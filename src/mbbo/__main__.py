@@ -1,4 +1,4 @@
-"""`python -m mbbo ...` runs the command line (the same as the `mbbo` script)."""
+"""`python -m mbbo ...` (and `torchrun --nproc-per-node R -m mbbo run ...`): the `mbbo` command line."""
 
 import sys
 

@@ -471,9 +471,25 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     _check_writable(out_dir)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) from torchrun-style variables ((0, 1) for a single process)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    """`mbbo run`: resolve, build, run, report."""
+    """`mbbo run`: resolve, build, run, report. Under torchrun / --nproc, rank 0 writes OUT and rank r > 0
+    writes its own log and checkpoint in OUT/rank<r> (each rank resumes from its own)."""
     experiment = resolve_experiment(args)
+    rank, world = _world()
+    if world > 1:
+        if not experiment.spec.distributed:
+            raise ValueError(f"task {experiment.spec.name!r} does not run on several processes "
+                             f"(WORLD_SIZE={world})")
+        if rank > 0:
+            experiment = dataclasses.replace(experiment, out_dir=experiment.out_dir / f"rank{rank}")
+            args.no_progress = True
     options = experiment.options
     # validate the budget before anything is loaded; eval_every is fixed once the epoch length is known
     run_config = RunConfig(out_dir=experiment.out_dir, iterations=options.iterations, epochs=options.epochs,
@@ -513,6 +529,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (DivergenceError, RunWriteError) as exc:
         print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if rank > 0:
+        return 0
     files = ", ".join(name for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)
                       if (experiment.out_dir / name).exists())
     print(f"results in {experiment.out_dir} ({files})")
@@ -680,6 +698,8 @@ def _add_run_parser(subparsers: Any) -> None:
     p.add_argument("--compile", action="store_const", const=True, default=None,
                    help="torch.compile the oracles (tens of seconds once; about 2x faster iterations on T1)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that already holds a run")
+    p.add_argument("--nproc", type=_positive_int, default=None,
+                   help="run in N local processes (gloo on 127.0.0.1; tasks with torch.distributed support)")
     p.set_defaults(func=_cmd_run)
 
 
@@ -738,6 +758,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     previous = _terminate_as_interrupt()
     try:
+        if getattr(args, "nproc", None) and args.nproc > 1 and _world() == (0, 1):
+            if args.task is not None and not get_task(args.task).distributed:  # fail before spawning
+                raise ValueError(f"task {args.task!r} does not run on several processes (--nproc)")
+            from mbbo.federated.launch import launch
+
+            return launch(sys.argv[1:] if argv is None else list(argv), args.nproc)
         return int(args.func(args))
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError,
             RunLockedError) as exc:

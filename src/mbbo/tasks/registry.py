@@ -272,6 +272,7 @@ class TaskSpec:
         make_method: `(name, problem, evaluator, seed, hyper) -> steppable` building such a method.
         finite_sum: whether the task's samplers draw rows of stored data; False (fresh noise) rules out the
             algorithms whose `needs_finite_sum` is "always" and flags those needing it "by default".
+        distributed: the task's methods run on torch.distributed ranks (`mbbo run --nproc R`, torchrun).
     """
 
     name: str
@@ -289,6 +290,7 @@ class TaskSpec:
     methods: Mapping[str, type] | None = None
     make_method: Callable[..., Any] | None = None
     finite_sum: bool = True
+    distributed: bool = False
 
     def algorithm_class(self, name: str) -> tuple[type, bool]:
         """`(class with name and Config, restarted)` for an algorithm or one of the task's own methods."""
@@ -598,5 +600,6 @@ register_task(TaskSpec(
 
 # tasks defined in their own modules register themselves on import (kept last: they import this module)
 import mbbo.tasks.constrained_tasks  # noqa: E402
+import mbbo.tasks.federated  # noqa: E402
 import mbbo.tasks.ndcg  # noqa: E402
 import mbbo.tasks.zoo_tasks  # noqa: E402, F401
