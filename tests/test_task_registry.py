@@ -12,6 +12,7 @@ import torch
 from mbbo.algorithms import registry as algorithm_registry
 from mbbo.algorithms.bsvrb import BSVRBv2
 from mbbo.algorithms.registry import algorithm_names, make_algorithm
+from mbbo.config import coerce_fields, coerce_value, field_types
 from mbbo.tasks import registry
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
 from mbbo.tasks.registry import (
@@ -22,9 +23,6 @@ from mbbo.tasks.registry import (
     TaskAdapter,
     TaskSpec,
     algorithm_class,
-    coerce_fields,
-    coerce_value,
-    field_types,
     get_task,
     is_single_block,
     register_task,

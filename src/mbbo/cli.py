@@ -51,7 +51,7 @@ import mbbo
 from mbbo.algorithms.registry import ALGORITHMS, RESTART_OPTIONS, make_algorithm
 from mbbo.algorithms.restart import Restarted
 from mbbo.checkpoint import CheckpointError
-from mbbo.config import apply_overrides, load_config
+from mbbo.config import apply_overrides, coerce_fields, coerce_value, load_config
 from mbbo.data.libsvm import available_datasets
 from mbbo.plotting import X_AXES, plot_runs
 from mbbo.runner import (
@@ -66,14 +66,7 @@ from mbbo.runner import (
     RunWriteError,
     run,
 )
-from mbbo.tasks.registry import (
-    TASKS,
-    TaskSpec,
-    coerce_fields,
-    coerce_value,
-    get_task,
-    task_names,
-)
+from mbbo.tasks.registry import TASKS, TaskSpec, get_task, task_names
 from mbbo.validation import check_int, check_real
 
 __all__ = ["DTYPES", "Experiment", "RunOptions", "build_parser", "main", "resolve_experiment"]
