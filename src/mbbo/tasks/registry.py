@@ -35,7 +35,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -268,6 +268,8 @@ class TaskSpec:
         methods: for tasks trained by their own methods rather than registered bilevel algorithms (NDCG):
             method name -> hyper-parameter dataclass; then only these names fit the task.
         make_method: `(name, problem, evaluator, seed, hyper) -> steppable` building such a method.
+        algorithm_defaults: hyper-parameter defaults the task sets: algorithm name (or "*" for every algorithm)
+            -> {name: value}; applied to the algorithms that have the field, before the user's values.
     """
 
     name: str
@@ -284,6 +286,12 @@ class TaskSpec:
     devices: tuple[str, ...] | None = None
     methods: Mapping[str, type] | None = None
     make_method: Callable[..., Any] | None = None
+    algorithm_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def hyper_defaults(self, algorithm: str, fields: Sequence[str]) -> dict[str, Any]:
+        """The task's defaults for `algorithm`'s hyper-parameters named in `fields` ("*" first, then by name)."""
+        out = {**self.algorithm_defaults.get("*", {}), **self.algorithm_defaults.get(algorithm, {})}
+        return {k: v for k, v in out.items() if k in fields}
 
     def algorithm_class(self, name: str) -> tuple[type, bool]:
         """`(class with name and Config, restarted)` for an algorithm or one of the task's own methods."""
@@ -573,6 +581,10 @@ register_task(TaskSpec(
     aliases={"data_seed": "seed"},
     dataset_setting="dataset",
     data_dir_setting="data_dir",
+    # the authors' code (BSVRB_ICML2023 HO/main.py), which the seed paper's curves come from; rows are
+    # reshuffled by the task's row_sampling setting
+    algorithm_defaults={"*": {"block_sampling": "reshuffle", "estimator_init": "uniform"},
+                        "bsvrb_v2": {"lower_update": "delayed"}},
 ))
 
 register_task(TaskSpec(
