@@ -44,6 +44,7 @@ from common import (
     mbbo_command,
     mean_std,
     plot_bands,
+    read_csv,
     read_curve,
     run_mbbo,
     run_wall_seconds,
@@ -79,6 +80,19 @@ def combination_set(combination: str, algorithm: str) -> list[str]:
 
 def label_of(algorithm: str, combination: str) -> str:
     return LABELS[algorithm] + ("" if combination == "authors" else f" ({combination})")
+
+
+def stored_bands(path: str, dataset: str, algorithms: list[str]) -> list[Band]:
+    """Dashed epoch bands of an earlier run's `hyperparam_curves.csv` (labels LABELS[algorithm])."""
+    rows = [r for r in read_csv(path) if r["dataset"] == dataset and r["axis"] == "epoch"]
+    out = []
+    for algorithm in algorithms:
+        mine = [r for r in rows if r["label"] == LABELS[algorithm]]
+        if mine:
+            x, mean, std = (np.array([float(r[k]) for r in mine]) for k in ("x", "mean", "std"))
+            out.append(Band(f"{LABELS[algorithm]} (previous, stored run)", x, mean, std, int(mine[0]["n_seeds"]),
+                            color=f"C{algorithms.index(algorithm)}", linestyle="--"))
+    return out
 
 
 def first_reach(b: Band, target: float) -> float | None:
@@ -120,7 +134,13 @@ def main() -> None:
     parser.add_argument("--results", default=str(RESULTS_DIR))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--combinations", nargs="+", default=list(COMBINATIONS), choices=list(COMBINATIONS))
+    parser.add_argument("--only", nargs="*", default=[], metavar="DATASET=ALG[,ALG]",
+                        help="restrict the algorithms run on a data set")
+    parser.add_argument("--previous-from", default=None, metavar="CSV",
+                        help="mean/std epoch curves of an earlier run (hyperparam_curves.csv format) drawn as the "
+                             "dashed 'previous' lines instead of running the previous combination")
     args = parser.parse_args()
+    only = {d: a.split(",") for d, _, a in (item.partition("=") for item in args.only)}
     os.chdir(PROJECT_ROOT)  # relative paths in the recorded commands are relative to the project root
     results = Path(args.results)
     epochs = parse_epochs(args.epochs)
@@ -129,10 +149,14 @@ def main() -> None:
     runs: dict[tuple[str, str, int], Path] = {}
     commands: list[str] = []
     executed = 0
-    lines = [(a, c) for c in args.combinations for a in args.algorithms]  # (algorithm, combination)
+    def lines_of(dataset: str) -> list[tuple[str, str]]:
+        """(algorithm, combination) pairs run on a data set."""
+        algorithms = [a for a in args.algorithms if a in only.get(dataset, args.algorithms)]
+        return [(a, c) for c in args.combinations for a in algorithms]
+
     for dataset in args.datasets:
         for seed in args.seeds:
-            for algorithm, combination in lines:
+            for algorithm, combination in lines_of(dataset):
                 suffix = "" if combination == "authors" else f"-{combination}"
                 out = Path(args.scratch) / f"{dataset}-{algorithm}{suffix}-s{seed}"
                 argv = run_args(dataset, algorithm, seed, epochs[dataset], args.data_dir, args.threads, combination)
@@ -148,7 +172,7 @@ def main() -> None:
     for dataset in args.datasets:
         epoch_bands, time_bands = [], []
         per_alg: dict[str, list[dict[str, Any]]] = {}
-        for algorithm, combination in lines:
+        for algorithm, combination in lines_of(dataset):
             label = label_of(algorithm, combination)
             outs = [runs[dataset, label, seed] for seed in args.seeds]
             style = {"color": f"C{args.algorithms.index(algorithm)}",
@@ -192,6 +216,8 @@ def main() -> None:
             summary.append(entry)
         curve_table += curve_rows(epoch_bands, dataset=dataset, axis="epoch")
         curve_table += curve_rows(time_bands, dataset=dataset, axis="time_s")
+        if args.previous_from:
+            epoch_bands += stored_bands(args.previous_from, dataset, args.algorithms)
         # the first ZOOM_AFTER of the run (the steep drop from the initialisation) is cut off the y range
         ylim = zoom_limits(epoch_bands, ZOOM_AFTER * epochs[dataset])
         plot_bands([("epoch", epoch_bands), ("time (s, evaluation excluded)", time_bands)],
@@ -205,7 +231,8 @@ def main() -> None:
     wall = time.perf_counter() - started
     write_json(results / "hyperparam_curves.json", {
         "script": "experiments/hyperparam_curves.py", "datasets": args.datasets, "algorithms": args.algorithms,
-        "combinations": {c: COMBINATIONS[c] for c in args.combinations}, "seeds": args.seeds,
+        "combinations": {c: COMBINATIONS[c] for c in args.combinations}, "only": only,
+        "previous_from": args.previous_from, "seeds": args.seeds,
         "epochs": {d: epochs[d] for d in args.datasets}, "threads": args.threads,
         "evals_per_epoch": EVALS_PER_EPOCH, "wall_seconds_this_invocation": wall,
         "runs_executed_this_invocation": executed, "runs_total": len(runs),

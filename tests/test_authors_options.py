@@ -198,7 +198,8 @@ def test_task_defaults_are_the_authors_combination() -> None:
     fields = ["block_sampling", "estimator_init", "lower_update", "lr"]
     assert spec.hyper_defaults("bsvrb_v2", fields) == {"block_sampling": "reshuffle", "estimator_init": "uniform",
                                                         "lower_update": "delayed"}
-    assert spec.hyper_defaults("bsvrb_v1", fields) == {"block_sampling": "reshuffle", "estimator_init": "uniform"}
+    assert spec.hyper_defaults("bsvrb_v1", [*fields, "hessian_timing"]) == {
+        "block_sampling": "reshuffle", "estimator_init": "uniform", "hessian_timing": "previous"}
     assert spec.hyper_defaults("f2sa", ["lr"]) == {}
     assert spec.defaults()["row_sampling"] == "reshuffle"
     assert get_task("quadratic").hyper_defaults("bsvrb_v2", fields) == {}

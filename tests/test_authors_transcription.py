@@ -250,37 +250,36 @@ def assert_same(ours: list[dict[str, Tensor]], theirs: list[dict[str, Tensor]]) 
             assert err <= TOL * scale, f"iteration {it}: {key} differs by {err:.3e} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_bsvrb_v1_equals_authors_loop(task: HyperparamTask, seed: int) -> None:
-    algo = BSVRBv1(task.problem(), seed=seed, lower_lr=0.5, hessian_guard="frobenius_rescale", hessian_bound=10.0,
-                   hessian_timing="previous", **AUTHORS)
-    init = {"p": algo.x.clone(), "w": algo.lower_variables().clone(), "v": torch.zeros(M, task.dim),
-            "s": algo.y.directions.clone(), "u": torch.zeros(M, task.dim), "H": algo.hessians.clone(),
-            "z": algo.z.clone()}
-    ours, log = run_mbbo(algo)
-    theirs = authors_bsvrb(Oracles(task), "BSVRBv1", init, log["blocks"], [r.reshape(-1) for r in log["lower"]],
-                           [r.reshape(-1) for r in log["upper"]],
-                           {"alpha": 0.9, "gamma": 1.0, "beta": 0.9, "tau": 0.5, "tau_v": 0.5, "eta": 1e-3,
-                            "H_bound": 10.0})
-    assert_same(ours, theirs)
-    # the guard was active: the updated Hessian estimates sit at Frobenius norm 10
-    norms = torch.linalg.matrix_norm(algo.hessians[log["blocks"][-1]])
-    assert torch.allclose(norms, torch.full_like(norms, 10.0))
+def flat(batches: list[Tensor]) -> list[Tensor]:
+    """(B, b) row indices per iteration -> the authors' `tr_bat_all` / `val_bat_all` (B b,)."""
+    return [r.reshape(-1) for r in batches]
 
 
+@pytest.mark.parametrize("method", ["BSVRBv1", "BSVRBv2"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bsvrb_v2_delayed_equals_authors_loop(task: HyperparamTask, seed: int) -> None:
-    algo = BSVRBv2(task.problem(), seed=seed, lower_lr=1.0, linsys_lr=1.0, v_radius=10.0, lower_update="delayed",
-                   **AUTHORS)
-    init = {"p": algo.x.clone(), "w": algo.lower_variables().clone(), "v": algo.linear_system_variables().clone(),
-            "s": algo.y.directions.clone(), "u": algo.v.directions.clone(),
-            "H": torch.zeros(M, task.dim, task.dim), "z": algo.z.clone()}
+def test_bsvrb_equals_authors_loop(task: HyperparamTask, method: str, seed: int) -> None:
+    """v1: the authors' guard and Hessian timing; v2: the delayed lower step."""
+    zeros = torch.zeros(M, task.dim, dtype=torch.float64)
+    hp = {"alpha": 0.9, "gamma": 1.0, "beta": 0.9, "eta": 1e-3, "H_bound": 10.0, "v_bound": 10.0}
+    if method == "BSVRBv1":
+        algo: BSVRBv1 | BSVRBv2 = BSVRBv1(task.problem(), seed=seed, lower_lr=0.5, hessian_guard="frobenius_rescale",
+                                          hessian_bound=10.0, hessian_timing="previous", **AUTHORS)
+        init = {"v": zeros, "u": zeros, "H": algo.hessians.clone()}
+        hp |= {"tau": 0.5, "tau_v": 0.5}
+    else:
+        algo = BSVRBv2(task.problem(), seed=seed, lower_lr=1.0, linsys_lr=1.0, v_radius=10.0, lower_update="delayed",
+                       **AUTHORS)
+        init = {"v": algo.linear_system_variables().clone(), "u": algo.v.directions.clone(),
+                "H": torch.zeros(M, task.dim, task.dim, dtype=torch.float64)}
+        hp |= {"tau": 1.0, "tau_v": 1.0}
+    init |= {"p": algo.x.clone(), "w": algo.lower_variables().clone(), "s": algo.y.directions.clone(),
+             "z": algo.z.clone()}
     ours, log = run_mbbo(algo)
-    theirs = authors_bsvrb(Oracles(task), "BSVRBv2", init, log["blocks"], [r.reshape(-1) for r in log["lower"]],
-                           [r.reshape(-1) for r in log["upper"]],
-                           {"alpha": 0.9, "gamma": 1.0, "beta": 0.9, "tau": 1.0, "tau_v": 1.0, "eta": 1e-3,
-                            "v_bound": 10.0})
+    theirs = authors_bsvrb(Oracles(task), method, init, log["blocks"], flat(log["lower"]), flat(log["upper"]), hp)
     assert_same(ours, theirs)
+    if isinstance(algo, BSVRBv1):  # the guard was active: the updated Hessian estimates sit at Frobenius norm 10
+        norms = torch.linalg.matrix_norm(algo.hessians[log["blocks"][-1]])
+        assert torch.allclose(norms, torch.full_like(norms, 10.0))
 
 
 def test_rsvrb_equals_authors_loop(task: HyperparamTask) -> None:
@@ -295,7 +294,6 @@ def test_rsvrb_equals_authors_loop(task: HyperparamTask) -> None:
             "V": torch.zeros(M, N_TRAIN, task.dim, dtype=torch.float64), "H": H0,
             "s": algo.y.directions.clone() / (1 - 0.9), "d": algo.d.clone()}
     ours, log = run_mbbo(algo)
-    theirs = authors_rsvrb(Oracles(task), init, log["blocks"], log["second"], [r.reshape(-1) for r in log["lower"]],
-                           [r.reshape(-1) for r in log["upper"]], {"beta": 0.9, "tau": 0.5, "eta": 1e-3,
-                                                                   "H_bound": 0.0})
+    theirs = authors_rsvrb(Oracles(task), init, log["blocks"], log["second"], flat(log["lower"]), flat(log["upper"]),
+                           {"beta": 0.9, "tau": 0.5, "eta": 1e-3, "H_bound": 0.0})
     assert_same(ours, theirs)

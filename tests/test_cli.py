@@ -98,7 +98,7 @@ def test_run_hyperparam_breast_cancer_restarted(tmp_path: Path) -> None:
     assert config["settings"]["flip_probability"] == 0.2 and config["settings"]["num_blocks"] == 3
     # the task's defaults (the authors' block sampling and estimator initialisation) under the user's values
     assert config["hyper"] == {**dataclasses.asdict(BSVRBv1Config()), "block_batch": 2, "block_sampling": "reshuffle",
-                               "estimator_init": "uniform"}
+                               "estimator_init": "uniform", "hessian_timing": "previous"}
     records = _records(out)
     assert len(records) == 4
     assert all(set(r) >= HYPER_KEYS for r in records)
