@@ -96,7 +96,9 @@ def test_run_hyperparam_breast_cancer_restarted(tmp_path: Path) -> None:
     assert config["dataset"] == "breast_cancer" and config["algorithm"] == "re_bsvrb_v1"
     assert config["restart"] == {"stage_length": 2, "decay": 2.0, "growth": 2.0, "output": "last"}
     assert config["settings"]["flip_probability"] == 0.2 and config["settings"]["num_blocks"] == 3
-    assert config["hyper"] == {**dataclasses.asdict(BSVRBv1Config()), "block_batch": 2}
+    # the task's defaults (the authors' block sampling and estimator initialisation) under the user's values
+    assert config["hyper"] == {**dataclasses.asdict(BSVRBv1Config()), "block_batch": 2, "block_sampling": "reshuffle",
+                               "estimator_init": "uniform", "hessian_timing": "previous"}
     records = _records(out)
     assert len(records) == 4
     assert all(set(r) >= HYPER_KEYS for r in records)
@@ -109,6 +111,10 @@ def test_run_hyperparam_a8a_shared_data(tmp_path: Path, shared_data: Path) -> No
     config = _config(out)
     assert config["dataset"] == "a8a" and config["settings"]["num_blocks"] == 100
     assert config["settings"]["data_dir"] == str(shared_data / "libsvm")
+    # no --set: the authors' combination, recorded
+    assert config["settings"]["row_sampling"] == "reshuffle"
+    assert {k: config["hyper"][k] for k in ("block_sampling", "lower_update", "estimator_init")} == {
+        "block_sampling": "reshuffle", "lower_update": "delayed", "estimator_init": "uniform"}
     records = _records(out)
     assert [r["iteration"] for r in records] == [0, 3]
     assert all(set(r) >= HYPER_KEYS for r in records)

@@ -399,7 +399,7 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
     keys = _Keys(options.task, options.algorithm, spec.setting_names(),
                  [f.name for f in dataclasses.fields(cls.Config)], list(RESTART_OPTIONS) if restarted else [])
     setting_values: dict[str, Any] = {}
-    hyper_values: dict[str, Any] = {}
+    hyper_values: dict[str, Any] = spec.hyper_defaults(cls.name, [f.name for f in dataclasses.fields(cls.Config)])
     for layer in layers:
         _data_flags(layer, spec)
         settings, hyper = _route(layer, keys)
@@ -562,6 +562,9 @@ def _list_tasks() -> list[str]:
         lines.append(textwrap.fill(spec.description, width=100, initial_indent=" " * 6,
                                    subsequent_indent=" " * 6))
         lines.append(_wrap("settings", [f"{k}={v!r}" for k, v in spec.defaults().items()]))
+        for algorithm, values in spec.algorithm_defaults.items():
+            label = "hyper-parameter defaults" + ("" if algorithm == "*" else f" of {algorithm}")
+            lines.append(_wrap(label, [f"{k}={v!r}" for k, v in values.items()]))
         lines.append(_wrap("metrics", list(spec.metrics)))
         fitting = spec.compatible_algorithms()
         lines.append(_wrap("algorithms that fit (default settings)", _without_restarts(fitting)))

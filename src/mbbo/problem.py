@@ -85,18 +85,30 @@ class BatchSampler(Protocol):
     def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch: ...
 
 
+ROW_SAMPLING = ("replacement", "reshuffle")
+
+
 @dataclass
 class RowSampler:
-    """Uniform mini-batches of rows, drawn with replacement, independently for each requested block.
+    """Mini-batches of rows for each requested block.
 
     `data` maps names to tensors whose first dimension indexes rows (shared by all blocks), or, with
     `per_block=True`, whose first two dimensions are (m, n_rows) (each block has its own rows). The row
     indices are returned under `index` (shape (B, b)), which sparse upper variables use.
+
+    `order="replacement"`: rows uniform with replacement, independently for each block and call.
+    `order="reshuffle"` (shared rows only; the authors' BSVRB/RSVRB code): the rows are permuted once per data
+    epoch and each call takes the next B*b rows of the permutation, block number k of the call getting rows
+    [k b, (k+1) b) of that slice; a new permutation is drawn when fewer than B*b rows remain, i.e. every
+    n // (B b) calls at a constant B. The permutation and position are state (`state_dict`, saved in the
+    algorithm's checkpoint). `sample_initial` (estimator initialisation) draws with replacement and leaves
+    that state alone, so the epochs of the iterations are the authors'.
     """
 
     data: dict[str, Tensor]
     batch_size: int
     per_block: bool = False
+    order: str = "replacement"
     n_rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +116,10 @@ class RowSampler:
             raise ValueError("RowSampler: data is empty; give at least one tensor")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.order not in ROW_SAMPLING:
+            raise ValueError(f"row_sampling must be one of {ROW_SAMPLING}, got {self.order!r}")
+        if self.order == "reshuffle" and self.per_block:
+            raise ValueError("row_sampling='reshuffle' needs rows shared by all blocks (per_block=False)")
         lead = 1 if self.per_block else 0
         rows = {k: v.shape[lead] for k, v in self.data.items()}
         if len(set(rows.values())) != 1:
@@ -112,11 +128,31 @@ class RowSampler:
         if self.n_rows == 0:
             raise ValueError("RowSampler: the data has no rows")
         self._device = next(iter(self.data.values())).device
+        self.permutation: Tensor | None = None
+        self.position = 0  # rows of the current permutation already taken
 
     def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+        if self.order == "replacement":
+            return self.sample_initial(blocks, generator, batch_size)
+        b = batch_size or self.batch_size
+        need = blocks.shape[0] * b
+        if need > self.n_rows:
+            raise ValueError(f"row_sampling='reshuffle' needs B*b <= n_rows, got B*b = {blocks.shape[0]}*{b} = "
+                             f"{need} > {self.n_rows} rows")
+        if self.permutation is None or self.position + need > self.n_rows:
+            self.permutation = torch.randperm(self.n_rows, generator=generator, device=generator.device)
+            self.position = 0
+        index = self.permutation[self.position: self.position + need].view(blocks.shape[0], b)
+        self.position += need
+        return self._gather(blocks, index.to(self._device))
+
+    def sample_initial(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+        """Rows with replacement (the `replacement` order; initialisation batches under `reshuffle`)."""
         b = batch_size or self.batch_size
         index = torch.randint(self.n_rows, (blocks.shape[0], b), generator=generator, device=generator.device)
-        index = index.to(self._device)
+        return self._gather(blocks, index.to(self._device))
+
+    def _gather(self, blocks: Tensor, index: Tensor) -> Batch:
         if self.per_block:
             out = {k: v[blocks[:, None].to(self._device), index] for k, v in self.data.items()}
         else:
@@ -125,6 +161,14 @@ class RowSampler:
             out = {k: v.index_select(0, flat).view(*index.shape, *v.shape[1:]) for k, v in self.data.items()}
         out["index"] = index
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"permutation": None if self.permutation is None else self.permutation.clone(),
+                "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.permutation = None if state["permutation"] is None else state["permutation"].clone()
+        self.position = int(state["position"])
 
 
 @dataclass
@@ -290,7 +334,8 @@ class MultiBlockProblem:
         block = torch.zeros(1, dtype=torch.long, device=self.x0.device)
         for which, sampler, loss in (("lower_loss", self.lower_sampler, self.lower_loss),
                                      ("upper_loss", self.upper_sampler, self.upper_loss)):
-            batch = {k: v[0] for k, v in self.with_block_data(sampler.sample(block, gen, batch_size=2), block).items()}
+            draw = getattr(sampler, "sample_initial", sampler.sample)  # leaves a reshuffling sampler's state alone
+            batch = {k: v[0] for k, v in self.with_block_data(draw(block, gen, batch_size=2), block).items()}
             if self.sparse_x and "index" not in batch:
                 raise ValueError(f"sparse_x=True but the sampler of {which} returns no 'index' entry")
             x_flat = self.x0.detach().clone().requires_grad_(self.x0.is_floating_point())

@@ -74,3 +74,11 @@ def floor_and_factor(h: Tensor, floor: float) -> tuple[Tensor, Tensor]:
 def cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
     """H^{-1} rhs from the lower Cholesky factor of H; rhs (..., d)."""
     return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+
+
+def frobenius_rescale(h: Tensor, bound: float) -> Tensor:
+    """The authors' Hessian guard (`proj_mat`, BSVRB_ICML2023 HO/main.py): H * bound / ||H||_F whenever
+    ||H||_F < bound, H otherwise. It keeps ||H||_F >= bound; it is NOT a projection onto {H >= mu I} (an
+    indefinite H stays indefinite), so solves with it use LU (`torch.linalg.solve`)."""
+    norm = torch.linalg.matrix_norm(h).unsqueeze(-1).unsqueeze(-1)
+    return torch.where(norm < bound, h * (bound / norm), h)
