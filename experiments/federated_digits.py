@@ -189,19 +189,15 @@ def report() -> None:
                                 "accuracy_std": std, "seeds": len(finals)})
     write_csv(RESULTS_DIR / f"{PREFIX}_summary.csv", summary)
     sweeps = []
+    grid_values = {"participation": (PARTICIPATIONS, 0.1), "num_clients": (CLIENT_COUNTS, 100)}
     for method in ("fednest", "fedmbo"):
-        for c in PARTICIPATIONS:
-            rec = _records(run_id(method, "noniid", 0) if c == 0.1 else run_id(method, "noniid", 0,
-                                                                                 participation=c))
-            if rec is not None:
-                sweeps.append({"method": method, "sweep": "participation", "value": c, "accuracy": _final(rec),
-                               "objective": rec[-1]["objective"]})
-        for m in CLIENT_COUNTS:
-            rec = _records(run_id(method, "noniid", 0) if m == 100 else run_id(method, "noniid", 0,
-                                                                                 num_clients=m))
-            if rec is not None:
-                sweeps.append({"method": method, "sweep": "num_clients", "value": m, "accuracy": _final(rec),
-                               "objective": rec[-1]["objective"]})
+        for setting, (values, in_grid) in grid_values.items():
+            for value in values:
+                extra = {} if value == in_grid else {setting: value}
+                rec = _records(run_id(method, "noniid", 0, **extra))
+                if rec is not None:
+                    sweeps.append({"method": method, "sweep": setting, "value": value, "accuracy": _final(rec),
+                                   "objective": rec[-1]["objective"]})
     for method in ("fednest", *EQUAL_ROUNDS):
         name = run_id(method, "noniid", 0) if method == "fednest" else f"{method}-noniid-s0-rounds600"
         rec = _records(name)
