@@ -484,6 +484,14 @@ def test_exploding_metric_is_caught(tmp_path: Path) -> None:
         run(NoisyQuadratic(), Loud(), RunConfig(out_dir=tmp_path, iterations=6, eval_every=1, progress=False))
     assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
 
+    class Counting(QuadraticTask):  # a counter that grows without bound is not a divergence
+        def evaluate(self, algorithm: Any) -> dict[str, Any]:
+            return {"comm_bytes": 10.0 ** (3 * algorithm.iteration), "loss": 1.0}
+
+    records = run(NoisyQuadratic(), Counting(), RunConfig(out_dir=tmp_path / "c", iterations=6, eval_every=1,
+                                                          progress=False))
+    assert records[-1]["comm_bytes"] == 1e18
+
 
 @pytest.mark.parametrize("bad", [0.5, 1.0, -3.0, math.nan])
 def test_divergence_factor_is_validated(tmp_path: Path, bad: float) -> None:

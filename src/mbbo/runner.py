@@ -20,10 +20,10 @@ deterministic function of `state_dict()`. A resumed run must have the configurat
 the budget, evaluation and checkpoint frequencies, threads and compilation may change): anything else is
 refused before a file is touched, naming each key with both values.
 
-Guards: a non-finite state (NaN/inf) or a finite but exploding one (the iterate `x` or a metric larger than
-`divergence_factor` times its initial magnitude) stops the run with :class:`DivergenceError`, keeping the
-last good checkpoint. SIGINT and SIGTERM write a checkpoint at the end of the current step and raise
-:class:`RunInterrupted`.
+Guards: a non-finite state (NaN/inf) or a finite but exploding one (the norm of the iterate `x`, or a loss
+metric: `*loss`, `objective`, `value`, larger than `divergence_factor` times its initial magnitude, floored at
+1) stops the run with :class:`DivergenceError`, keeping the last good checkpoint. SIGINT and SIGTERM write a
+checkpoint at the end of the current step and raise :class:`RunInterrupted`.
 """
 
 from __future__ import annotations
@@ -263,6 +263,12 @@ def _postfix(record: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def _is_loss(name: str) -> bool:
+    """Metrics the growth guard watches: losses and objectives (`*loss`, `objective`, `value`), not counters
+    (rounds, bytes) or scores that may legitimately grow."""
+    return name.endswith("loss") or name in ("objective", "value")
+
+
 def _norm(value: Any) -> float | None:
     """The Euclidean norm of a floating tensor (None for anything else)."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -372,7 +378,7 @@ class _Run:
             **{str(key): _to_builtin(value) for key, value in metrics.items()},
         }
         for key, value in record.items():
-            if key not in RESERVED_KEYS and isinstance(value, int | float) and not isinstance(value, bool):
+            if _is_loss(key) and isinstance(value, int | float) and not isinstance(value, bool):
                 self.check_growth(f"metric {key!r}", float(value))
         log = self.log
         self.write(log.path, lambda: log.append(record))
@@ -634,8 +640,9 @@ def run(
     `task.evaluate(algorithm)`, which runs under `torch.no_grad()`.
 
     After every step the algorithm's optional `is_finite()` is called; without it every floating tensor of
-    `state_dict()` is checked at evaluation and checkpoint points, where the norm of `algorithm.x` and every
-    metric are also checked against `divergence_factor` times their initial magnitude. A diverged state
+    `state_dict()` is checked at evaluation and checkpoint points, where the norm of `algorithm.x` and the loss
+    metrics (`*loss`, `objective`, `value`) are also checked against `divergence_factor` times their initial
+    magnitude. A diverged state
     raises :class:`DivergenceError` naming the quantity and the iteration; the log keeps the records up to
     there and the last good checkpoint is left untouched. SIGINT/SIGTERM (in the main thread) checkpoint the
     last completed step and raise :class:`RunInterrupted`.
