@@ -17,9 +17,24 @@ from torch import Tensor
 
 from mbbo.projections import project_ball
 
+# blocks per chunk in O(m) passes (initialisation, evaluation): bounds their temporaries
+CHUNK_BLOCKS = 8192
+
+
+def block_chunks(num_blocks: int, chunk: int, device: torch.device | str = "cpu") -> list[Tensor]:
+    """The block ids 0..m-1 as consecutive index tensors of at most `chunk` blocks."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    return [torch.arange(s, min(s + chunk, num_blocks), device=device) for s in range(0, num_blocks, chunk)]
+
 
 class BlockSampler:
-    """Draws B distinct blocks out of m, uniformly, independently at each iteration (B = m: all blocks)."""
+    """Draws B distinct blocks out of m, uniformly, independently at each iteration (B = m: all blocks).
+
+    Cost O(B) whatever m: B indices are drawn with replacement and repeats are redrawn (sequential rejection,
+    which yields a uniformly random ordered B-subset); expected draws B m / (m - B) <= 2B for B <= m / 2.
+    For B > m / 2 a permutation of the m blocks is cheaper and is used instead.
+    """
 
     def __init__(self, num_blocks: int, block_batch: int) -> None:
         if not isinstance(block_batch, int) or not 1 <= block_batch <= num_blocks:
@@ -29,10 +44,27 @@ class BlockSampler:
         self.block_batch = block_batch
 
     def sample(self, generator: torch.Generator, device: torch.device) -> Tensor:
-        if self.block_batch == self.num_blocks:
-            return torch.arange(self.num_blocks, device=device)
-        perm = torch.randperm(self.num_blocks, generator=generator, device=generator.device)
-        return perm[: self.block_batch].to(device)
+        m, b, gdev = self.num_blocks, self.block_batch, generator.device
+        if b == m:
+            return torch.arange(m, device=device)
+        if 2 * b > m:
+            return torch.randperm(m, generator=generator, device=gdev)[:b].to(device)
+        drawn = torch.randint(m, (b,), generator=generator, device=gdev)
+        while True:
+            drawn = drawn[first_occurrences(drawn)]
+            if drawn.shape[0] == b:
+                return drawn.to(device)
+            more = torch.randint(m, (b - drawn.shape[0],), generator=generator, device=gdev)
+            drawn = torch.cat([drawn, more])
+
+
+def first_occurrences(values: Tensor) -> Tensor:
+    """Boolean mask of the entries of a 1-d tensor that do not repeat an earlier entry (O(n log n))."""
+    order = torch.sort(values, stable=True).indices
+    ranked = values[order]
+    repeat = torch.zeros_like(values, dtype=torch.bool)
+    repeat[order[1:]] = ranked[1:] == ranked[:-1]
+    return ~repeat
 
 
 class MovingBlocks:
@@ -48,17 +80,22 @@ class MovingBlocks:
     """
 
     def __init__(self, values: Tensor, directions: Tensor, step: float, *, radius: float | None = None,
-                 decay: float = 1.0, lazy: bool = True) -> None:
-        """`values`: w at iteration 0; `directions`: d as it stands before iteration 0 (d_{-1})."""
-        self.values = values.clone()
+                 decay: float = 1.0, lazy: bool = True, copy: bool = True) -> None:
+        """`values`: w at iteration 0; `directions`: d as it stands before iteration 0 (d_{-1}); `copy=False`
+        takes both tensors over (they are then modified in place) instead of copying them."""
+        self.values = values.clone() if copy else values
         # lazy storage keeps the direction of the stamp's iteration: d_0 = decay * d_{-1} for every block
-        self.directions = directions * decay if lazy and decay != 1.0 else directions.clone()
+        if lazy and decay != 1.0:
+            self.directions = directions * decay if copy else directions.mul_(decay)
+        else:
+            self.directions = directions.clone() if copy else directions
         self.step = float(step)
         self.radius = radius
         self.decay = float(decay)
         self.lazy = lazy
         self.stamps = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
         self.previous = self.values.clone() if not lazy else None
+        self._last_write: tuple[Tensor, ...] = ()
 
     # --- closed forms -------------------------------------------------------------------------------
     def _weight(self, k: Tensor) -> Tensor:
@@ -114,6 +151,7 @@ class MovingBlocks:
         self.values[blocks] = current
         self.directions[blocks] = new_directions
         self.stamps[blocks] = t
+        self._last_write = (current, new_directions)
 
     def end_iteration(self, sampled: Tensor, t: int) -> None:
         """Eager mode only: move every block now (lazy mode needs nothing)."""
@@ -130,9 +168,27 @@ class MovingBlocks:
         self.values = project_ball(moved, self.radius) if self.radius is not None else moved
         self.stamps.fill_(t + 1)
 
-    def current_all(self, t: int) -> Tensor:
-        """Every block's value at iteration t (O(m); for evaluation)."""
-        return self.read(torch.arange(self.values.shape[0], device=self.values.device), t)[0]
+    def current(self, blocks: Tensor, t: int) -> Tensor:
+        """The given blocks' values at iteration t."""
+        return self.read(blocks, t)[0]
+
+    def current_all(self, t: int, chunk: int = CHUNK_BLOCKS) -> Tensor:
+        """Every block's value at iteration t (O(m); for evaluation), computed `chunk` blocks at a time so that
+        the temporaries stay small next to the (m, d) result."""
+        out = torch.empty_like(self.values)
+        for rows in block_chunks(self.values.shape[0], chunk, self.values.device):
+            out[rows] = self.read(rows, t)[0]
+        return out
+
+    def last_write_finite(self) -> bool:
+        """Whether the rows stored by the last `write` (values and directions) are finite: the O(B) part of a
+        NaN/inf guard (the other rows were checked when they were written)."""
+        written = self._last_write if self.lazy else (self.values, self.directions)
+        return all(bool(torch.isfinite(w).all()) for w in written)
+
+    def nbytes(self) -> int:
+        """Bytes held by the table (values, directions, stamps and, in eager mode, the previous values)."""
+        return sum(v.numel() * v.element_size() for v in self.state_dict().values() if v is not None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"values": self.values.clone(), "directions": self.directions.clone(),

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from mbbo.blocks import block_chunks
 from mbbo.oracles import Oracles
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
 
 STREAMS = ("blocks", "lower", "upper", "extra")
+# blocks per chunk when all estimators are initialised (one mini-batch per block): bounds the oracles' memory
+INIT_CHUNK_BLOCKS = 1024
 
 
 def check_positive(name: str, value: float) -> None:
@@ -42,20 +47,40 @@ class Hyper:
 
 @dataclass
 class MultiBlockConfig(Hyper):
-    """Hyper-parameters every multi-block method has (defaults of the BSVRB/RSVRB scripts: m = 100, B = 10)."""
+    """Hyper-parameters every multi-block method has (defaults of the BSVRB/RSVRB scripts: m = 100, B = 10).
+
+    `lower_lr` (tau) and, where present, `linsys_lr` (tau_v) left at None take the authors' value
+    (`paper_steps`) scaled for the expected revisit interval m/B by `lower_lr_scaling`
+    (`mbbo.steps.revisit_scaled_step`: "theory" = tau * min(1, 10 B / m), "none" = unscaled); a value set
+    explicitly is used exactly as given unless `lower_lr_scaling` is set explicitly too.
+    """
 
     block_batch: int = 10
     lr: float = 1e-3
-    lower_lr: float = 0.5
+    lower_lr: float | None = None
     beta: float = 0.9
+    lower_lr_scaling: str | None = None
+
+    # the authors' lower step sizes (run scripts, tuned at m / B = 10)
+    paper_steps: ClassVar[dict[str, float]] = {"lower_lr": 0.5}
 
     def validate(self, problem: MultiBlockProblem) -> None:
         m = problem.num_blocks
         if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
             raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
         check_positive("lr", self.lr)
-        check_positive("lower_lr", self.lower_lr)
+        for name in self.paper_steps:
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
+        if self.lower_lr_scaling not in LOWER_LR_SCALINGS:
+            raise ValueError(f"lower_lr_scaling must be one of {LOWER_LR_SCALINGS}, got {self.lower_lr_scaling!r}")
         check_unit("beta", self.beta)
+
+    def step_size(self, name: str, num_blocks: int, revisit: bool = True) -> float:
+        """The lower step size `name` in use: given or the authors', scaled for m / B (`revisit=False`: the
+        method moves a block only when it samples it, so no steps accumulate between visits: no scaling)."""
+        return revisit_scaled_step(getattr(self, name), self.paper_steps[name], self.lower_lr_scaling,
+                                   num_blocks, self.block_batch if revisit else num_blocks)
 
 
 class BilevelAlgorithm:
@@ -94,6 +119,25 @@ class BilevelAlgorithm:
         lower = pb.lower_sampler.sample(blocks, self.generators["lower"], batch_size)
         upper = pb.upper_sampler.sample(blocks, self.generators["upper"], batch_size)
         return lower, upper
+
+    def blockwise_tables(self, rows: Callable[[Tensor, Batch, Batch], dict[str, Tensor]],
+                         batch_size: int | None = None, chunk: int = INIT_CHUNK_BLOCKS) -> dict[str, Tensor]:
+        """Per-block tables (leading dimension m) built `chunk` blocks at a time: `rows(blocks, lower, upper)`
+        returns each table's rows for the blocks, from one mini-batch per block (of `batch_size`). O(m) once,
+        with a working set of one chunk (initialising every block's estimators at m = 10^6 fits memory)."""
+        m = self.problem.num_blocks
+        tables: dict[str, Tensor] = {}
+        for blocks in block_chunks(m, chunk, self.x.device):
+            lower, upper = self.sample_batches(blocks, batch_size)
+            for name, value in rows(blocks, lower, upper).items():
+                if name not in tables:
+                    tables[name] = value.new_empty((m, *value.shape[1:]))
+                tables[name][blocks] = value
+        return tables
+
+    def hyper(self, name: str) -> Any:
+        """The value of hyper-parameter `name` in use (resolved defaults included)."""
+        return getattr(self.config, name)
 
     @classmethod
     def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
@@ -152,3 +196,28 @@ class BilevelAlgorithm:
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.lower_variables()).all())
+
+
+class MultiBlockAlgorithm(BilevelAlgorithm):
+    """Base of the methods configured by a `MultiBlockConfig`: resolves their lower step sizes for m / B."""
+
+    # False for methods that move a block only when they sample it (no steps accumulate between visits)
+    accumulates_lower_steps: ClassVar[bool] = True
+
+    def hyper(self, name: str) -> Any:
+        """Lower step sizes resolved for m / B (`MultiBlockConfig.step_size`); others as configured."""
+        cfg = self.config
+        assert isinstance(cfg, MultiBlockConfig)
+        if name in cfg.paper_steps:
+            return cfg.step_size(name, self.problem.num_blocks, revisit=self.accumulates_lower_steps)
+        return super().hyper(name)
+
+    def set_hyper(self, **changes: Any) -> None:
+        """As `BilevelAlgorithm.set_hyper`; the lower step sizes in use are pinned first (made explicit, scaling
+        "none"), so that a change of one (a restart's decay) neither rescales it nor moves the others."""
+        cfg = self.config
+        assert isinstance(cfg, MultiBlockConfig)
+        if "lower_lr_scaling" not in changes:
+            pinned: dict[str, Any] = {name: self.hyper(name) for name in cfg.paper_steps}
+            changes = {**pinned, "lower_lr_scaling": "none", **changes}
+        super().set_hyper(**changes)

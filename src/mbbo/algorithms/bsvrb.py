@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import BilevelAlgorithm, Hyper, MultiBlockConfig, check_positive, check_unit
+from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig, check_positive, check_unit
 from mbbo.blocks import BlockSampler, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
@@ -77,17 +77,18 @@ class BSVRBv1Config(BlockwiseConfig):
 
 @dataclass
 class BSVRBv2Config(BlockwiseConfig):
-    lower_lr: float = 1.0
-    linsys_lr: float = 1.0
+    linsys_lr: float | None = None
     v_radius: float = 10.0
+
+    # run_BSVRBv2.sh: tau = tau_v = 1 (scaled for m / B, see MultiBlockConfig)
+    paper_steps: ClassVar[dict[str, float]] = {"lower_lr": 1.0, "linsys_lr": 1.0}
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        check_positive("linsys_lr", self.linsys_lr)
         check_positive("v_radius", self.v_radius)
 
 
-class _Blockwise(BilevelAlgorithm):
+class _Blockwise(MultiBlockAlgorithm):
     """The shared blockwise iteration; subclasses provide the estimators of the hypergradient."""
 
     moving_average: ClassVar[bool] = False
@@ -100,12 +101,13 @@ class _Blockwise(BilevelAlgorithm):
         self._initialise(problem.y0)
 
     def _initialise(self, y: Tensor) -> None:
-        """Estimators of all blocks from one mini-batch each (of `init_batch_size`) at (x, y)."""
+        """Estimators of all blocks from one mini-batch each (of `init_batch_size`) at (x, y), in chunks."""
         cfg, t = self.config, self.iteration
-        all_blocks = torch.arange(self.problem.num_blocks, device=self.x.device)
-        lower, upper = self.sample_batches(all_blocks, cfg.init_batch_size)
-        s0 = self._init_estimators(all_blocks, lower, upper, y)
-        self.y = MovingBlocks(y, s0, self._move_step(cfg.lower_lr), lazy=cfg.lazy)
+        tables = self.blockwise_tables(lambda blocks, lower, upper: self._init_estimators(blocks, lower, upper, y),
+                                       cfg.init_batch_size)
+        self._set_estimators(tables)
+        # y may be the problem's y0 (the table is written in place); the estimator tables are fresh
+        self.y = MovingBlocks(y.clone(), tables["s"], self._move_step("lower_lr"), lazy=cfg.lazy, copy=False)
         self.y.stamps.fill_(t)
         self.fresh = True
 
@@ -114,9 +116,9 @@ class _Blockwise(BilevelAlgorithm):
         self._initialise(self.lower_variables())
 
     # --- configuration of the variants ---------------------------------------------------------------
-    def _move_step(self, step: float) -> float:
+    def _move_step(self, name: str) -> float:
         # the moving-average method moves only sampled blocks, at write time
-        return 0.0 if self.moving_average else step
+        return 0.0 if self.moving_average else self.hyper(name)
 
     @property
     def lower_tracker(self) -> MSVR | EMA:
@@ -138,7 +140,7 @@ class _Blockwise(BilevelAlgorithm):
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.y.step = self._move_step(self.config.lower_lr)
+        self.y.step = self._move_step("lower_lr")
 
     # --- the iteration ------------------------------------------------------------------------------
     def step(self) -> None:
@@ -153,7 +155,7 @@ class _Blockwise(BilevelAlgorithm):
         self.z = grads[0] if self.fresh else self.upper_tracker.update(self.z, grads[0], grads[-1])
         self.fresh = False
         if self.moving_average:
-            y_cur = y_cur - cfg.lower_lr * s_new
+            y_cur = y_cur - self.hyper("lower_lr") * s_new
         self.y.write(blocks, y_cur, s_new, t)
         self.y.end_iteration(blocks, t)
         self._end_iteration(blocks, t)
@@ -164,7 +166,27 @@ class _Blockwise(BilevelAlgorithm):
     def lower_variables(self) -> Tensor:
         return self.y.current_all(self.iteration)
 
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
+    def lower_variables_of(self, blocks: Tensor) -> Tensor:
+        """Current lower variables of the given blocks, (len(blocks), d_y): O(len(blocks))."""
+        return self.y.current(blocks, self.iteration)
+
+    def is_finite(self) -> bool:
+        """NaN/inf guard of one step, O(B): x, the x tracker and the block rows this step wrote."""
+        return (bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.z).all())
+                and all(table.last_write_finite() for table in self._block_tables()))
+
+    def _block_tables(self) -> list[MovingBlocks]:
+        return [self.y]
+
+    def table_bytes(self) -> int:
+        """Bytes held by the per-block tables (lower variables, estimators, stamps)."""
+        return sum(table.nbytes() for table in self._block_tables())
+
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> dict[str, Tensor]:
+        """The initial estimators' rows of the given blocks (`s` for the lower gradients, and the variant's)."""
+        raise NotImplementedError
+
+    def _set_estimators(self, tables: dict[str, Tensor]) -> None:
         raise NotImplementedError
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
@@ -181,7 +203,7 @@ class _Blockwise(BilevelAlgorithm):
         self.z = state["z"].clone()
         self.fresh = bool(state["fresh"])
         self.y.load_state_dict(state["y"])
-        self.y.step = self._move_step(self.config.lower_lr)
+        self.y.step = self._move_step("lower_lr")
 
 
 class BSVRBv1(_Blockwise):
@@ -196,11 +218,18 @@ class BSVRBv1(_Blockwise):
     name = "bsvrb_v1"
     Config = BSVRBv1Config
 
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
-        xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> dict[str, Tensor]:
+        xs, ys = self.x.unsqueeze(0), y[blocks].unsqueeze(0)
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
-        self.hessians, self.factors = floor_and_factor(hess[0], self.config.hessian_floor)
-        return gy[0]
+        hessians, factors = floor_and_factor(hess[0], self.config.hessian_floor)
+        return {"s": gy[0], "hessians": hessians, "factors": factors}
+
+    def _set_estimators(self, tables: dict[str, Tensor]) -> None:
+        self.hessians, self.factors = tables["hessians"], tables["factors"]
+        self._written_hessians = self.hessians[:0]
+
+    def is_finite(self) -> bool:
+        return super().is_finite() and bool(torch.isfinite(self._written_hessians).all())
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
                   ) -> tuple[Tensor, Tensor]:
@@ -211,6 +240,7 @@ class BSVRBv1(_Blockwise):
         h_new, factor_new = floor_and_factor(self.track(self.hessians[blocks], hess), self.config.hessian_floor)
         factors = torch.stack([factor_new, self.factors[blocks]])[: xs.shape[0]]
         self.hessians[blocks], self.factors[blocks] = h_new, factor_new
+        self._written_hessians = h_new
         # G_new uses the new Hessian estimates, G_old the previous ones (same samples)
         w = cholesky_solve(factors, gy_f)
         return self.hypergradient(gx_f, self.oracles.cross(xs, ys, w, lower, blocks)), s_new
@@ -218,6 +248,9 @@ class BSVRBv1(_Blockwise):
     def hessian_estimates(self) -> Tensor:
         """The floored Hessian estimates H_i of all blocks, (m, d_y, d_y)."""
         return self.hessians.clone()
+
+    def table_bytes(self) -> int:
+        return super().table_bytes() + sum(t.numel() * t.element_size() for t in (self.hessians, self.factors))
 
     def _tensors(self) -> dict[str, Any]:
         return {**super()._tensors(), "hessians": self.hessians.clone(), "factors": self.factors.clone()}
@@ -234,19 +267,24 @@ class BSVRBv2(_Blockwise):
     name = "bsvrb_v2"
     Config = BSVRBv2Config
 
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> dict[str, Tensor]:
         """s_i = grad_y g_i and u_i = (grad_yy g_i) v_i - grad_y f_i at the current point (v_i = 0 at start,
         carried over on restarts)."""
-        cfg = self.config
-        xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
+        xs, ys = self.x.unsqueeze(0), y[blocks].unsqueeze(0)
         restarting = hasattr(self, "v")
-        v0 = self.v.current_all(self.iteration) if restarting else torch.zeros_like(y)
+        v0 = self.v.current(blocks, self.iteration) if restarting else torch.zeros_like(ys[0])
         gy, hv, _ = self.oracles.lower_products(xs, ys, v0.unsqueeze(0), lower, blocks)
         _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
-        self.v = MovingBlocks(v0, hv[0] - gy_f[0], self._move_step(cfg.linsys_lr), radius=cfg.v_radius,
-                              lazy=cfg.lazy)
+        return {"s": gy[0], "v": v0, "u": hv[0] - gy_f[0]}
+
+    def _set_estimators(self, tables: dict[str, Tensor]) -> None:
+        cfg = self.config
+        self.v = MovingBlocks(tables["v"], tables["u"], self._move_step("linsys_lr"), radius=cfg.v_radius,
+                              lazy=cfg.lazy, copy=False)
         self.v.stamps.fill_(self.iteration)
-        return gy[0]
+
+    def _block_tables(self) -> list[MovingBlocks]:
+        return [self.y, self.v]
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
                   ) -> tuple[Tensor, Tensor]:
@@ -258,7 +296,7 @@ class BSVRBv2(_Blockwise):
         s_new = self.track(self.y.direction(blocks, t), gy)
         u_new = self.track(self.v.direction(blocks, t), hv - gy_f)
         if self.moving_average:
-            v_cur = project_ball(v_cur - cfg.linsys_lr * u_new, cfg.v_radius)
+            v_cur = project_ball(v_cur - self.hyper("linsys_lr") * u_new, cfg.v_radius)
         self.v.write(blocks, v_cur, u_new, t)
         return self.hypergradient(gx_f, cross), s_new
 
@@ -267,7 +305,7 @@ class BSVRBv2(_Blockwise):
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.v.step = self._move_step(self.config.linsys_lr)
+        self.v.step = self._move_step("linsys_lr")
 
     def linear_system_variables(self) -> Tensor:
         """Current v_i of all blocks, (m, d_y)."""
@@ -279,7 +317,7 @@ class BSVRBv2(_Blockwise):
     def _load_tensors(self, state: dict[str, Any]) -> None:
         super()._load_tensors(state)
         self.v.load_state_dict(state["v"])
-        self.v.step = self._move_step(self.config.linsys_lr)
+        self.v.step = self._move_step("linsys_lr")
 
 
 @dataclass
@@ -301,6 +339,7 @@ class MovingAverageV1(BSVRBv1):
     name = "ma_v1"
     Config = MAConfig
     moving_average = True
+    accumulates_lower_steps = False
 
 
 class MovingAverageV2(BSVRBv2):
@@ -310,3 +349,4 @@ class MovingAverageV2(BSVRBv2):
     name = "ma_v2"
     Config = MAv2Config
     moving_average = True
+    accumulates_lower_steps = False
