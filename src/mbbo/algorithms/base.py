@@ -10,14 +10,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.blocks import block_chunks
 from mbbo.oracles import Oracles
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
 
 STREAMS = ("blocks", "lower", "upper", "extra")
-# blocks per chunk when all estimators are initialised (one mini-batch per block): bounds the oracles' memory
+# chunks when all estimators are initialised (one mini-batch per block): bound the oracles' working set
 INIT_CHUNK_BLOCKS = 1024
+INIT_CHUNK_ELEMENTS = 2**23
 
 
 def check_positive(name: str, value: float) -> None:
@@ -121,18 +121,27 @@ class BilevelAlgorithm:
         return lower, upper
 
     def blockwise_tables(self, rows: Callable[[Tensor, Batch, Batch], dict[str, Tensor]],
-                         batch_size: int | None = None, chunk: int = INIT_CHUNK_BLOCKS) -> dict[str, Tensor]:
-        """Per-block tables (leading dimension m) built `chunk` blocks at a time: `rows(blocks, lower, upper)`
+                         batch_size: int | None = None) -> dict[str, Tensor]:
+        """Per-block tables (leading dimension m) built a chunk of blocks at a time: `rows(blocks, lower, upper)`
         returns each table's rows for the blocks, from one mini-batch per block (of `batch_size`). O(m) once,
-        with a working set of one chunk (initialising every block's estimators at m = 10^6 fits memory)."""
-        m = self.problem.num_blocks
+        with a bounded working set (initialising every block's estimators at m = 10^6 fits memory): the first
+        chunk has INIT_CHUNK_BLOCKS blocks, the next ones as many as fit INIT_CHUNK_ELEMENTS elements of
+        mini-batches and rows (measured on the first chunk)."""
+        m, device = self.problem.num_blocks, self.x.device
         tables: dict[str, Tensor] = {}
-        for blocks in block_chunks(m, chunk, self.x.device):
+        start, chunk = 0, INIT_CHUNK_BLOCKS
+        while start < m:
+            blocks = torch.arange(start, min(start + chunk, m), device=device)
             lower, upper = self.sample_batches(blocks, batch_size)
-            for name, value in rows(blocks, lower, upper).items():
+            new = rows(blocks, lower, upper)
+            for name, value in new.items():
                 if name not in tables:
                     tables[name] = value.new_empty((m, *value.shape[1:]))
                 tables[name][blocks] = value
+            if start == 0:
+                per_block = sum(t.numel() for t in (*lower.values(), *upper.values(), *new.values())) / len(blocks)
+                chunk = max(INIT_CHUNK_BLOCKS, int(INIT_CHUNK_ELEMENTS // max(per_block, 1.0)))
+            start += len(blocks)
         return tables
 
     def hyper(self, name: str) -> Any:
