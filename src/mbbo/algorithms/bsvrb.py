@@ -221,11 +221,11 @@ class BSVRBv1(_Blockwise):
     def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> dict[str, Tensor]:
         xs, ys = self.x.unsqueeze(0), y[blocks].unsqueeze(0)
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
-        hessians, factors = floor_and_factor(hess[0], self.config.hessian_floor)
-        return {"s": gy[0], "hessians": hessians, "factors": factors}
+        hessians, _ = floor_and_factor(hess[0], self.config.hessian_floor)
+        return {"s": gy[0], "hessians": hessians}
 
     def _set_estimators(self, tables: dict[str, Tensor]) -> None:
-        self.hessians, self.factors = tables["hessians"], tables["factors"]
+        self.hessians = tables["hessians"]
         self._written_hessians = self.hessians[:0]
 
     def is_finite(self) -> bool:
@@ -236,10 +236,13 @@ class BSVRBv1(_Blockwise):
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
         gx_f, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
         s_new = self.track(self.y.direction(blocks, t), gy)
-        # H_i is kept with its Cholesky factor, which both the floor check and the solves use
+        # the floor check yields the new estimates' Cholesky factors; the previous estimates' factors are
+        # recomputed (O(B d^3), bit-identical) rather than stored (m d^2 more memory)
         h_new, factor_new = floor_and_factor(self.track(self.hessians[blocks], hess), self.config.hessian_floor)
-        factors = torch.stack([factor_new, self.factors[blocks]])[: xs.shape[0]]
-        self.hessians[blocks], self.factors[blocks] = h_new, factor_new
+        factors = factor_new.unsqueeze(0)
+        if xs.shape[0] > 1:
+            factors = torch.stack([factor_new, torch.linalg.cholesky(self.hessians[blocks])])
+        self.hessians[blocks] = h_new
         self._written_hessians = h_new
         # G_new uses the new Hessian estimates, G_old the previous ones (same samples)
         w = cholesky_solve(factors, gy_f)
@@ -250,14 +253,14 @@ class BSVRBv1(_Blockwise):
         return self.hessians.clone()
 
     def table_bytes(self) -> int:
-        return super().table_bytes() + sum(t.numel() * t.element_size() for t in (self.hessians, self.factors))
+        return super().table_bytes() + self.hessians.numel() * self.hessians.element_size()
 
     def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "hessians": self.hessians.clone(), "factors": self.factors.clone()}
+        return {**super()._tensors(), "hessians": self.hessians.clone()}
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         super()._load_tensors(state)
-        self.hessians, self.factors = state["hessians"].clone(), state["factors"].clone()
+        self.hessians = state["hessians"].clone()
 
 
 class BSVRBv2(_Blockwise):
