@@ -71,7 +71,7 @@ def test_evaluation_blocks_seeded_and_auto() -> None:
     assert evaluation_blocks(block_eval.AUTO_EVAL_BLOCKS, "auto", seed=0) is None
     auto = evaluation_blocks(5 * block_eval.AUTO_EVAL_BLOCKS, "auto", seed=0)
     assert auto is not None and auto.shape == (block_eval.AUTO_EVAL_BLOCKS,)
-    with pytest.raises(ValueError, match="eval_blocks must be None .* got 0"):
+    with pytest.raises(ValueError, match=r"eval_blocks must be None .* got 0"):
         evaluation_blocks(10, 0, seed=0)
 
 
