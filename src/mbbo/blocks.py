@@ -10,6 +10,7 @@ all-block update instead (used to test that both agree).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -110,6 +111,9 @@ class MovingBlocks:
 
     def _replay(self, start: Tensor, direction: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Exact k-fold projected steps for each row; returns (w after k steps, w after k-1 steps)."""
+        if self.decay == 1.0 and self.radius is not None:
+            rows = [ball_path(start[i], direction[i], self.step, self.radius, int(k[i])) for i in range(len(k))]
+            return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         cur, prev = start.clone(), start.clone()
         d = direction.clone()
         for j in range(1, int(k.max()) + 1):
@@ -199,6 +203,51 @@ class MovingBlocks:
         self.directions = state["directions"].clone()
         self.stamps = state["stamps"].clone()
         self.previous = None if state["previous"] is None else state["previous"].clone()
+
+
+def ball_path(start: Tensor, direction: Tensor, step: float, radius: float, k: int) -> tuple[Tensor, Tensor]:
+    """(w_k, w_{k-1}) of w_{j+1} = Proj_{||w|| <= R}(w_j - step d) from w_0 = `start` (||w_0|| <= R), exactly.
+
+    The path stays in the plane of w_0 and d. With e = d / ||d||, c = step ||d||, w = alpha e + beta e_2: the
+    unprojected segment alpha_j = alpha_0 - j c leaves the ball at a step known in closed form; from there on
+    the iterate stays on the sphere (alpha < 0), and only the scalar ratio rho = -alpha / beta changes, by
+    rho <- rho + (c / R) sqrt(1 + rho^2) (the projection rescales alpha and beta alike, so beta / R is the
+    sine of the angle to -e). No closed form exists for that map's iterates, so they are run on Python
+    floats: O(k) scalar operations for a row that reaches the sphere, O(1) otherwise, O(d) to map back.
+    """
+    w0, d = start.double(), direction.double()
+    dnorm = float(torch.linalg.vector_norm(d))
+    c = step * dnorm
+    if k <= 0 or c == 0.0:
+        return start.clone(), start.clone()
+    e = d / dnorm
+    alpha0 = float(w0 @ e)
+    perp = w0 - alpha0 * e
+    beta0 = float(torch.linalg.vector_norm(perp))
+    e2 = perp / beta0 if beta0 > 0.0 else torch.zeros_like(perp)
+    half_chord = math.sqrt(max(radius * radius - beta0 * beta0, 0.0))
+    # the linear steps j = 1 .. inside stay in the ball; step inside + 1 is the first one projected
+    inside = max(0, math.floor((alpha0 + half_chord) / c))
+    while inside > 0 and (alpha0 - inside * c) ** 2 + beta0 * beta0 > radius * radius:
+        inside -= 1  # guards the floor against rounding at the boundary
+
+    def at(alpha: float, beta: float) -> Tensor:
+        return (alpha * e + beta * e2).to(start.dtype)
+
+    if k <= inside:
+        return at(alpha0 - k * c, beta0), at(alpha0 - (k - 1) * c, beta0)
+    r2 = radius * radius
+    prev = (alpha0 - inside * c, beta0)
+    alpha, beta = alpha0 - (inside + 1) * c, beta0
+    for j in range(inside + 1, k + 1):
+        if j > inside + 1:
+            prev = (alpha, beta)
+            alpha -= c
+        norm2 = alpha * alpha + beta * beta
+        if norm2 > r2:
+            scale = radius / math.sqrt(norm2)
+            alpha, beta = alpha * scale, beta * scale
+    return at(alpha, beta), at(*prev)
 
 
 class DecayingSparseRows:
