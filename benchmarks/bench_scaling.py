@@ -1,8 +1,10 @@
 """Scaling in the number of blocks m: T1 a8a (temperatures spread over [1, 11]), B = 10, b = 32, float32.
 
 Each (algorithm, m) runs in a fresh subprocess with `torch.set_num_threads(1)`:
-- ms/iteration: median over `--repeats` repeats of `--iterations` timed steps, after `--warmup` steps
-  (evaluation excluded);
+- ms/iteration: median over `--repeats` repeats of `--iterations` timed steps, after `--warmup` steps, a jump
+  of the iteration counter by m / B (so that every block read has been untouched for about m / B iterations,
+  as in a long run: its lazy replay has its steady-state length) and `--warmup` more steps (evaluation
+  excluded);
 - peak RSS of the process (`getrusage` ru_maxrss: data, problem, tables, initialisation and the steps);
 - the bytes the algorithm's per-block tables hold (`table_bytes()`) and the initialisation time (O(m) once);
 - the time of one evaluation with the default `eval_blocks="auto"` (informative).
@@ -77,6 +79,11 @@ def child(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
     """One (algorithm, m) measurement, in this (fresh) process."""
     torch.set_num_threads(1)
     task, alg, init_s = _build(name, m, args)
+    for _ in range(args.warmup):
+        alg.step()
+    # steady state: a block is read about m / B iterations after its last write (the lazy replays and the
+    # projected paths of v then have their typical length), which a short run from iteration 0 never reaches
+    alg.iteration += m // args.block_batch
     for _ in range(args.warmup):
         alg.step()
     times = []
