@@ -165,7 +165,7 @@ def stability(args: argparse.Namespace) -> None:
             total = 2 * m // args.block_batch
             every = max(1, total // 10)
             curve = [task.evaluate(alg)["val_loss"]]
-            start = time.perf_counter()
+            start, it = time.perf_counter(), 0
             for it in range(1, total + 1):
                 alg.step()
                 if not alg.is_finite():
@@ -173,19 +173,23 @@ def stability(args: argparse.Namespace) -> None:
                     break
                 if it % every == 0:
                     curve.append(task.evaluate(alg)["val_loss"])
-            row = {"m": m, "lower_lr_scaling": scaling, "iterations": total, "val_loss_curve": curve,
+                    if curve[-1] > 2.0 * curve[0]:  # diverged: stop early (to save time), say so
+                        break
+            row = {"m": m, "lower_lr_scaling": scaling, "iterations": total, "stopped_at": it,
+                   "val_loss_curve": curve,
                    "tau": alg.hyper("lower_lr"), "tau_v": alg.hyper("linsys_lr"),
                    "seconds": time.perf_counter() - start}
             print(json.dumps(row), flush=True)
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / "scaling_stability.json", json.dumps(rows, indent=1) + "\n")
-    lines = ["| m | lower_lr_scaling | tau = tau_v | iterations (2m/B) | val loss: start | min | end |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| m | lower_lr_scaling | tau = tau_v | iterations (2m/B) | run | val loss: start | min | end |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["val_loss_curve"]
-        lines.append(f"| {r['m']:,} | {r['lower_lr_scaling']} | {r['tau']:.3g} | {r['iterations']} | {c[0]:.4f} | "
-                     f"{min(c):.4f} | {c[-1]:.4f} |")
+        run = "all" if r["stopped_at"] == r["iterations"] else f"stopped at {r['stopped_at']} (val loss > 2x start)"
+        lines.append(f"| {r['m']:,} | {r['lower_lr_scaling']} | {r['tau']:.3g} | {r['iterations']} | {run} | "
+                     f"{c[0]:.4f} | {min(c):.4f} | {c[-1]:.4f} |")
     atomic_write_text(RESULTS / "scaling_stability.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
