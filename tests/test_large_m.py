@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 from mbbo.algorithms.registry import make_algorithm
 from mbbo.blocks import BlockSampler, first_occurrences
 from mbbo.problem import MultiBlockProblem
+from mbbo.steps import revisit_scaled_step
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
 
 SMALL, LARGE = 100, 1_000_000
@@ -114,3 +115,44 @@ def test_block_sampler_large_m_draws_distinct_uniform_blocks() -> None:
 def test_first_occurrences() -> None:
     values = torch.tensor([5, 3, 5, 1, 3, 3, 7])
     assert first_occurrences(values).tolist() == [True, True, False, True, False, False, True]
+
+
+def test_lower_lr_scaling_theory_default_and_explicit_tau() -> None:
+    """tau left at None: the authors' tau scaled by min(1, 10 B / m); set explicitly: exactly that tau."""
+    assert revisit_scaled_step(None, 1.0, None, 100, 10) == 1.0
+    assert revisit_scaled_step(None, 1.0, None, 10_000, 10) == pytest.approx(0.01)
+    assert revisit_scaled_step(None, 0.5, None, 100, 1) == pytest.approx(0.05)  # B = 1 at m = 100
+    assert revisit_scaled_step(None, 1.0, None, 20, 20) == 1.0  # never raised for m / B < 10
+    assert revisit_scaled_step(0.3, 1.0, None, 10_000, 10) == 0.3
+    assert revisit_scaled_step(0.3, 1.0, "theory", 10_000, 10) == pytest.approx(0.003)
+    assert revisit_scaled_step(None, 1.0, "none", 10_000, 10) == 1.0
+    with pytest.raises(ValueError, match="lower_lr_scaling must be one of"):
+        revisit_scaled_step(None, 1.0, "linear", 100, 10)
+    problem = _t1_like(1000)
+    v2 = make_algorithm("bsvrb_v2", problem, seed=0)
+    assert (v2.hyper("lower_lr"), v2.hyper("linsys_lr")) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert v2.y.step == pytest.approx(0.1) and v2.v.step == pytest.approx(0.1)
+    assert make_algorithm("bsvrb_v2", problem, seed=0, lower_lr=0.7).hyper("lower_lr") == 0.7
+    assert make_algorithm("rsvrb", problem, seed=0).hyper("lower_lr") == pytest.approx(0.05)
+    assert make_algorithm("ma_v2", problem, seed=0).hyper("lower_lr") == 1.0  # moves sampled blocks only
+    with pytest.raises(ValueError, match="lower_lr_scaling must be one of"):
+        make_algorithm("bsvrb_v1", problem, lower_lr_scaling="linear")
+
+
+def test_restart_decays_the_step_in_use_once() -> None:
+    """A restart divides the resolved tau by `decay` and pins it (no second scaling for m / B)."""
+    alg = make_algorithm("re_bsvrb_v2", _t1_like(1000), seed=0, stage_length=2, decay=2.0,
+                         lower_lr_scaling="theory")
+    for _ in range(2):
+        alg.step()
+    assert alg.inner.hyper("lower_lr") == pytest.approx(0.05)
+    assert alg.inner.config.lower_lr_scaling == "none" and alg.inner.y.step == pytest.approx(0.05)
+
+
+def test_step_guard_sees_a_non_finite_row_the_step_wrote() -> None:
+    alg = make_algorithm("bsvrb_v2", _t1_like(20), seed=0, block_batch=20)
+    alg.step()
+    assert alg.is_finite()
+    alg.y.values[3] = float("nan")  # every block is sampled (B = m): the next step reads and rewrites it
+    alg.step()
+    assert not alg.is_finite()
