@@ -1,7 +1,8 @@
 """Scaling in the number of blocks m: T1 a8a (temperatures spread over [1, 11]), B = 10, b = 32, float32.
 
 Each (algorithm, m) runs in a fresh subprocess with `torch.set_num_threads(1)`:
-- ms/iteration: median over `--repeats` repeats of `--iterations` timed steps, after `--warmup` steps, a jump
+- ms/iteration (wall clock) and CPU ms/iteration (process time, less sensitive to other jobs on shared
+  cores): medians over `--repeats` repeats of `--iterations` timed steps, after `--warmup` steps, a jump
   of the iteration counter by m / B (so that every block read has been untouched for about m / B iterations,
   as in a long run: its lazy replay has its steady-state length) and `--warmup` more steps (evaluation
   excluded);
@@ -86,18 +87,20 @@ def child(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
     alg.iteration += m // args.block_batch
     for _ in range(args.warmup):
         alg.step()
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(args.iterations):
             alg.step()
         times.append((time.perf_counter() - start) / args.iterations * 1e3)
+        cpu.append((time.process_time() - start_cpu) / args.iterations * 1e3)
     finite = bool(alg.is_finite())
     start = time.perf_counter()
     with torch.no_grad():
         metrics = task.evaluate(alg)
     eval_s = time.perf_counter() - start
     return {"algorithm": name, "m": m, "ms_per_iteration": statistics.median(times), "ms_repeats": times,
+            "cpu_ms_per_iteration": statistics.median(cpu), "load": os.getloadavg()[0],
             "peak_rss_mb": _rss_mb(), "table_mb": alg.table_bytes() / 2**20, "init_s": init_s, "eval_s": eval_s,
             "val_loss": metrics["val_loss"], "finite": finite}
 
@@ -113,16 +116,19 @@ def run_child(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| algorithm | m | ms/iteration | ratio to m=100 | peak RSS (MB) | tables (MB) | RSS - tables (MB) "
-             "| init (s) | eval (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | m | ms/iteration (wall) | ratio to m=100 | CPU ms/iteration | ratio | load | peak RSS (MB) "
+             "| tables (MB) | RSS - tables (MB) | init (s) | eval (s) |", "|---" * 12 + "|"]
     base = {r["algorithm"]: r for r in rows if r["m"] == 100 and "error" not in r}
     for r in rows:
         if "error" in r or "skipped" in r:
-            lines.append(f"| {r['algorithm']} | {r['m']:,} | {r.get('skipped') or r['error']} | | | | | | |")
+            lines.append(f"| {r['algorithm']} | {r['m']:,} | {r.get('skipped') or r['error']} | | | | | | | | | |")
             continue
-        ratio = r["ms_per_iteration"] / base[r["algorithm"]]["ms_per_iteration"] if r["algorithm"] in base else None
-        lines.append(f"| {r['algorithm']} | {r['m']:,} | {r['ms_per_iteration']:.2f} | "
-                     f"{'' if ratio is None else f'{ratio:.2f}'} | {r['peak_rss_mb']:.0f} | {r['table_mb']:.0f} | "
+        b = base.get(r["algorithm"])
+        ratio = "" if b is None else f"{r['ms_per_iteration'] / b['ms_per_iteration']:.2f}"
+        cpu_ratio = "" if b is None else f"{r['cpu_ms_per_iteration'] / b['cpu_ms_per_iteration']:.2f}"
+        lines.append(f"| {r['algorithm']} | {r['m']:,} | {r['ms_per_iteration']:.2f} | {ratio} | "
+                     f"{r['cpu_ms_per_iteration']:.2f} | {cpu_ratio} | {r['load']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['table_mb']:.0f} | "
                      f"{r['peak_rss_mb'] - r['table_mb']:.0f} | {r['init_s']:.1f} | {r['eval_s']:.2f} |")
     return "\n".join(lines)
 
