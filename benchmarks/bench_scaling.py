@@ -76,17 +76,22 @@ def _build(name: str, m: int, args: argparse.Namespace) -> tuple[Any, Any, float
     return task, alg, time.perf_counter() - start
 
 
+def steady_state(alg: Any, m: int, args: argparse.Namespace) -> None:
+    """Warm up, then jump the iteration counter by m / B: a block is then read about m / B iterations after its
+    last write (the lazy replays and projected paths of v have their typical length), which a short run from
+    iteration 0 never reaches; then warm up again."""
+    for _ in range(args.warmup):
+        alg.step()
+    alg.iteration += m // args.block_batch
+    for _ in range(args.warmup):
+        alg.step()
+
+
 def child(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
     """One (algorithm, m) measurement, in this (fresh) process."""
     torch.set_num_threads(1)
     task, alg, init_s = _build(name, m, args)
-    for _ in range(args.warmup):
-        alg.step()
-    # steady state: a block is read about m / B iterations after its last write (the lazy replays and the
-    # projected paths of v then have their typical length), which a short run from iteration 0 never reaches
-    alg.iteration += m // args.block_batch
-    for _ in range(args.warmup):
-        alg.step()
+    steady_state(alg, m, args)
     times, cpu = [], []
     for _ in range(args.repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -203,8 +208,7 @@ def stability(args: argparse.Namespace) -> None:
 def profile(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     _, alg, _ = _build(args.profile, args.profile_m, args)
-    for _ in range(args.warmup):
-        alg.step()
+    steady_state(alg, args.profile_m, args)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.iterations):
