@@ -92,3 +92,27 @@ def test_lower_rows_falls_back_to_the_whole_table() -> None:
             return torch.arange(6.0).reshape(3, 2)
 
     assert lower_rows(Whole(), torch.tensor([2])).tolist() == [[4.0, 5.0]]
+
+
+def test_ndcg_eval_users_subset_reports_standard_error(shared_data) -> None:
+    from mbbo.ranking.metrics import evaluate_ndcg
+    from mbbo.tasks.ndcg import NDCGSettings, NDCGTask, load_split
+
+    settings = NDCGSettings(data_path=str(shared_data / "movielens" / "ml-100k" / "u.data"), eval_users=100,
+                            eval_test=False, ks=(10,))
+    split = load_split(settings)
+    weights = torch.linspace(0.0, 1.0, split.n_items)
+
+    def scorer(users: torch.Tensor) -> torch.Tensor:
+        return weights.expand(len(users), -1)
+
+    out = NDCGTask(split, settings).evaluate(scorer)
+    users = evaluation_blocks(split.dev.n_users, 100, settings.seed)
+    direct = evaluate_ndcg(scorer, split.dev, (split.train,), (10,), users=users, with_std=True)
+    assert out["dev_ndcg@10"] == pytest.approx(direct["ndcg@10"], rel=1e-12)
+    n = direct["users"]
+    assert out["dev_ndcg@10_sem"] == pytest.approx(direct["ndcg@10_std"] / math.sqrt(n) * math.sqrt(1 - n / 943))
+    every = NDCGTask(split, NDCGSettings(data_path=settings.data_path, eval_test=False, ks=(10,))).evaluate(scorer)
+    assert "dev_ndcg@10_sem" not in every
+    per_user = [evaluate_ndcg(scorer, split.dev, (split.train,), (10,), users=u.view(1))["ndcg@10"] for u in users]
+    assert direct["ndcg@10_std"] == pytest.approx(float(torch.tensor(per_user).std()), rel=1e-9)
