@@ -150,10 +150,11 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         if not ok:
             continue
         ms = [r["m"] for r in ok]
-        ax_t.loglog(ms, [r["ms_per_iteration"] for r in ok], "o-", label=name)
+        line = ax_t.loglog(ms, [r["cpu_ms_per_iteration"] for r in ok], "o-", label=f"{name} CPU")[0]
+        ax_t.loglog(ms, [r["ms_per_iteration"] for r in ok], "x:", color=line.get_color(), label=f"{name} wall")
         ax_m.loglog(ms, [r["peak_rss_mb"] for r in ok], "o-", label=f"{name} peak RSS")
         ax_m.loglog(ms, [max(r["table_mb"], 1e-1) for r in ok], "x--", label=f"{name} tables")
-    ax_t.set(xlabel="m (blocks)", ylabel="ms / iteration (median)", title="per-iteration time, B=10, b=32")
+    ax_t.set(xlabel="m (blocks)", ylabel="ms / iteration (median)", title="per-iteration time, B=10, b=32, 1 thread")
     ax_m.set(xlabel="m (blocks)", ylabel="MB", title="memory")
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
@@ -237,7 +238,13 @@ def main() -> None:
     p.add_argument("--scalings", nargs="+", default=["theory", "none"])
     p.add_argument("--profile", choices=ALGORITHMS)
     p.add_argument("--profile-m", type=int, default=1_000_000)
+    p.add_argument("--replot", action="store_true", help="redraw scaling.png and scaling.md from scaling.json")
     args = p.parse_args()
+    if args.replot:
+        rows = json.loads((RESULTS / "scaling.json").read_text())["rows"]
+        atomic_write_text(RESULTS / "scaling.md", _table(rows) + "\n")
+        _plot(rows, RESULTS / "scaling.png")
+        return
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args)))
         return
