@@ -27,6 +27,7 @@ import argparse
 import cProfile
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -165,6 +166,22 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _stability_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| m | lower_lr_scaling | tau = tau_v | iterations (2m/B) | run | val loss: start | min | end |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["val_loss_curve"]
+        if r["stopped_at"] == r["iterations"]:
+            run = "all"
+        elif math.isnan(c[-1]):
+            run = f"state non-finite at iteration {r['stopped_at']}"
+        else:
+            run = f"stopped at {r['stopped_at']} (val loss > 2x start)"
+        lines.append(f"| {r['m']:,} | {r['lower_lr_scaling']} | {r['tau']:.3g} | {r['iterations']} | {run} | "
+                     f"{c[0]:.4f} | {min(x for x in c if not math.isnan(x)):.4f} | {c[-1]:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def stability(args: argparse.Namespace) -> None:
     """T1 a8a validation loss over 2 m / B iterations for each m and lower_lr_scaling (float32, B = 10)."""
     torch.set_num_threads(1)
@@ -195,15 +212,9 @@ def stability(args: argparse.Namespace) -> None:
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / "scaling_stability.json", json.dumps(rows, indent=1) + "\n")
-    lines = ["| m | lower_lr_scaling | tau = tau_v | iterations (2m/B) | run | val loss: start | min | end |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        c = r["val_loss_curve"]
-        run = "all" if r["stopped_at"] == r["iterations"] else f"stopped at {r['stopped_at']} (val loss > 2x start)"
-        lines.append(f"| {r['m']:,} | {r['lower_lr_scaling']} | {r['tau']:.3g} | {r['iterations']} | {run} | "
-                     f"{c[0]:.4f} | {min(c):.4f} | {c[-1]:.4f} |")
-    atomic_write_text(RESULTS / "scaling_stability.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = _stability_table(rows)
+    atomic_write_text(RESULTS / "scaling_stability.md", text)
+    print(text)
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -244,6 +255,9 @@ def main() -> None:
         rows = json.loads((RESULTS / "scaling.json").read_text())["rows"]
         atomic_write_text(RESULTS / "scaling.md", _table(rows) + "\n")
         _plot(rows, RESULTS / "scaling.png")
+        stable = RESULTS / "scaling_stability.json"
+        if stable.exists():
+            atomic_write_text(RESULTS / "scaling_stability.md", _stability_table(json.loads(stable.read_text())))
         return
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args)))
