@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mbbo.blocks import MovingBlocks
 from mbbo.oracles import Oracles
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
@@ -212,6 +213,14 @@ class MultiBlockAlgorithm(BilevelAlgorithm):
 
     # False for methods that move a block only when they sample it (no steps accumulate between visits)
     accumulates_lower_steps: ClassVar[bool] = True
+    y: MovingBlocks  # the lower variables of all blocks
+
+    def lower_variables(self) -> Tensor:
+        return self.y.current_all(self.iteration)
+
+    def lower_variables_of(self, blocks: Tensor) -> Tensor:
+        """Current lower variables of the given blocks, (len(blocks), d_y): O(len(blocks))."""
+        return self.y.current(blocks, self.iteration)
 
     def hyper(self, name: str) -> Any:
         """Lower step sizes resolved for m / B (`MultiBlockConfig.step_size`); others as configured."""

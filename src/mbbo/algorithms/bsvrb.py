@@ -163,13 +163,6 @@ class _Blockwise(MultiBlockAlgorithm):
         self.x = self.x - cfg.lr * self.z
         self.iteration += 1
 
-    def lower_variables(self) -> Tensor:
-        return self.y.current_all(self.iteration)
-
-    def lower_variables_of(self, blocks: Tensor) -> Tensor:
-        """Current lower variables of the given blocks, (len(blocks), d_y): O(len(blocks))."""
-        return self.y.current(blocks, self.iteration)
-
     def is_finite(self) -> bool:
         """NaN/inf guard of one step, O(B): x, the x tracker and the block rows this step wrote."""
         return (bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.z).all())

@@ -178,13 +178,6 @@ class RSVRB(MultiBlockAlgorithm):
         self.x = self.x - cfg.lr * self.d
         self.iteration += 1
 
-    def lower_variables(self) -> Tensor:
-        return self.y.current_all(self.iteration)
-
-    def lower_variables_of(self, blocks: Tensor) -> Tensor:
-        """Current lower variables of the given blocks: O(len(blocks))."""
-        return self.y.current(blocks, self.iteration)
-
     def is_finite(self) -> bool:
         """NaN/inf guard of one step, O(B): x, its tracker and the block rows this step wrote."""
         return (bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.d).all())
@@ -205,6 +198,7 @@ class RSVRB(MultiBlockAlgorithm):
         self.d = state["d"].clone()
         self.fresh = bool(state["fresh"])
         self.y.load_state_dict(state["y"])
+        self.y.step = self.hyper("lower_lr")  # the loaded configuration's (a restart may have decayed it)
         self.stamps = state["stamps"].clone()
         self.grad_f, self.eigvals, self.eigvecs = (state[k].clone() for k in ("grad_f", "eigvals", "eigvecs"))
         if isinstance(self.jacobian, DecayingSparseRows):
