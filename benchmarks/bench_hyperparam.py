@@ -146,7 +146,8 @@ def build(name: str, task: HyperparamTask, problem: MultiBlockProblem, args: arg
     cfg = BSVRBv2Config(block_batch=args.block_batch)
     hw = load_handwritten()
     return hw.HandwrittenBSVRBv2(task, problem, seed=args.seed, block_batch=cfg.block_batch, lr=cfg.lr,
-                                 lower_lr=cfg.lower_lr, linsys_lr=cfg.linsys_lr, alpha=cfg.alpha,
+                                 lower_lr=cfg.step_size("lower_lr", problem.num_blocks),
+                                 linsys_lr=cfg.step_size("linsys_lr", problem.num_blocks), alpha=cfg.alpha,
                                  gamma=float(cfg.gamma), beta=cfg.beta, v_radius=cfg.v_radius,
                                  init_batch_size=cfg.init_batch_size)
 

@@ -9,7 +9,7 @@ import torch
 
 from mbbo.algorithms.bsvrb import BSVRBv2
 from mbbo.algorithms.restart import Restarted
-from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks
+from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks, ball_path
 from mbbo.projections import (
     eig_compose,
     eig_solve,
@@ -199,3 +199,20 @@ def test_quadratic_noise_is_a_mini_batch_mean() -> None:
     hess = torch.cat([pb.lower_sampler.sample(torch.tensor([0]), gen, batch_size=4)["hessian_noise"]
                       for _ in range(4000)])
     assert hess.std().item() == pytest.approx(0.2 / 2, rel=0.05)
+
+
+@pytest.mark.parametrize("k", [1, 3, 40, 700])
+def test_ball_path_equals_projected_steps(k: int) -> None:
+    """Closed-form segment + scalar sphere recursion == k literal projected steps (rows inside, on the sphere)."""
+    gen = torch.Generator().manual_seed(k)
+    radius, step = 1.5, 0.03
+    starts = torch.cat([project_ball(torch.randn(3, 4, generator=gen, dtype=torch.float64), radius),
+                        torch.nn.functional.normalize(torch.randn(2, 4, generator=gen, dtype=torch.float64)) * radius])
+    for w0, d in zip(starts, torch.randn(5, 4, generator=gen, dtype=torch.float64), strict=True):
+        w, path = w0.clone(), [w0.clone()]
+        for _ in range(k):
+            w = project_ball(w - step * d, radius)
+            path.append(w)
+        cur, prev = ball_path(w0, d, step, radius, k)
+        torch.testing.assert_close(cur, path[k], rtol=0, atol=1e-12)
+        torch.testing.assert_close(prev, path[k - 1], rtol=0, atol=1e-12)

@@ -10,6 +10,7 @@ all-block update instead (used to test that both agree).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,11 +21,24 @@ from mbbo.validation import check_choice
 
 BLOCK_SAMPLING = ("uniform", "reshuffle")
 
+# blocks per chunk in O(m) passes (initialisation, evaluation): bounds their temporaries
+CHUNK_BLOCKS = 8192
+
+
+def block_chunks(num_blocks: int, chunk: int, device: torch.device | str = "cpu") -> list[Tensor]:
+    """The block ids 0..m-1 as consecutive index tensors of at most `chunk` blocks."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    return [torch.arange(s, min(s + chunk, num_blocks), device=device) for s in range(0, num_blocks, chunk)]
+
 
 class BlockSampler:
     """Draws B distinct blocks out of m at each iteration.
 
     `mode="uniform"`: B distinct blocks uniformly, independently at each iteration (B = m: all blocks, in order).
+    Cost O(B) whatever m: B indices are drawn with replacement and repeats are redrawn (sequential rejection,
+    which yields a uniformly random ordered B-subset); expected draws B m / (m - B) <= 2B for B <= m / 2.
+    For B > m / 2 a permutation of the m blocks is cheaper and is used instead.
     `mode="reshuffle"` (the authors' code, BSVRB_ICML2023 HO/main.py): a random permutation of the m blocks is
     consumed B blocks per iteration and redrawn every m // B iterations, so every block is sampled once per
     window of m // B iterations and delays are at most 2 m / B - 1. The permutation and the position in it are
@@ -55,10 +69,18 @@ class BlockSampler:
             start = self.position * self.block_batch
             self.position += 1
             return self.order[start: start + self.block_batch].to(device)
-        if self.block_batch == self.num_blocks:
-            return torch.arange(self.num_blocks, device=device)
-        perm = torch.randperm(self.num_blocks, generator=generator, device=generator.device)
-        return perm[: self.block_batch].to(device)
+        m, b, gdev = self.num_blocks, self.block_batch, generator.device
+        if b == m:
+            return torch.arange(m, device=device)
+        if 2 * b > m:
+            return torch.randperm(m, generator=generator, device=gdev)[:b].to(device)
+        drawn = torch.randint(m, (b,), generator=generator, device=gdev)
+        while True:
+            drawn = drawn[first_occurrences(drawn)]
+            if drawn.shape[0] == b:
+                return drawn.to(device)
+            more = torch.randint(m, (b - drawn.shape[0],), generator=generator, device=gdev)
+            drawn = torch.cat([drawn, more])
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": None if self.order is None else self.order.clone(), "position": self.position}
@@ -66,6 +88,15 @@ class BlockSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.order = None if state["order"] is None else state["order"].clone()
         self.position = int(state["position"])
+
+
+def first_occurrences(values: Tensor) -> Tensor:
+    """Boolean mask of the entries of a 1-d tensor that do not repeat an earlier entry (O(n log n))."""
+    order = torch.sort(values, stable=True).indices
+    ranked = values[order]
+    repeat = torch.zeros_like(values, dtype=torch.bool)
+    repeat[order[1:]] = ranked[1:] == ranked[:-1]
+    return ~repeat
 
 
 class MovingBlocks:
@@ -81,17 +112,22 @@ class MovingBlocks:
     """
 
     def __init__(self, values: Tensor, directions: Tensor, step: float, *, radius: float | None = None,
-                 decay: float = 1.0, lazy: bool = True) -> None:
-        """`values`: w at iteration 0; `directions`: d as it stands before iteration 0 (d_{-1})."""
-        self.values = values.clone()
+                 decay: float = 1.0, lazy: bool = True, copy: bool = True) -> None:
+        """`values`: w at iteration 0; `directions`: d as it stands before iteration 0 (d_{-1}); `copy=False`
+        takes both tensors over (they are then modified in place) instead of copying them."""
+        self.values = values.clone() if copy else values
         # lazy storage keeps the direction of the stamp's iteration: d_0 = decay * d_{-1} for every block
-        self.directions = directions * decay if lazy and decay != 1.0 else directions.clone()
+        if lazy and decay != 1.0:
+            self.directions = directions * decay if copy else directions.mul_(decay)
+        else:
+            self.directions = directions.clone() if copy else directions
         self.step = float(step)
         self.radius = radius
         self.decay = float(decay)
         self.lazy = lazy
         self.stamps = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
         self.previous = self.values.clone() if not lazy else None
+        self._last_write: tuple[Tensor, ...] = ()
 
     # --- closed forms -------------------------------------------------------------------------------
     def _weight(self, k: Tensor) -> Tensor:
@@ -106,6 +142,9 @@ class MovingBlocks:
 
     def _replay(self, start: Tensor, direction: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Exact k-fold projected steps for each row; returns (w after k steps, w after k-1 steps)."""
+        if self.decay == 1.0 and self.radius is not None:
+            rows = [ball_path(start[i], direction[i], self.step, self.radius, int(k[i])) for i in range(len(k))]
+            return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         cur, prev = start.clone(), start.clone()
         d = direction.clone()
         for j in range(1, int(k.max()) + 1):
@@ -147,6 +186,7 @@ class MovingBlocks:
         self.values[blocks] = current
         self.directions[blocks] = new_directions
         self.stamps[blocks] = t
+        self._last_write = (current, new_directions)
 
     def end_iteration(self, sampled: Tensor, t: int) -> None:
         """Eager mode only: move every block now (lazy mode needs nothing)."""
@@ -163,9 +203,27 @@ class MovingBlocks:
         self.values = project_ball(moved, self.radius) if self.radius is not None else moved
         self.stamps.fill_(t + 1)
 
-    def current_all(self, t: int) -> Tensor:
-        """Every block's value at iteration t (O(m); for evaluation)."""
-        return self.read(torch.arange(self.values.shape[0], device=self.values.device), t)[0]
+    def current(self, blocks: Tensor, t: int) -> Tensor:
+        """The given blocks' values at iteration t."""
+        return self.read(blocks, t)[0]
+
+    def current_all(self, t: int, chunk: int = CHUNK_BLOCKS) -> Tensor:
+        """Every block's value at iteration t (O(m); for evaluation), computed `chunk` blocks at a time so that
+        the temporaries stay small next to the (m, d) result."""
+        out = torch.empty_like(self.values)
+        for rows in block_chunks(self.values.shape[0], chunk, self.values.device):
+            out[rows] = self.read(rows, t)[0]
+        return out
+
+    def last_write_finite(self) -> bool:
+        """Whether the rows stored by the last `write` (values and directions) are finite: the O(B) part of a
+        NaN/inf guard (the other rows were checked when they were written)."""
+        written = self._last_write if self.lazy else (self.values, self.directions)
+        return all(bool(torch.isfinite(w).all()) for w in written)
+
+    def nbytes(self) -> int:
+        """Bytes held by the table (values, directions, stamps and, in eager mode, the previous values)."""
+        return sum(v.numel() * v.element_size() for v in self.state_dict().values() if v is not None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"values": self.values.clone(), "directions": self.directions.clone(),
@@ -191,19 +249,25 @@ class DelayedBlocks:
     """
 
     def __init__(self, values: Tensor, directions: Tensor, step: float, *, radius: float | None = None,
-                 start: int = 0) -> None:
-        self.values = values.clone()
+                 start: int = 0, copy: bool = True) -> None:
+        """`copy=False` takes `values` and `directions` over (modified in place) instead of copying them."""
+        self.values = values.clone() if copy else values
         self.before = values.clone()
-        self.directions = directions.clone()
+        self.directions = directions.clone() if copy else directions
         self.step = float(step)
         self.radius = radius
         # as if every block had been updated just before `start` (dc = 1 at a block's first update)
         self.stamps = torch.full((values.shape[0],), start - 1, dtype=torch.long, device=values.device)
+        self._last_write: tuple[Tensor, ...] = ()
 
     def read(self, blocks: Tensor, t: int) -> tuple[Tensor, Tensor]:
         cur = self.values[blocks]
         just_updated = (self.stamps[blocks] == t - 1).view(-1, *([1] * (cur.dim() - 1)))
         return cur, torch.where(just_updated, self.before[blocks], cur)
+
+    def current(self, blocks: Tensor, t: int) -> Tensor:
+        """The given blocks' stored values (unsampled blocks do not move)."""
+        return self.values[blocks]
 
     def direction(self, blocks: Tensor, t: int) -> Tensor:
         return self.directions[blocks]
@@ -216,17 +280,28 @@ class DelayedBlocks:
         """Stores the new direction and moves the sampled blocks by their dc_i missed steps."""
         dc = self.delays(blocks, t).to(current.dtype).view(-1, *([1] * (current.dim() - 1)))
         moved = current - self.step * dc * new_directions
+        if self.radius is not None:
+            moved = project_ball(moved, self.radius)
         self.before[blocks] = current
-        self.values[blocks] = project_ball(moved, self.radius) if self.radius is not None else moved
+        self.values[blocks] = moved
         self.directions[blocks] = new_directions
         self.stamps[blocks] = t
+        self._last_write = (moved, new_directions)
 
     def end_iteration(self, sampled: Tensor, t: int) -> None:
         """Nothing: unsampled blocks do not move."""
 
-    def current_all(self, t: int) -> Tensor:
+    def current_all(self, t: int, chunk: int = CHUNK_BLOCKS) -> Tensor:
         """Every block's stored value (O(m); for evaluation)."""
         return self.values.clone()
+
+    def last_write_finite(self) -> bool:
+        """Whether the rows moved and stored by the last `write` are finite (O(B), as `MovingBlocks`)."""
+        return all(bool(torch.isfinite(w).all()) for w in self._last_write)
+
+    def nbytes(self) -> int:
+        """Bytes held by the table (values, values before the last update, directions, stamps)."""
+        return sum(v.numel() * v.element_size() for v in self.state_dict().values())
 
     def state_dict(self) -> dict[str, Any]:
         return {"values": self.values.clone(), "before": self.before.clone(), "directions": self.directions.clone(),
@@ -235,6 +310,61 @@ class DelayedBlocks:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("values", "before", "directions", "stamps"):
             setattr(self, key, state[key].clone())
+
+
+def ball_path(start: Tensor, direction: Tensor, step: float, radius: float, k: int) -> tuple[Tensor, Tensor]:
+    """(w_k, w_{k-1}) of w_{j+1} = Proj_{||w|| <= R}(w_j - step d) from w_0 = `start` (||w_0|| <= R), exactly.
+
+    The path stays in the plane of w_0 and d. With e = d / ||d||, c = step ||d||, w = alpha e + beta e_2: the
+    unprojected segment alpha_j = alpha_0 - j c leaves the ball at a step known in closed form; from there on
+    the iterate stays on the sphere (a step from a point with alpha < c / 2 leaves the ball, and projecting
+    it gives alpha < 0), and only the ratio rho = -alpha / beta changes: rho <- rho + (c / R) sqrt(1 + rho^2)
+    (the projection rescales alpha and beta alike). That map's iterates have no closed form (in s = asinh rho
+    it is s <- asinh(sinh(s + delta) / cosh delta), tanh delta = c / R, not a shift), so they run on Python
+    floats: O(k) scalar operations (about 0.1 us each) for a row that reaches the sphere, O(1) otherwise,
+    O(d) to map back.
+    """
+    w0, d = start.double(), direction.double()
+    dnorm = float(torch.linalg.vector_norm(d))
+    c = step * dnorm
+    if k <= 0 or c == 0.0:
+        return start.clone(), start.clone()
+    e = d / dnorm
+    alpha0 = float(w0 @ e)
+    perp = w0 - alpha0 * e
+    beta0 = float(torch.linalg.vector_norm(perp))
+    e2 = perp / beta0 if beta0 > 0.0 else torch.zeros_like(perp)
+    half_chord = math.sqrt(max(radius * radius - beta0 * beta0, 0.0))
+    # the linear steps j = 1 .. inside stay in the ball; step inside + 1 is the first one projected
+    inside = max(0, math.floor((alpha0 + half_chord) / c))
+    while inside > 0 and (alpha0 - inside * c) ** 2 + beta0 * beta0 > radius * radius:
+        inside -= 1  # guards the floor against rounding at the boundary
+
+    def at(alpha: float, beta: float) -> Tensor:
+        return (alpha * e + beta * e2).to(start.dtype)
+
+    if k <= inside:
+        return at(alpha0 - k * c, beta0), at(alpha0 - (k - 1) * c, beta0)
+    # step inside + 1 is projected; after it every step is (alpha < 0 on the sphere, see above)
+    alpha, beta = alpha0 - (inside + 1) * c, beta0
+    norm = math.hypot(alpha, beta)
+    if norm > radius:
+        alpha, beta = alpha * radius / norm, beta * radius / norm
+    if k == inside + 1:
+        return at(alpha, beta), at(alpha0 - inside * c, beta0)
+    if beta == 0.0:  # on the axis: the projection undoes every step
+        return at(-radius, 0.0), at(-radius, 0.0)
+    rho, a, sqrt = -alpha / beta, c / radius, math.sqrt
+    for _ in range(k - inside - 2):
+        rho += a * sqrt(1.0 + rho * rho)
+    prev_rho = rho
+    rho += a * sqrt(1.0 + rho * rho)
+
+    def on_sphere(r: float) -> Tensor:
+        h = sqrt(1.0 + r * r)
+        return at(-radius * r / h, radius / h)
+
+    return on_sphere(rho), on_sphere(prev_rho)
 
 
 class DecayingSparseRows:

@@ -88,6 +88,14 @@ class BatchSampler(Protocol):
 ROW_SAMPLING = ("replacement", "reshuffle")
 
 
+class BlockTable(Protocol):
+    """Per-block constants that need not be stored: `shape` (leading m) and `table[blocks]` -> rows."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, blocks: Tensor) -> Tensor: ...
+
+
 @dataclass
 class RowSampler:
     """Mini-batches of rows for each requested block.
@@ -227,7 +235,8 @@ class MultiBlockProblem:
         block_data: per-block constants (tensors with leading dimension m, e.g. temperatures or coefficient
             matrices). The engine gathers the sampled blocks' rows before vmap and adds them to each block's
             batch under their names, so a loss reads `batch["A"]` instead of indexing by `block` (indexing a
-            large tensor with a vmapped index inside the loss is slow or unsupported).
+            large tensor with a vmapped index inside the loss is slow or unsupported). A value may also be any
+            `BlockTable` (`.shape`, `table[blocks]`), e.g. coefficients generated per block from a seed.
         sparse_x: x is one value per data row (e.g. one weight per training sample) and the losses receive
             only the rows of their mini-batch, x[batch['index']] of shape (b,). Gradients in x are then kept
             as (index, values) per block: no dense per-block x-sized tensors.
@@ -245,7 +254,7 @@ class MultiBlockProblem:
         num_blocks: int | None = None,
         upper_depends_on_x: bool = True,
         sparse_x: bool = False,
-        block_data: dict[str, Tensor] | None = None,
+        block_data: Mapping[str, Tensor | BlockTable] | None = None,
         name: str = "problem",
     ) -> None:
         self.upper_loss = upper_loss

@@ -54,6 +54,7 @@ __all__ = [
     "project_nonnegative",
     "project_nonpositive",
     "project_simplex",
+    "revisit_scaled_step",
     "scheduled",
 ]
 
@@ -61,6 +62,51 @@ Params = Tensor | Sequence[Tensor]
 Schedule = Callable[[int], float]
 LR = float | Schedule
 NormScope = Literal["global", "per_tensor"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lower step sizes of multi-block methods
+
+LOWER_LR_SCALINGS = (None, "none", "theory")
+REVISIT_REFERENCE = 10.0  # m / B of the authors' runs (m = 100, B = 10), where their tau was tuned
+
+
+def revisit_scaled_step(value: float | None, default: float, scaling: str | None, num_blocks: int,
+                        block_batch: int, reference: float = REVISIT_REFERENCE) -> float:
+    """A multi-block method's lower step size (tau, or tau_v of BSVRB_v2) for m blocks sampled B at a time.
+
+    Why it must scale [template: reasoned from the structure of the seed paper's analysis, whose formulas are
+    not available here]. BSVRB and RSVRB move every block at every iteration along its last estimate,
+    y_i <- y_i - tau s_i, and re-estimate a block once every r = m / B iterations on average. The lazy form
+    takes those r steps at once when the block is read again; the authors' delayed form takes them as one
+    step of tau (1 + delay) along the fresh estimate (expected delay + 1 = r). Either way a block moves by
+    about r tau s_i per visit: a gradient step of size r tau on g_i, stable only while r tau = O(1 / L_g).
+    The proofs (Lemmas B.7 and B.12-B.13, with the MSVR error recursion of Jiang et al. 2022, Lemma 1) say the
+    same: the MSVR error contracts at rate B alpha / m per iteration and is driven by (m / B) L^2 times the
+    movement of all m blocks, so the all-block step is the paper's scaled step tau_t proportional to B / m
+    times a constant set by mu and L_g. The MSVR weight of the theory, gamma = (m - B) / (B (1 - alpha)) +
+    (1 - alpha) (`gamma="theory"`), grows as m / B, so that its correction gamma (q(y_t) - q(y_{t-1})),
+    which is O(gamma tau), stays O(1) exactly when tau is proportional to B / m. tau_v (the quadratic of v_i
+    has Hessian grad_yy g_i) scales the same way.
+
+    The rule, with the authors' tau as the constant at their r_ref = 10:
+
+        "theory":  tau_used = tau * min(1, r_ref / r),   r = m / B
+        "none":    tau_used = tau
+
+    so m = 100, B = 10 keeps the authors' values, m / B < 10 never raises tau, and the per-visit step
+    r tau_used never exceeds r_ref tau. `value` None means `default` (the authors' tau) with `scaling` None
+    meaning "theory"; an explicit `value` with `scaling` None is returned unchanged (a user who sets tau gets
+    exactly their tau). Methods that move a block only when they sample it (the moving-average baseline)
+    pass block_batch = num_blocks (r = 1): nothing accumulates between visits.
+    """
+    if scaling not in LOWER_LR_SCALINGS:
+        raise ValueError(f"lower_lr_scaling must be one of {LOWER_LR_SCALINGS}, got {scaling!r}")
+    base = default if value is None else value
+    mode = scaling if scaling is not None else ("theory" if value is None else "none")
+    if mode == "none":
+        return float(base)
+    return float(base) * min(1.0, reference * block_batch / num_blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from mbbo.blocks import BLOCK_SAMPLING
+from mbbo.blocks import BLOCK_SAMPLING, DelayedBlocks, MovingBlocks
 from mbbo.oracles import Oracles
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
 from mbbo.validation import check_choice
 
 STREAMS = ("blocks", "lower", "upper", "extra")
 ESTIMATOR_INIT = ("first_batch", "uniform", "zeros")
+# chunks when all estimators are initialised (one mini-batch per block): bound the oracles' working set
+INIT_CHUNK_BLOCKS = 1024
+INIT_CHUNK_ELEMENTS = 2**23
 
 
 def check_positive(name: str, value: float) -> None:
@@ -46,14 +51,24 @@ class Hyper:
 
 @dataclass
 class MultiBlockConfig(Hyper):
-    """Hyper-parameters every multi-block method has (defaults of the BSVRB/RSVRB scripts: m = 100, B = 10)."""
+    """Hyper-parameters every multi-block method has (defaults of the BSVRB/RSVRB scripts: m = 100, B = 10).
+
+    `lower_lr` (tau) and, where present, `linsys_lr` (tau_v) left at None take the authors' value
+    (`paper_steps`) scaled for the expected revisit interval m/B by `lower_lr_scaling`
+    (`mbbo.steps.revisit_scaled_step`: "theory" = tau * min(1, 10 B / m), "none" = unscaled); a value set
+    explicitly is used exactly as given unless `lower_lr_scaling` is set explicitly too.
+    """
 
     block_batch: int = 10
     lr: float = 1e-3
-    lower_lr: float = 0.5
+    lower_lr: float | None = None
     beta: float = 0.9
     block_sampling: str = "uniform"
     estimator_init: str = "first_batch"
+    lower_lr_scaling: str | None = None
+
+    # the authors' lower step sizes (run scripts, tuned at m / B = 10)
+    paper_steps: ClassVar[dict[str, float]] = {"lower_lr": 0.5}
 
     def validate(self, problem: MultiBlockProblem) -> None:
         """`block_sampling`: "uniform" (B distinct blocks drawn independently per iteration, as analysed) or
@@ -66,8 +81,18 @@ class MultiBlockConfig(Hyper):
         if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
             raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
         check_positive("lr", self.lr)
-        check_positive("lower_lr", self.lower_lr)
+        for name in self.paper_steps:
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
+        if self.lower_lr_scaling not in LOWER_LR_SCALINGS:
+            raise ValueError(f"lower_lr_scaling must be one of {LOWER_LR_SCALINGS}, got {self.lower_lr_scaling!r}")
         check_unit("beta", self.beta)
+
+    def step_size(self, name: str, num_blocks: int, revisit: bool = True) -> float:
+        """The lower step size `name` in use: given or the authors', scaled for m / B (`revisit=False`: the
+        method moves a block only when it samples it, so no steps accumulate between visits: no scaling)."""
+        return revisit_scaled_step(getattr(self, name), self.paper_steps[name], self.lower_lr_scaling,
+                                   num_blocks, self.block_batch if revisit else num_blocks)
 
 
 class BilevelAlgorithm:
@@ -129,6 +154,35 @@ class BilevelAlgorithm:
             self._init_generator = torch.Generator(device=like.device).manual_seed(self.seed * 1_000_003 + 99)
         return torch.rand(like.shape, generator=self._init_generator, dtype=like.dtype, device=like.device)
 
+    def blockwise_tables(self, rows: Callable[[Tensor, Batch, Batch], dict[str, Tensor]],
+                         batch_size: int | None = None) -> dict[str, Tensor]:
+        """Per-block tables (leading dimension m) built a chunk of blocks at a time: `rows(blocks, lower, upper)`
+        returns each table's rows for the blocks, from one mini-batch per block (of `batch_size`, drawn with
+        `initial=True`: a reshuffling row sampler's epochs are left alone). O(m) once,
+        with a bounded working set (initialising every block's estimators at m = 10^6 fits memory): the first
+        chunk has INIT_CHUNK_BLOCKS blocks, the next ones as many as fit INIT_CHUNK_ELEMENTS elements of
+        mini-batches and rows (measured on the first chunk)."""
+        m, device = self.problem.num_blocks, self.x.device
+        tables: dict[str, Tensor] = {}
+        start, chunk = 0, INIT_CHUNK_BLOCKS
+        while start < m:
+            blocks = torch.arange(start, min(start + chunk, m), device=device)
+            lower, upper = self.sample_batches(blocks, batch_size, initial=True)
+            new = rows(blocks, lower, upper)
+            for name, value in new.items():
+                if name not in tables:
+                    tables[name] = value.new_empty((m, *value.shape[1:]))
+                tables[name][blocks] = value
+            if start == 0:
+                per_block = sum(t.numel() for t in (*lower.values(), *upper.values(), *new.values())) / len(blocks)
+                chunk = max(INIT_CHUNK_BLOCKS, int(INIT_CHUNK_ELEMENTS // max(per_block, 1.0)))
+            start += len(blocks)
+        return tables
+
+    def hyper(self, name: str) -> Any:
+        """The value of hyper-parameter `name` in use (resolved defaults included)."""
+        return getattr(self.config, name)
+
     @classmethod
     def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
         """Why this algorithm does not fit `problem` (None when it does)."""
@@ -189,3 +243,36 @@ class BilevelAlgorithm:
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.lower_variables()).all())
+
+
+class MultiBlockAlgorithm(BilevelAlgorithm):
+    """Base of the methods configured by a `MultiBlockConfig`: resolves their lower step sizes for m / B."""
+
+    # False for methods that move a block only when they sample it (no steps accumulate between visits)
+    accumulates_lower_steps: ClassVar[bool] = True
+    y: MovingBlocks | DelayedBlocks  # the lower variables of all blocks
+
+    def lower_variables(self) -> Tensor:
+        return self.y.current_all(self.iteration)
+
+    def lower_variables_of(self, blocks: Tensor) -> Tensor:
+        """Current lower variables of the given blocks, (len(blocks), d_y): O(len(blocks))."""
+        return self.y.current(blocks, self.iteration)
+
+    def hyper(self, name: str) -> Any:
+        """Lower step sizes resolved for m / B (`MultiBlockConfig.step_size`); others as configured."""
+        cfg = self.config
+        assert isinstance(cfg, MultiBlockConfig)
+        if name in cfg.paper_steps:
+            return cfg.step_size(name, self.problem.num_blocks, revisit=self.accumulates_lower_steps)
+        return super().hyper(name)
+
+    def set_hyper(self, **changes: Any) -> None:
+        """As `BilevelAlgorithm.set_hyper`; the lower step sizes in use are pinned first (made explicit, scaling
+        "none"), so that a change of one (a restart's decay) neither rescales it nor moves the others."""
+        cfg = self.config
+        assert isinstance(cfg, MultiBlockConfig)
+        if "lower_lr_scaling" not in changes:
+            pinned: dict[str, Any] = {name: self.hyper(name) for name in cfg.paper_steps}
+            changes = {**pinned, "lower_lr_scaling": "none", **changes}
+        super().set_hyper(**changes)

@@ -15,7 +15,9 @@ mini-batch xi_i. With the same samples at (x_t, y_t) and (x_{t-1}, y_{t-1}):
 
 The all-block updates are applied lazily (`mbbo.blocks.MovingBlocks`): O(B) blocks per iteration, equal to
 the eager form (`lazy=False`). Estimators of all blocks are initialised from one mini-batch each at (x_0, y_0)
-(`estimator_init="first_batch"`).
+(`estimator_init="first_batch"`), a chunk of blocks at a time (`blockwise_tables`). The lower step sizes tau,
+tau_v default to the authors' values scaled for m / B (`MultiBlockConfig`, `lower_lr_scaling`), for both
+lower-update forms: the delayed step's dc_i grows like m / B exactly as the lazy replay's step count.
 
 Options reproducing the authors' code (BSVRB_ICML2023, HO/main.py `BSVRB()`), each O(B) per iteration:
   * `block_sampling="reshuffle"`: blocks from a permutation consumed B per iteration (`BlockSampler`);
@@ -40,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import BilevelAlgorithm, Hyper, MultiBlockConfig, check_positive, check_unit
+from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig, check_positive, check_unit
 from mbbo.blocks import BlockSampler, DelayedBlocks, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
@@ -102,17 +104,18 @@ class BSVRBv1Config(BlockwiseConfig):
 
 @dataclass
 class BSVRBv2Config(BlockwiseConfig):
-    lower_lr: float = 1.0
-    linsys_lr: float = 1.0
+    linsys_lr: float | None = None
     v_radius: float = 10.0
+
+    # run_BSVRBv2.sh: tau = tau_v = 1 (scaled for m / B, see MultiBlockConfig)
+    paper_steps: ClassVar[dict[str, float]] = {"lower_lr": 1.0, "linsys_lr": 1.0}
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        check_positive("linsys_lr", self.linsys_lr)
         check_positive("v_radius", self.v_radius)
 
 
-class _Blockwise(BilevelAlgorithm):
+class _Blockwise(MultiBlockAlgorithm):
     """The shared blockwise iteration; subclasses provide the estimators of the hypergradient."""
 
     moving_average: ClassVar[bool] = False
@@ -125,24 +128,30 @@ class _Blockwise(BilevelAlgorithm):
         self._initialise(problem.y0, self.config.estimator_init)
 
     def _initialise(self, y: Tensor, how: str) -> None:
-        """Estimators of all blocks: from one mini-batch each (of `init_batch_size`) at (x, y), then the first
-        iteration uses one point; or filled (U[0, 1) / zeros), then it is an ordinary two-point iteration."""
-        cfg = self.config
+        """Estimators of all blocks: from one mini-batch each (of `init_batch_size`) at (x, y), in chunks, then
+        the first iteration uses one point; or filled (U[0, 1) / zeros), then it is an ordinary two-point
+        iteration."""
         if how == "first_batch":
-            all_blocks = torch.arange(self.problem.num_blocks, device=self.x.device)
-            lower, upper = self.sample_batches(all_blocks, cfg.init_batch_size, initial=True)
-            s0 = self._init_estimators(all_blocks, lower, upper, y)
+            tables = self.blockwise_tables(
+                lambda blocks, lower, upper: self._init_estimators(blocks, lower, upper, y),
+                self.config.init_batch_size)
         else:
-            s0 = self._fill_estimators(y, how)
+            tables = self._fill_estimators(y, how)
             self.z = self.filled(self.x, how)
-        self.y = self._lower_table(y, s0, cfg.lower_lr)
+        self._set_estimators(tables)
+        # y may be the problem's y0 (the table is written in place); the estimator tables are fresh
+        self.y = self._lower_table(y.clone(), tables["s"], "lower_lr")
         self.fresh = how == "first_batch"
 
-    def _lower_table(self, values: Tensor, directions: Tensor, step: float, radius: float | None = None
+    def _lower_table(self, values: Tensor, directions: Tensor, step: str, radius: float | None = None
                      ) -> MovingBlocks | DelayedBlocks:
+        """The table of lower variables moved along `directions` by the step size named `step`; takes both
+        tensors over (no copy)."""
         if self.delayed:
-            return DelayedBlocks(values, directions, step, radius=radius, start=self.iteration)
-        table = MovingBlocks(values, directions, self._move_step(step), radius=radius, lazy=self.config.lazy)
+            return DelayedBlocks(values, directions, self.hyper(step), radius=radius, start=self.iteration,
+                                 copy=False)
+        table = MovingBlocks(values, directions, self._move_step(step), radius=radius, lazy=self.config.lazy,
+                             copy=False)
         table.stamps.fill_(self.iteration)
         return table
 
@@ -156,9 +165,15 @@ class _Blockwise(BilevelAlgorithm):
     def delayed(self) -> bool:
         return self.config.lower_update == "delayed"
 
-    def _move_step(self, step: float) -> float:
+    @property
+    def accumulates_lower_steps(self) -> bool:  # type: ignore[override]
+        # the eager moving-average method moves a block only when it samples it, by one step; the delayed
+        # form (any method) moves it by the dc_i steps it missed
+        return self.delayed or not self.moving_average
+
+    def _move_step(self, name: str) -> float:
         # the eager moving-average method moves only sampled blocks, at write time
-        return 0.0 if self.moving_average and not self.delayed else step
+        return 0.0 if self.moving_average and not self.delayed else self.hyper(name)
 
     @property
     def lower_tracker(self) -> MSVR | EMA:
@@ -180,7 +195,7 @@ class _Blockwise(BilevelAlgorithm):
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.y.step = self._move_step(self.config.lower_lr)
+        self.y.step = self._move_step("lower_lr")
 
     # --- the iteration ------------------------------------------------------------------------------
     def step(self) -> None:
@@ -195,7 +210,7 @@ class _Blockwise(BilevelAlgorithm):
         self.z = grads[0] if self.fresh else self.upper_tracker.update(self.z, grads[0], grads[-1])
         self.fresh = False
         if self.moving_average and not self.delayed:
-            y_cur = y_cur - cfg.lower_lr * s_new
+            y_cur = y_cur - self.hyper("lower_lr") * s_new
         self.y.write(blocks, y_cur, s_new, t)
         self.y.end_iteration(blocks, t)
         self._end_iteration(blocks, t)
@@ -203,14 +218,28 @@ class _Blockwise(BilevelAlgorithm):
         self.x = self.x - cfg.lr * self.z
         self.iteration += 1
 
-    def lower_variables(self) -> Tensor:
-        return self.y.current_all(self.iteration)
+    def is_finite(self) -> bool:
+        """NaN/inf guard of one step, O(B): x, the x tracker and the block rows this step wrote."""
+        return (bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.z).all())
+                and all(table.last_write_finite() for table in self._block_tables()))
 
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
+    def _block_tables(self) -> list[MovingBlocks | DelayedBlocks]:
+        return [self.y]
+
+    def table_bytes(self) -> int:
+        """Bytes held by the per-block tables (lower variables, estimators, stamps)."""
+        return sum(table.nbytes() for table in self._block_tables())
+
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> dict[str, Tensor]:
+        """The initial estimators' rows of the given blocks (`s` for the lower gradients, and the variant's)."""
         raise NotImplementedError
 
-    def _fill_estimators(self, y: Tensor, how: str) -> Tensor:
-        """Estimators filled by `estimator_init` ("uniform" / "zeros"); returns the s_i."""
+    def _fill_estimators(self, y: Tensor, how: str) -> dict[str, Tensor]:
+        """All blocks' estimators filled by `estimator_init` ("uniform" / "zeros"), as `_init_estimators`."""
+        raise NotImplementedError
+
+    def _set_estimators(self, tables: dict[str, Tensor]) -> None:
+        """Takes the variant's estimator tables over (`s` goes to the lower-variable table)."""
         raise NotImplementedError
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
@@ -230,7 +259,7 @@ class _Blockwise(BilevelAlgorithm):
         self.y.load_state_dict(state["y"])
         if "block_sampler" in state:
             self.block_sampler.load_state_dict(state["block_sampler"])
-        self.y.step = self._move_step(self.config.lower_lr)
+        self.y.step = self._move_step("lower_lr")
 
 
 class BSVRBv1(_Blockwise):
@@ -241,7 +270,10 @@ class BSVRBv1(_Blockwise):
     `hessian_floor` should not exceed the strong-convexity constant of the g_i (T1: lam = 1e-5; the default
     1e-6 leaves the projection idle almost always there, while 1e-4 would clip every sampled-Hessian estimate,
     whose rank is at most b). `"frobenius_rescale"` is the authors' guard (see the module docstring).
-    `self.factors` holds what the solves use: Cholesky factors (eigen_floor) or the matrices (frobenius).
+    `self.hessians` holds the guarded estimates; what the solves take (`_factor`: their Cholesky factors under
+    eigen_floor, the matrices under frobenius_rescale) is recomputed for the B sampled blocks (O(B d^3),
+    bit-identical) rather than stored (m d^2 more memory). `hessian_timing="previous"` keeps one more table,
+    each block's H_i as before its last update (`hessians_before`), and when that update was.
     """
 
     name = "bsvrb_v1"
@@ -255,70 +287,85 @@ class BSVRBv1(_Blockwise):
         guarded = frobenius_rescale(h, cfg.hessian_bound)
         return guarded, guarded
 
+    def _factor(self, h: Tensor) -> Tensor:
+        """What `_solve` takes for stored (already guarded) estimates H."""
+        return torch.linalg.cholesky(h) if self.config.hessian_guard == "eigen_floor" else h
+
     def _solve(self, factors: Tensor, rhs: Tensor) -> Tensor:
         if self.config.hessian_guard == "eigen_floor":
             return cholesky_solve(factors, rhs)
         return torch.linalg.solve(factors, rhs)
 
-    def _set_hessians(self, hessians: Tensor, factors: Tensor) -> None:
-        self.hessians, self.factors = hessians, factors
-        if self.config.hessian_timing == "previous":
-            # the solver table as before each block's last update, and when that was
-            self.factors_before = factors.clone()
-            self.hessian_stamps = torch.full((factors.shape[0],), self.iteration - 1, dtype=torch.long,
-                                             device=factors.device)
-
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
-        xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> dict[str, Tensor]:
+        xs, ys = self.x.unsqueeze(0), y[blocks].unsqueeze(0)
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
-        self._set_hessians(*self._guard(hess[0]))
-        return gy[0]
+        return {"s": gy[0], "hessians": self._guard(hess[0])[0]}
 
-    def _fill_estimators(self, y: Tensor, how: str) -> Tensor:
+    def _fill_estimators(self, y: Tensor, how: str) -> dict[str, Tensor]:
         s0 = self.filled(y, how)
         h0 = self.filled(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how)
-        if self.config.hessian_guard == "eigen_floor":
-            self._set_hessians(*self._guard(h0))
-        else:  # the authors apply their guard after updates only
-            self._set_hessians(h0, h0.clone())
-        return s0
+        # the authors apply their Frobenius guard after updates only
+        return {"s": s0, "hessians": self._guard(h0)[0] if self.config.hessian_guard == "eigen_floor" else h0}
+
+    def _set_estimators(self, tables: dict[str, Tensor]) -> None:
+        self.hessians = tables["hessians"]
+        self._written_hessians: tuple[Tensor, ...] = ()
+        if self.config.hessian_timing == "previous":
+            # H_i as before each block's last update, and when that was
+            self.hessians_before = self.hessians.clone()
+            self.hessian_stamps = torch.full((self.hessians.shape[0],), self.iteration - 1, dtype=torch.long,
+                                             device=self.hessians.device)
+
+    def is_finite(self) -> bool:
+        return super().is_finite() and all(bool(torch.isfinite(h).all()) for h in self._written_hessians)
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
                   ) -> tuple[Tensor, Tensor]:
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
         gx_f, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
         s_new = self.track(self.y.direction(blocks, t), gy)
-        # eigen_floor keeps H_i with its Cholesky factor, which both the floor check and the solves use
-        h_new, factor_new = self._guard(self.track(self.hessians[blocks], hess))
-        stored = self.factors[blocks]
+        # eigen_floor's floor check yields the new estimates' Cholesky factors
+        stored = self.hessians[blocks]
+        h_new, factor_new = self._guard(self.track(stored, hess))
+        two_points = xs.shape[0] > 1
         if self.config.hessian_timing == "updated":
             # G_new uses the new Hessian estimates, G_old the previous ones (same samples)
-            pair = [factor_new, stored]
+            factors = torch.stack([factor_new, self._factor(stored)]) if two_points else factor_new.unsqueeze(0)
+            self._written_hessians = (h_new,)
         else:
             # G_new uses H_i as it stood at the start of the iteration, G_old as at the start of the previous one
-            just_updated = (self.hessian_stamps[blocks] == t - 1)[:, None, None]
-            pair = [stored, torch.where(just_updated, self.factors_before[blocks], stored)]
-            self.factors_before[blocks], self.hessian_stamps[blocks] = stored, t
-        factors = torch.stack(pair)[: xs.shape[0]]
-        self.hessians[blocks], self.factors[blocks] = h_new, factor_new
+            pair = [stored]
+            if two_points:
+                just_updated = (self.hessian_stamps[blocks] == t - 1)[:, None, None]
+                pair.append(torch.where(just_updated, self.hessians_before[blocks], stored))
+            factors = self._factor(torch.stack(pair))
+            self.hessians_before[blocks], self.hessian_stamps[blocks] = stored, t
+            self._written_hessians = (h_new, stored)
+        self.hessians[blocks] = h_new
         w = self._solve(factors, gy_f)
         return self.hypergradient(gx_f, self.oracles.cross(xs, ys, w, lower, blocks)), s_new
 
     def hessian_estimates(self) -> Tensor:
-        """The floored Hessian estimates H_i of all blocks, (m, d_y, d_y)."""
+        """The guarded Hessian estimates H_i of all blocks, (m, d_y, d_y)."""
         return self.hessians.clone()
 
-    def _tensors(self) -> dict[str, Any]:
-        out = {**super()._tensors(), "hessians": self.hessians.clone(), "factors": self.factors.clone()}
+    def table_bytes(self) -> int:
+        extra = [self.hessians]
         if self.config.hessian_timing == "previous":
-            out |= {"factors_before": self.factors_before.clone(), "hessian_stamps": self.hessian_stamps.clone()}
+            extra += [self.hessians_before, self.hessian_stamps]
+        return super().table_bytes() + sum(v.numel() * v.element_size() for v in extra)
+
+    def _tensors(self) -> dict[str, Any]:
+        out = {**super()._tensors(), "hessians": self.hessians.clone()}
+        if self.config.hessian_timing == "previous":
+            out |= {"hessians_before": self.hessians_before.clone(), "hessian_stamps": self.hessian_stamps.clone()}
         return out
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         super()._load_tensors(state)
-        self.hessians, self.factors = state["hessians"].clone(), state["factors"].clone()
+        self.hessians = state["hessians"].clone()
         if self.config.hessian_timing == "previous":
-            self.factors_before = state["factors_before"].clone()
+            self.hessians_before = state["hessians_before"].clone()
             self.hessian_stamps = state["hessian_stamps"].clone()
 
 
@@ -329,23 +376,26 @@ class BSVRBv2(_Blockwise):
     name = "bsvrb_v2"
     Config = BSVRBv2Config
 
-    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
+    def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> dict[str, Tensor]:
         """s_i = grad_y g_i and u_i = (grad_yy g_i) v_i - grad_y f_i at the current point (v_i = 0 at start,
         carried over on restarts)."""
-        cfg = self.config
-        xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
+        xs, ys = self.x.unsqueeze(0), y[blocks].unsqueeze(0)
         restarting = hasattr(self, "v")
-        v0 = self.v.current_all(self.iteration) if restarting else torch.zeros_like(y)
+        v0 = self.v.current(blocks, self.iteration) if restarting else torch.zeros_like(ys[0])
         gy, hv, _ = self.oracles.lower_products(xs, ys, v0.unsqueeze(0), lower, blocks)
         _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
-        self.v = self._lower_table(v0, hv[0] - gy_f[0], cfg.linsys_lr, cfg.v_radius)
-        return gy[0]
+        return {"s": gy[0], "v": v0, "u": hv[0] - gy_f[0]}
 
-    def _fill_estimators(self, y: Tensor, how: str) -> Tensor:
+    def _fill_estimators(self, y: Tensor, how: str) -> dict[str, Tensor]:
         """s_i, u_i and (under "uniform", as the authors) v_i filled; v_i = 0 under "zeros"."""
         s0, u0, v0 = self.filled(y, how), self.filled(y, how), self.filled(y, how)
-        self.v = self._lower_table(v0, u0, self.config.linsys_lr, self.config.v_radius)
-        return s0
+        return {"s": s0, "u": u0, "v": v0}
+
+    def _set_estimators(self, tables: dict[str, Tensor]) -> None:
+        self.v = self._lower_table(tables["v"], tables["u"], "linsys_lr", self.config.v_radius)
+
+    def _block_tables(self) -> list[MovingBlocks | DelayedBlocks]:
+        return [self.y, self.v]
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
                   ) -> tuple[Tensor, Tensor]:
@@ -357,7 +407,7 @@ class BSVRBv2(_Blockwise):
         s_new = self.track(self.y.direction(blocks, t), gy)
         u_new = self.track(self.v.direction(blocks, t), hv - gy_f)
         if self.moving_average and not self.delayed:
-            v_cur = project_ball(v_cur - cfg.linsys_lr * u_new, cfg.v_radius)
+            v_cur = project_ball(v_cur - self.hyper("linsys_lr") * u_new, cfg.v_radius)
         self.v.write(blocks, v_cur, u_new, t)
         return self.hypergradient(gx_f, cross), s_new
 
@@ -366,7 +416,7 @@ class BSVRBv2(_Blockwise):
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.v.step = self._move_step(self.config.linsys_lr)
+        self.v.step = self._move_step("linsys_lr")
 
     def linear_system_variables(self) -> Tensor:
         """Current v_i of all blocks, (m, d_y)."""
@@ -378,7 +428,7 @@ class BSVRBv2(_Blockwise):
     def _load_tensors(self, state: dict[str, Any]) -> None:
         super()._load_tensors(state)
         self.v.load_state_dict(state["v"])
-        self.v.step = self._move_step(self.config.linsys_lr)
+        self.v.step = self._move_step("linsys_lr")
 
 
 @dataclass

@@ -76,6 +76,9 @@ class Restarted:
     def is_finite(self) -> bool:
         return self.inner.is_finite()
 
+    def lower_variables_of(self, blocks: Tensor) -> Tensor:
+        return self.inner.lower_variables_of(blocks)
+
     def step(self) -> None:
         self.inner.step()
         self.stage_iteration += 1
@@ -91,8 +94,8 @@ class Restarted:
         if self.output == "uniform" and self.sampled_x is not None:
             self.inner.x = self.sampled_x
             self.inner.x_prev = self.sampled_x.clone()
-        cfg = self.inner.config
-        self.inner.set_hyper(**{k: getattr(cfg, k) / self.decay for k in self.decayed})
+        # the values in use (defaults resolved, e.g. lower steps scaled for m / B), decayed and then set explicitly
+        self.inner.set_hyper(**{k: self.inner.hyper(k) / self.decay for k in self.decayed})
         self.inner.restart()
         self.stage += 1
         self.stage_iteration = 0

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import BilevelAlgorithm, Hyper, MultiBlockConfig, check_positive
+from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig, check_positive
 from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks
 from mbbo.oracles import XGrad
-from mbbo.problem import MultiBlockProblem
+from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.projections import eig_compose, eig_solve, floored_eigh
 from mbbo.trackers import STORM, RandomizedSTORM
 
@@ -58,7 +58,7 @@ class RSVRBConfig(MultiBlockConfig):
             raise ValueError(f"jacobian_tolerance must lie in [0, 1), got {self.jacobian_tolerance!r}")
 
 
-class RSVRB(BilevelAlgorithm):
+class RSVRB(MultiBlockAlgorithm):
     """Randomised stochastic variance-reduced bilevel method (see module docstring)."""
 
     name = "rsvrb"
@@ -77,38 +77,49 @@ class RSVRB(BilevelAlgorithm):
         self._initialise(pb.y0, cfg.estimator_init)
 
     def _initialise(self, y: Tensor, how: str) -> None:
-        """All blocks' estimators from one mini-batch each at (x, y), or filled (see the module docstring), as
-        of the previous iteration."""
+        """All blocks' estimators from one mini-batch each at (x, y) (in chunks, `blockwise_tables`), or filled
+        (see the module docstring), as of the previous iteration."""
         cfg, pb, t = self.config, self.problem, self.iteration
-        blocks = torch.arange(pb.num_blocks, device=self.x.device)
-        if how == "first_batch":
-            lower, upper = self.sample_batches(blocks, initial=True)
-            xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
+        sparse: list[DecayingSparseRows] = []
+
+        def rows(blocks: Tensor, lower: Batch, upper: Batch) -> dict[str, Tensor]:
+            xs, ys = self.x.unsqueeze(0), y[blocks].unsqueeze(0)
             gy, hess, jac = self.oracles.lower_second_order(xs, ys, lower, blocks)
             _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
-            s0, grad_f, h0 = gy[0], gy_f[0].clone(), hess[0]
-            rows, jac0 = jac.index, jac.values[0]
+            eigvals, eigvecs = floored_eigh(hess[0], cfg.hessian_floor)
+            out = {"s": gy[0], "grad_f": gy_f[0], "eigvals": eigvals, "eigvecs": eigvecs}
+            if not pb.sparse_x:
+                return {**out, "jacobian": jac.values[0]}
+            if not sparse:  # its row count is the mini-batch size, known from the first chunk
+                sparse.append(self._sparse_jacobian(jac.values.shape[2]))
+            sparse[0].add(blocks, jac.index, jac.values[0], t - 1)
+            return out
+
+        if how == "first_batch":
+            tables = self.blockwise_tables(rows)
         else:
             s0, grad_f = self.filled(y, how), self.filled(y, how)
-            h0 = self.filled(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how)
+            eigvals, eigvecs = floored_eigh(self.filled(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how),
+                                            cfg.hessian_floor)
             self.d = self.filled(self.x, how)
-            rows, jac0 = None, None
-        self.y = MovingBlocks(y, s0, cfg.lower_lr, decay=self.q)
+            tables = {"s": s0, "grad_f": grad_f, "eigvals": eigvals, "eigvecs": eigvecs}
+            if pb.sparse_x:
+                sparse.append(self._sparse_jacobian(self.lower_sampler.batch_size))
+            else:
+                tables["jacobian"] = self.x.new_zeros(pb.num_blocks, pb.dim_x, pb.dim_y)
+        self.y = MovingBlocks(y.clone(), tables["s"], self.hyper("lower_lr"), decay=self.q, copy=False)
         self.y.stamps.fill_(t)
         # estimators stamped t - 1; read at iteration k as value * q^(k - stamp)
         self.stamps = torch.full((pb.num_blocks,), t - 1, dtype=torch.long, device=self.x.device)
-        self.grad_f = grad_f
-        self.eigvals, self.eigvecs = floored_eigh(h0, cfg.hessian_floor)
-        if pb.sparse_x:
-            width = self.lower_sampler.batch_size if jac0 is None else jac0.shape[1]
-            self.jacobian: DecayingSparseRows | Tensor = DecayingSparseRows(
-                pb.num_blocks, width, pb.dim_y, self.q, tolerance=cfg.jacobian_tolerance,
-                dtype=self.x.dtype, device=self.x.device)
-            if jac0 is not None:
-                self.jacobian.add(blocks, rows, jac0, t - 1)
-        else:
-            self.jacobian = jac0.clone() if jac0 is not None else self.x.new_zeros(pb.num_blocks, pb.dim_x, pb.dim_y)
+        self.grad_f, self.eigvals, self.eigvecs = tables["grad_f"], tables["eigvals"], tables["eigvecs"]
+        self.jacobian: DecayingSparseRows | Tensor = sparse[0] if sparse else tables["jacobian"]
+        self._written = self.x[:0]
         self.fresh = how == "first_batch"
+
+    def _sparse_jacobian(self, rows: int) -> DecayingSparseRows:
+        """An empty table of the cross-Jacobian estimates' sparse rows (`rows` per contribution)."""
+        return DecayingSparseRows(self.problem.num_blocks, rows, self.problem.dim_y, self.q,
+                                  tolerance=self.config.jacobian_tolerance, dtype=self.x.dtype, device=self.x.device)
 
     def restart(self) -> None:
         """Re-initialises the estimators from a mini-batch at the current point (lower variables carried over)."""
@@ -116,7 +127,7 @@ class RSVRB(BilevelAlgorithm):
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.y.step = self.config.lower_lr
+        self.y.step = self.hyper("lower_lr")
 
     # --- lazily decayed estimators --------------------------------------------------------------------
     def _factor(self, blocks: Tensor, t: int) -> Tensor:
@@ -181,6 +192,8 @@ class RSVRB(BilevelAlgorithm):
             self.jacobian[blocks] = self.q * self.jacobian[blocks] * f[:, None, None] + new_jac
         self.stamps[blocks] = t
         self.y.write(blocks, y_cur, s_new, t)
+        self._written = torch.cat([self.grad_f[blocks].reshape(-1), self.eigvals[blocks].reshape(-1),
+                                   new_jac.reshape(-1)])
 
         g_new = self._hypergradient(second, t, gx_f, 0)
         self.d = g_new if g_old is None else STORM(cfg.beta).update(self.d, g_new, g_old)
@@ -189,8 +202,15 @@ class RSVRB(BilevelAlgorithm):
         self.x = self.x - cfg.lr * self.d
         self.iteration += 1
 
-    def lower_variables(self) -> Tensor:
-        return self.y.current_all(self.iteration)
+    def is_finite(self) -> bool:
+        """NaN/inf guard of one step, O(B): x, its tracker and the block rows this step wrote."""
+        return (bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.d).all())
+                and self.y.last_write_finite() and bool(torch.isfinite(self._written).all()))
+
+    def table_bytes(self) -> int:
+        """Bytes held by the per-block tables (lower variables and the four estimators)."""
+        dense = (self.stamps, self.grad_f, self.eigvals, self.eigvecs)
+        return self.y.nbytes() + self.jacobian_memory_bytes() + sum(t.numel() * t.element_size() for t in dense)
 
     def _tensors(self) -> dict[str, Any]:
         jac = self.jacobian.state_dict() if isinstance(self.jacobian, DecayingSparseRows) else self.jacobian.clone()
@@ -203,6 +223,7 @@ class RSVRB(BilevelAlgorithm):
         self.d = state["d"].clone()
         self.fresh = bool(state["fresh"])
         self.y.load_state_dict(state["y"])
+        self.y.step = self.hyper("lower_lr")  # the loaded configuration's (a restart may have decayed it)
         self.stamps = state["stamps"].clone()
         for key in ("block_sampler", "second_sampler"):
             if key in state:

@@ -13,7 +13,9 @@ Items with exactly equal scores are ordered as ``torch.topk`` returns them (unsp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +104,7 @@ def evaluate_ndcg(
     chunk_size: int = 256,
     users: Tensor | None = None,
     device: torch.device | str | None = None,
+    with_std: bool = False,
 ) -> dict[str, float]:
     """Mean all-ranking NDCG@K over the users with a non-empty target list.
 
@@ -114,6 +117,7 @@ def evaluate_ndcg(
         chunk_size: users scored per model call (memory is ``O(chunk_size * n_items)``).
         users: restrict to these users (default all).
         device: where user ids are sent; defaults to the model's parameters' device (else the CSR's).
+        with_std: also return ``"ndcg@K_std"``, the sample standard deviation over the evaluated users.
 
     Returns ``{"ndcg@K": value, ..., "users": number of evaluated users}``.
     """
@@ -130,6 +134,7 @@ def evaluate_ndcg(
     users = users.to(targets.device, torch.int64)
     users = users[targets.counts()[users] > 0]
     totals = torch.zeros(len(ks), dtype=torch.float64)
+    squares = torch.zeros(len(ks), dtype=torch.float64)
     try:
         for start in range(0, users.numel(), chunk_size):
             chunk = users[start : start + chunk_size]
@@ -146,13 +151,20 @@ def evaluate_ndcg(
             for ex in exclude:
                 pos, entry = ex.entries(chunk.to(ex.device))
                 mask[pos.to(s.device), ex.items[entry].to(s.device)] = True
-            totals += ndcg_at_ks(s, rel, ks, mask).to(torch.float64).sum(dim=1).cpu()
+            per_user = ndcg_at_ks(s, rel, ks, mask).to(torch.float64).cpu()
+            totals += per_user.sum(dim=1)
+            squares += (per_user * per_user).sum(dim=1)
     finally:
         if was_training and isinstance(module, nn.Module):
             module.train()
     n_eval = users.numel()
     out = {f"ndcg@{k}": (totals[j].item() / n_eval if n_eval else float("nan")) for j, k in enumerate(ks)}
     out["users"] = float(n_eval)
+    if with_std:
+        for j, k in enumerate(ks):
+            mean = totals[j].item() / n_eval if n_eval else float("nan")
+            var = (squares[j].item() - n_eval * mean * mean) / (n_eval - 1) if n_eval > 1 else float("nan")
+            out[f"ndcg@{k}_std"] = math.sqrt(max(var, 0.0)) if n_eval > 1 else float("nan")
     return out
 
 
@@ -163,10 +175,14 @@ def evaluate_split(
     ks: Sequence[int] = (5, 10, 20, 50),
     *,
     chunk_size: int = 256,
+    users: Tensor | None = None,
+    with_std: bool = False,
 ) -> dict[str, float]:
-    """NDCG@K on ``which = "dev"`` (train items excluded) or ``"test"`` (train and dev items excluded)."""
+    """NDCG@K on ``which = "dev"`` (train items excluded) or ``"test"`` (train and dev items excluded), over
+    ``users`` (default all; see :func:`evaluate_ndcg`)."""
+    kw: dict[str, Any] = {"chunk_size": chunk_size, "users": users, "with_std": with_std}
     if which == "dev":
-        return evaluate_ndcg(model, split.dev, (split.train,), ks, chunk_size=chunk_size)
+        return evaluate_ndcg(model, split.dev, (split.train,), ks, **kw)
     if which == "test":
-        return evaluate_ndcg(model, split.test, (split.train, split.dev), ks, chunk_size=chunk_size)
+        return evaluate_ndcg(model, split.test, (split.train, split.dev), ks, **kw)
     raise ValueError(f"which={which!r} must be 'dev' or 'test'")

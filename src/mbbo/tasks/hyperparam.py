@@ -26,6 +26,14 @@ from torch.nn.functional import softplus
 from mbbo.data.binary import add_bias_column, make_imbalanced_noisy, temperatures, train_validation_split
 from mbbo.data.libsvm import load_binary_dataset
 from mbbo.problem import ROW_SAMPLING, Batch, MultiBlockProblem, RowSampler
+from mbbo.tasks.block_eval import (
+    block_chunks,
+    check_eval_blocks,
+    evaluation_blocks,
+    lower_rows,
+    mean_and_sem,
+    rows_per_chunk,
+)
 from mbbo.validation import check_choice
 
 
@@ -51,6 +59,7 @@ class HyperparamSettings:
     row_sampling: str = "reshuffle"
     seed: int = 0
     data_dir: str | None = None
+    eval_blocks: int | str | None = "auto"
 
     def validate(self) -> None:
         if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
@@ -59,6 +68,7 @@ class HyperparamSettings:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not (math.isfinite(self.lam) and self.lam > 0):
             raise ValueError(f"lam must be a positive finite number, got {self.lam!r}")
+        check_eval_blocks(self.eval_blocks)
         if self.init not in ("uniform", "zeros"):
             raise ValueError(f"init must be 'uniform' (the authors' U[0, 1)) or 'zeros', got {self.init!r}")
         check_choice("row_sampling", self.row_sampling, ROW_SAMPLING)
@@ -144,23 +154,54 @@ class HyperparamTask:
                                  name=f"hyperparam-{s.dataset}")
 
     # --- evaluation ---------------------------------------------------------------------------------------
-    def block_losses(self, W: Tensor, X: Tensor, y: Tensor) -> Tensor:
-        """Mean loss of every block on (X, y): (m,)."""
-        margins = y[:, None] * (X @ W.T)
-        return robust_logistic(margins, self.temperatures).mean(0)
+    # blocks per evaluation chunk; rows per chunk then follow from the memory budget
+    EVAL_CHUNK_BLOCKS = 1024
+
+    def block_losses(self, W: Tensor, X: Tensor, y: Tensor, temperatures: Tensor | None = None) -> Tensor:
+        """Mean loss of each block (rows of W, temperatures by default those of all blocks) on (X, y), in chunks of
+        rows: the working set stays within `block_eval.EVAL_BUDGET_BYTES`."""
+        temps = self.temperatures if temperatures is None else temperatures
+        total = W.new_zeros(W.shape[0])
+        step = rows_per_chunk(W.shape[0], W.element_size())
+        for start in range(0, X.shape[0], step):
+            margins = y[start:start + step, None] * (X[start:start + step] @ W.T)
+            total += robust_logistic(margins, temps).sum(0)
+        return total / X.shape[0]
+
+    def evaluated_blocks(self) -> Tensor | None:
+        """The blocks `evaluate` uses: None for all, else the seeded subset of `eval_blocks`."""
+        if not hasattr(self, "_evaluated"):
+            self._evaluated = evaluation_blocks(self.num_blocks, self.settings.eval_blocks, self.settings.seed,
+                                                self.temperatures.device)
+        return self._evaluated
 
     @torch.no_grad()
     def evaluate(self, algorithm: Any) -> dict[str, float]:
-        """val_loss = F(p) at the current lower variables (all blocks, all validation rows); test_loss the
-        same on the test file; test_accuracy of the block with the best validation loss."""
-        W = algorithm.lower_variables()
-        val = self.block_losses(W, self.X_val, self.y_val)
-        test = self.block_losses(W, self.X_test, self.y_test)
-        best = int(val.argmin())
-        accuracy = ((self.X_test @ W[best]) * self.y_test > 0).to(W.dtype).mean()
+        """val_loss = F(p) at the current lower variables (mean over the evaluated blocks, all validation rows);
+        test_loss the same on the test file; test_accuracy of the block with the best validation loss.
+
+        All m blocks are evaluated (chunks of blocks and rows, bounded memory) unless `eval_blocks` selects a
+        seeded subset of K (default "auto": all up to 1000 blocks, else 1000); `val_loss_sem` and
+        `test_loss_sem` are then the standard errors of the means (0 when every block is evaluated)."""
+        subset = self.evaluated_blocks()
+        val_parts, test_parts, best = [], [], (math.inf, -1, None)
+        for blocks in block_chunks(subset, self.num_blocks, self.EVAL_CHUNK_BLOCKS, self.temperatures.device):
+            W = lower_rows(algorithm, blocks)
+            temps = self.temperatures[blocks]
+            val = self.block_losses(W, self.X_val, self.y_val, temps)
+            val_parts.append(val)
+            test_parts.append(self.block_losses(W, self.X_test, self.y_test, temps))
+            i = int(val.argmin())
+            if float(val[i]) < best[0]:
+                best = (float(val[i]), int(blocks[i]), W[i].clone())
+        w_best = best[2]
+        assert w_best is not None
+        accuracy = ((self.X_test @ w_best) * self.y_test > 0).to(w_best.dtype).mean()
+        val_loss, val_sem = mean_and_sem(torch.cat(val_parts), self.num_blocks)
+        test_loss, test_sem = mean_and_sem(torch.cat(test_parts), self.num_blocks)
         weights = torch.sigmoid(algorithm.x)
-        return {"val_loss": float(val.mean()), "test_loss": float(test.mean()),
-                "test_accuracy": float(accuracy), "best_block": best, "mean_weight": float(weights.mean())}
+        return {"val_loss": val_loss, "val_loss_sem": val_sem, "test_loss": test_loss, "test_loss_sem": test_sem,
+                "test_accuracy": float(accuracy), "best_block": best[1], "mean_weight": float(weights.mean())}
 
 
 def load_task(dataset: str = "a8a", data_dir: str | Path | None = None, **settings: Any) -> HyperparamTask:

@@ -38,6 +38,7 @@ from mbbo.ranking.metrics import evaluate_split
 from mbbo.ranking.neumf import NeuMF
 from mbbo.ranking.trainer import METHODS, RankingTrainer, TrainerConfig
 from mbbo.ranking.warmup import warmup
+from mbbo.tasks.block_eval import check_eval_blocks, evaluation_blocks
 
 __all__ = ["METRICS", "NDCGSettings", "NDCGTask", "build", "load_split", "popularity_ndcg", "warm_start"]
 
@@ -65,7 +66,10 @@ class NDCGSettings:
             earlier default, kept as an option).
         ks: NDCG cut-offs.
         eval_test: also evaluate the test split at every evaluation.
-        eval_chunk: users scored per evaluation call.
+        eval_chunk: users scored per evaluation call (memory O(eval_chunk * n_items)).
+        eval_users: users the NDCG averages over: None (all), "auto" (all up to 1000, else a seeded subset of
+            1000) or K (a seeded subset of K); with a subset, ``*_sem`` metrics give the standard errors (see
+            :mod:`mbbo.tasks.block_eval`: each user is a block of the ranking objective).
         device: ``"cpu"`` or a CUDA device.
     """
 
@@ -86,6 +90,7 @@ class NDCGSettings:
     ks: tuple[int, ...] = (5, 10, 20, 50)
     eval_test: bool = True
     eval_chunk: int = 512
+    eval_users: int | str | None = None
     device: str = "cpu"
 
     def validate(self) -> None:
@@ -104,6 +109,7 @@ class NDCGSettings:
             raise ValueError(f"warmup_weight_decay={self.warmup_weight_decay!r} must be in [0, inf)")
         if not (isinstance(self.warmup_gamma, int | float) and 0 < self.warmup_gamma <= 1):
             raise ValueError(f"warmup_gamma={self.warmup_gamma!r} must be in (0, 1]")
+        check_eval_blocks(self.eval_users)
         if self.head_init not in ("torch", "normal"):
             raise ValueError(f"head_init={self.head_init!r} must be 'torch' or 'normal'")
         for name in ("dropout", "output_dropout"):
@@ -313,9 +319,16 @@ class NDCGTask:
         model = trainer.model if hasattr(trainer, "model") else trainer
         out: dict[str, float] = {}
         splits = ("dev", "test") if self.settings.eval_test else ("dev",)
+        n_users = self.split.dev.n_users
+        users = evaluation_blocks(n_users, self.settings.eval_users, self.settings.seed)
         for which in splits:
-            m = evaluate_split(model, self.split, which, self.settings.ks, chunk_size=self.settings.eval_chunk)
+            m = evaluate_split(model, self.split, which, self.settings.ks, chunk_size=self.settings.eval_chunk,
+                               users=users, with_std=users is not None)
             out.update({f"{which}_ndcg@{k}": m[f"ndcg@{k}"] for k in self.settings.ks})
+            if users is not None:
+                n = m["users"]
+                out.update({f"{which}_ndcg@{k}_sem": m[f"ndcg@{k}_std"] / math.sqrt(n) * math.sqrt(1 - n / n_users)
+                            for k in self.settings.ks})
         loss = getattr(trainer, "last_loss", None)  # None before the first step
         if loss is not None:
             out["train_loss"] = float(loss)

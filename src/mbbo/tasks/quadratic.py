@@ -116,11 +116,25 @@ class MultiBlockQuadratic:
         """grad F(x) = (1/m) sum_i grad F_i(x)."""
         return self.block_hypergradients(x).mean(0)
 
-    def objective(self, x: Tensor) -> Tensor:
-        y = self.lower_solution(x)
+    def block_objectives(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """F_i(x) = f_i(x, y_i*(x)) for every block: (m,) (y: y*(x) if already computed)."""
+        y = self.lower_solution(x) if y is None else y
         quad = 0.5 * torch.einsum("my,myz,mz->m", y, self.F, y) + torch.einsum("x,mxy,my->m", x, self.K, y)
         lin = 0.5 * torch.einsum("x,mxz,z->m", x, self.H, x) + self.h @ x + (self.f * y).sum(-1)
-        return (quad + lin).mean()
+        return quad + lin
+
+    def objective(self, x: Tensor) -> Tensor:
+        return self.block_objectives(x).mean()
+
+    def subset(self, blocks: Tensor) -> MultiBlockQuadratic:
+        """The quadratic restricted to the given blocks."""
+        return MultiBlockQuadratic(*(getattr(self, k)[blocks] for k in ("A", "C", "a", "F", "K", "H", "h", "f")))
+
+    def block_metrics(self, x: Tensor, blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(grad F_i(x) (k, d_x), F_i(x) (k,), y_i*(x) (k, d_y)) for the given blocks."""
+        sub = self.subset(blocks)
+        y = sub.lower_solution(x)
+        return sub.block_hypergradients(x), sub.block_objectives(x, y), y
 
     def minimiser(self) -> Tensor:
         """x* solving grad F(x) = 0 (F is a convex quadratic: one linear solve)."""

@@ -46,8 +46,10 @@ from mbbo.algorithms.registry import ALGORITHMS, RESTART_PREFIX, algorithm_names
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.config import coerce_value, field_types
 from mbbo.problem import MultiBlockProblem
+from mbbo.tasks.block_eval import block_chunks, check_eval_blocks, evaluation_blocks, lower_rows, mean_and_sem
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
 from mbbo.tasks.quadratic import MultiBlockQuadratic
+from mbbo.tasks.quadratic_seeded import SeededQuadratic
 
 __all__ = [
     "TASKS",
@@ -365,6 +367,11 @@ class QuadraticSettings:
         hessian_noise: per-sample standard deviation of the lower Hessian scale.
         batch_size: samples per sampled block.
         data_seed: seed of the random instance.
+        form: "dense" (stored coefficient matrices, m (2 d_y^2 + d_x^2 + 2 d_x d_y) numbers) or "seeded"
+            (`mbbo.tasks.quadratic_seeded`: structured coefficients generated per block from the seed when the
+            block is sampled; memory O(1) per block, for large m).
+        eval_blocks: blocks the metrics average over: None (all, in chunks), "auto" (all up to 1000, else a
+            seeded subset of 1000) or K (a seeded subset of K); see `mbbo.tasks.block_eval`.
     """
 
     num_blocks: int = 10
@@ -377,9 +384,16 @@ class QuadraticSettings:
     hessian_noise: float = 0.0
     batch_size: int = 1
     data_seed: int = 0
+    form: str = "dense"
+    eval_blocks: int | str | None = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
+        if self.form not in ("dense", "seeded"):
+            raise ValueError(f"form must be 'dense' or 'seeded', got {self.form!r}")
+        check_eval_blocks(self.eval_blocks)
+        if self.form == "seeded" and self.interpolating:
+            raise ValueError("interpolating=True needs form='dense' (the seeded form has no common minimiser)")
         for name in ("num_blocks", "dim_x", "dim_y", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -394,9 +408,20 @@ class QuadraticSettings:
 
 @dataclass
 class QuadraticEvaluator:
-    """Closed-form metrics of the multi-block quadratic; one epoch is one pass over the blocks."""
+    """Closed-form metrics of the multi-block quadratic; one epoch is one pass over the blocks.
 
-    quadratic: MultiBlockQuadratic
+    Metrics average over the evaluated blocks (all, or the seeded subset of `eval_blocks`), in chunks of
+    `chunk` blocks: `grad_norm` = ||mean_i grad F_i(x)||, `objective` = mean_i F_i(x), `lower_error` =
+    mean_i ||y_i - y_i*(x)||, with the standard errors `objective_sem` and `lower_error_sem` (0 for all blocks).
+    """
+
+    quadratic: MultiBlockQuadratic | SeededQuadratic
+    eval_blocks: int | str | None = None
+    seed: int = 0
+    chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        self.blocks = evaluation_blocks(self.quadratic.num_blocks, self.eval_blocks, self.seed)
 
     def iterations_per_epoch(self, block_batch: int) -> int:
         """ceil(m / B): an epoch samples as many blocks as there are."""
@@ -404,26 +429,36 @@ class QuadraticEvaluator:
 
     @torch.no_grad()
     def evaluate(self, algorithm: Any) -> dict[str, float]:
-        """`grad_norm` = ||grad F(x)||, `objective` = F(x), `lower_error` = mean_i ||y_i - y_i*(x)||."""
-        q = self.quadratic
-        x: Tensor = algorithm.x.to(q.A.dtype)
-        y = algorithm.lower_variables().to(q.A.dtype).reshape(q.num_blocks, -1)
-        lower_error = torch.linalg.vector_norm(y - q.lower_solution(x), dim=-1).mean()
-        return {
-            "grad_norm": float(torch.linalg.vector_norm(q.hypergradient(x))),
-            "objective": float(q.objective(x)),
-            "lower_error": float(lower_error),
-        }
+        q, m = self.quadratic, self.quadratic.num_blocks
+        dtype = q.A.dtype if isinstance(q, MultiBlockQuadratic) else q.dtype
+        x: Tensor = algorithm.x.to(dtype)
+        grad_sum, values, errors = torch.zeros_like(x), [], []
+        for blocks in block_chunks(self.blocks, m, self.chunk):
+            grad, value, y_star = q.block_metrics(x, blocks)
+            y = lower_rows(algorithm, blocks).to(dtype).reshape(len(blocks), -1)
+            grad_sum += grad.sum(0)
+            values.append(value)
+            errors.append(torch.linalg.vector_norm(y - y_star, dim=-1))
+        value_all, error_all = torch.cat(values), torch.cat(errors)
+        objective, objective_sem = mean_and_sem(value_all, m)
+        lower_error, lower_error_sem = mean_and_sem(error_all, m)
+        return {"grad_norm": float(torch.linalg.vector_norm(grad_sum / value_all.shape[0])),
+                "objective": objective, "objective_sem": objective_sem,
+                "lower_error": lower_error, "lower_error_sem": lower_error_sem}
 
 
 def _build_quadratic(settings: QuadraticSettings, dtype: torch.dtype, device: torch.device
                      ) -> tuple[MultiBlockProblem, QuadraticEvaluator]:
-    """Draw the instance and build its stochastic problem."""
+    """Draw the instance (or set up the seeded one) and build its stochastic problem."""
     s = settings
-    quadratic = MultiBlockQuadratic.random(s.num_blocks, s.dim_x, s.dim_y, seed=s.data_seed, mu=s.mu, L=s.L,
-                                           interpolating=s.interpolating, dtype=dtype)
+    quadratic: MultiBlockQuadratic | SeededQuadratic
+    if s.form == "seeded":
+        quadratic = SeededQuadratic(s.num_blocks, s.dim_x, s.dim_y, seed=s.data_seed, mu=s.mu, L=s.L, dtype=dtype)
+    else:
+        quadratic = MultiBlockQuadratic.random(s.num_blocks, s.dim_x, s.dim_y, seed=s.data_seed, mu=s.mu, L=s.L,
+                                               interpolating=s.interpolating, dtype=dtype)
     problem = quadratic.problem(noise=s.noise, hessian_noise=s.hessian_noise, batch_size=s.batch_size)
-    return problem, QuadraticEvaluator(quadratic)
+    return problem, QuadraticEvaluator(quadratic, s.eval_blocks, s.data_seed)
 
 
 # ---------------------------------------------------------------------------------------------------------
