@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mbbo.algorithms.registry import make_algorithm
+from mbbo.blocks import BlockSampler
 from mbbo.tasks import block_eval
 from mbbo.tasks.block_eval import block_chunks, evaluation_blocks, lower_rows, mean_and_sem, rows_per_chunk
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask, robust_logistic
@@ -116,3 +117,16 @@ def test_ndcg_eval_users_subset_reports_standard_error(shared_data) -> None:
     assert "dev_ndcg@10_sem" not in every
     per_user = [evaluate_ndcg(scorer, split.dev, (split.train,), (10,), users=u.view(1))["ndcg@10"] for u in users]
     assert direct["ndcg@10_std"] == pytest.approx(float(torch.tensor(per_user).std()), rel=1e-9)
+
+
+def test_evaluated_blocks_are_not_those_a_reshuffling_sampler_visits_first() -> None:
+    """The subset's stream differs from the algorithms' block stream: with the same seed, the first K blocks of
+    a reshuffled permutation are not the evaluated ones (they were, before the subset had a stream of its own)."""
+    m, k, seed = 10_000, 100, 0
+    subset = evaluation_blocks(m, k, seed=seed)
+    assert subset is not None
+    sampler = BlockSampler(m, 10, mode="reshuffle")
+    blocks_stream = torch.Generator().manual_seed(seed * 1_000_003 + 0)  # BilevelAlgorithm's "blocks" stream
+    first = torch.cat([sampler.sample(blocks_stream, torch.device("cpu")) for _ in range(k // 10)])
+    overlap = len(set(first.tolist()) & set(subset.tolist()))
+    assert overlap < k // 2, overlap  # about k^2 / m = 1 expected for independent draws

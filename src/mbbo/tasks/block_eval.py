@@ -20,6 +20,9 @@ from torch import Tensor
 EVAL_BUDGET_BYTES = 256 * 2**20
 # blocks evaluated when eval_blocks is "auto": every block up to this many, else a seeded subset of this size
 AUTO_EVAL_BLOCKS = 1000
+# the subset's random stream: seed * 1_000_003 + EVAL_STREAM, no algorithm stream (offsets 0-3 and 99, see
+# `mbbo.algorithms.base`) for any pair of seeds
+EVAL_STREAM = 1000
 
 
 def check_eval_blocks(value: Any) -> None:
@@ -32,13 +35,16 @@ def check_eval_blocks(value: Any) -> None:
 def evaluation_blocks(num_blocks: int, eval_blocks: int | str | None, seed: int,
                       device: torch.device | str = "cpu") -> Tensor | None:
     """The blocks to evaluate, sorted: None for all m; else a seeded uniform subset of min(K, m) blocks
-    ("auto": K = AUTO_EVAL_BLOCKS)."""
+    ("auto": K = AUTO_EVAL_BLOCKS), from a stream of its own (`EVAL_STREAM`): were it seeded like an
+    algorithm's block stream (seed * 1_000_003 + 0), a reshuffling block sampler's first permutation would be
+    the same one, and the first K / B iterations would visit exactly the evaluated blocks, then none of them
+    for the rest of the permutation."""
     check_eval_blocks(eval_blocks)
     k = AUTO_EVAL_BLOCKS if eval_blocks == "auto" else eval_blocks
     if k is None or k >= num_blocks:
         return None
     assert isinstance(k, int)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + EVAL_STREAM)
     return torch.randperm(num_blocks, generator=gen)[:k].sort().values.to(device)
 
 
