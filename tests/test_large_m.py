@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mbbo.algorithms.registry import make_algorithm
-from mbbo.blocks import BlockSampler, first_occurrences
+from mbbo.blocks import BlockSampler, DelayedBlocks, first_occurrences
 from mbbo.problem import MultiBlockProblem
 from mbbo.steps import revisit_scaled_step
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
@@ -174,3 +174,19 @@ def test_step_guard_sees_a_non_finite_row_the_step_wrote(name: str, hyper: dict[
     target[3] = float("nan")
     alg.step()
     assert not alg.is_finite()
+
+
+def test_lower_lr_scaling_applies_to_the_delayed_update() -> None:
+    """The delayed update's dc_i grows like m / B as the lazy replay's step count: tau, tau_v scale alike (also
+    for the moving-average baseline, which then moves a block by its missed steps too)."""
+    problem = _t1_like(1000)
+    delayed = make_algorithm("bsvrb_v2", problem, seed=0, lower_update="delayed")
+    assert isinstance(delayed.y, DelayedBlocks) and isinstance(delayed.v, DelayedBlocks)
+    assert delayed.y.step == pytest.approx(0.1) and delayed.v.step == pytest.approx(0.1)
+    assert make_algorithm("ma_v2", problem, seed=0, lower_update="delayed").y.step == pytest.approx(0.1)
+    pinned = make_algorithm("bsvrb_v2", problem, seed=0, lower_update="delayed", lower_lr=0.7)
+    assert pinned.y.step == 0.7 and pinned.v.step == pytest.approx(0.1)
+    restarted = make_algorithm("re_bsvrb_v2", problem, seed=0, stage_length=2, decay=2.0, lower_update="delayed")
+    for _ in range(2):
+        restarted.step()
+    assert isinstance(restarted.inner.y, DelayedBlocks) and restarted.inner.y.step == pytest.approx(0.05)
