@@ -365,7 +365,12 @@ class BSVRBv1(_Blockwise):
         super()._load_tensors(state)
         self.hessians = state["hessians"].clone()
         if self.config.hessian_timing == "previous":
-            self.hessians_before = state["hessians_before"].clone()
+            if "hessians_before" in state:
+                self.hessians_before = state["hessians_before"].clone()
+            else:  # a checkpoint that stored the solver's table (Cholesky factors L = chol(H) under eigen_floor)
+                before = state["factors_before"]
+                eigen = self.config.hessian_guard == "eigen_floor"
+                self.hessians_before = before @ before.transpose(-1, -2) if eigen else before.clone()
             self.hessian_stamps = state["hessian_stamps"].clone()
 
 
