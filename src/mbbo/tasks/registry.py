@@ -515,7 +515,9 @@ register_task(TaskSpec(
     data_dir_setting="data_dir",
     # the authors' code (BSVRB_ICML2023 HO/main.py), which the seed paper's curves come from; rows are
     # reshuffled by the task's row_sampling setting. v1's hypergradient uses the previous Hessian estimate as in
-    # that code and the paper's section 4.1; its guard stays the eigenvalue floor (a deliberate fix)
+    # that code and the paper's section 4.1; its guard stays the eigenvalue floor (a deliberate fix). tau and
+    # tau_v stay unset: the authors' values at m / B = 10, scaled for larger m / B (`lower_lr_scaling`), which
+    # the delayed update's dc_i ~ m / B needs as much as the lazy replay does
     algorithm_defaults={"*": {"block_sampling": "reshuffle", "estimator_init": "uniform"},
                         "bsvrb_v1": {"hessian_timing": "previous"},
                         "bsvrb_v2": {"lower_update": "delayed"}},
