@@ -12,8 +12,11 @@ sample efficiency; the configurations then cover different epoch ranges) and aga
 time (no parallelism here, so this is the sequential cost of a larger batch).
 
 Extra (on by default, `--no-scaled-tau` skips them): B = 1 and 5 with the lower steps scaled as
-tau = tau_v = B / 10. With the authors' tau = tau_v = 1, B = 1 diverges: every block's y_i and v_i move at every
-iteration along an estimate refreshed only about every m / B = 100 iterations. The B figure has a log y axis.
+tau = tau_v = B / 10, the scaling of the seed paper's all-block step (tau_t = tau B / m). A block's estimate is
+refreshed once per m / B iterations (exactly, under the task's default reshuffled block sampling), so the lower
+variables move by about tau m / B along one estimate between refreshes: m / B steps of tau (eager rule) or one
+step of dc tau with dc about m / B (the authors' delayed rule, the task's default for v2). The B figure has a log
+y axis.
 
     .venv/bin/python experiments/hyperparam_speedup.py
     .venv/bin/python experiments/hyperparam_speedup.py --iterations 112 --seeds 0

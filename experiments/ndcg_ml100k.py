@@ -308,17 +308,22 @@ def choose_epochs(measured: list[dict[str, Any]], n_seeds: int, workers: int, re
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mbbo.ranking.trainer import TrainerConfig
+    from mbbo.tasks.ndcg import NDCGSettings
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="ML-100K u.data (or ml-100k.inter)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(TABLE_ORDER), choices=list(TABLE_ORDER))
     p.add_argument("--epochs", type=int, default=None, help="epochs per method (default: chosen from the budget)")
     p.add_argument("--budget-minutes", type=float, default=40.0)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--eta0", type=float, default=1.0, help="step size of lambda_q (K-SONG, BSVRB)")
-    p.add_argument("--tau1", type=float, default=0.1, help="softplus temperature of the top-K lower problem")
-    p.add_argument("--warmup-epochs", type=int, default=40)
-    p.add_argument("--warmup-lr", type=float, default=5e-3)
+    # the task's defaults are this experiment's settings (one source: TrainerConfig and NDCGSettings)
+    p.add_argument("--lr", type=float, default=TrainerConfig.lr)
+    p.add_argument("--eta0", type=float, default=TrainerConfig.eta0, help="step size of lambda_q (K-SONG, BSVRB)")
+    p.add_argument("--tau1", type=float, default=TrainerConfig.tau1,
+                   help="softplus temperature of the top-K lower problem")
+    p.add_argument("--warmup-epochs", type=int, default=NDCGSettings.warmup_epochs)
+    p.add_argument("--warmup-lr", type=float, default=NDCGSettings.warmup_lr)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work-dir", default=str(DEFAULT_WORK))
     p.add_argument("--out", default=str(RESULTS_DIR))

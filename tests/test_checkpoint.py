@@ -145,3 +145,13 @@ def test_non_dict_checkpoint_rejected(tmp_path: Path) -> None:
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match="expected a dict"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_respect_the_umask(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~umask

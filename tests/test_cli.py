@@ -96,7 +96,9 @@ def test_run_hyperparam_breast_cancer_restarted(tmp_path: Path) -> None:
     assert config["dataset"] == "breast_cancer" and config["algorithm"] == "re_bsvrb_v1"
     assert config["restart"] == {"stage_length": 2, "decay": 2.0, "growth": 2.0, "output": "last"}
     assert config["settings"]["flip_probability"] == 0.2 and config["settings"]["num_blocks"] == 3
-    assert config["hyper"] == {**dataclasses.asdict(BSVRBv1Config()), "block_batch": 2}
+    # the task's defaults (the authors' block sampling and estimator initialisation) under the user's values
+    assert config["hyper"] == {**dataclasses.asdict(BSVRBv1Config()), "block_batch": 2, "block_sampling": "reshuffle",
+                               "estimator_init": "uniform", "hessian_timing": "previous"}
     records = _records(out)
     assert len(records) == 4
     assert all(set(r) >= HYPER_KEYS for r in records)
@@ -109,10 +111,14 @@ def test_run_hyperparam_a8a_shared_data(tmp_path: Path, shared_data: Path) -> No
     config = _config(out)
     assert config["dataset"] == "a8a" and config["settings"]["num_blocks"] == 100
     assert config["settings"]["data_dir"] == str(shared_data / "libsvm")
+    # no --set: the authors' combination, recorded
+    assert config["settings"]["row_sampling"] == "reshuffle"
+    assert {k: config["hyper"][k] for k in ("block_sampling", "lower_update", "estimator_init")} == {
+        "block_sampling": "reshuffle", "lower_update": "delayed", "estimator_init": "uniform"}
     records = _records(out)
     assert [r["iteration"] for r in records] == [0, 3]
     assert all(set(r) >= HYPER_KEYS for r in records)
-    assert records[-1]["epoch"] == pytest.approx(3 / 56)  # a8a: 18,156 // (10 * 32) = 56 iterations per epoch
+    assert records[-1]["epoch"] == pytest.approx(3 * 10 * 32 / 18_156)  # epoch = iteration B b / n_train
     assert (out / "checkpoint.pt").is_file()
 
 
@@ -239,12 +245,37 @@ def test_single_block_algorithm_on_one_block(tmp_path: Path, capsys: pytest.Capt
     (["--algorithm", "bsvrb_v2", "--set", "hyper=3"], "'hyper' must be a mapping"),
     (["--algorithm", "bsvrb_v2", "--set", "noequals"], "must have the form key=value"),
     (["--algorithm", "bsvrb_v2", "--config", "missing.yaml"], "no config file at missing.yaml"),
+    (["--algorithm", "bsvrb_v2", "--set", "lr=nan"], "lr must be a positive finite number, got nan"),
+    (["--algorithm", "bsvrb_v2", "--set", "eval_every=0"], "eval_every must be an integer in [1, inf), got 0"),
+    (["--algorithm", "bsvrb_v2", "--set", "checkpoint_every=-2"], "checkpoint_every must be an integer"),
+    (["--algorithm", "bsvrb_v2", "--seed", str(2**70)], "seed must be an integer in [0, 2**63 - 1]"),
+    (["--algorithm", "bsvrb_v2", "--set", "seed=-1"], "seed must be an integer in [0, 2**63 - 1], got -1"),
+    (["--algorithm", "bsvrb_v2", "--set", "seed=1.5"], "'seed': expected int, got 1.5"),
+    (["--algorithm", "bsvrb_v2", "--set", "threads=0"], "threads must be an integer in [1, inf), got 0"),
 ])
 def test_bad_input_exits_2_with_message(extra: list[str], message: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*QUAD, "--iterations", "1", "--out", str(tmp_path / "bad"), *extra]) == 2
     assert message in _error(capsys)
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_empty_out_flag_and_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*QUAD, "--algorithm", "bsvrb_v2", "--iterations", "1", "--out", ""]) == 2
+    assert "out is empty" in _error(capsys)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main([*QUAD, "--algorithm", "bsvrb_v2", "--iterations", "1", "--out", str(afile), "--overwrite"]) == 2
+    assert "is a file, not a folder" in _error(capsys)
+    assert afile.read_text() == "keep me"
+
+
+def test_python_dash_m_mbbo_and_version() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mbbo", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"mbbo {cli.mbbo.__version__}"
 
 
 def test_unknown_key_lists_valid_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -335,3 +366,13 @@ def test_list_prints_registered_names(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["list", "datasets"]) == 0
     only = capsys.readouterr().out
     assert "breast_cancer" in only and "Tasks" not in only
+
+
+def test_run_help_names_the_settings_and_where_to_look(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "hyperparam: dataset, num_blocks, batch_size" in out
+    assert "`mbbo list algorithms`" in out and "`mbbo list tasks`" in out
+    for name in registry.task_names():
+        assert f"  {name}: " in out

@@ -59,9 +59,9 @@ def test_load_toml_and_yml(tmp_path: Path) -> None:
 
 
 def test_load_errors(tmp_path: Path) -> None:
-    bad_suffix = tmp_path / "exp.json"
+    bad_suffix = tmp_path / "exp.ini"
     bad_suffix.write_text("{}")
-    with pytest.raises(ConfigError, match=r"exp\.json.*unknown config file suffix '\.json'"):
+    with pytest.raises(ConfigError, match=r"exp\.ini.*unknown config file suffix '\.ini'"):
         load_config(bad_suffix)
     with pytest.raises(FileNotFoundError, match=r"absent\.yaml"):
         load_config(tmp_path / "absent.yaml")
@@ -119,8 +119,26 @@ def test_parse_value_special_floats() -> None:
     assert parse_value(".inf") == math.inf
     assert parse_value("-.inf") == -math.inf
     assert math.isnan(parse_value(".nan"))
+    # the spellings users type (the module docstring promises them): floats, not strings
+    assert math.isnan(parse_value("nan")) and math.isnan(parse_value("NaN"))
+    assert parse_value("inf") == math.inf and parse_value("-inf") == -math.inf
+    assert parse_value("information") == "information" and parse_value("none") == "none"
     with pytest.raises(ConfigError, match="cannot parse"):
         parse_value("[1, 2")
+
+
+def test_yaml_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.1\nnested:\n  a: 1\n  a: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:4: .*key 'a' is given twice \(lines 3 and 4\)"):
+        load_config(path)
+
+
+def test_non_utf8_config_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"lr: 0.1\nname: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: not UTF-8 text \(byte 0xe9"):
+        load_config(path)
 
 
 def test_apply_overrides_nested_and_does_not_mutate() -> None:
@@ -173,3 +191,11 @@ def test_merge_does_not_alias_inputs() -> None:
     merged = merge({}, file_config)
     merged["nested"]["sizes"].append(3)
     assert file_config == {"nested": {"sizes": [1, 2]}}
+
+
+def test_a_runs_config_json_loads(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{"task": "quadratic", "hyper": {"lr": 1e-05, "gamma": NaN}, "runner": {"iterations": 3}}')
+    loaded = load_config(path)
+    assert loaded["hyper"]["lr"] == 1e-5 and math.isnan(loaded["hyper"]["gamma"])
+    assert loaded["runner"]["iterations"] == 3

@@ -111,6 +111,43 @@ def test_gzip_file(tmp_path: Path) -> None:
         load_libsvm_file(path, 2)
 
 
+def test_compressed_file_is_recognised_by_its_magic_bytes(tmp_path: Path) -> None:
+    """A gzip or bzip2 file without the suffix is decompressed, not parsed as text with binary 'labels'."""
+    import bz2
+
+    for name, compress in (("gzipped", gzip.compress), ("bzipped", bz2.compress)):
+        path = tmp_path / name
+        path.write_bytes(compress(b"-1 1:1\n+1 2:1\n"))
+        X, y = load_libsvm_file(path, 2)
+        np.testing.assert_array_equal(X, np.eye(2))
+        np.testing.assert_array_equal(y, [-1.0, 1.0])
+
+
+def test_gzipped_pair_in_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "toy.gz").write_bytes(gzip.compress(b"-1 1:1\n+1 2:1\n"))
+    (tmp_path / "toy.t.gz").write_bytes(gzip.compress(b"-1 2:3\n"))
+    ds = load_binary_dataset("toy", data_dir=tmp_path)
+    np.testing.assert_array_equal(ds.X_test, [[0, 3]])
+
+
+def test_cr_only_line_endings_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "mac"
+    path.write_bytes(b"-1 1:0.5 3:2\r+1 2:1\r")
+    X, y = load_libsvm_file(path, 3)
+    np.testing.assert_array_equal(X, [[0.5, 0, 2], [0, 1, 0]])
+    np.testing.assert_array_equal(y, [-1.0, 1.0])
+    path.write_bytes(b"-1 1:0.5\r+1 2:x\r")  # a bad line is still located by its number
+    with pytest.raises(DataError, match=r"mac:2: the value 'x' of feature 2"):
+        load_libsvm_file(path, 3)
+
+
+def test_huge_feature_index_names_the_line_and_the_dense_size(tmp_path: Path) -> None:
+    path = _write(tmp_path, "-1 1:1\n+1 2:1\n+1 3:1 999999999:1\n")
+    with pytest.raises(DataError, match=r"data:3: feature index 999,999,999 makes the dense feature matrix "
+                                        r"3 x 999,999,999 float64 = 22\.4 GiB"):
+        load_libsvm_file(path, None)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         load_libsvm_file(tmp_path / "nope", 3)

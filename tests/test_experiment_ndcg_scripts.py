@@ -126,3 +126,17 @@ def test_scripts_end_to_end_on_ml100k(scripts, tmp_path: Path):
     assert [r["candidate"] for r in summary["rows"]] == ["song(gamma0=0.5)"]
     assert 0.0 < summary["rows"][0]["dev_ndcg@5_mean"] < 1.0
     assert "song(gamma0=0.5)" in (out / "tune.md").read_text()
+
+
+def test_task_defaults_are_the_committed_experiments_settings():
+    """`mbbo run --task ndcg` with no --set runs what the results page reports (not the papers' ML-20M values)."""
+    from mbbo.ranking.trainer import TrainerConfig
+    from mbbo.tasks.ndcg import NDCGSettings
+
+    committed = json.loads((EXPERIMENTS / "results" / "ndcg_ml100k_metrics.json").read_text())["settings"]
+    trainer, settings = TrainerConfig(), NDCGSettings()
+    for name in ("lr", "eta0", "tau1", "lr_decay", "epochs", "batch_size", "num_pos", "num_neg"):
+        assert getattr(trainer, name) == committed[name], name
+    assert trainer.decay_epochs() == (committed["lr_decay_epoch"],)
+    assert TrainerConfig(method="ksong").resolved_topk() == committed["topk"]
+    assert (settings.warmup_epochs, settings.warmup_lr) == (committed["warmup_epochs"], committed["warmup_lr"])

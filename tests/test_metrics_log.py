@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
-from mbbo import checkpoint
+from mbbo import metrics_log
 from mbbo.metrics_log import MetricsLog, MetricsLogError, read_metrics
 
 
@@ -73,11 +74,11 @@ def test_failed_append_leaves_file_and_log_unchanged(tmp_path: Path, monkeypatch
     before = path.read_bytes()
 
     def boom(*args: object) -> None:
-        raise OSError("simulated crash during replace")
+        raise OSError(28, "simulated: no space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "replace", boom)
+    monkeypatch.setattr(metrics_log.os, "fsync", boom)
     with pytest.raises(OSError, match="simulated"):
-        log.append(_record(4))
+        log.append(_record(4))  # written, then not synced: rolled back
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert len(log) == 1
@@ -107,3 +108,28 @@ def test_malformed_line_names_file_and_line(tmp_path: Path) -> None:
 def test_missing_log(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         read_metrics(tmp_path / "missing.jsonl")
+
+
+def test_append_writes_only_the_new_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appends are O(record), not a rewrite of the file (which was quadratic I/O over a run)."""
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, [_record(i) for i in range(50)])
+    written: list[int] = []
+    real_write = metrics_log.os.write
+    monkeypatch.setattr(metrics_log.os, "write", lambda fd, data: written.append(len(data)) or real_write(fd, data))
+    log.append(_record(50))
+    assert sum(written) == len(json.dumps(_record(50))) + 1
+    assert [r["iteration"] for r in read_metrics(path)] == list(range(51))
+
+
+def test_a_partial_last_line_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    MetricsLog(path, [_record(0), _record(4)])
+    with path.open("a") as handle:
+        handle.write('{"iteration": 8, "lo')  # a kill -9 in the middle of an append
+    with pytest.warns(RuntimeWarning, match="partial last record"):
+        assert [r["iteration"] for r in read_metrics(path)] == [0, 4]
+    with pytest.warns(RuntimeWarning):
+        log = MetricsLog.resume(path, until=8)
+    log.append(_record(8))
+    assert [r["iteration"] for r in read_metrics(path)] == [0, 4, 8]

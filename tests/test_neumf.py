@@ -26,7 +26,8 @@ def test_architecture_and_shapes():
     }
     assert m.prediction.bias is None
     assert [type(x).__name__ for x in m.mlp] == ["Linear", "ReLU", "Dropout"] and m.mlp[2].p == 0.2
-    assert m.out_dropout.p == 0.2
+    assert m.out_dropout.p == 0.0  # the reference architecture: dropout inside the MLP only
+    assert NeuMF(50, 80, output_dropout=0.2).out_dropout.p == 0.2  # mbbo's earlier extra dropout, on request
     users = torch.tensor([0, 3, 49])
     assert m.score(users, torch.tensor([1, 2, 79])).shape == (3,)
     assert m(users, torch.randint(0, 80, (3, 7))).shape == (3, 7)

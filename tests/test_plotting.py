@@ -116,7 +116,29 @@ def test_different_configs_with_same_label_are_not_averaged(tmp_path: Path, draw
 def test_label_from_nested_key(tmp_path: Path) -> None:
     folder = make_run(tmp_path, "r", {"algo": {"name": "mrbo"}}, [1.0, 0.5])
     assert load_run(folder, "algo.name").label == "mrbo"
-    assert load_run(folder, "missing").label == "r"
+    assert load_run(folder).label == "r"  # no `algorithm` key: the folder name
+
+
+def test_unknown_label_key_is_an_error(tmp_path: Path) -> None:
+    folder = make_run(tmp_path, "r", {"algorithm": "soba", "lr": 0.1}, [1.0, 0.5])
+    with pytest.raises(ValueError, match=r"--label-from 'lrr': no such key .*config.json.*algorithm, lr"):
+        load_run(folder, "lrr")
+    bare = make_run(tmp_path, "bare", None, [1.0, 0.5])
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        load_run(bare, "lr")
+
+
+def test_a_file_given_as_run_folder_is_named(tmp_path: Path) -> None:
+    folder = make_run(tmp_path, "r", {"algorithm": "soba"}, [1.0, 0.5])
+    with pytest.raises(ValueError, match=r"metrics.jsonl is a file, not a run folder.*perhaps .*r"):
+        load_run(folder / "metrics.jsonl")
+
+
+def test_all_nan_metric_is_an_error(tmp_path: Path) -> None:
+    folder = make_run(tmp_path, "r", {"algorithm": "soba"}, [float("nan"), float("nan")])
+    with pytest.raises(ValueError, match=r"'val_loss' .* has no finite value"):
+        plot_runs([folder], "epoch", "val_loss", tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_curve_uses_sum_of_oracle_calls(tmp_path: Path) -> None:

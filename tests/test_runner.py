@@ -152,7 +152,7 @@ def test_records_format_and_files(tmp_path: Path) -> None:
     assert config["algorithm"] == "fake" and config["path"] == str(tmp_path)
     assert config["runner"] == {
         "out_dir": str(out), "iterations": 10, "epochs": None, "eval_every": 4, "checkpoint_every": None,
-        "progress": False, "overwrite": False,
+        "checkpoint_seconds": 300.0, "divergence_factor": 1e8, "progress": False, "overwrite": False,
     }
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["runner"]["iteration"] == 10
@@ -256,9 +256,12 @@ def test_resume_errors_and_warning(tmp_path: Path) -> None:
     run(NoisyQuadratic(), QuadraticTask(), config, extra_config={"lr": 0.2})
     with pytest.raises(ValueError, match="at iteration 6, past the requested 4 iterations"):
         run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path / "run", iterations=4), resume=True)
-    with pytest.warns(RuntimeWarning, match=r"differs from the checkpoint's in \['lr'\]"):
+    before = (tmp_path / "run" / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"the configuration differs from the run's \(lr: 0.2 in the checkpoint, "
+                                         r"0.5 now\)"):
         run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path / "run", iterations=7), resume=True,
             extra_config={"lr": 0.5})
+    assert (tmp_path / "run" / "config.json").read_bytes() == before  # refused before anything was written
 
 
 def test_fresh_run_refuses_to_clobber(tmp_path: Path) -> None:
@@ -278,7 +281,7 @@ def test_divergence_with_is_finite_stops_at_the_bad_iteration(tmp_path: Path) ->
     assert "metrics up to iteration 6" in str(info.value)
     assert "last good checkpoint (iteration 6)" in str(info.value)
     assert info.value.iteration == 7
-    assert algorithm.finite_calls == 7  # checked after every step
+    assert algorithm.finite_calls == 1 + 7  # the initial state, then after every step
     assert [r["iteration"] for r in info.value.records] == [0, 2, 4, 6]
     assert read_metrics(tmp_path / "metrics.jsonl") == info.value.records
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -375,3 +378,195 @@ def test_postfix_formats_scalars_only() -> None:
     record = {"iteration": 3, "epoch": 0.75, "time": 1.0, "oracle_calls": {"grad": 3}, "loss": 0.123456,
               "name": "a", "flag": True, "vec": [1, 2]}
     assert _postfix(record) == {"epoch": "0.75", "loss": "0.1235", "name": "a"}
+
+
+# --- periodic checkpoints, signals, the growth guard, the lock, write errors, resume checks --------------
+
+
+class Exploding(NoisyQuadratic):
+    """Finite but exploding: x is multiplied by 1e3 at every step from `explode_at` on (no NaN ever)."""
+
+    def __init__(self, explode_at: int) -> None:
+        super().__init__()
+        self.explode_at = explode_at
+
+    def step(self) -> None:
+        super().step()
+        if self.iteration >= self.explode_at:
+            self.x = self.x * 1e3 + 1.0
+
+
+class Signalling(NoisyQuadratic):
+    """Sends itself a signal in the middle of a given step, as `kill -TERM <pid>` would."""
+
+    def __init__(self, at: int, signum: int) -> None:
+        super().__init__()
+        self.at, self.signum = at, signum
+
+    def step(self) -> None:
+        if self.iteration + 1 == self.at:
+            import signal as signal_module
+
+            signal_module.raise_signal(self.signum)
+        super().step()
+
+
+def test_default_checkpoints_follow_evaluations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without checkpoint_every, a crash loses at most the steps since the last evaluation (here with a budget
+    that any write within an evaluation's 0.05 s meets; the 2 % rule itself is tested below)."""
+    monkeypatch.setattr(runner_module, "CHECKPOINT_BUDGET", 1.0)
+    config = _config(tmp_path, iterations=10, eval_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        run(CrashingQuadratic(crash_at=10), QuadraticTask(eval_sleep=0.05), config)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["runner"]["iteration"] == 8
+
+
+def test_default_checkpoints_keep_within_the_time_budget(tmp_path: Path) -> None:
+    state = runner_module._Run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=1000), {}, 1000, 4)
+    state.checkpoint_cost = 1.0  # a write that took 1 s is repeated only after 50 s (2 %)
+    state.last_checkpoint_wall = time.perf_counter() - 40
+    assert not state.checkpoint_due(4, evaluated=True)
+    state.last_checkpoint_wall = time.perf_counter() - 60
+    assert state.checkpoint_due(8, evaluated=True)
+    assert not state.checkpoint_due(9, evaluated=False)  # not an evaluation, and < checkpoint_seconds
+    state.last_checkpoint_wall = time.perf_counter() - 400
+    assert state.checkpoint_due(9, evaluated=False)  # past checkpoint_seconds (300 s)
+    assert state.checkpoint_due(1000, evaluated=False)  # the end
+
+
+@pytest.mark.parametrize("signum_name", ["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_the_step_and_resume_is_identical(tmp_path: Path, signum_name: str) -> None:
+    import signal
+
+    signum = getattr(signal, signum_name)
+    config = _config(tmp_path / "a", iterations=12, eval_every=4, checkpoint_every=100)
+    with pytest.raises(runner_module.RunInterrupted) as info:
+        run(Signalling(at=6, signum=signum), QuadraticTask(), config)
+    assert info.value.exit_code == 128 + signum and info.value.iteration == 6
+    assert f"stopped by {signum_name} after iteration 6" in info.value.message
+    assert "mbbo run --out" in info.value.message and "--resume" in info.value.message
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["runner"]["iteration"] == 6
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = NoisyQuadratic()
+    records = run(resumed, QuadraticTask(), config, resume=True)
+    straight = NoisyQuadratic()
+    expected = run(straight, QuadraticTask(), _config(tmp_path / "b", iterations=12, eval_every=4))
+    _assert_same_state(resumed.state_dict(), straight.state_dict())
+    assert _without_time(records) == _without_time(expected)
+
+
+def test_exploding_iterate_is_caught_keeping_the_last_good_checkpoint(tmp_path: Path) -> None:
+    class Quiet(QuadraticTask):
+        def evaluate(self, algorithm: Any) -> dict[str, Any]:
+            return {"ok": 1.0}
+
+    config = _config(tmp_path, iterations=40, eval_every=2, checkpoint_every=2)
+    with pytest.raises(DivergenceError) as info:
+        run(Exploding(explode_at=5), Quiet(), config)
+    message = str(info.value)
+    assert message.startswith("the run diverged at iteration 8: the norm of the iterate x reached")
+    assert "divergence_factor=1e+08" in message and "step size" in message
+    assert "last good checkpoint (iteration 6)" in message
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["runner"]["iteration"] == 6
+    # with the guard off, the same run goes on (finite, but absurd)
+    records = run(Exploding(explode_at=5), Quiet(),
+                  RunConfig(out_dir=tmp_path / "off", iterations=12, eval_every=4, divergence_factor=None,
+                            progress=False))
+    assert records[-1]["iteration"] == 12
+
+
+def test_exploding_metric_is_caught(tmp_path: Path) -> None:
+    class Loud(QuadraticTask):
+        def evaluate(self, algorithm: Any) -> dict[str, Any]:
+            return {"loss": 10.0 ** (3 * algorithm.iteration)}
+
+    with pytest.raises(DivergenceError, match=r"iteration 3: metric 'loss' reached 1e\+09"):
+        run(NoisyQuadratic(), Loud(), RunConfig(out_dir=tmp_path, iterations=6, eval_every=1, progress=False))
+    assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+
+    class Counting(QuadraticTask):  # a counter that grows without bound is not a divergence
+        def evaluate(self, algorithm: Any) -> dict[str, Any]:
+            return {"comm_bytes": 10.0 ** (3 * algorithm.iteration), "loss": 1.0}
+
+    records = run(NoisyQuadratic(), Counting(), RunConfig(out_dir=tmp_path / "c", iterations=6, eval_every=1,
+                                                          progress=False))
+    assert records[-1]["comm_bytes"] == 1e18
+
+
+@pytest.mark.parametrize("bad", [0.5, 1.0, -3.0, math.nan])
+def test_divergence_factor_is_validated(tmp_path: Path, bad: float) -> None:
+    with pytest.raises(ValueError, match="divergence_factor"):
+        RunConfig(out_dir=tmp_path, iterations=1, divergence_factor=bad)
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    import os
+
+    with runner_module.run_lock(tmp_path), pytest.raises(runner_module.RunLockedError,
+                                                         match=f"is in use by PID {os.getpid()}"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=2, overwrite=True))
+    assert not (tmp_path / "metrics.jsonl").exists()
+    run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=2))  # released: free again
+
+
+def test_a_full_disk_names_the_file_and_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    original = runner_module.save_checkpoint
+
+    def fill_up(path: Path, payload: dict[str, Any]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        original(path, payload)
+
+    monkeypatch.setattr(runner_module, "save_checkpoint", fill_up)
+    with pytest.raises(runner_module.RunWriteError) as info:
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=10, eval_every=2, checkpoint_every=2))
+    message = str(info.value)
+    assert f"could not write {tmp_path / 'checkpoint.pt'}: No space left on device" in message
+    assert "last good checkpoint (iteration 2)" in message
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["runner"]["iteration"] == 2
+
+
+def test_resume_with_a_checkpoint_of_another_structure(tmp_path: Path) -> None:
+    from mbbo.checkpoint import CheckpointError, save_checkpoint
+
+    config = _config(tmp_path, iterations=4)
+    run(NoisyQuadratic(), QuadraticTask(), config)
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    payload["algorithm"] = {"name": "other"}
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"does not fit this algorithm \(KeyError: 'x'\)"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=8), resume=True)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_refuses_a_log_that_lost_records(tmp_path: Path) -> None:
+    from mbbo.checkpoint import CheckpointError
+
+    run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=8, eval_every=2))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text("".join(lines[:2]))  # records 0 and 2 of 0, 2, 4, 6, 8
+    with pytest.raises(CheckpointError, match=r"ends at iteration 2, but the checkpoint was written after its "
+                                              r"record of iteration 8"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=12, eval_every=2), resume=True)
+
+
+def test_resume_names_every_changed_nested_key(tmp_path: Path) -> None:
+    extra = {"task": "t", "settings": {"dataset": "a8a", "num_blocks": 100}, "hyper": {"lr": 0.1}, "threads": 1}
+    run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=4), extra_config=extra)
+    changed = {**extra, "settings": {"dataset": "w8a", "num_blocks": 100}, "hyper": {"lr": 0.2}}
+    with pytest.raises(ValueError, match=r"hyper\.lr: 0\.1 in the checkpoint, 0\.2 now; settings\.dataset: 'a8a' "
+                                         r"in the checkpoint, 'w8a' now\)"):
+        run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=8), resume=True, extra_config=changed)
+    # threads may change on resume
+    records = run(NoisyQuadratic(), QuadraticTask(), _config(tmp_path, iterations=8), resume=True,
+                  extra_config={**extra, "threads": 2})
+    assert records[-1]["iteration"] == 8
+
+
+def test_fractional_epochs(tmp_path: Path) -> None:
+    records = run(NoisyQuadratic(), QuadraticTask(per_epoch=1.4), _config(tmp_path, epochs=2.0, eval_every=1))
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3]  # ceil(2 * 1.4) = 3
+    assert records[2]["epoch"] == pytest.approx(2 / 1.4)

@@ -266,3 +266,11 @@ def test_mismatched_structures_raise():
         rule.update([t(1.0), t(2.0)], rule.init([t(0.0)]))
     assert global_norm([t(3.0), t(4.0)]).item() == pytest.approx(5.0)
     assert math.isclose(global_norm(t(3.0, 4.0)).item(), 5.0)
+
+
+def test_scheduled_is_benchopts_inverse_power_and_constant_at_zero_exponent():
+    from mbbo.steps import scheduled
+
+    assert scheduled(0.1, 0.0, 7) == 0.1
+    assert scheduled(0.1, 0.5, 3) == pytest.approx(0.1 / 2.0)  # c / (t + 1)^a
+    assert scheduled(2.0, 1.0, 0) == 2.0

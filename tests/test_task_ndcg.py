@@ -93,3 +93,26 @@ def test_cli_runs_every_method_family_on_ml100k(shared_data, tmp_path) -> None:
     assert "ksong" in get_task("ndcg").compatible_algorithms()
     assert main(["run", "--task", "ndcg", "--algorithm", "bsvrb_v2", "--data-dir", data, "--iterations", "1",
                  "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+
+
+def test_ratings_without_dev_or_test_interactions_are_an_error(tmp_path):
+    from mbbo.data.errors import DataError
+
+    path = tmp_path / "u.data"  # every user rated one film: nothing for dev and test
+    path.write_text("".join(f"{u}\t{u}\t4\t88125{u:04d}\n" for u in range(1, 30)))
+    with pytest.raises(DataError, match=r"u\.data: no user has dev interactions .* every NDCG would be NaN"):
+        load_split(NDCGSettings(data_path=str(path), warmup_cache=""))
+
+
+def test_a_corrupt_warm_up_cache_is_recomputed(settings, tmp_path):
+    import dataclasses
+
+    local = dataclasses.replace(settings, warmup_cache=str(tmp_path))
+    state, _ = ndcg.warm_start(load_split(local), local)
+    (cached,) = tmp_path.glob("warmup_*.pt")
+    cached.write_bytes(b"not a checkpoint")
+    with pytest.warns(RuntimeWarning, match="warm-up cache .* is unreadable .* recomputing it"):
+        again, _ = ndcg.warm_start(load_split(local), local)
+    for key in state:
+        assert torch.equal(state[key], again[key])
+    ndcg.load_checkpoint(cached)  # rewritten, readable again

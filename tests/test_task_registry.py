@@ -12,6 +12,7 @@ import torch
 from mbbo.algorithms import registry as algorithm_registry
 from mbbo.algorithms.bsvrb import BSVRBv2
 from mbbo.algorithms.registry import algorithm_names, make_algorithm
+from mbbo.config import coerce_fields, coerce_value, field_types
 from mbbo.tasks import registry
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
 from mbbo.tasks.registry import (
@@ -22,9 +23,6 @@ from mbbo.tasks.registry import (
     TaskAdapter,
     TaskSpec,
     algorithm_class,
-    coerce_fields,
-    coerce_value,
-    field_types,
     get_task,
     is_single_block,
     register_task,
@@ -151,7 +149,8 @@ def test_multi_block_algorithms_fit_every_task_single_block_ones_need_one_block(
         assert not set(single) & set(fitting)
         spec.check_algorithm("re_rsvrb")
         one_block = spec.make_settings({"num_blocks": 1})
-        assert set(single) <= set(spec.compatible_algorithms(one_block))
+        needs_rows = {"saba", "re_saba"} if not spec.finite_sum else set()  # the quadratic draws noise
+        assert set(single) - needs_rows <= set(spec.compatible_algorithms(one_block))
         with pytest.raises(IncompatibleAlgorithmError, match=r"soba is a single-block algorithm.*set num_blocks=1"):
             spec.check_algorithm("soba")
         spec.check_algorithm("soba", one_block)
@@ -164,7 +163,9 @@ def test_problem_level_check_uses_unsuitable_for() -> None:
     settings = spec.make_settings({"num_blocks": 1})
     problem, _ = spec.build(settings)
     spec.check_algorithm("soba", settings, problem)
-    assert spec.misfit("saba", settings) is None  # only the built problem shows the misfit
+    assert "finite-sum" in (spec.misfit("saba", settings) or "")  # the spec declares its noise samplers
+    spec = dataclasses.replace(spec, finite_sum=True)  # a spec that does not: only the built problem tells
+    assert spec.misfit("saba", settings) is None
     reason = spec.misfit("saba", settings, problem)
     assert reason is not None and reason.startswith("saba: ") and "finite-sum" in reason
     with pytest.raises(IncompatibleAlgorithmError, match=r"'saba' does not fit task 'quadratic': saba: .*finite-sum"):
@@ -270,7 +271,7 @@ def test_build_hyperparam_breast_cancer() -> None:
     problem, evaluator = spec.build(settings, block_batch=2)
     task = evaluator.task
     assert isinstance(task, HyperparamTask) and problem.num_blocks == 3
-    assert evaluator.iterations_per_epoch() == task.X_train.shape[0] // (2 * 8)
+    assert evaluator.iterations_per_epoch() == task.X_train.shape[0] / (2 * 8)  # fractional: 364 / 16
     metrics = evaluator.evaluate(make_algorithm("bsvrb_v1", problem, block_batch=2))
     assert {"val_loss", "test_loss", "test_accuracy"} <= set(metrics)
 
@@ -287,3 +288,18 @@ def test_task_adapter_delegates() -> None:
     adapter = TaskAdapter(Fake(), block_batch=4)
     assert adapter.iterations_per_epoch() == 25
     assert adapter.evaluate(2) == {"value": 2.0}
+
+
+def test_list_does_not_claim_finite_sum_algorithms_fit_the_noise_quadratic(capsys) -> None:
+    from mbbo.cli import main
+
+    spec = get_task("quadratic")
+    one_block = spec.make_settings({"num_blocks": 1})
+    assert "saba" not in spec.compatible_algorithms(one_block)
+    assert "needs a finite-sum problem" in (spec.misfit("saba", one_block) or "")
+    assert main(["list", "tasks"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("  quadratic"):out.index("  regularization")]
+    also = section[section.index("with num_blocks=1 also"):section.index("with num_blocks=1 and")]
+    assert "saba" not in section and "srba" not in also and "vrbo" not in also
+    assert "refresh_batch_size, period set (no finite sum here): srba, vrbo" in section

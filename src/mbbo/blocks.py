@@ -16,23 +16,56 @@ import torch
 from torch import Tensor
 
 from mbbo.projections import project_ball
+from mbbo.validation import check_choice
+
+BLOCK_SAMPLING = ("uniform", "reshuffle")
 
 
 class BlockSampler:
-    """Draws B distinct blocks out of m, uniformly, independently at each iteration (B = m: all blocks)."""
+    """Draws B distinct blocks out of m at each iteration.
 
-    def __init__(self, num_blocks: int, block_batch: int) -> None:
+    `mode="uniform"`: B distinct blocks uniformly, independently at each iteration (B = m: all blocks, in order).
+    `mode="reshuffle"` (the authors' code, BSVRB_ICML2023 HO/main.py): a random permutation of the m blocks is
+    consumed B blocks per iteration and redrawn every m // B iterations, so every block is sampled once per
+    window of m // B iterations and delays are at most 2 m / B - 1. The permutation and the position in it are
+    state (`state_dict`); drawing it costs O(m) once every m // B iterations, i.e. amortised O(B).
+    """
+
+    def __init__(self, num_blocks: int, block_batch: int, mode: str = "uniform") -> None:
         if not isinstance(block_batch, int) or not 1 <= block_batch <= num_blocks:
             raise ValueError(
                 f"block_batch must be an integer in [1, m] = [1, {num_blocks}], got {block_batch!r}")
+        check_choice("block_sampling", mode, BLOCK_SAMPLING)
         self.num_blocks = num_blocks
         self.block_batch = block_batch
+        self.mode = mode
+        self.order: Tensor | None = None  # reshuffle: the current permutation
+        self.position = 0  # reshuffle: iterations taken from it
+
+    @property
+    def period(self) -> int:
+        """Iterations per permutation in reshuffle mode: m // B."""
+        return self.num_blocks // self.block_batch
 
     def sample(self, generator: torch.Generator, device: torch.device) -> Tensor:
+        if self.mode == "reshuffle":
+            if self.order is None or self.position == self.period:
+                self.order = torch.randperm(self.num_blocks, generator=generator, device=generator.device)
+                self.position = 0
+            start = self.position * self.block_batch
+            self.position += 1
+            return self.order[start: start + self.block_batch].to(device)
         if self.block_batch == self.num_blocks:
             return torch.arange(self.num_blocks, device=device)
         perm = torch.randperm(self.num_blocks, generator=generator, device=generator.device)
         return perm[: self.block_batch].to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": None if self.order is None else self.order.clone(), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order = None if state["order"] is None else state["order"].clone()
+        self.position = int(state["position"])
 
 
 class MovingBlocks:
@@ -143,6 +176,65 @@ class MovingBlocks:
         self.directions = state["directions"].clone()
         self.stamps = state["stamps"].clone()
         self.previous = None if state["previous"] is None else state["previous"].clone()
+
+
+class DelayedBlocks:
+    """Per-block variables moved only when their block is sampled, by all the steps it missed at once:
+
+        i sampled at t:  w_i <- Proj(w_i - step * dc_i * d_i),   dc_i = t - (iteration of i's last update)
+
+    with d_i the direction just written (the authors' BSVRB_v2 rule, BSVRB_ICML2023 HO/main.py, where dc_i is
+    their `delay_count + 1`). Unsampled blocks do not move. Not equal to `MovingBlocks`: a sampled block's
+    oracles see its stored (not caught-up) value, and the dc_i missed steps all use the fresh direction.
+    Same interface as `MovingBlocks`; `read` gives (w_i now, w_i at the previous iteration), the latter being
+    the value before the last update for blocks updated at t - 1. O(B) blocks per iteration.
+    """
+
+    def __init__(self, values: Tensor, directions: Tensor, step: float, *, radius: float | None = None,
+                 start: int = 0) -> None:
+        self.values = values.clone()
+        self.before = values.clone()
+        self.directions = directions.clone()
+        self.step = float(step)
+        self.radius = radius
+        # as if every block had been updated just before `start` (dc = 1 at a block's first update)
+        self.stamps = torch.full((values.shape[0],), start - 1, dtype=torch.long, device=values.device)
+
+    def read(self, blocks: Tensor, t: int) -> tuple[Tensor, Tensor]:
+        cur = self.values[blocks]
+        just_updated = (self.stamps[blocks] == t - 1).view(-1, *([1] * (cur.dim() - 1)))
+        return cur, torch.where(just_updated, self.before[blocks], cur)
+
+    def direction(self, blocks: Tensor, t: int) -> Tensor:
+        return self.directions[blocks]
+
+    def delays(self, blocks: Tensor, t: int) -> Tensor:
+        """dc_i = 1 + iterations since block i was last updated."""
+        return t - self.stamps[blocks]
+
+    def write(self, blocks: Tensor, current: Tensor, new_directions: Tensor, t: int) -> None:
+        """Stores the new direction and moves the sampled blocks by their dc_i missed steps."""
+        dc = self.delays(blocks, t).to(current.dtype).view(-1, *([1] * (current.dim() - 1)))
+        moved = current - self.step * dc * new_directions
+        self.before[blocks] = current
+        self.values[blocks] = project_ball(moved, self.radius) if self.radius is not None else moved
+        self.directions[blocks] = new_directions
+        self.stamps[blocks] = t
+
+    def end_iteration(self, sampled: Tensor, t: int) -> None:
+        """Nothing: unsampled blocks do not move."""
+
+    def current_all(self, t: int) -> Tensor:
+        """Every block's stored value (O(m); for evaluation)."""
+        return self.values.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": self.values.clone(), "before": self.before.clone(), "directions": self.directions.clone(),
+                "stamps": self.stamps.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("values", "before", "directions", "stamps"):
+            setattr(self, key, state[key].clone())
 
 
 class DecayingSparseRows:

@@ -48,16 +48,25 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` atomically.
 
     The bytes go to a temporary file in the same directory (so the final rename never crosses file
     systems), which is flushed, fsynced and then renamed over `path` with :func:`os.replace`. On any
-    failure the temporary file is removed and the previous content of `path`, if any, is untouched.
+    failure the temporary file is removed and the previous content of `path`, if any, is untouched. The
+    file gets the mode an ordinary `open` would give it (0666 less the umask), not mkstemp's 0600.
     """
     target = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -2,15 +2,18 @@
 
     mbbo run --task quadratic --algorithm bsvrb_v2 --iterations 200 --set lr=0.01 block_batch=5
     mbbo run --task hyperparam --dataset a8a --data-dir ../shared/data/libsvm --algorithm bsvrb_v1 --epochs 200
-    mbbo run --config experiment.yaml --set flip_probability=0.2 --resume
+    mbbo run --config experiment.yaml --set flip_probability=0.2
+    mbbo run --out runs/a --resume                 # continue a run: its own config.json gives everything
+    mbbo run --config runs/a/config.json --out runs/b --set lr=0.01   # a new run from an old run's configuration
     mbbo plot runs/* --x epoch --y val_loss -o val_loss.png --logy
     mbbo list
 
 Configuration of `mbbo run`, later layers winning: defaults < config file (`--config`, YAML or TOML) <
-command-line flags < `--set key=value`. The config file and `--set` take
+command-line flags < `--set key=value`; with `--resume`, the run's own `OUT/config.json` comes first. A run's
+`config.json` is also accepted by `--config`. The config file and `--set` take
 
-- run options: `task`, `algorithm`, `epochs`, `iterations`, `eval_every`, `checkpoint_every`, `seed`,
-  `threads`, `dtype`, `device`, `out`;
+- run options: `task`, `algorithm`, `epochs`, `iterations`, `eval_every`, `checkpoint_every`,
+  `checkpoint_seconds`, `divergence_factor`, `seed`, `threads`, `dtype`, `device`, `out`;
 - task settings (e.g. `num_blocks`, `batch_size`, `flip_probability`, `dataset`; see `mbbo list`);
 - algorithm hyper-parameters (e.g. `lr`, `block_batch`) and, for restarted `re_<name>` algorithms, the restart
   options (`stage_length`, `decay`, `growth`, `output`).
@@ -30,8 +33,12 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
+import signal
 import sys
+import tempfile
 import textwrap
+import threading
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,18 +51,23 @@ import mbbo
 from mbbo.algorithms.registry import ALGORITHMS, RESTART_OPTIONS, make_algorithm
 from mbbo.algorithms.restart import Restarted
 from mbbo.checkpoint import CheckpointError
-from mbbo.config import apply_overrides, load_config
+from mbbo.config import apply_overrides, coerce_fields, coerce_value, load_config
 from mbbo.data.libsvm import available_datasets
 from mbbo.plotting import X_AXES, plot_runs
-from mbbo.runner import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESERVED_KEYS, DivergenceError, RunConfig, run
-from mbbo.tasks.registry import (
-    TASKS,
-    TaskSpec,
-    coerce_fields,
-    coerce_value,
-    get_task,
-    task_names,
+from mbbo.runner import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESERVED_KEYS,
+    DivergenceError,
+    RunConfig,
+    RunInterrupted,
+    RunLockedError,
+    RunWriteError,
+    run,
 )
+from mbbo.tasks.registry import TASKS, TaskSpec, get_task, task_names
+from mbbo.validation import check_int, check_real
 
 __all__ = ["DTYPES", "Experiment", "RunOptions", "build_parser", "main", "resolve_experiment"]
 
@@ -75,7 +87,11 @@ class RunOptions:
         task, algorithm: registered names (required).
         epochs, iterations: the budget; at most one (neither: 1 epoch).
         eval_every: evaluate every this many iterations (None: once per epoch).
-        checkpoint_every: checkpoint every this many iterations (None: only at the end).
+        checkpoint_every: checkpoint every this many iterations (None: after evaluations within a 2 % time
+            budget, at least every `checkpoint_seconds`, and at the end).
+        checkpoint_seconds: the longest wall time between two default checkpoints (None: no bound).
+        divergence_factor: stop when the iterate's norm or a metric grows past this factor times its
+            initial magnitude (None: only NaN/inf stop a run).
         seed: the algorithm's seed (its random streams); the task's data seed is a task setting.
         threads: `torch.set_num_threads`.
         dtype: `float32` or `float64`.
@@ -90,6 +106,8 @@ class RunOptions:
     iterations: int | None = None
     eval_every: int | None = None
     checkpoint_every: int | None = None
+    checkpoint_seconds: float | None = 300.0
+    divergence_factor: float | None = 1e8
     seed: int = 0
     threads: int = 1
     dtype: str = "float64"
@@ -115,6 +133,21 @@ class _Layer:
     settings: dict[str, Any]
     hyper: dict[str, Any]
     bare: dict[str, Any]
+
+
+#: Keys of a run's config.json that describe the run rather than configure it.
+RECORD_ONLY_KEYS = ("dataset", "torch_version", "mbbo_version")
+BUDGET_KEYS = ("iterations", "epochs", "eval_every", "checkpoint_every", "checkpoint_seconds", "divergence_factor")
+
+
+def _from_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's `config.json` as a configuration layer: the budget from its `runner` section, the restart
+    options as bare keys, the record-only keys (data set name, versions) dropped."""
+    layer = {k: v for k, v in values.items() if k not in (*RECORD_ONLY_KEYS, "runner", "restart")}
+    runner = values.get("runner") or {}
+    layer.update({k: runner[k] for k in BUDGET_KEYS if runner.get(k) is not None})
+    layer.update(values.get("restart") or {})
+    return layer
 
 
 def _split_layer(values: Mapping[str, Any], source: str) -> _Layer:
@@ -316,6 +349,24 @@ def _default_out(spec: TaskSpec, options: RunOptions, dataset: str | None) -> Pa
     return Path("runs") / "-".join(parts)
 
 
+MAX_SEED = 2**63 - 1
+
+
+def _check_run_options(options: RunOptions) -> None:
+    """The same ranges whether an option comes from a flag, `--set` or a config file."""
+    for name in ("iterations", "eval_every", "checkpoint_every"):
+        value = getattr(options, name)
+        if value is not None:
+            check_int(name, value, low=1)
+    check_int("threads", options.threads, low=1)
+    if options.epochs is not None:
+        check_real("epochs", options.epochs, 0.0, None, low_open=True)
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int) or not 0 <= options.seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {options.seed!r}")
+    if options.out is not None and not str(options.out).strip():
+        raise ValueError("out is empty: give a folder name, or leave --out out for the default folder")
+
+
 def resolve_experiment(args: argparse.Namespace) -> Experiment:
     """Resolve an `mbbo run` namespace into an :class:`Experiment` (nothing is loaded or built).
 
@@ -324,13 +375,19 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
         FileNotFoundError: a missing config file.
     """
     file_values = load_config(args.config) if args.config else {}
+    if "runner" in file_values:
+        file_values = _from_run_config(file_values)
     set_values = apply_overrides({}, list(args.set or []))
+    own = Path(args.out) / CONFIG_FILE if args.resume and args.out else None
+    run_values = _from_run_config(load_config(own)) if own is not None and own.is_file() else {}
     layers = [
+        _split_layer(run_values, f"the run's own {own}"),
         _split_layer(file_values, f"config file {args.config}"),
         _flag_layer(args),
         _split_layer(set_values, "--set"),
     ]
     options = RunOptions(**coerce_fields(RunOptions, _merge_run(layers), what="run option"))
+    _check_run_options(options)
     if options.task is None:
         raise ValueError(f"no task given: pass --task (one of {', '.join(task_names())}) or set 'task'")
     if options.algorithm is None:
@@ -342,7 +399,7 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
     keys = _Keys(options.task, options.algorithm, spec.setting_names(),
                  [f.name for f in dataclasses.fields(cls.Config)], list(RESTART_OPTIONS) if restarted else [])
     setting_values: dict[str, Any] = {}
-    hyper_values: dict[str, Any] = {}
+    hyper_values: dict[str, Any] = spec.hyper_defaults(cls.name, [f.name for f in dataclasses.fields(cls.Config)])
     for layer in layers:
         _data_flags(layer, spec)
         settings, hyper = _route(layer, keys)
@@ -376,10 +433,26 @@ def _format_value(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def _check_writable(out_dir: Path) -> None:
+    """Create `out_dir` and write a scratch file in it, so that a read-only or full disk fails up front."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir) as probe:
+            probe.write(b"mbbo")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise ValueError(f"cannot write in the output folder {out_dir}: {exc.strerror or exc}; choose another "
+                         "--out") from exc
+
+
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Fail early (before any data is loaded) on a clobbered run or a missing checkpoint."""
+    """Fail early (before any data is loaded) on a clobbered run, a missing checkpoint or a folder that
+    cannot be written."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file, not a folder; choose another output folder")
     if resume and not (out_dir / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint at {out_dir / CHECKPOINT_FILE}")
     existing = [name for name in (CHECKPOINT_FILE, METRICS_FILE) if (out_dir / name).exists()]
@@ -388,15 +461,34 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{out_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
             f"--overwrite to start again"
         )
+    _check_writable(out_dir)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) from torchrun-style variables ((0, 1) for a single process)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    """`mbbo run`: resolve, build, run, report."""
+    """`mbbo run`: resolve, build, run, report. Under torchrun / --nproc, rank 0 writes OUT and rank r > 0
+    writes its own log and checkpoint in OUT/rank<r> (each rank resumes from its own)."""
     experiment = resolve_experiment(args)
+    rank, world = _world()
+    if world > 1:
+        if not experiment.spec.distributed:
+            raise ValueError(f"task {experiment.spec.name!r} does not run on several processes "
+                             f"(WORLD_SIZE={world})")
+        if rank > 0:
+            experiment = dataclasses.replace(experiment, out_dir=experiment.out_dir / f"rank{rank}")
+            args.no_progress = True
     options = experiment.options
     # validate the budget before anything is loaded; eval_every is fixed once the epoch length is known
     run_config = RunConfig(out_dir=experiment.out_dir, iterations=options.iterations, epochs=options.epochs,
                            eval_every=options.eval_every or 1, checkpoint_every=options.checkpoint_every,
+                           checkpoint_seconds=options.checkpoint_seconds,
+                           divergence_factor=options.divergence_factor,
                            progress=not args.no_progress, overwrite=args.overwrite)
     _check_out_dir(experiment.out_dir, args.resume, args.overwrite)
     if isinstance(options.threads, bool) or options.threads < 1:
@@ -416,16 +508,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         algorithm = make_algorithm(experiment.algorithm, problem, seed=options.seed, **experiment.hyper,
                                    **(experiment.restart or {}), **extra)
     if options.eval_every is None:
-        run_config = dataclasses.replace(run_config, eval_every=evaluator.iterations_per_epoch())
+        per_epoch = max(1, round(evaluator.iterations_per_epoch()))
+        run_config = dataclasses.replace(run_config, eval_every=per_epoch)
     try:
         records = run(algorithm, evaluator, run_config, resume=args.resume, extra_config=experiment.config())
+    except RunInterrupted as exc:
+        print(f"mbbo: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"mbbo: interrupted; continue from the last checkpoint in {experiment.out_dir} with --resume",
               file=sys.stderr)
         return 130
-    except DivergenceError as exc:
-        print(f"mbbo: error: the run diverged: {exc}", file=sys.stderr)
+    except (DivergenceError, RunWriteError) as exc:
+        print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if rank > 0:
+        return 0
     files = ", ".join(name for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)
                       if (experiment.out_dir / name).exists())
     print(f"results in {experiment.out_dir} ({files})")
@@ -464,14 +562,22 @@ def _list_tasks() -> list[str]:
         lines.append(textwrap.fill(spec.description, width=100, initial_indent=" " * 6,
                                    subsequent_indent=" " * 6))
         lines.append(_wrap("settings", [f"{k}={v!r}" for k, v in spec.defaults().items()]))
+        for algorithm, values in spec.algorithm_defaults.items():
+            label = "hyper-parameter defaults" + ("" if algorithm == "*" else f" of {algorithm}")
+            lines.append(_wrap(label, [f"{k}={v!r}" for k, v in values.items()]))
         lines.append(_wrap("metrics", list(spec.metrics)))
         fitting = spec.compatible_algorithms()
         lines.append(_wrap("algorithms that fit (default settings)", _without_restarts(fitting)))
         if "num_blocks" in spec.setting_names() and spec.defaults()["num_blocks"] != 1:
             single = spec.compatible_algorithms(spec.make_settings({"num_blocks": 1}))
             extra = [name for name in _without_restarts(single) if name not in fitting]
+            conditional = [name for name in extra if not spec.finite_sum
+                           and getattr(ALGORITHMS[name], "needs_finite_sum", None) == "by default"]
             if extra:
-                lines.append(_wrap("with num_blocks=1 also", extra))
+                lines.append(_wrap("with num_blocks=1 also", [n for n in extra if n not in conditional]))
+            if conditional:
+                lines.append(_wrap("with num_blocks=1 and refresh_batch_size, period set (no finite sum here)",
+                                   conditional))
     return lines
 
 
@@ -541,12 +647,28 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _run_epilog() -> str:
+    """What `--set` takes, task by task, and where to read the rest."""
+    lines = ["task settings (--set NAME=VALUE; defaults and fitting algorithms: `mbbo list tasks`):"]
+    for name in task_names():
+        lines.append(textwrap.fill(", ".join(TASKS[name].setting_names()), width=100,
+                                   initial_indent=f"  {name}: ", subsequent_indent=" " * 6))
+    lines += [
+        "algorithm hyper-parameters (--set NAME=VALUE): `mbbo list algorithms` shows every algorithm's, with",
+        "  defaults; restarted re_<name> algorithms also take stage_length, decay, growth, output.",
+        "run options in files or --set: checkpoint_seconds (300), divergence_factor (1e8; null turns the growth",
+        "  check off). Continue a run with `mbbo run --out OUT --resume`.",
+    ]
+    return "\n".join(lines)
+
+
 def _add_run_parser(subparsers: Any) -> None:
     """The `run` subcommand."""
     p = subparsers.add_parser(
         "run", help="run an algorithm on a task",
         description="Run an algorithm on a task; writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoint.pt. "
                     "Precedence: defaults < --config file < flags < --set.",
+        epilog=_run_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", help=f"task name ({', '.join(task_names())})")
     p.add_argument("--algorithm", help="algorithm name (see `mbbo list algorithms`)")
@@ -572,6 +694,8 @@ def _add_run_parser(subparsers: Any) -> None:
     p.add_argument("--compile", action="store_const", const=True, default=None,
                    help="torch.compile the oracles (tens of seconds once; about 2x faster iterations on T1)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that already holds a run")
+    p.add_argument("--nproc", type=_positive_int, default=None,
+                   help="run in N local processes (gloo on 127.0.0.1; tasks with torch.distributed support)")
     p.set_defaults(func=_cmd_run)
 
 
@@ -587,8 +711,8 @@ def _add_plot_parser(subparsers: Any) -> None:
     p.add_argument("--y", required=True, metavar="METRIC", help="metric to plot (e.g. val_loss, grad_norm)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="image file (.png, .pdf, .svg, ...)")
     p.add_argument("--logy", action="store_true", help="logarithmic y axis")
-    p.add_argument("--label-from", dest="label_from", default="algorithm",
-                   help="config key giving the legend label (default algorithm)")
+    p.add_argument("--label-from", dest="label_from", default=None,
+                   help="config key giving the legend label (default: algorithm, else the folder name)")
     p.set_defaults(func=_cmd_plot)
 
 
@@ -628,11 +752,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    previous = _terminate_as_interrupt()
     try:
+        if getattr(args, "nproc", None) and args.nproc > 1 and _world() == (0, 1):
+            if args.task is not None and not get_task(args.task).distributed:  # fail before spawning
+                raise ValueError(f"task {args.task!r} does not run on several processes (--nproc)")
+            from mbbo.federated.launch import launch
+
+            return launch(sys.argv[1:] if argv is None else list(argv), args.nproc)
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError,
+            RunLockedError) as exc:
         print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RunInterrupted as exc:  # a signal before the run started (loading data, building, warm-up)
+        print(f"mbbo: {exc.message} before the run started; nothing was written", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mbbo: interrupted (Ctrl-C) before the run started; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt() -> Any:
+    """Outside the run loop (which checkpoints on signals), SIGTERM interrupts like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,19 +8,33 @@ in files and in overrides alike.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import os
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "load_config", "merge", "parse_value"]
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "coerce_fields",
+    "coerce_value",
+    "field_types",
+    "load_config",
+    "merge",
+    "parse_value",
+]
 
 YAML_SUFFIXES = (".yaml", ".yml")
 TOML_SUFFIXES = (".toml",)
+JSON_SUFFIXES = (".json",)  # a run's config.json
 
 
 class ConfigError(ValueError):
@@ -35,8 +49,8 @@ _FLOAT_PATTERN = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
         |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
+        |[-+]?\.?(?:inf|Inf|INF)
+        |\.?(?:nan|NaN|NAN))$""",
     re.VERBOSE,
 )
 
@@ -45,7 +59,23 @@ _Loader.yaml_implicit_resolvers = {
     key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
     for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_PATTERN, list("-+0123456789."))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_PATTERN, list("-+0123456789.iInN"))
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping whose keys must be unique: a key given twice is an error naming both lines."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one", key_node.start_mark)
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _yaml_load(text: str) -> Any:
@@ -82,15 +112,23 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     source = Path(path)
     suffix = source.suffix.lower()
-    if suffix not in YAML_SUFFIXES + TOML_SUFFIXES:
-        allowed = ", ".join(YAML_SUFFIXES + TOML_SUFFIXES)
+    if suffix not in YAML_SUFFIXES + TOML_SUFFIXES + JSON_SUFFIXES:
+        allowed = ", ".join(YAML_SUFFIXES + TOML_SUFFIXES + JSON_SUFFIXES)
         raise ConfigError(
             f"{source}: unknown config file suffix {source.suffix!r} (expected one of {allowed})"
         )
     if not source.is_file():
         raise FileNotFoundError(f"no config file at {source}")
-    text = source.read_text(encoding="utf-8")
-    data = _parse_yaml_file(source, text) if suffix in YAML_SUFFIXES else _parse_toml_file(source, text)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = source.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save the file as UTF-8") from exc
+    if suffix in TOML_SUFFIXES:
+        data = _parse_toml_file(source, text)
+    else:  # JSON is YAML (flow style), and this parser refuses duplicate keys and names the line
+        data = _parse_yaml_file(source, text)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -181,3 +219,116 @@ def merge(
     if isinstance(overrides, Mapping):
         return _deep_merge(result, overrides)
     return apply_overrides(result, overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# typed values (settings, hyper-parameters and run options come from YAML/TOML/the command line;
+# checked and converted here for the CLI and the task registry)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotation of every dataclass field of `cls` (string annotations evaluated)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def _type_name(annotation: Any) -> str:
+    """A short readable name of a type annotation: `float`, `int | None`, `float | str`."""
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    members = _union_members(annotation)
+    if len(members) > 1:
+        return " | ".join(_type_name(member) for member in members)
+    return str(annotation)
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (`X | Y`, `Optional[X]`), or the annotation alone."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+_NO_MATCH = object()
+
+
+def _coerce_member(value: Any, member: Any) -> Any:
+    """`value` as type `member`, or `_NO_MATCH`. Ints are accepted for floats, integral floats for ints."""
+    if member is Any:
+        return value
+    if member is type(None):
+        return None if value is None else _NO_MATCH
+    if member is bool:
+        return value if isinstance(value, bool) else _NO_MATCH
+    if isinstance(value, bool):
+        return _NO_MATCH
+    if member is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        return _NO_MATCH
+    if member is float:
+        return float(value) if isinstance(value, int | float) else _NO_MATCH
+    if member is str:
+        return value if isinstance(value, str) else _NO_MATCH
+    if typing.get_origin(member) is tuple:
+        return _coerce_tuple(value, typing.get_args(member))
+    if isinstance(member, type):
+        return value if isinstance(value, member) else _NO_MATCH
+    return value  # an annotation we cannot check (e.g. a generic): leave it to the owner's validation
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...]) -> Any:
+    """A list or tuple as a tuple of the annotated item types (`tuple[float, float]`, `tuple[int, ...]`)."""
+    if not isinstance(value, list | tuple):
+        return _NO_MATCH
+    items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if not args:
+        return tuple(value)
+    if len(items) != len(value):
+        return _NO_MATCH
+    converted = [_first_match(item, annotation) for item, annotation in zip(value, items, strict=True)]
+    return _NO_MATCH if any(c is _NO_MATCH for c in converted) else tuple(converted)
+
+
+def _first_match(value: Any, annotation: Any) -> Any:
+    """`value` converted to the first fitting member of `annotation`, or `_NO_MATCH`."""
+    for member in _union_members(annotation):
+        converted = _coerce_member(value, member)
+        if converted is not _NO_MATCH:
+            return converted
+    return _NO_MATCH
+
+
+def coerce_value(name: str, value: Any, annotation: Any, *, what: str = "setting") -> Any:
+    """Check `value` against a field annotation and convert it where that is lossless.
+
+    Ints are accepted for float fields (`lr=1` -> 1.0), integral floats for int fields (`iterations=1e4` ->
+    10000); bools are never numbers. Union members are tried in order (`float | str`: a number, else a string).
+
+    Raises:
+        ValueError: the value does not fit; the message names `what`, `name`, the expected type and the value.
+    """
+    converted = _first_match(value, annotation)
+    if converted is not _NO_MATCH:
+        return converted
+    raise ValueError(
+        f"bad value for {what} {name!r}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any], *, what: str = "setting") -> dict[str, Any]:
+    """Type-check `values` against the dataclass fields of `cls` (see :func:`coerce_value`).
+
+    Raises:
+        ValueError: an unknown key (the message lists the valid ones) or a value of the wrong type.
+    """
+    types_ = field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; valid: {sorted(types_)}")
+    return {key: coerce_value(key, value, types_[key], what=what) for key, value in values.items()}

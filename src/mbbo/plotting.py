@@ -50,14 +50,18 @@ def _lookup(config: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def load_run(run_dir: str | os.PathLike[str], label_from: str = "algorithm") -> RunData:
-    """Read a run directory; the label is `config[label_from]` (dotted keys allowed) or the folder name.
+def load_run(run_dir: str | os.PathLike[str], label_from: str | None = None) -> RunData:
+    """Read a run directory; the label is `config[label_from]` (dotted keys allowed). Without `label_from`
+    it is `config["algorithm"]`, or the folder name when the config has none.
 
     Raises:
         FileNotFoundError: the folder or its `metrics.jsonl` is missing.
         ValueError: the log is empty or `config.json` is not a JSON object.
     """
     path = Path(run_dir)
+    if path.is_file():
+        raise ValueError(f"{path} is a file, not a run folder: give the folder that holds metrics.jsonl "
+                         f"(here perhaps {path.parent})")
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {path} does not exist")
     records = read_metrics(path / "metrics.jsonl")
@@ -69,7 +73,12 @@ def load_run(run_dir: str | os.PathLike[str], label_from: str = "algorithm") -> 
         config = json.loads(config_path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError(f"{config_path} must hold a JSON object")
-    label = _lookup(config, label_from)
+    label = _lookup(config, label_from or "algorithm")
+    if label is None and label_from is not None:
+        keys = ", ".join(sorted(k for k, v in config.items() if not isinstance(v, Mapping)))
+        where = config_path if config else f"{path} (it has no config.json)"
+        raise ValueError(f"--label-from {label_from!r}: no such key in {where}; top-level keys: "
+                         f"{keys or 'none'} (dotted keys reach nested ones)")
     name = str(label) if label is not None else path.name
     return RunData(path=path, label=name, config=config, records=records)
 
@@ -110,7 +119,10 @@ def _curve(run: RunData, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
         if record.get(y) is not None
     ]
     points.sort(key=lambda point: point[0])
-    data = np.asarray(points, dtype=float)
+    data = np.asarray(points, dtype=float).reshape(-1, 2)
+    if not np.isfinite(data[:, 1]).any():
+        raise ValueError(f"metric {y!r} in {run.path / 'metrics.jsonl'} has no finite value "
+                         f"({len(data)} records, all NaN or inf): nothing to plot")
     return data[:, 0], data[:, 1]
 
 
@@ -204,7 +216,7 @@ def plot_runs(
     y: str,
     output: str | os.PathLike[str],
     *,
-    label_from: str = "algorithm",
+    label_from: str | None = None,
     logy: bool = False,
 ) -> Path:
     """Plot metric `y` against `x` for several runs and write the figure atomically to `output`.
@@ -214,7 +226,8 @@ def plot_runs(
         x: `"epoch"`, `"time"` (stepping seconds) or `"oracle_calls"` (the sum over oracle kinds).
         y: a metric name from the records (e.g. `"val_loss"`).
         output: image path; the format comes from the suffix (`.png`, `.pdf`, `.svg`, ...).
-        label_from: config key (dotted for nested keys) giving the legend label; default the folder name.
+        label_from: config key (dotted for nested keys) giving the legend label; default `algorithm`, else the
+            folder name. A key that the config lacks is an error.
         logy: logarithmic y axis.
 
     Runs with the same label whose configs differ only by seed are one group: with `x="epoch"` the group

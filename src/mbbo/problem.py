@@ -85,18 +85,30 @@ class BatchSampler(Protocol):
     def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch: ...
 
 
+ROW_SAMPLING = ("replacement", "reshuffle")
+
+
 @dataclass
 class RowSampler:
-    """Uniform mini-batches of rows, drawn with replacement, independently for each requested block.
+    """Mini-batches of rows for each requested block.
 
     `data` maps names to tensors whose first dimension indexes rows (shared by all blocks), or, with
     `per_block=True`, whose first two dimensions are (m, n_rows) (each block has its own rows). The row
     indices are returned under `index` (shape (B, b)), which sparse upper variables use.
+
+    `order="replacement"`: rows uniform with replacement, independently for each block and call.
+    `order="reshuffle"` (shared rows only; the authors' BSVRB/RSVRB code): the rows are permuted once per data
+    epoch and each call takes the next B*b rows of the permutation, block number k of the call getting rows
+    [k b, (k+1) b) of that slice; a new permutation is drawn when fewer than B*b rows remain, i.e. every
+    n // (B b) calls at a constant B. The permutation and position are state (`state_dict`, saved in the
+    algorithm's checkpoint). `sample_initial` (estimator initialisation) draws with replacement and leaves
+    that state alone, so the epochs of the iterations are the authors'.
     """
 
     data: dict[str, Tensor]
     batch_size: int
     per_block: bool = False
+    order: str = "replacement"
     n_rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +116,10 @@ class RowSampler:
             raise ValueError("RowSampler: data is empty; give at least one tensor")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.order not in ROW_SAMPLING:
+            raise ValueError(f"row_sampling must be one of {ROW_SAMPLING}, got {self.order!r}")
+        if self.order == "reshuffle" and self.per_block:
+            raise ValueError("row_sampling='reshuffle' needs rows shared by all blocks (per_block=False)")
         lead = 1 if self.per_block else 0
         rows = {k: v.shape[lead] for k, v in self.data.items()}
         if len(set(rows.values())) != 1:
@@ -112,11 +128,31 @@ class RowSampler:
         if self.n_rows == 0:
             raise ValueError("RowSampler: the data has no rows")
         self._device = next(iter(self.data.values())).device
+        self.permutation: Tensor | None = None
+        self.position = 0  # rows of the current permutation already taken
 
     def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+        if self.order == "replacement":
+            return self.sample_initial(blocks, generator, batch_size)
+        b = batch_size or self.batch_size
+        need = blocks.shape[0] * b
+        if need > self.n_rows:
+            raise ValueError(f"row_sampling='reshuffle' needs B*b <= n_rows, got B*b = {blocks.shape[0]}*{b} = "
+                             f"{need} > {self.n_rows} rows")
+        if self.permutation is None or self.position + need > self.n_rows:
+            self.permutation = torch.randperm(self.n_rows, generator=generator, device=generator.device)
+            self.position = 0
+        index = self.permutation[self.position: self.position + need].view(blocks.shape[0], b)
+        self.position += need
+        return self._gather(blocks, index.to(self._device))
+
+    def sample_initial(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+        """Rows with replacement (the `replacement` order; initialisation batches under `reshuffle`)."""
         b = batch_size or self.batch_size
         index = torch.randint(self.n_rows, (blocks.shape[0], b), generator=generator, device=generator.device)
-        index = index.to(self._device)
+        return self._gather(blocks, index.to(self._device))
+
+    def _gather(self, blocks: Tensor, index: Tensor) -> Batch:
         if self.per_block:
             out = {k: v[blocks[:, None].to(self._device), index] for k, v in self.data.items()}
         else:
@@ -125,6 +161,14 @@ class RowSampler:
             out = {k: v.index_select(0, flat).view(*index.shape, *v.shape[1:]) for k, v in self.data.items()}
         out["index"] = index
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"permutation": None if self.permutation is None else self.permutation.clone(),
+                "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.permutation = None if state["permutation"] is None else state["permutation"].clone()
+        self.position = int(state["position"])
 
 
 @dataclass
@@ -178,7 +222,8 @@ class MultiBlockProblem:
             blocks (same initial parameters), or a list of m modules (stacked with `stack_module_state`).
         lower_sampler / upper_sampler: per-block mini-batch samplers for the lower and upper data.
         num_blocks: m; required when y0 is a single module.
-        upper_depends_on_x: False when f_i(x, y) = f_i(y): skips grad_x f.
+        upper_depends_on_x: False when f_i(x, y) = f_i(y): skips grad_x f. Set automatically when the
+            upper loss, evaluated once at construction, does not use x.
         block_data: per-block constants (tensors with leading dimension m, e.g. temperatures or coefficient
             matrices). The engine gathers the sampled blocks' rows before vmap and adds them to each block's
             batch under their names, so a loss reads `batch["A"]` instead of indexing by `block` (indexing a
@@ -236,6 +281,8 @@ class MultiBlockProblem:
             if y0.dim() < 1:
                 raise ValueError(f"y0 must have a leading block dimension m, got a tensor of shape {tuple(y0.shape)}")
             m = y0.shape[0]
+            if m < 1:
+                raise ValueError(f"the number of blocks m must be >= 1, got y0 of shape {tuple(y0.shape)} (m = {m})")
             self.y_layout = FlatLayout(y0.shape[1:])
             y_table = y0.reshape(m, -1)
         if num_blocks is not None and num_blocks != m:
@@ -245,7 +292,12 @@ class MultiBlockProblem:
         self.num_blocks = m
         for key, value in self.block_data.items():
             if value.shape[0] != m:
-                raise ValueError(f"block_data[{key!r}] has leading dimension {value.shape[0]}, expected m = {m}")
+                hint = ""
+                if isinstance(y0, Tensor):
+                    hint = (f"; m is the first dimension of y0, whose shape is {tuple(y0.shape)}: give y0 as "
+                            f"(m, ...) with one row per block (e.g. y0.expand({value.shape[0]}, *y0.shape) for "
+                            "equal starts)")
+                raise ValueError(f"block_data[{key!r}] has leading dimension {value.shape[0]}, expected m = {m}{hint}")
         self.y0 = y_table.detach().clone().to(self.x0.dtype) if y_table.is_floating_point() else y_table
         self.y0 = self.y0.contiguous()
 
@@ -276,17 +328,21 @@ class MultiBlockProblem:
         return {**batch, **{k: v[blocks] for k, v in self.block_data.items()}}
 
     def _probe(self) -> None:
-        """Evaluates both losses once on block 0 so that shape mistakes fail at construction, clearly."""
+        """Evaluates both losses once on block 0 so that shape mistakes fail at construction, clearly; an
+        upper loss that does not use x switches `upper_depends_on_x` off (grad_x f is then zero)."""
         gen = torch.Generator(device=self.x0.device).manual_seed(0)
         block = torch.zeros(1, dtype=torch.long, device=self.x0.device)
         for which, sampler, loss in (("lower_loss", self.lower_sampler, self.lower_loss),
                                      ("upper_loss", self.upper_sampler, self.upper_loss)):
-            batch = {k: v[0] for k, v in self.with_block_data(sampler.sample(block, gen, batch_size=2), block).items()}
+            draw = getattr(sampler, "sample_initial", sampler.sample)  # leaves a reshuffling sampler's state alone
+            batch = {k: v[0] for k, v in self.with_block_data(draw(block, gen, batch_size=2), block).items()}
             if self.sparse_x and "index" not in batch:
                 raise ValueError(f"sparse_x=True but the sampler of {which} returns no 'index' entry")
-            x = self.x0[batch["index"]] if self.sparse_x else self.x_for_loss(self.x0)
+            x_flat = self.x0.detach().clone().requires_grad_(self.x0.is_floating_point())
+            x = x_flat[batch["index"]] if self.sparse_x else self.x_for_loss(x_flat)
             try:
-                value = loss(x, self.y_for_loss(self.y0[0]), batch, block[0])
+                with torch.enable_grad():
+                    value = loss(x, self.y_for_loss(self.y0[0]), batch, block[0])
             except (RuntimeError, IndexError, ValueError) as err:
                 raise ValueError(
                     f"{which} failed on block 0 with y of shape {tuple(self.y0.shape[1:])} "
@@ -296,3 +352,13 @@ class MultiBlockProblem:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"{which} must return a scalar (0-d tensor) per block, got {shape}; "
                                  "check that y and the loss agree on shapes")
+            if which == "upper_loss" and self.upper_depends_on_x and not _uses(value, x_flat):
+                self.upper_depends_on_x = False  # f_i(x, y) = f_i(y): grad_x f is zero, not computed
+
+
+def _uses(value: Tensor, x: Tensor) -> bool:
+    """Whether `value` was computed from `x` (autograd reaches it)."""
+    if not (value.requires_grad and x.requires_grad):
+        return False
+    (grad,) = torch.autograd.grad(value, x, allow_unused=True)
+    return grad is not None

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mbbo.validation import check_real
+
 
 def project_ball(v: Tensor, radius: float) -> Tensor:
     """Euclidean projection of each row (last dim) onto {||v|| <= radius}: v * min(1, radius / ||v||)."""
+    check_real("radius", radius, 0.0, None)
     norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     return v * torch.clamp(radius / norm.clamp_min(torch.finfo(v.dtype).tiny), max=1.0)
 
@@ -71,3 +74,11 @@ def floor_and_factor(h: Tensor, floor: float) -> tuple[Tensor, Tensor]:
 def cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
     """H^{-1} rhs from the lower Cholesky factor of H; rhs (..., d)."""
     return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+
+
+def frobenius_rescale(h: Tensor, bound: float) -> Tensor:
+    """The authors' Hessian guard (`proj_mat`, BSVRB_ICML2023 HO/main.py): H * bound / ||H||_F whenever
+    ||H||_F < bound, H otherwise. It keeps ||H||_F >= bound; it is NOT a projection onto {H >= mu I} (an
+    indefinite H stays indefinite), so solves with it use LU (`torch.linalg.solve`)."""
+    norm = torch.linalg.matrix_norm(h).unsqueeze(-1).unsqueeze(-1)
+    return torch.where(norm < bound, h * (bound / norm), h)

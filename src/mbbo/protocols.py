@@ -27,6 +27,6 @@ class SteppableAlgorithm(Protocol):
 class EvaluableTask(Protocol):
     """What the runner evaluates: metrics of the algorithm's current iterate (full data, no grad)."""
 
-    def iterations_per_epoch(self) -> int: ...
+    def iterations_per_epoch(self) -> float: ...  # may be fractional: epoch = iteration / this
 
     def evaluate(self, algorithm: Any) -> dict[str, float]: ...

@@ -7,20 +7,35 @@ Files in `out_dir`:
 
 - `config.json`: `extra_config` (the resolved experiment configuration) plus the run configuration under
   the key `"runner"`, written atomically at the start.
-- `metrics.jsonl`: one record per evaluation (see :func:`run`), rewritten atomically on every record.
+- `metrics.jsonl`: one record per evaluation (see :func:`run`), appended and fsynced record by record.
 - `checkpoint.pt`: `{"format_version", "algorithm": state_dict, "runner": {...}, "config": ...}`, written
-  atomically every `checkpoint_every` iterations and at the end.
+  atomically: by default after an evaluation whenever that keeps the time spent writing checkpoints under
+  2 % of the wall time, at least every `checkpoint_seconds` (300 s), on SIGINT/SIGTERM and at the end; or
+  exactly every `checkpoint_every` iterations (and at the end) when that is given.
+- `.mbbo.lock`: held (`flock`) while a run writes in `out_dir`, so that two runs never mix their files.
 
 Resuming (`resume=True`) reloads the checkpoint, drops the records written after it and continues; the final
 state and the log (except `time`) are bit-identical to an uninterrupted run, provided `step()` is a
-deterministic function of `state_dict()`.
+deterministic function of `state_dict()`. A resumed run must have the configuration it started with (only
+the budget, evaluation and checkpoint frequencies, threads and compilation may change): anything else is
+refused before a file is touched, naming each key with both values.
+
+Guards: a non-finite state (NaN/inf) or a finite but exploding one (the norm of the iterate `x`, or a loss
+metric: `*loss`, `objective`, `value`, larger than `divergence_factor` times its initial magnitude, floored at
+1) stops the run with :class:`DivergenceError`, keeping the last good checkpoint. SIGINT and SIGTERM write a
+checkpoint at the end of the current step and raise :class:`RunInterrupted`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -40,6 +55,7 @@ from mbbo.checkpoint import (
 )
 from mbbo.metrics_log import MetricsLog
 from mbbo.protocols import EvaluableTask, SteppableAlgorithm
+from mbbo.validation import check_real
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -48,6 +64,9 @@ __all__ = [
     "RESERVED_KEYS",
     "DivergenceError",
     "RunConfig",
+    "RunInterrupted",
+    "RunLockedError",
+    "RunWriteError",
     "run",
     "state_is_finite",
 ]
@@ -55,24 +74,55 @@ __all__ = [
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".mbbo.lock"
+#: Default checkpoints may cost at most this fraction of the wall time.
+CHECKPOINT_BUDGET = 0.02
+#: Configuration keys that may change when a run is resumed.
+RESUMABLE_CHANGES = frozenset({"threads", "compile", "torch_version", "mbbo_version"})
 RESERVED_KEYS = ("iteration", "epoch", "time", "oracle_calls")
 RUNNER_KEY = "runner"
 CHECKPOINT_FORMAT = 1
 
 
 class DivergenceError(RuntimeError):
-    """The algorithm's state became non-finite (NaN or inf).
+    """The algorithm's state became non-finite (NaN or inf), or finite but exploding.
 
     Attributes:
-        iteration: the iteration at which the non-finite state was detected.
+        iteration: the iteration at which the divergence was detected.
         records: the metrics records written before it (also on disk in `metrics.jsonl`).
     """
 
-    def __init__(self, iteration: int, records: list[dict[str, Any]], detail: str = "") -> None:
+    def __init__(self, iteration: int, records: list[dict[str, Any]], detail: str = "", *,
+                 what: str = "non-finite (NaN/inf) algorithm state detected") -> None:
         self.iteration = iteration
         self.records = records
-        message = f"non-finite (NaN/inf) algorithm state detected at iteration {iteration}"
+        message = f"{what} at iteration {iteration}"
         super().__init__(f"{message}{': ' + detail if detail else ''}")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; a checkpoint of the last completed step was written if possible.
+
+    Attributes:
+        signum: the signal; `exit_code` is 128 + signum, as a shell reports it.
+        iteration: the iteration of the checkpoint (None when the run had not started).
+        message: what happened and how to continue.
+    """
+
+    def __init__(self, signum: int, iteration: int | None = None, message: str = "") -> None:
+        self.signum = signum
+        self.iteration = iteration
+        self.exit_code = 128 + signum
+        self.message = message or f"interrupted by {signal.Signals(signum).name}"
+        super().__init__(self.message)
+
+
+class RunLockedError(RuntimeError):
+    """Another process is running in the same output folder."""
+
+
+class RunWriteError(RuntimeError):
+    """A file of the run could not be written (full or read-only disk); says what was kept."""
 
 
 @dataclass(kw_only=True)
@@ -86,8 +136,13 @@ class RunConfig:
         iterations: number of iterations (calls to `step()`), >= 1.
         epochs: number of epochs, > 0.
         eval_every: evaluate every this many iterations (and always at iteration 0 and at the end).
-        checkpoint_every: checkpoint every this many iterations (and always at the end); None: only at
-            the end.
+        checkpoint_every: checkpoint every this many iterations (and always at the end); None (default):
+            after evaluations, as often as keeps the checkpoint time under 2 % of the wall time, and at
+            least every `checkpoint_seconds`.
+        checkpoint_seconds: with `checkpoint_every=None`, the longest wall time between two checkpoints
+            (None: no time bound).
+        divergence_factor: stop when the iterate's norm or a metric's magnitude exceeds this factor times
+            its initial magnitude (floored at 1); None disables the check (NaN/inf always stop a run).
         out_dir: directory for `config.json`, `metrics.jsonl` and `checkpoint.pt` (created if missing).
         progress: show a tqdm progress bar (it also hides itself when stderr is not a terminal).
         overwrite: allow a fresh run (`resume=False`) into a directory that already holds a run.
@@ -98,6 +153,8 @@ class RunConfig:
     epochs: float | None = None
     eval_every: int = 1
     checkpoint_every: int | None = None
+    checkpoint_seconds: float | None = 300.0
+    divergence_factor: float | None = 1e8
     progress: bool = True
     overwrite: bool = False
 
@@ -116,8 +173,14 @@ class RunConfig:
         _check_positive_int("eval_every", self.eval_every)
         if self.checkpoint_every is not None:
             _check_positive_int("checkpoint_every", self.checkpoint_every)
+        for name in ("checkpoint_seconds", "divergence_factor"):
+            value = getattr(self, name)
+            if value is not None:
+                check_real(name, value, 0.0, None, low_open=True)
+        if self.divergence_factor is not None and self.divergence_factor <= 1:
+            raise ValueError(f"divergence_factor must be > 1 (or None to disable), got {self.divergence_factor!r}")
 
-    def total_iterations(self, iterations_per_epoch: int) -> int:
+    def total_iterations(self, iterations_per_epoch: float) -> int:
         """The number of iterations to run: `iterations`, or `ceil(epochs * iterations_per_epoch)`.
 
         A relative tolerance of 1e-9 guards against float noise (0.1 epoch of 30 iterations is 3, not 4).
@@ -200,6 +263,19 @@ def _postfix(record: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def _is_loss(name: str) -> bool:
+    """Metrics the growth guard watches: losses and objectives (`*loss`, `objective`, `value`), not counters
+    (rounds, bytes) or scores that may legitimately grow."""
+    return name.endswith("loss") or name in ("objective", "value")
+
+
+def _norm(value: Any) -> float | None:
+    """The Euclidean norm of a floating tensor (None for anything else)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return float(torch.linalg.vector_norm(value.detach()))
+    return None
+
+
 @dataclass
 class _Run:
     """The state of one call to :func:`run` (kept small: each method does one thing)."""
@@ -209,12 +285,19 @@ class _Run:
     config: RunConfig
     resolved: dict[str, Any]
     total: int
-    iterations_per_epoch: int
+    iterations_per_epoch: float
     iteration: int = 0
     elapsed: float = 0.0
     log: MetricsLog | None = None
     last_checkpoint: int | None = None
     bar: Any = field(default=None, repr=False)
+    # scales of the divergence guard: max(1, |initial value|) of the iterate's norm and of each metric
+    scales: dict[str, float] = field(default_factory=dict)
+    last_checkpoint_wall: float = field(default_factory=time.perf_counter)
+    checkpoint_cost: float = 0.0
+    checkpoint_total: float = 0.0  # seconds spent writing checkpoints in this process
+    started_wall: float = field(default_factory=time.perf_counter)
+    stop_signal: int | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -225,29 +308,60 @@ class _Run:
         """Evaluations happen at 0, every `eval_every` iterations and at the end."""
         return iteration == 0 or iteration % self.config.eval_every == 0 or iteration == self.total
 
-    def checkpoint_due(self, iteration: int) -> bool:
-        """Checkpoints happen every `checkpoint_every` iterations and at the end (never at 0)."""
+    def checkpoint_due(self, iteration: int, evaluated: bool) -> bool:
+        """At the end; every `checkpoint_every` iterations if given; else after an evaluation when the last
+        write cost at most 2 % of the time since, and at least every `checkpoint_seconds`."""
         every = self.config.checkpoint_every
-        return iteration == self.total or (every is not None and iteration % every == 0)
+        if iteration == self.total:
+            return True
+        if every is not None:
+            return iteration % every == 0
+        since = time.perf_counter() - self.last_checkpoint_wall
+        floor = self.checkpoint_cost / CHECKPOINT_BUDGET
+        if evaluated and since >= floor:
+            return True
+        bound = self.config.checkpoint_seconds
+        return bound is not None and since >= max(bound, floor)
 
     def records(self) -> list[dict[str, Any]]:
         """Records written so far."""
         return self.log.records if self.log is not None else []
 
-    def diverged(self, detail: str) -> DivergenceError:
-        """The error to raise for a non-finite state at the current iteration, saying what was kept."""
+    def kept(self) -> str:
+        """What is safe on disk: the metrics and the last good checkpoint."""
         records = self.records()
         kept = f"metrics up to iteration {records[-1]['iteration']} in " if records else "no metrics in "
         kept += str(self.out_dir / METRICS_FILE)
         if self.last_checkpoint is None:
-            kept += "; no checkpoint written"
-        else:
-            path = self.out_dir / CHECKPOINT_FILE
-            kept += f"; last good checkpoint (iteration {self.last_checkpoint}) at {path}"
-        return DivergenceError(self.iteration, records, f"{detail} ({kept})")
+            return kept + "; no checkpoint written"
+        path = self.out_dir / CHECKPOINT_FILE
+        return kept + f"; last good checkpoint (iteration {self.last_checkpoint}) at {path}"
+
+    def diverged(self, detail: str, **kwargs: Any) -> DivergenceError:
+        """The error to raise for a diverged state at the current iteration, saying what was kept."""
+        return DivergenceError(self.iteration, self.records(), f"{detail} ({self.kept()})", **kwargs)
+
+    def check_growth(self, name: str, value: float | None) -> None:
+        """The divergence guard: `value` may not exceed `divergence_factor` times its initial magnitude."""
+        factor = self.config.divergence_factor
+        if value is None or factor is None or not math.isfinite(value):
+            return
+        scale = self.scales.setdefault(name, max(1.0, abs(value)))
+        if abs(value) > factor * scale:
+            raise self.diverged(
+                f"{name} reached {value:.3g}, more than divergence_factor={factor:g} times its initial magnitude "
+                f"{scale:.3g}; the likely cause is a step size too large for this problem (lower lr, or the "
+                "lower-level step size)", what="the run diverged")
+
+    def write(self, path: Path, action: Any) -> None:
+        """Run a write; a full or read-only disk becomes a RunWriteError naming the file and what is kept."""
+        try:
+            action()
+        except OSError as exc:
+            raise RunWriteError(f"could not write {path}: {exc.strerror or exc}; {self.kept()}") from exc
 
     def evaluate(self) -> dict[str, Any]:
-        """Evaluate (no grad, untimed), log the record and show it on the progress bar."""
+        """Evaluate (no grad, untimed), check for growth, log the record and show it on the progress bar."""
         assert self.log is not None
         with torch.no_grad():
             metrics = self.task.evaluate(self.algorithm)
@@ -263,19 +377,57 @@ class _Run:
             "oracle_calls": {str(k): int(v) for k, v in self.algorithm.oracle_counts().items()},
             **{str(key): _to_builtin(value) for key, value in metrics.items()},
         }
-        self.log.append(record)
+        for key, value in record.items():
+            if _is_loss(key) and isinstance(value, int | float) and not isinstance(value, bool):
+                self.check_growth(f"metric {key!r}", float(value))
+        log = self.log
+        self.write(log.path, lambda: log.append(record))
         if self.bar is not None:
             self.bar.set_postfix(_postfix(record), refresh=False)
         return record
 
     def payload(self, state: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint holds."""
+        records = self.records()
         return {
             "format_version": CHECKPOINT_FORMAT,
             "algorithm": state,
-            "runner": {"iteration": self.iteration, "elapsed": self.elapsed, "total": self.total},
+            "runner": {"iteration": self.iteration, "elapsed": self.elapsed, "total": self.total,
+                       "scales": dict(self.scales),
+                       "last_record": records[-1]["iteration"] if records else None,
+                       # the checkpoint cost of this process so far (before this write), for measurement
+                       "checkpoint_seconds": self.checkpoint_total,
+                       "wall_seconds": time.perf_counter() - self.started_wall},
             "config": self.resolved,
         }
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write the checkpoint atomically and remember what it cost."""
+        start = time.perf_counter()
+        path = self.out_dir / CHECKPOINT_FILE
+        self.write(path, lambda: save_checkpoint(path, self.payload(state)))
+        self.last_checkpoint = self.iteration
+        self.last_checkpoint_wall = time.perf_counter()
+        self.checkpoint_cost = self.last_checkpoint_wall - start
+        self.checkpoint_total += self.checkpoint_cost
+
+    @property
+    def checks_each_step(self) -> bool:
+        """The algorithm has a per-step `is_finite()` (O(what the step wrote)), so the whole state need not be
+        scanned again at evaluations."""
+        return callable(getattr(self.algorithm, "is_finite", None))
+
+    def check_iterate(self) -> None:
+        """The growth guard on the iterate (O(d_x))."""
+        self.check_growth("the norm of the iterate x", _norm(getattr(self.algorithm, "x", None)))
+
+    def checked_state(self) -> dict[str, Any]:
+        """`state_dict()` after the NaN/inf guard (unless every step is checked) and the growth guard."""
+        state = self.algorithm.state_dict()
+        if not self.checks_each_step and not state_is_finite(state):
+            raise self.diverged("a floating tensor in state_dict() is not finite")
+        self.check_iterate()
+        return state
 
     def step(self) -> None:
         """One timed `algorithm.step()`, then the cheap finite check if the algorithm offers one."""
@@ -288,27 +440,58 @@ class _Run:
             raise self.diverged("algorithm.is_finite() returned False")
 
     def after_step(self) -> None:
-        """Evaluate and/or checkpoint if due; a non-finite state is never evaluated nor saved."""
-        want_eval = self.eval_due(self.iteration)
-        want_checkpoint = self.checkpoint_due(self.iteration)
-        if not (want_eval or want_checkpoint):
-            return
-        state = self.algorithm.state_dict()
-        if not state_is_finite(state):
-            raise self.diverged("a floating tensor in state_dict() is not finite")
-        if want_eval:
+        """Evaluate and/or checkpoint if due; a diverged state is never evaluated nor saved."""
+        state = None
+        evaluated = self.eval_due(self.iteration)
+        if evaluated:
+            # no state copy at an evaluation when each step was checked (at m = 10^6 the state is GBs)
+            if self.checks_each_step:
+                self.check_iterate()
+            else:
+                state = self.checked_state()
             self.evaluate()
-        if want_checkpoint:
-            save_checkpoint(self.out_dir / CHECKPOINT_FILE, self.payload(state))
-            self.last_checkpoint = self.iteration
+        # decided after the evaluation, whose time counts in the 2 % budget of the default rule
+        if self.checkpoint_due(self.iteration, evaluated):
+            self.save(state if state is not None else self.checked_state())
+
+    def stop(self, signum: int) -> None:
+        """Checkpoint the last completed step (unless done already) and raise RunInterrupted."""
+        if self.last_checkpoint != self.iteration:
+            self.save(self.checked_state())
+        name = signal.Signals(signum).name
+        raise RunInterrupted(signum, self.iteration, (
+            f"stopped by {name} after iteration {self.iteration}; checkpoint written to "
+            f"{self.out_dir / CHECKPOINT_FILE}. Continue with: mbbo run --out {self.out_dir} --resume"))
 
     def loop(self) -> None:
-        """Step until `total` iterations, updating the progress bar."""
+        """Step until `total` iterations (stopping cleanly on a signal), updating the progress bar."""
         while self.iteration < self.total:
+            if self.stop_signal is not None:
+                self.stop(self.stop_signal)
             self.step()
             self.after_step()
             if self.bar is not None:
                 self.bar.update(1)
+
+    @contextlib.contextmanager
+    def signals_stop_cleanly(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag that the loop reads between steps; a second signal stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None:
+                raise RunInterrupted(signum, None, f"stopped by a second {signal.Signals(signum).name} "
+                                                   f"in the middle of a step; {self.kept()}")
+            self.stop_signal = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def _check_fresh_dir(config: RunConfig) -> None:
@@ -325,63 +508,138 @@ def _check_fresh_dir(config: RunConfig) -> None:
 
 def _start_fresh(state: _Run) -> None:
     """Start a new log and evaluate the initial iterate (iteration 0)."""
-    if not state_is_finite(state.algorithm.state_dict()):
-        raise state.diverged("the initial state_dict() is not finite")
-    state.log = MetricsLog(state.out_dir / METRICS_FILE)
+    if state.checks_each_step:
+        if not state.algorithm.is_finite():  # type: ignore[attr-defined]
+            raise state.diverged("the initial state is not finite (algorithm.is_finite() returned False)")
+        state.check_iterate()
+    else:
+        state.checked_state()
+    log_path = state.out_dir / METRICS_FILE
+    state.write(log_path, lambda: setattr(state, "log", MetricsLog(log_path)))
     state.evaluate()
 
 
-def _warn_config_change(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Warn when the experiment configuration differs from the one saved in the checkpoint."""
-    keys = (set(saved) | set(current)) - {RUNNER_KEY}
-    changed = sorted(key for key in keys if saved.get(key) != current.get(key))
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"hyper": {"lr": 1}}` -> `{"hyper.lr": 1}` (for naming the keys that differ)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_config_change(path: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """A resumed run keeps its configuration: refuse any change beyond the budget, frequencies, threads,
+    compilation and versions, naming every changed key with both values."""
+    old = _flatten({k: v for k, v in saved.items() if k != RUNNER_KEY})
+    new = _flatten({k: v for k, v in current.items() if k != RUNNER_KEY})
+    changed = sorted(key for key in set(old) | set(new)
+                     if key.split(".")[0] not in RESUMABLE_CHANGES and old.get(key) != new.get(key))
     if changed:
-        warnings.warn(
-            f"resuming with a configuration that differs from the checkpoint's in {changed}",
-            RuntimeWarning,
-            stacklevel=4,
+        listed = "; ".join(f"{key}: {old.get(key, '(absent)')!r} in the checkpoint, {new.get(key, '(absent)')!r} now"
+                           for key in changed)
+        raise ValueError(
+            f"cannot resume {path}: the configuration differs from the run's ({listed}). A run resumes with the "
+            "configuration it started with (only the budget, eval/checkpoint frequencies, threads and compile may "
+            "change); drop the changed options, or start a new run in another folder to change them"
         )
+    versions = [k for k in ("torch_version", "mbbo_version") if old.get(k) != new.get(k)]
+    if versions:
+        warnings.warn(f"resuming {path} under other versions: "
+                      + "; ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in versions), RuntimeWarning, stacklevel=4)
 
 
 def _load_for_resume(state: _Run) -> dict[str, Any]:
-    """Read and check the checkpoint to resume from (before anything in `out_dir` is written)."""
+    """Read the checkpoint and check it against this run (before anything in `out_dir` is written)."""
     path = state.out_dir / CHECKPOINT_FILE
     try:
         payload = load_checkpoint(path)
     except CheckpointNotFoundError as exc:
         raise CheckpointNotFoundError(f"cannot resume: no checkpoint at {path}") from exc
     missing = sorted({"algorithm", "runner"} - set(payload))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}; was it written by mbbo.runner?")
+    if missing or not isinstance(payload.get("runner"), Mapping) or "iteration" not in payload["runner"]:
+        raise CheckpointError(f"checkpoint {path} lacks {missing or ['runner.iteration']}; was it written by "
+                              "mbbo.runner?")
     if payload["runner"]["iteration"] > state.total:
         raise ValueError(
             f"checkpoint {path} is at iteration {payload['runner']['iteration']}, past the requested "
             f"{state.total} iterations"
         )
-    _warn_config_change(payload.get("config", {}), state.resolved)
+    _check_config_change(path, payload.get("config", {}), state.resolved)
+    try:
+        state.algorithm.load_state_dict(payload["algorithm"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this algorithm ({type(exc).__name__}: {exc}); it was written by "
+            "another algorithm, problem size or mbbo version"
+        ) from exc
     return payload
 
 
 def _resume(state: _Run, payload: dict[str, Any]) -> None:
-    """Load the checkpoint into the algorithm, trim the log to its iteration, evaluate there if due."""
-    state.algorithm.load_state_dict(payload["algorithm"])
-    state.iteration = int(payload["runner"]["iteration"])
-    state.elapsed = float(payload["runner"]["elapsed"])
+    """Continue from the loaded checkpoint: trim the log to its iteration, evaluate there if due."""
+    runner = payload["runner"]
+    state.iteration = int(runner["iteration"])
+    state.elapsed = float(runner["elapsed"])
+    state.scales = dict(runner.get("scales", {}))
     state.last_checkpoint = state.iteration
     keep_current = state.eval_due(state.iteration)
-    state.log = MetricsLog.resume(
-        state.out_dir / METRICS_FILE, until=state.iteration, include_until=keep_current
-    )
-    records = state.log.records
+    path = state.out_dir / METRICS_FILE
+    state.write(path, lambda: setattr(state, "log", MetricsLog.resume(
+        path, until=state.iteration, include_until=keep_current)))
+    records = state.records()
+    expected = runner.get("last_record")
+    kept_expected = expected is not None and (expected < state.iteration or keep_current)
+    if kept_expected and not any(r["iteration"] == expected for r in records):
+        have = records[-1]["iteration"] if records else "no record"
+        raise CheckpointError(
+            f"{path} ends at iteration {have}, but the checkpoint was written after its record of iteration "
+            f"{expected}: the log was truncated or replaced. Restore it, or start afresh with --overwrite"
+        )
     if keep_current and not (records and records[-1]["iteration"] == state.iteration):
         state.evaluate()
 
 
-def _iterations_per_epoch(task: EvaluableTask) -> int:
-    """`task.iterations_per_epoch()`, validated."""
+def _iterations_per_epoch(task: EvaluableTask) -> float:
+    """`task.iterations_per_epoch()`, validated (a positive number: epochs may be fractional)."""
     value = task.iterations_per_epoch()
-    _check_positive_int("task.iterations_per_epoch()", value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"task.iterations_per_epoch() must be a positive number, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir/.mbbo.lock` (an flock, released by the OS even on kill -9) while a run writes there.
+
+    Raises:
+        RunLockedError: another process holds it; the message names its PID.
+        RunWriteError: the folder cannot be written (read-only, full, no permission).
+    """
+    path = out_dir / LOCK_FILE
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise RunWriteError(f"cannot write in the output folder {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLockedError(f"{out_dir} is in use by PID {pid} (another mbbo run writes there); wait for it "
+                                 "to finish or choose another --out") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            raise RunWriteError(f"cannot write in the output folder {out_dir}: {exc.strerror or exc}") from exc
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def run(
@@ -395,15 +653,18 @@ def run(
     """Run `algorithm` for the configured budget, evaluating with `task`; return every metrics record.
 
     Each record (one per evaluation: iteration 0, every `eval_every` iterations, the last iteration) holds
-    `iteration` (int), `epoch` (`iteration / task.iterations_per_epoch()`), `time` (cumulative seconds spent
-    in `step()` only: evaluation, checkpointing and logging are excluded; a resumed run continues from the
-    saved time), `oracle_calls` (`algorithm.oracle_counts()`) and every key of `task.evaluate(algorithm)`,
-    which runs under `torch.no_grad()`.
+    `iteration` (int), `epoch` (`iteration / task.iterations_per_epoch()`, fractional), `time` (cumulative
+    seconds spent in `step()` only: evaluation, checkpointing and logging are excluded; a resumed run
+    continues from the saved time), `oracle_calls` (`algorithm.oracle_counts()`) and every key of
+    `task.evaluate(algorithm)`, which runs under `torch.no_grad()`.
 
     After every step the algorithm's optional `is_finite()` is called; without it every floating tensor of
-    `state_dict()` is checked at evaluation and checkpoint points. A non-finite state raises
-    :class:`DivergenceError` naming the iteration; the log keeps the records up to there and the last good
-    checkpoint is left untouched.
+    `state_dict()` is checked at evaluation and checkpoint points, where the norm of `algorithm.x` and the loss
+    metrics (`*loss`, `objective`, `value`) are also checked against `divergence_factor` times their initial
+    magnitude. A diverged state
+    raises :class:`DivergenceError` naming the quantity and the iteration; the log keeps the records up to
+    there and the last good checkpoint is left untouched. SIGINT/SIGTERM (in the main thread) checkpoint the
+    last completed step and raise :class:`RunInterrupted`.
 
     Args:
         algorithm: the object to step (see :class:`mbbo.protocols.SteppableAlgorithm`).
@@ -413,9 +674,13 @@ def run(
         extra_config: the resolved experiment configuration, saved in `config.json` and in checkpoints.
 
     Raises:
-        DivergenceError: the state became non-finite.
+        DivergenceError: the state became non-finite or exploded.
+        RunInterrupted: SIGINT or SIGTERM.
+        RunLockedError: another run writes in `out_dir`.
+        RunWriteError: a file could not be written (the message says what was kept).
         FileExistsError: a fresh run into a directory holding a run, without `config.overwrite`.
-        CheckpointNotFoundError: `resume=True` and no checkpoint.
+        CheckpointNotFoundError / CheckpointError: `resume=True` without a usable checkpoint.
+        ValueError: `resume=True` with a configuration that differs from the checkpoint's.
     """
     ipe = _iterations_per_epoch(task)
     state = _Run(
@@ -426,25 +691,27 @@ def run(
         total=config.total_iterations(ipe),
         iterations_per_epoch=ipe,
     )
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = None
-    if resume:
-        payload = _load_for_resume(state)
-    else:
-        _check_fresh_dir(config)
-    config_text = json.dumps(state.resolved, indent=2, sort_keys=True) + "\n"
-    atomic_write_text(config.out_dir / CONFIG_FILE, config_text)
-    if payload is not None:
-        _resume(state, payload)
-    else:
-        _start_fresh(state)
-    state.bar = tqdm(
-        total=state.total, initial=state.iteration, disable=None if config.progress else True, unit="it"
-    )
-    try:
-        if state.log is not None and len(state.log):
-            state.bar.set_postfix(_postfix(state.log.records[-1]), refresh=False)
-        state.loop()
-    finally:
-        state.bar.close()
+    with run_lock(config.out_dir), state.signals_stop_cleanly():
+        payload = None
+        if resume:
+            payload = _load_for_resume(state)
+        else:
+            _check_fresh_dir(config)
+        config_text = json.dumps(state.resolved, indent=2, sort_keys=True) + "\n"
+        config_path = config.out_dir / CONFIG_FILE
+        state.write(config_path, lambda: atomic_write_text(config_path, config_text))
+        if payload is not None:
+            _resume(state, payload)
+        else:
+            _start_fresh(state)
+        state.last_checkpoint_wall = time.perf_counter()
+        state.bar = tqdm(
+            total=state.total, initial=state.iteration, disable=None if config.progress else True, unit="it"
+        )
+        try:
+            if state.log is not None and len(state.log):
+                state.bar.set_postfix(_postfix(state.log.records[-1]), refresh=False)
+            state.loop()
+        finally:
+            state.bar.close()
     return state.records()

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mbbo import projections
+from mbbo.projections import project_ball  # one ball projection for the library, re-exported here
 from mbbo.validation import check_real as _check_real
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "project_nonnegative",
     "project_nonpositive",
     "project_simplex",
+    "scheduled",
 ]
 
 Params = Tensor | Sequence[Tensor]
@@ -179,6 +180,12 @@ class StageDecay:
     def __call__(self, step: int) -> float:
         n = sum(1 for bnd in self.boundaries if step >= bnd)
         return float(self.c * self.factor**n)
+
+
+def scheduled(c: float, a: float, step: int) -> float:
+    """benchopt's step size c / (step + 1)^a (`InversePower`), the one schedule wrapper of the zoo; a = 0 is
+    the constant c."""
+    return InversePower(c, a)(step) if a else float(c)
 
 
 def as_schedule(lr: LR) -> Schedule:
@@ -431,12 +438,6 @@ class NesterovAveraged:
 
 # ----------------------------------------------------------------------------------------------------------
 # projections
-
-
-def project_ball(v: Tensor, radius: float) -> Tensor:
-    """Projection onto the ball {||v|| <= radius}, row-wise over the last dim: v min(1, radius/||v||)."""
-    _check_real("radius", radius, 0.0, None)
-    return projections.project_ball(v, radius)
 
 
 def project_box(

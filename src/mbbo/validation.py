@@ -30,3 +30,9 @@ def check_int(name: str, value: object, low: int = 0) -> None:
     """An integer (not a bool) >= low."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an integer in [{low}, inf), got {value!r}")
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """One of a fixed set of names."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -9,10 +10,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mbbo.blocks import BLOCK_SAMPLING
 from mbbo.oracles import Oracles
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.validation import check_choice
 
 STREAMS = ("blocks", "lower", "upper", "extra")
+ESTIMATOR_INIT = ("first_batch", "uniform", "zeros")
 
 
 def check_positive(name: str, value: float) -> None:
@@ -48,8 +52,16 @@ class MultiBlockConfig(Hyper):
     lr: float = 1e-3
     lower_lr: float = 0.5
     beta: float = 0.9
+    block_sampling: str = "uniform"
+    estimator_init: str = "first_batch"
 
     def validate(self, problem: MultiBlockProblem) -> None:
+        """`block_sampling`: "uniform" (B distinct blocks drawn independently per iteration, as analysed) or
+        "reshuffle" (the authors' code: a permutation consumed B per iteration; `mbbo.blocks.BlockSampler`).
+        `estimator_init`: "first_batch" (one mini-batch per block at the start point), "uniform" (the authors'
+        code: every estimator U[0, 1)) or "zeros"."""
+        check_choice("block_sampling", self.block_sampling, BLOCK_SAMPLING)
+        check_choice("estimator_init", self.estimator_init, ESTIMATOR_INIT)
         m = problem.num_blocks
         if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
             raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
@@ -85,15 +97,37 @@ class BilevelAlgorithm:
         self.generators = {s: torch.Generator(device=device) for s in STREAMS}
         for i, s in enumerate(STREAMS):
             self.generators[s].manual_seed(int(seed) * 1_000_003 + i)
+        self.seed = int(seed)
         self.x = problem.x0.clone()
         self.x_prev = self.x.clone()
+        # own copies: a reshuffling sampler's position is this run's state (saved in `state_dict`)
+        self.lower_sampler = copy.copy(problem.lower_sampler)
+        self.upper_sampler = copy.copy(problem.upper_sampler)
 
     # --- sampling -----------------------------------------------------------------------------------
-    def sample_batches(self, blocks: Tensor, batch_size: int | None = None) -> tuple[Batch, Batch]:
-        pb = self.problem
-        lower = pb.lower_sampler.sample(blocks, self.generators["lower"], batch_size)
-        upper = pb.upper_sampler.sample(blocks, self.generators["upper"], batch_size)
-        return lower, upper
+    def sample_batches(self, blocks: Tensor, batch_size: int | None = None, *, initial: bool = False
+                       ) -> tuple[Batch, Batch]:
+        """One lower and one upper mini-batch per block; `initial=True` for estimator initialisation, which a
+        reshuffling row sampler serves outside its epochs (`RowSampler.sample_initial`)."""
+        out = []
+        for sampler, stream in ((self.lower_sampler, "lower"), (self.upper_sampler, "upper")):
+            draw = getattr(sampler, "sample_initial", sampler.sample) if initial else sampler.sample
+            out.append(draw(blocks, self.generators[stream], batch_size))
+        return out[0], out[1]
+
+    def sampler_states(self) -> dict[str, Any]:
+        """State of the stateful (reshuffling) row samplers."""
+        return {k: s.state_dict() for k, s in (("lower", self.lower_sampler), ("upper", self.upper_sampler))
+                if hasattr(s, "state_dict")}
+
+    def filled(self, like: Tensor, how: str) -> Tensor:
+        """An estimator's initial value under `estimator_init` "uniform" (U[0, 1), as the authors' code, from a
+        generator seeded by the run's seed) or "zeros"."""
+        if how == "zeros":
+            return torch.zeros_like(like)
+        if not hasattr(self, "_init_generator"):
+            self._init_generator = torch.Generator(device=like.device).manual_seed(self.seed * 1_000_003 + 99)
+        return torch.rand(like.shape, generator=self._init_generator, dtype=like.dtype, device=like.device)
 
     @classmethod
     def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
@@ -134,6 +168,7 @@ class BilevelAlgorithm:
             "x_prev": self.x_prev.clone(),
             "generators": {k: g.get_state() for k, g in self.generators.items()},
             "oracle_counts": self.oracle_counts(),
+            "samplers": self.sampler_states(),
             "algorithm": self._tensors(),
         }
 
@@ -146,6 +181,8 @@ class BilevelAlgorithm:
         self.x_prev = state["x_prev"].clone()
         for k, g in self.generators.items():
             g.set_state(state["generators"][k])
+        for key, sampler_state in state.get("samplers", {}).items():
+            getattr(self, f"{key}_sampler").load_state_dict(sampler_state)
         for kind, count in state["oracle_counts"].items():
             self.oracles.counts[kind] = int(count)
         self._load_tensors(state["algorithm"])

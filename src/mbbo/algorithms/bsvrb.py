@@ -14,7 +14,19 @@ mini-batch xi_i. With the same samples at (x_t, y_t) and (x_{t-1}, y_{t-1}):
     for ALL blocks: y_i <- y_i - tau s_i;   v2: v_i <- Proj_{||v|| <= C}(v_i - tau_v u_i)
 
 The all-block updates are applied lazily (`mbbo.blocks.MovingBlocks`): O(B) blocks per iteration, equal to
-the eager form (`lazy=False`). Estimators of all blocks are initialised from one mini-batch each at (x_0, y_0).
+the eager form (`lazy=False`). Estimators of all blocks are initialised from one mini-batch each at (x_0, y_0)
+(`estimator_init="first_batch"`).
+
+Options reproducing the authors' code (BSVRB_ICML2023, HO/main.py `BSVRB()`), each O(B) per iteration:
+  * `block_sampling="reshuffle"`: blocks from a permutation consumed B per iteration (`BlockSampler`);
+  * `lower_update="delayed"`: only sampled blocks move, by dc_i missed steps along the fresh estimate,
+    y_i <- y_i - tau dc_i s_i, v_i <- Proj(v_i - tau_v dc_i u_i) (`DelayedBlocks`); the estimates of a sampled
+    block are evaluated at its stored y_i, v_i. The authors use it for v2 and the eager rule for v1;
+  * `estimator_init="uniform"`: s_i, H_i / u_i, z and v_i drawn U[0, 1), the iteration starts with STORM/MSVR
+    at x_{-1} = x_0 (the authors draw a separate random previous point; the library uses the start point);
+  * v1: `hessian_guard="frobenius_rescale"` (`proj_mat`: rescale H up to Frobenius norm `hessian_bound`; not
+    a projection, see `mbbo.projections.frobenius_rescale`) and `hessian_timing="previous"` (the hypergradient
+    at x_t uses H_i as it stood before this iteration's update, and at x_{t-1} as before the previous one).
 
 The moving-average method (`ma_v1`, `ma_v2`) replaces MSVR by an EMA (gamma = 0), STORM on x by an EMA, and
 moves only the sampled blocks' lower variables, as described in the BSVRB paper's comparison.
@@ -29,11 +41,16 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import BilevelAlgorithm, Hyper, MultiBlockConfig, check_positive, check_unit
-from mbbo.blocks import BlockSampler, MovingBlocks
+from mbbo.blocks import BlockSampler, DelayedBlocks, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
-from mbbo.projections import cholesky_solve, floor_and_factor, project_ball
+from mbbo.projections import cholesky_solve, floor_and_factor, frobenius_rescale, project_ball
 from mbbo.trackers import EMA, MSVR, STORM
+from mbbo.validation import check_choice
+
+LOWER_UPDATE = ("eager", "delayed")
+HESSIAN_GUARD = ("eigen_floor", "frobenius_rescale")
+HESSIAN_TIMING = ("updated", "previous")
 
 
 @dataclass
@@ -44,11 +61,13 @@ class BlockwiseConfig(MultiBlockConfig):
     gamma: float | str = 1.0
     lazy: bool = True
     init_batch_size: int | None = None
+    lower_update: str = "eager"
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
         m = problem.num_blocks
         check_unit("alpha", self.alpha)
+        check_choice("lower_update", self.lower_update, LOWER_UPDATE)
         if isinstance(self.gamma, str):
             if self.gamma != "theory":
                 raise ValueError(f"gamma must be a number >= 0 or 'theory', got {self.gamma!r}")
@@ -69,10 +88,16 @@ class BlockwiseConfig(MultiBlockConfig):
 @dataclass
 class BSVRBv1Config(BlockwiseConfig):
     hessian_floor: float = 1e-6
+    hessian_guard: str = "eigen_floor"
+    hessian_bound: float = 10.0
+    hessian_timing: str = "updated"
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
         check_positive("hessian_floor", self.hessian_floor)
+        check_choice("hessian_guard", self.hessian_guard, HESSIAN_GUARD)
+        check_positive("hessian_bound", self.hessian_bound)
+        check_choice("hessian_timing", self.hessian_timing, HESSIAN_TIMING)
 
 
 @dataclass
@@ -95,28 +120,45 @@ class _Blockwise(BilevelAlgorithm):
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        self.block_sampler = BlockSampler(problem.num_blocks, self.config.block_batch)
+        self.block_sampler = BlockSampler(problem.num_blocks, self.config.block_batch, self.config.block_sampling)
         self.z = torch.zeros_like(self.x)
-        self._initialise(problem.y0)
+        self._initialise(problem.y0, self.config.estimator_init)
 
-    def _initialise(self, y: Tensor) -> None:
-        """Estimators of all blocks from one mini-batch each (of `init_batch_size`) at (x, y)."""
-        cfg, t = self.config, self.iteration
-        all_blocks = torch.arange(self.problem.num_blocks, device=self.x.device)
-        lower, upper = self.sample_batches(all_blocks, cfg.init_batch_size)
-        s0 = self._init_estimators(all_blocks, lower, upper, y)
-        self.y = MovingBlocks(y, s0, self._move_step(cfg.lower_lr), lazy=cfg.lazy)
-        self.y.stamps.fill_(t)
-        self.fresh = True
+    def _initialise(self, y: Tensor, how: str) -> None:
+        """Estimators of all blocks: from one mini-batch each (of `init_batch_size`) at (x, y), then the first
+        iteration uses one point; or filled (U[0, 1) / zeros), then it is an ordinary two-point iteration."""
+        cfg = self.config
+        if how == "first_batch":
+            all_blocks = torch.arange(self.problem.num_blocks, device=self.x.device)
+            lower, upper = self.sample_batches(all_blocks, cfg.init_batch_size, initial=True)
+            s0 = self._init_estimators(all_blocks, lower, upper, y)
+        else:
+            s0 = self._fill_estimators(y, how)
+            self.z = self.filled(self.x, how)
+        self.y = self._lower_table(y, s0, cfg.lower_lr)
+        self.fresh = how == "first_batch"
+
+    def _lower_table(self, values: Tensor, directions: Tensor, step: float, radius: float | None = None
+                     ) -> MovingBlocks | DelayedBlocks:
+        if self.delayed:
+            return DelayedBlocks(values, directions, step, radius=radius, start=self.iteration)
+        table = MovingBlocks(values, directions, self._move_step(step), radius=radius, lazy=self.config.lazy)
+        table.stamps.fill_(self.iteration)
+        return table
 
     def restart(self) -> None:
-        """Re-initialises the estimators at the current point (lower variables carried over)."""
-        self._initialise(self.lower_variables())
+        """Re-initialises the estimators from a mini-batch at the current point (lower variables carried over),
+        whatever `estimator_init` was."""
+        self._initialise(self.lower_variables(), "first_batch")
 
     # --- configuration of the variants ---------------------------------------------------------------
+    @property
+    def delayed(self) -> bool:
+        return self.config.lower_update == "delayed"
+
     def _move_step(self, step: float) -> float:
-        # the moving-average method moves only sampled blocks, at write time
-        return 0.0 if self.moving_average else step
+        # the eager moving-average method moves only sampled blocks, at write time
+        return 0.0 if self.moving_average and not self.delayed else step
 
     @property
     def lower_tracker(self) -> MSVR | EMA:
@@ -152,7 +194,7 @@ class _Blockwise(BilevelAlgorithm):
         grads, s_new = self._estimate(blocks, xs, ys, lower, upper, t)
         self.z = grads[0] if self.fresh else self.upper_tracker.update(self.z, grads[0], grads[-1])
         self.fresh = False
-        if self.moving_average:
+        if self.moving_average and not self.delayed:
             y_cur = y_cur - cfg.lower_lr * s_new
         self.y.write(blocks, y_cur, s_new, t)
         self.y.end_iteration(blocks, t)
@@ -167,6 +209,10 @@ class _Blockwise(BilevelAlgorithm):
     def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _fill_estimators(self, y: Tensor, how: str) -> Tensor:
+        """Estimators filled by `estimator_init` ("uniform" / "zeros"); returns the s_i."""
+        raise NotImplementedError
+
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
                   ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -175,44 +221,87 @@ class _Blockwise(BilevelAlgorithm):
         pass
 
     def _tensors(self) -> dict[str, Any]:
-        return {"z": self.z.clone(), "y": self.y.state_dict(), "fresh": self.fresh}
+        return {"z": self.z.clone(), "y": self.y.state_dict(), "fresh": self.fresh,
+                "block_sampler": self.block_sampler.state_dict()}
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         self.z = state["z"].clone()
         self.fresh = bool(state["fresh"])
         self.y.load_state_dict(state["y"])
+        if "block_sampler" in state:
+            self.block_sampler.load_state_dict(state["block_sampler"])
         self.y.step = self._move_step(self.config.lower_lr)
 
 
 class BSVRBv1(_Blockwise):
     """BSVRB_v1: MSVR on the lower gradients and on the explicit Hessians (low-dimensional y_i).
 
-    Hessian estimates are projected onto {H >= hessian_floor * I} by an eigenvalue floor (eigen-decomposing
-    only the matrices that a Cholesky check finds below the floor). `hessian_floor` should not exceed the
-    strong-convexity constant of the g_i (T1: lam = 1e-5; the default 1e-6 leaves the projection idle almost
-    always there, while 1e-4 would clip every sampled-Hessian estimate, whose rank is at most b).
+    `hessian_guard="eigen_floor"` (default): Hessian estimates are projected onto {H >= hessian_floor * I} by an
+    eigenvalue floor (eigen-decomposing only the matrices that a Cholesky check finds below the floor).
+    `hessian_floor` should not exceed the strong-convexity constant of the g_i (T1: lam = 1e-5; the default
+    1e-6 leaves the projection idle almost always there, while 1e-4 would clip every sampled-Hessian estimate,
+    whose rank is at most b). `"frobenius_rescale"` is the authors' guard (see the module docstring).
+    `self.factors` holds what the solves use: Cholesky factors (eigen_floor) or the matrices (frobenius).
     """
 
     name = "bsvrb_v1"
     Config = BSVRBv1Config
 
+    def _guard(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(guarded H, what `_solve` takes)."""
+        cfg = self.config
+        if cfg.hessian_guard == "eigen_floor":
+            return floor_and_factor(h, cfg.hessian_floor)
+        guarded = frobenius_rescale(h, cfg.hessian_bound)
+        return guarded, guarded
+
+    def _solve(self, factors: Tensor, rhs: Tensor) -> Tensor:
+        if self.config.hessian_guard == "eigen_floor":
+            return cholesky_solve(factors, rhs)
+        return torch.linalg.solve(factors, rhs)
+
+    def _set_hessians(self, hessians: Tensor, factors: Tensor) -> None:
+        self.hessians, self.factors = hessians, factors
+        if self.config.hessian_timing == "previous":
+            # the solver table as before each block's last update, and when that was
+            self.factors_before = factors.clone()
+            self.hessian_stamps = torch.full((factors.shape[0],), self.iteration - 1, dtype=torch.long,
+                                             device=factors.device)
+
     def _init_estimators(self, blocks: Tensor, lower: Batch, upper: Batch, y: Tensor) -> Tensor:
         xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
-        self.hessians, self.factors = floor_and_factor(hess[0], self.config.hessian_floor)
+        self._set_hessians(*self._guard(hess[0]))
         return gy[0]
+
+    def _fill_estimators(self, y: Tensor, how: str) -> Tensor:
+        s0 = self.filled(y, how)
+        h0 = self.filled(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how)
+        if self.config.hessian_guard == "eigen_floor":
+            self._set_hessians(*self._guard(h0))
+        else:  # the authors apply their guard after updates only
+            self._set_hessians(h0, h0.clone())
+        return s0
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
                   ) -> tuple[Tensor, Tensor]:
         gy, hess = self.oracles.lower_hessian(xs, ys, lower, blocks)
         gx_f, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
         s_new = self.track(self.y.direction(blocks, t), gy)
-        # H_i is kept with its Cholesky factor, which both the floor check and the solves use
-        h_new, factor_new = floor_and_factor(self.track(self.hessians[blocks], hess), self.config.hessian_floor)
-        factors = torch.stack([factor_new, self.factors[blocks]])[: xs.shape[0]]
+        # eigen_floor keeps H_i with its Cholesky factor, which both the floor check and the solves use
+        h_new, factor_new = self._guard(self.track(self.hessians[blocks], hess))
+        stored = self.factors[blocks]
+        if self.config.hessian_timing == "updated":
+            # G_new uses the new Hessian estimates, G_old the previous ones (same samples)
+            pair = [factor_new, stored]
+        else:
+            # G_new uses H_i as it stood at the start of the iteration, G_old as at the start of the previous one
+            just_updated = (self.hessian_stamps[blocks] == t - 1)[:, None, None]
+            pair = [stored, torch.where(just_updated, self.factors_before[blocks], stored)]
+            self.factors_before[blocks], self.hessian_stamps[blocks] = stored, t
+        factors = torch.stack(pair)[: xs.shape[0]]
         self.hessians[blocks], self.factors[blocks] = h_new, factor_new
-        # G_new uses the new Hessian estimates, G_old the previous ones (same samples)
-        w = cholesky_solve(factors, gy_f)
+        w = self._solve(factors, gy_f)
         return self.hypergradient(gx_f, self.oracles.cross(xs, ys, w, lower, blocks)), s_new
 
     def hessian_estimates(self) -> Tensor:
@@ -220,11 +309,17 @@ class BSVRBv1(_Blockwise):
         return self.hessians.clone()
 
     def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "hessians": self.hessians.clone(), "factors": self.factors.clone()}
+        out = {**super()._tensors(), "hessians": self.hessians.clone(), "factors": self.factors.clone()}
+        if self.config.hessian_timing == "previous":
+            out |= {"factors_before": self.factors_before.clone(), "hessian_stamps": self.hessian_stamps.clone()}
+        return out
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         super()._load_tensors(state)
         self.hessians, self.factors = state["hessians"].clone(), state["factors"].clone()
+        if self.config.hessian_timing == "previous":
+            self.factors_before = state["factors_before"].clone()
+            self.hessian_stamps = state["hessian_stamps"].clone()
 
 
 class BSVRBv2(_Blockwise):
@@ -243,10 +338,14 @@ class BSVRBv2(_Blockwise):
         v0 = self.v.current_all(self.iteration) if restarting else torch.zeros_like(y)
         gy, hv, _ = self.oracles.lower_products(xs, ys, v0.unsqueeze(0), lower, blocks)
         _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
-        self.v = MovingBlocks(v0, hv[0] - gy_f[0], self._move_step(cfg.linsys_lr), radius=cfg.v_radius,
-                              lazy=cfg.lazy)
-        self.v.stamps.fill_(self.iteration)
+        self.v = self._lower_table(v0, hv[0] - gy_f[0], cfg.linsys_lr, cfg.v_radius)
         return gy[0]
+
+    def _fill_estimators(self, y: Tensor, how: str) -> Tensor:
+        """s_i, u_i and (under "uniform", as the authors) v_i filled; v_i = 0 under "zeros"."""
+        s0, u0, v0 = self.filled(y, how), self.filled(y, how), self.filled(y, how)
+        self.v = self._lower_table(v0, u0, self.config.linsys_lr, self.config.v_radius)
+        return s0
 
     def _estimate(self, blocks: Tensor, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch, t: int
                   ) -> tuple[Tensor, Tensor]:
@@ -257,7 +356,7 @@ class BSVRBv2(_Blockwise):
         gx_f, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
         s_new = self.track(self.y.direction(blocks, t), gy)
         u_new = self.track(self.v.direction(blocks, t), hv - gy_f)
-        if self.moving_average:
+        if self.moving_average and not self.delayed:
             v_cur = project_ball(v_cur - cfg.linsys_lr * u_new, cfg.v_radius)
         self.v.write(blocks, v_cur, u_new, t)
         return self.hypergradient(gx_f, cross), s_new

@@ -48,9 +48,10 @@ from torch import Tensor
 from mbbo.algorithms.base import Hyper, check_positive, check_unit
 from mbbo.algorithms.saba import FullPassAccess, validate_refresh
 from mbbo.algorithms.single import SingleBlockAlgorithm
-from mbbo.algorithms.soba import check_count, check_exponent, schedule
+from mbbo.algorithms.soba import check_count, check_exponent
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.steps import scheduled
 from mbbo.trackers import STORM
 from mbbo.variance_reduction import SARAH
 
@@ -135,13 +136,13 @@ class MRBO(_NeumannHypergradient):
         if self.fresh:
             self.d_y, self.d_x = gy[0], h[0]
         else:
-            storm = STORM(schedule(cfg.eta, cfg.eta_exponent, t))
+            storm = STORM(scheduled(cfg.eta, cfg.eta_exponent, t))
             self.d_y = storm.update(self.d_y, gy[0], gy[1])
             self.d_x = storm.update(self.d_x, h[0], h[1])
         self.fresh = False
         self.x_prev, self.y_prev = self.x, self.y
-        self.y = self.y - schedule(cfg.lower_lr, cfg.lower_lr_exponent, t) * self.d_y
-        self.x = self.x - schedule(cfg.lr, cfg.lr_exponent, t) * self.d_x
+        self.y = self.y - scheduled(cfg.lower_lr, cfg.lower_lr_exponent, t) * self.d_y
+        self.x = self.x - scheduled(cfg.lr, cfg.lr_exponent, t) * self.d_x
         self.iteration += 1
 
     def restart(self) -> None:

@@ -19,6 +19,13 @@ its floored eigen-decomposition, so floor((1-beta)^k H) = U max((1-beta)^k Lambd
 eigh. When x is sparse (one entry per data row), V_i is kept as decaying sparse row contributions
 (`DecayingSparseRows`), never as a dense n x d_y matrix per block. grad_x f (absent in the HO task) is
 sampled on I'_t at both points rather than tracked per block.
+
+The sampled blocks are processed in ascending block order (the authors loop over all blocks), which fixes
+which block gets which slice of a reshuffled row batch. `block_sampling="reshuffle"` draws I_t and I'_t from
+two permutations consumed in step (the authors' `task_ind`, `task_ind2`). `estimator_init="uniform"` draws
+s_i, v_i, H_i (then symmetrised and floored) and d from U[0, 1) as the authors do, except V_i, which starts at
+zero: a dense U[0, 1) n x d_y matrix per block would cost O(m n d_y) memory, and its weight decays as
+(1 - beta)^t. Restarts re-initialise from a mini-batch.
 """
 
 from __future__ import annotations
@@ -62,38 +69,50 @@ class RSVRB(BilevelAlgorithm):
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         cfg, pb = self.config, problem
         m = pb.num_blocks
-        self.block_sampler = BlockSampler(m, cfg.block_batch)
+        self.block_sampler = BlockSampler(m, cfg.block_batch, cfg.block_sampling)
+        self.second_sampler = BlockSampler(m, cfg.block_batch, cfg.block_sampling)
         self.tracker = RandomizedSTORM(cfg.beta, m, cfg.block_batch)
         self.q = 1.0 - cfg.beta
         self.d = torch.zeros_like(self.x)
-        self._initialise(pb.y0)
+        self._initialise(pb.y0, cfg.estimator_init)
 
-    def _initialise(self, y: Tensor) -> None:
-        """All blocks' estimators from one mini-batch each at (x, y), as of the previous iteration."""
+    def _initialise(self, y: Tensor, how: str) -> None:
+        """All blocks' estimators from one mini-batch each at (x, y), or filled (see the module docstring), as
+        of the previous iteration."""
         cfg, pb, t = self.config, self.problem, self.iteration
         blocks = torch.arange(pb.num_blocks, device=self.x.device)
-        lower, upper = self.sample_batches(blocks)
-        xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
-        gy, hess, jac = self.oracles.lower_second_order(xs, ys, lower, blocks)
-        _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
-        self.y = MovingBlocks(y, gy[0], cfg.lower_lr, decay=self.q)
+        if how == "first_batch":
+            lower, upper = self.sample_batches(blocks, initial=True)
+            xs, ys = self.x.unsqueeze(0), y.unsqueeze(0)
+            gy, hess, jac = self.oracles.lower_second_order(xs, ys, lower, blocks)
+            _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
+            s0, grad_f, h0 = gy[0], gy_f[0].clone(), hess[0]
+            rows, jac0 = jac.index, jac.values[0]
+        else:
+            s0, grad_f = self.filled(y, how), self.filled(y, how)
+            h0 = self.filled(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how)
+            self.d = self.filled(self.x, how)
+            rows, jac0 = None, None
+        self.y = MovingBlocks(y, s0, cfg.lower_lr, decay=self.q)
         self.y.stamps.fill_(t)
         # estimators stamped t - 1; read at iteration k as value * q^(k - stamp)
         self.stamps = torch.full((pb.num_blocks,), t - 1, dtype=torch.long, device=self.x.device)
-        self.grad_f = gy_f[0].clone()
-        self.eigvals, self.eigvecs = floored_eigh(hess[0], cfg.hessian_floor)
+        self.grad_f = grad_f
+        self.eigvals, self.eigvecs = floored_eigh(h0, cfg.hessian_floor)
         if pb.sparse_x:
+            width = self.lower_sampler.batch_size if jac0 is None else jac0.shape[1]
             self.jacobian: DecayingSparseRows | Tensor = DecayingSparseRows(
-                pb.num_blocks, jac.values.shape[2], pb.dim_y, self.q, tolerance=cfg.jacobian_tolerance,
+                pb.num_blocks, width, pb.dim_y, self.q, tolerance=cfg.jacobian_tolerance,
                 dtype=self.x.dtype, device=self.x.device)
-            self.jacobian.add(blocks, jac.index, jac.values[0], t - 1)
+            if jac0 is not None:
+                self.jacobian.add(blocks, rows, jac0, t - 1)
         else:
-            self.jacobian = jac.values[0].clone()
-        self.fresh = True
+            self.jacobian = jac0.clone() if jac0 is not None else self.x.new_zeros(pb.num_blocks, pb.dim_x, pb.dim_y)
+        self.fresh = how == "first_batch"
 
     def restart(self) -> None:
-        """Re-initialises the estimators at the current point (lower variables carried over)."""
-        self._initialise(self.lower_variables())
+        """Re-initialises the estimators from a mini-batch at the current point (lower variables carried over)."""
+        self._initialise(self.lower_variables(), "first_batch")
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
@@ -126,8 +145,9 @@ class RSVRB(BilevelAlgorithm):
     def step(self) -> None:
         t, cfg, pb = self.iteration, self.config, self.problem
         gen = self.generators
-        blocks = self.block_sampler.sample(gen["blocks"], self.x.device)
-        second = self.block_sampler.sample(gen["extra"], self.x.device)
+        # ascending order, as the authors' loop over all blocks assigns the row slices
+        blocks = self.block_sampler.sample(gen["blocks"], self.x.device).sort().values
+        second = self.second_sampler.sample(gen["extra"], self.x.device).sort().values
         lower, upper = self.sample_batches(blocks)
         y_cur, y_prev = self.y.read(blocks, t)
         two = not self.fresh
@@ -176,13 +196,17 @@ class RSVRB(BilevelAlgorithm):
         jac = self.jacobian.state_dict() if isinstance(self.jacobian, DecayingSparseRows) else self.jacobian.clone()
         return {"d": self.d.clone(), "fresh": self.fresh, "y": self.y.state_dict(), "stamps": self.stamps.clone(),
                 "grad_f": self.grad_f.clone(), "eigvals": self.eigvals.clone(), "eigvecs": self.eigvecs.clone(),
-                "jacobian": jac}
+                "jacobian": jac, "block_sampler": self.block_sampler.state_dict(),
+                "second_sampler": self.second_sampler.state_dict()}
 
     def _load_tensors(self, state: dict[str, Any]) -> None:
         self.d = state["d"].clone()
         self.fresh = bool(state["fresh"])
         self.y.load_state_dict(state["y"])
         self.stamps = state["stamps"].clone()
+        for key in ("block_sampler", "second_sampler"):
+            if key in state:
+                getattr(self, key).load_state_dict(state[key])
         self.grad_f, self.eigvals, self.eigvecs = (state[k].clone() for k in ("grad_f", "eigvals", "eigvecs"))
         if isinstance(self.jacobian, DecayingSparseRows):
             self.jacobian.load_state_dict(state["jacobian"])

@@ -41,7 +41,7 @@ benchopt's ``solvers/srba.py`` has no projection (``v_radius=None``). Instead of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -86,6 +86,8 @@ class FullPassAccess:
 
     config: Any
     problem: MultiBlockProblem
+    #: "always" or "by default": whether the algorithm needs samplers over stored rows (static fit checks)
+    needs_finite_sum: ClassVar[str | None] = "by default"
 
     def _setup_rows(self) -> None:
         pb = self.problem
@@ -167,6 +169,7 @@ class SABA(SOBA):
 
     name = "saba"
     Config = SABAConfig
+    needs_finite_sum: ClassVar[str | None] = "always"
     FIXED = ("memory", "init_memory", "batch_size")
 
     @classmethod

@@ -47,10 +47,10 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
 
     # --- sampling --------------------------------------------------------------------------------------
     def lower_batch(self, batch_size: int | None = None, stream: str = "lower") -> Batch:
-        return self.problem.lower_sampler.sample(self.block, self.generators[stream], batch_size)
+        return self.lower_sampler.sample(self.block, self.generators[stream], batch_size)
 
     def upper_batch(self, batch_size: int | None = None, stream: str = "upper") -> Batch:
-        return self.problem.upper_sampler.sample(self.block, self.generators[stream], batch_size)
+        return self.upper_sampler.sample(self.block, self.generators[stream], batch_size)
 
     # --- oracles without the block dimension -----------------------------------------------------------
     @staticmethod

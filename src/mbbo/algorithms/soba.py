@@ -34,7 +34,7 @@ from mbbo.algorithms.base import Hyper, check_positive, check_unit
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.linsolve import SGDQuadratic
 from mbbo.problem import MultiBlockProblem
-from mbbo.steps import InversePower
+from mbbo.steps import scheduled
 from mbbo.trackers import EMA
 
 # --- validation helpers shared by the SOBA family (soba, saba, mrbo modules) -------------------------------
@@ -61,11 +61,6 @@ def check_optional_positive(name: str, value: float | None) -> None:
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def schedule(c: float, a: float, t: int) -> float:
-    """benchopt's step size c / (t + 1)^a at iteration t."""
-    return InversePower(c, a)(t)
 
 
 # --- SOBA -------------------------------------------------------------------------------------------------
@@ -115,8 +110,8 @@ class SOBA(SingleBlockAlgorithm):
     def step_sizes(self) -> tuple[float, float, float]:
         """(rho_t, rho_v,t, gamma_t) at the current iteration."""
         cfg, t = self.config, self.iteration
-        return (schedule(cfg.lower_lr, cfg.lower_lr_exponent, t), schedule(cfg.linsys_lr, cfg.linsys_lr_exponent, t),
-                schedule(cfg.lr, cfg.lr_exponent, t))
+        return (scheduled(cfg.lower_lr, cfg.lower_lr_exponent, t), scheduled(cfg.linsys_lr, cfg.linsys_lr_exponent, t),
+                scheduled(cfg.lr, cfg.lr_exponent, t))
 
     def v_step(self, hv: Tensor, gy_f: Tensor, lr: float) -> Tensor:
         """One (projected) step on 1/2 v^T H v - grad_y f^T v with the given H v: v - lr (H v - grad_y f)."""

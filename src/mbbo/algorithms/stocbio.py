@@ -34,7 +34,7 @@ from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.inner_solvers import LowerSGD
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import MultiBlockProblem
-from mbbo.steps import InversePower
+from mbbo.steps import scheduled
 
 # --- validation helpers shared by the zoo modules aid_itd, classic, amigo ------------------------------------
 
@@ -104,8 +104,8 @@ class ZooAlgorithm(SingleBlockAlgorithm):
     """
 
     def scheduled(self, value: float, exponent: float) -> float:
-        """value / (k + 1)^exponent at the current outer iteration k (`mbbo.steps.InversePower`)."""
-        return InversePower(value, exponent)(self.iteration) if exponent else float(value)
+        """value / (k + 1)^exponent at the current outer iteration k (`mbbo.steps.scheduled`)."""
+        return scheduled(value, exponent, self.iteration)
 
     @property
     def current_lr(self) -> float:

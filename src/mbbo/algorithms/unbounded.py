@@ -16,7 +16,7 @@ against the previous iteration's hypergradient; AccBO's lower level really extra
 series are not truncated to one random term after computing all Q. The reference repositories' lower losses
 use a ridge written as a norm (not strongly convex); that is the task's concern, not the algorithms'.
 
-Reusable pieces: :func:`sgd_steps` and :func:`epoch_sgd` (lower-level solvers on g(x, .)),
+Reusable pieces: :class:`mbbo.inner_solvers.LowerSGD` and :func:`epoch_sgd` (lower-level solvers on g(x, .)),
 :meth:`UnboundedBase.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
 samples) and :func:`rule_state_dict` / :func:`load_rule_state` (checkpointing the states of `mbbo.steps` rules).
 """
@@ -33,6 +33,7 @@ from torch import Tensor
 
 from mbbo.algorithms.base import Hyper, check_positive
 from mbbo.algorithms.single import SingleBlockAlgorithm
+from mbbo.inner_solvers import LowerSGD
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import MultiBlockProblem
 from mbbo.projections import project_ball
@@ -71,13 +72,6 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # reusable pieces
-
-
-def sgd_steps(grad: Callable[[Tensor], Tensor], y: Tensor, n_steps: int, lr: float) -> Tensor:
-    """n_steps of y <- y - lr * grad(y), where grad draws its own fresh mini-batch at each call."""
-    for _ in range(n_steps):
-        y = y - lr * grad(y)
-    return y
 
 
 def epoch_sgd(grad: Callable[[Tensor], Tensor], y: Tensor, epochs: int, steps: int, lr: float,
@@ -219,14 +213,14 @@ class BOREP(UnboundedBase):
         lr = cfg.lower_lr if cfg.refine_lr is None else cfg.refine_lr
         grad = self.lower_grad_fn(self.x)
         if cfg.refine_epochs == 0:
-            self.y = sgd_steps(grad, self.y, cfg.refine_steps, lr)
+            self.y = LowerSGD(cfg.refine_steps, lr).run(grad, self.y)
         else:
             self.y = epoch_sgd(grad, self.y, cfg.refine_epochs, cfg.refine_steps, lr, cfg.refine_radius)
 
     def lower_update(self) -> None:
         cfg = self.config
         if self.iteration % cfg.interval == 0:
-            self.y = sgd_steps(self.lower_grad_fn(self.x), self.y, cfg.lower_steps, cfg.lower_lr)
+            self.y = LowerSGD(cfg.lower_steps, cfg.lower_lr).run(self.lower_grad_fn(self.x), self.y)
 
     def products(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(grad_x F, grad_y F, H z, J z) at (x_t, y_t, z_t)."""
@@ -323,7 +317,7 @@ class SLIP(BOREP):
         return SGD(cfg.lr) if cfg.step_rule == "sgd" else Normalized(cfg.lr)
 
     def refine(self) -> None:
-        self.y = sgd_steps(self.lower_grad_fn(self.x), self.y, self.config.warm_start_steps, self.config.lower_lr)
+        self.y = LowerSGD(self.config.warm_start_steps, self.config.lower_lr).run(self.lower_grad_fn(self.x), self.y)
 
     def step(self) -> None:
         cfg = self.config
@@ -586,9 +580,9 @@ class AdamBO(UnboundedBase):
     def step(self) -> None:
         cfg = self.config
         if self.iteration == 0:
-            self.y = sgd_steps(self.lower_grad_fn(self.x), self.y, cfg.warm_start_steps, cfg.lower_lr)
+            self.y = LowerSGD(cfg.warm_start_steps, cfg.lower_lr).run(self.lower_grad_fn(self.x), self.y)
         h = self.neumann_hypergradient(self.x, self.y, Neumann(cfg.neumann_terms, cfg.neumann_lr))
-        self.y = sgd_steps(self.lower_grad_fn(self.x), self.y, cfg.lower_steps, cfg.lower_lr)
+        self.y = LowerSGD(cfg.lower_steps, cfg.lower_lr).run(self.lower_grad_fn(self.x), self.y)
         update, self.rule_state = self.adam().update(h, self.rule_state, self.x)
         self.x_prev = self.x
         self.x = self.x + update

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,7 +187,8 @@ class BinaryDataset:
 
 
 def load_libsvm_file(path: str | Path, n_features: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Read a LIBSVM binary classification file (1-based indices; `.gz`/`.bz2` also read).
+    """Read a LIBSVM binary classification file (1-based indices; gzip/bzip2 files and CR-only line endings
+    are also read).
 
     Parsing is done by `sklearn.datasets.load_svmlight_file(path, n_features=n_features, zero_based=False)`.
 
@@ -209,16 +211,53 @@ def load_libsvm_file(path: str | Path, n_features: int | None) -> tuple[np.ndarr
     path = Path(path)
     _check_n_features(n_features)
     _check_file_exists(path)
-    try:
-        X, y = load_svmlight_file(str(path), n_features=n_features, zero_based=False, dtype=np.float64)
-    except (ValueError, OverflowError) as exc:
-        problem = _first_problem(path, n_features)
-        raise DataError(problem or f"{path}: not a valid LIBSVM file ({exc})") from exc
+    with _open_libsvm(path) as source:
+        try:
+            X, y = load_svmlight_file(source, n_features=n_features, zero_based=False, dtype=np.float64)
+        except (ValueError, OverflowError) as exc:
+            problem = _first_problem(path, n_features)
+            raise DataError(problem or f"{path}: not a valid LIBSVM file ({exc})") from exc
     if X.shape[0] == 0:
         raise DataError(f"{path}: no data rows (the file is empty or holds only comments and blank lines)")
     if not np.isfinite(X.data).all():
         raise DataError(_first_problem(path, n_features) or f"{path}: non-finite feature values")
-    return X.toarray(), _binary_labels(y, path)
+    _check_dense_size(path, X.shape)
+    try:
+        dense = X.toarray()
+    except MemoryError:
+        _check_dense_size(path, X.shape, limit=0)
+        raise
+    return dense, _binary_labels(y, path)
+
+
+#: Dense matrices above this many bytes are refused with a message instead of an out-of-memory crash.
+MAX_DENSE_BYTES = 8 * 2**30
+
+
+def _check_dense_size(path: Path, shape: tuple[int, int], limit: int = MAX_DENSE_BYTES) -> None:
+    """A feature index far above the others (a typo, a hashed feature) would need a huge dense matrix."""
+    need = shape[0] * shape[1] * 8
+    if need <= limit:
+        return
+    line, index = _largest_index_line(path)
+    raise DataError(
+        f"{path}:{line}: feature index {index:,} makes the dense feature matrix {shape[0]:,} x {shape[1]:,} "
+        f"float64 = {need / 2**30:,.1f} GiB, more than this machine can hold (limit {MAX_DENSE_BYTES / 2**30:.0f} "
+        "GiB); check that line, or "
+        "renumber the features to 1..d"
+    )
+
+
+def _largest_index_line(path: Path) -> tuple[int, int]:
+    """(line number, index) of the largest feature index in the file."""
+    best = (0, 0)
+    with _open_libsvm(path) as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            tokens = raw.split(b"#", 1)[0].split()[1:]
+            indices = [int(t.partition(b":")[0]) for t in tokens if t.partition(b":")[0].isdigit()]
+            if indices and max(indices) > best[1]:
+                best = (lineno, max(indices))
+    return best
 
 
 def _check_n_features(n_features: int | None) -> None:
@@ -240,18 +279,27 @@ def _check_file_exists(path: Path) -> None:
         )
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    """Open a possibly compressed file in binary mode, like scikit-learn does."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rb")
-    return open(path, "rb")
+_MAGIC = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open}
+
+
+def _open_libsvm(path: Path) -> BinaryIO:
+    """Open a data file in binary mode: gzip and bzip2 are recognised by their magic bytes (whatever the
+    name), and a file with old Mac line endings (CR only) is read with them turned into newlines."""
+    with open(path, "rb") as raw:
+        head = raw.read(3)
+    opener = next((op for magic, op in _MAGIC.items() if head.startswith(magic)), None)
+    handle: BinaryIO = opener(path, "rb") if opener is not None else open(path, "rb")  # noqa: SIM115  # type: ignore[assignment]
+    sniff = handle.read(1 << 16)
+    handle.seek(0)
+    if b"\r" in sniff and b"\n" not in sniff:
+        with handle:
+            return io.BytesIO(handle.read().replace(b"\r", b"\n"))
+    return handle
 
 
 def _first_problem(path: Path, n_features: int | None) -> str | None:
     """Scan the file for its first bad line: `"file:line: problem; line starts '...'"`, or None."""
-    with _open_binary(path) as fh:
+    with _open_libsvm(path) as fh:
         for lineno, raw in enumerate(fh, start=1):
             problem = _line_problem(raw, n_features)
             if problem is not None:
@@ -423,8 +471,9 @@ def load_binary_dataset(
 
 
 def _local_files(name: str, data_dir: Path, spec: LibsvmSpec | None) -> tuple[Path, Path]:
-    """`data_dir/name` and `data_dir/name.t`, verified against the registry when `spec` is given."""
-    paths = (data_dir / name, data_dir / f"{name}.t")
+    """`data_dir/name` and `data_dir/name.t` (or their `.gz` / `.bz2` forms), verified against the registry
+    when `spec` is given."""
+    paths = tuple(_plain_or_compressed(data_dir / part) for part in (name, f"{name}.t"))
     if spec is not None:
         for path, registered in zip(paths, (spec.train, spec.test), strict=True):
             _check_file_exists(path)
@@ -436,6 +485,14 @@ def _local_files(name: str, data_dir: Path, spec: LibsvmSpec | None) -> tuple[Pa
                     "or rename the pair to load it as an unregistered data set."
                 )
     return paths
+
+
+def _plain_or_compressed(path: Path) -> Path:
+    """`path` itself when it exists, else the first of `path.gz`, `path.bz2` that does (else `path`)."""
+    if path.exists():
+        return path
+    return next((c for c in (path.with_name(path.name + ".gz"), path.with_name(path.name + ".bz2"))
+                 if c.is_file()), path)
 
 
 def _cached_file(spec: LibsvmSpec, file: LibsvmFile, cache: Path | None, download: bool) -> Path:

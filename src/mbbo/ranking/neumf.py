@@ -3,12 +3,16 @@
 The backbone of SONG/K-SONG (Qiu et al., ICML 2022) and BSVRB (Hu et al., ICML 2023) through ReChorus /
 LibAUC (``shared/specs/ndcg.md`` section 2):
 
-    h(u, i) = w^T dropout([ p_u ⊙ q_i ;  MLP([p'_u ; q'_i]) ]),   MLP(z) = dropout(ReLU(W z + b)),
+    h(u, i) = w^T [ p_u ⊙ q_i ;  MLP([p'_u ; q'_i]) ],   MLP(z) = dropout(ReLU(W z + b)),
 
 with separate 64-d GMF embeddings ``p, q`` and MLP embeddings ``p', q'``, one MLP layer 128 -> 64, dropout
-0.2, a bias-free linear head ``w`` of size 128, and every weight (embeddings, ``W``, ``b``, ``w``) drawn from
-N(0, 0.01^2) (ReChorus ``init_weights``: std 0.01). The dropout on the concatenated vector before the head
-(``output_dropout``) is ReChorus/LibAUC's ``dropout_layer``.
+0.2 inside the MLP only (as LibAUC, ReChorus, the NDCG-Optimization code and ``ndcg.md``), a bias-free linear
+head ``w`` of size 128, and every weight (embeddings, ``W``, ``b``, ``w``) drawn from N(0, 0.01^2) (ReChorus
+``init_weights``: std 0.01).
+
+``output_dropout > 0`` adds a dropout on the concatenated vector before the head. It is *not* in the reference
+models; earlier mbbo versions had it on by default (0.2) and wrongly attributed it to them. On ML-100K it cost
+2.2x the training time per epoch for about 0.003 NDCG@10. It stays available as a named option.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class NeuMF(nn.Module):
         emb_size: embedding size of both branches (64).
         layers: MLP hidden sizes (``(64,)``: one layer 128 -> 64).
         dropout: dropout after each MLP layer (0.2).
-        output_dropout: dropout on the concatenated vector before the head (defaults to ``dropout``).
+        output_dropout: dropout on the concatenated vector before the head (0: the reference architecture;
+            see the module docstring).
         init_std: standard deviation of the normal initialisation (0.01).
         generator: random stream for the initialisation (default: the global one).
     """
@@ -42,7 +47,7 @@ class NeuMF(nn.Module):
         emb_size: int = 64,
         layers: Sequence[int] = (64,),
         dropout: float = 0.2,
-        output_dropout: float | None = None,
+        output_dropout: float = 0.0,
         init_std: float = 0.01,
         *,
         generator: torch.Generator | None = None,
@@ -53,7 +58,7 @@ class NeuMF(nn.Module):
                 f"sizes must be positive: n_users={n_users}, n_items={n_items}, "
                 f"emb_size={emb_size}, layers={tuple(layers)}"
             )
-        if not 0.0 <= dropout < 1.0 or (output_dropout is not None and not 0.0 <= output_dropout < 1.0):
+        if not 0.0 <= dropout < 1.0 or not 0.0 <= output_dropout < 1.0:
             raise ValueError(f"dropout={dropout} and output_dropout={output_dropout} must be in [0, 1)")
         self.n_users, self.n_items, self.emb_size = n_users, n_items, emb_size
         self.init_std = init_std
@@ -69,7 +74,7 @@ class NeuMF(nn.Module):
             mlp += [nn.Linear(pre, size), nn.ReLU(), nn.Dropout(dropout)]
             pre = size
         self.mlp = nn.Sequential(*mlp)
-        self.out_dropout = nn.Dropout(dropout if output_dropout is None else output_dropout)
+        self.out_dropout = nn.Dropout(output_dropout)
         self.prediction = nn.Linear(pre + emb_size, 1, bias=False)
         self.reset_parameters(generator)
 

@@ -25,12 +25,18 @@ from torch.nn.functional import softplus
 
 from mbbo.data.binary import add_bias_column, make_imbalanced_noisy, temperatures, train_validation_split
 from mbbo.data.libsvm import load_binary_dataset
-from mbbo.problem import Batch, MultiBlockProblem, RowSampler
+from mbbo.problem import ROW_SAMPLING, Batch, MultiBlockProblem, RowSampler
+from mbbo.validation import check_choice
 
 
 @dataclass
 class HyperparamSettings:
-    """Task settings; defaults are the authors' (m = 100, lam = 1e-5, b = 32, temperatures in [1, 11])."""
+    """Task settings; defaults are the authors' (m = 100, lam = 1e-5, b = 32, temperatures in [1, 11]).
+
+    `row_sampling`: "reshuffle" (the authors': training and validation rows permuted once per data epoch, each
+    iteration takes the next B*b rows, block k of it rows [k b, (k+1) b); `mbbo.problem.RowSampler`) or
+    "replacement" (i.i.d. rows).
+    """
 
     dataset: str = "a8a"
     num_blocks: int = 100
@@ -42,6 +48,7 @@ class HyperparamSettings:
     remove_positive_fraction: float = 0.0
     flip_probability: float = 0.0
     init: str = "uniform"
+    row_sampling: str = "reshuffle"
     seed: int = 0
     data_dir: str | None = None
 
@@ -54,6 +61,7 @@ class HyperparamSettings:
             raise ValueError(f"lam must be a positive finite number, got {self.lam!r}")
         if self.init not in ("uniform", "zeros"):
             raise ValueError(f"init must be 'uniform' (the authors' U[0, 1)) or 'zeros', got {self.init!r}")
+        check_choice("row_sampling", self.row_sampling, ROW_SAMPLING)
 
 
 def robust_logistic(margins: Tensor, temperature: Tensor) -> Tensor:
@@ -104,9 +112,10 @@ class HyperparamTask:
     def dim(self) -> int:
         return self.X_train.shape[1]
 
-    def iterations_per_epoch(self, block_batch: int) -> int:
-        """n_train / (B b): one epoch touches as many (block, sample) pairs as there are training rows."""
-        return max(1, self.X_train.shape[0] // (block_batch * self.settings.batch_size))
+    def iterations_per_epoch(self, block_batch: int) -> float:
+        """n_train / (B b), not rounded: one epoch touches as many (block, row) pairs as there are training
+        rows, so epoch = iteration * B * b / n_train."""
+        return self.X_train.shape[0] / (block_batch * self.settings.batch_size)
 
     # --- the bilevel problem ---------------------------------------------------------------------------
     def lower_loss(self, p_rows: Tensor, w: Tensor, batch: Batch, block: Tensor) -> Tensor:
@@ -128,8 +137,8 @@ class HyperparamTask:
         else:
             p0 = torch.zeros(n, **like, device=self.X_train.device)
             w0 = torch.zeros(m, d, **like, device=self.X_train.device)
-        lower = RowSampler({"X": self.X_train, "label": self.y_train}, s.batch_size)
-        upper = RowSampler({"X": self.X_val, "label": self.y_val}, s.batch_size)
+        lower = RowSampler({"X": self.X_train, "label": self.y_train}, s.batch_size, order=s.row_sampling)
+        upper = RowSampler({"X": self.X_val, "label": self.y_val}, s.batch_size, order=s.row_sampling)
         return MultiBlockProblem(self.upper_loss, self.lower_loss, p0, w0, lower, upper, sparse_x=True,
                                  upper_depends_on_x=False, block_data={"temperature": self.temperatures},
                                  name=f"hyperparam-{s.dataset}")

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from typing import Any
 
 import torch
 
-from mbbo.checkpoint import load_checkpoint, save_checkpoint
+from mbbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mbbo.data.errors import DataError
 from mbbo.data.movielens import RankingSplit, load_movielens, read_ratings, split_leave_last
 from mbbo.ranking.metrics import evaluate_split
 from mbbo.ranking.neumf import NeuMF
@@ -58,7 +60,9 @@ class NDCGSettings:
         warmup_weight_decay, warmup_gamma: Adam L2 and moving-average weight of the warm-up (1e-7, 0.1).
         head_init: ``"torch"`` (the reference ``--init_last 1``) or ``"normal"``: re-initialisation of the head.
         warmup_cache: directory of the cached warm starts; None: ``<mbbo cache>/ndcg_warmup``; ``""``: no cache.
-        emb_size, dropout: NeuMF (64, 0.2).
+        emb_size, dropout: NeuMF (64, 0.2 inside the MLP).
+        output_dropout: NeuMF's extra dropout before the head (0: the reference architecture; 0.2 was mbbo's
+            earlier default, kept as an option).
         ks: NDCG cut-offs.
         eval_test: also evaluate the test split at every evaluation.
         eval_chunk: users scored per evaluation call.
@@ -78,6 +82,7 @@ class NDCGSettings:
     warmup_cache: str | None = None
     emb_size: int = 64
     dropout: float = 0.2
+    output_dropout: float = 0.0
     ks: tuple[int, ...] = (5, 10, 20, 50)
     eval_test: bool = True
     eval_chunk: int = 512
@@ -101,8 +106,10 @@ class NDCGSettings:
             raise ValueError(f"warmup_gamma={self.warmup_gamma!r} must be in (0, 1]")
         if self.head_init not in ("torch", "normal"):
             raise ValueError(f"head_init={self.head_init!r} must be 'torch' or 'normal'")
-        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        for name in ("dropout", "output_dropout"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1):
+                raise ValueError(f"{name}={value!r} must be in [0, 1)")
         ks = tuple(self.ks)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"ks={self.ks!r} must be a non-empty tuple of integers >= 1")
@@ -144,7 +151,15 @@ def load_split(settings: NDCGSettings) -> RankingSplit:
             ratings = read_ratings(path)
         else:
             ratings = load_movielens(settings.dataset, path)
-        _SPLITS[key] = split_leave_last(ratings, settings.n_test, settings.n_dev, device=settings.device)
+        split = split_leave_last(ratings, settings.n_test, settings.n_dev, device=settings.device)
+        where = path if path is not None else settings.dataset
+        for part in ("dev", "test"):
+            if getattr(split, part).nnz == 0:
+                raise DataError(
+                    f"{where}: no user has {part} interactions (n_test={settings.n_test}, n_dev={settings.n_dev}; "
+                    "a user's last ratings go to test, then dev, and each user keeps one for training): every NDCG "
+                    "would be NaN. Use data with more ratings per user")
+        _SPLITS[key] = split
     return _SPLITS[key]
 
 
@@ -159,7 +174,8 @@ def _split_digest(split: RankingSplit) -> str:
 
 def _make_model(split: RankingSplit, settings: NDCGSettings) -> NeuMF:
     gen = torch.Generator().manual_seed(settings.seed)
-    model = NeuMF(split.n_users, split.n_items, settings.emb_size, dropout=settings.dropout, generator=gen)
+    model = NeuMF(split.n_users, split.n_items, settings.emb_size, dropout=settings.dropout,
+                  output_dropout=settings.output_dropout, generator=gen)
     return model.to(settings.device)
 
 
@@ -195,12 +211,19 @@ def warm_start(split: RankingSplit, settings: NDCGSettings) -> tuple[dict[str, t
         "head_init": settings.head_init,
         "emb_size": settings.emb_size,
         "dropout": settings.dropout,
+        "output_dropout": settings.output_dropout,
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     root = _cache_root(settings)
     path = None if root is None else root / f"warmup_{key}.pt"
     if path is not None and path.is_file():
-        payload = load_checkpoint(path)
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as exc:  # a cache is disposable: recompute it
+            cause = type(exc.__cause__ or exc).__name__
+            warnings.warn(f"the NDCG warm-up cache {path} is unreadable (corrupt or truncated: {cause}); "
+                          "recomputing it", RuntimeWarning, stacklevel=2)
+            payload = {}
         if payload.get("spec") == spec:
             return payload["model"], payload["info"]
     model = _make_model(split, settings)

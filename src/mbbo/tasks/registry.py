@@ -35,9 +35,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -46,6 +44,7 @@ from torch import Tensor
 
 from mbbo.algorithms.registry import ALGORITHMS, RESTART_PREFIX, algorithm_names
 from mbbo.algorithms.single import SingleBlockAlgorithm
+from mbbo.config import coerce_value, field_types
 from mbbo.problem import MultiBlockProblem
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
 from mbbo.tasks.quadratic import MultiBlockQuadratic
@@ -59,9 +58,6 @@ __all__ = [
     "TaskAdapter",
     "TaskSpec",
     "algorithm_class",
-    "coerce_fields",
-    "coerce_value",
-    "field_types",
     "get_task",
     "is_single_block",
     "register_task",
@@ -71,118 +67,6 @@ __all__ = [
 
 class IncompatibleAlgorithmError(ValueError):
     """An algorithm that does not fit a task was asked for; the message says why and what fits."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# typed values (settings, hyper-parameters and run options come from YAML/TOML/the command line)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """The resolved type annotation of every dataclass field of `cls` (string annotations evaluated)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
-
-
-def _type_name(annotation: Any) -> str:
-    """A short readable name of a type annotation: `float`, `int | None`, `float | str`."""
-    if annotation is type(None):
-        return "None"
-    if isinstance(annotation, type):
-        return annotation.__name__
-    members = _union_members(annotation)
-    if len(members) > 1:
-        return " | ".join(_type_name(member) for member in members)
-    return str(annotation)
-
-
-def _union_members(annotation: Any) -> tuple[Any, ...]:
-    """The members of a union annotation (`X | Y`, `Optional[X]`), or the annotation alone."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return typing.get_args(annotation)
-    return (annotation,)
-
-
-_NO_MATCH = object()
-
-
-def _coerce_member(value: Any, member: Any) -> Any:
-    """`value` as type `member`, or `_NO_MATCH`. Ints are accepted for floats, integral floats for ints."""
-    if member is Any:
-        return value
-    if member is type(None):
-        return None if value is None else _NO_MATCH
-    if member is bool:
-        return value if isinstance(value, bool) else _NO_MATCH
-    if isinstance(value, bool):
-        return _NO_MATCH
-    if member is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        return _NO_MATCH
-    if member is float:
-        return float(value) if isinstance(value, int | float) else _NO_MATCH
-    if member is str:
-        return value if isinstance(value, str) else _NO_MATCH
-    if typing.get_origin(member) is tuple:
-        return _coerce_tuple(value, typing.get_args(member))
-    if isinstance(member, type):
-        return value if isinstance(value, member) else _NO_MATCH
-    return value  # an annotation we cannot check (e.g. a generic): leave it to the owner's validation
-
-
-def _coerce_tuple(value: Any, args: tuple[Any, ...]) -> Any:
-    """A list or tuple as a tuple of the annotated item types (`tuple[float, float]`, `tuple[int, ...]`)."""
-    if not isinstance(value, list | tuple):
-        return _NO_MATCH
-    items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-    if not args:
-        return tuple(value)
-    if len(items) != len(value):
-        return _NO_MATCH
-    converted = [_first_match(item, annotation) for item, annotation in zip(value, items, strict=True)]
-    return _NO_MATCH if any(c is _NO_MATCH for c in converted) else tuple(converted)
-
-
-def _first_match(value: Any, annotation: Any) -> Any:
-    """`value` converted to the first fitting member of `annotation`, or `_NO_MATCH`."""
-    for member in _union_members(annotation):
-        converted = _coerce_member(value, member)
-        if converted is not _NO_MATCH:
-            return converted
-    return _NO_MATCH
-
-
-def coerce_value(name: str, value: Any, annotation: Any, *, what: str = "setting") -> Any:
-    """Check `value` against a field annotation and convert it where that is lossless.
-
-    Ints are accepted for float fields (`lr=1` -> 1.0), integral floats for int fields (`iterations=1e4` ->
-    10000); bools are never numbers. Union members are tried in order (`float | str`: a number, else a string).
-
-    Raises:
-        ValueError: the value does not fit; the message names `what`, `name`, the expected type and the value.
-    """
-    converted = _first_match(value, annotation)
-    if converted is not _NO_MATCH:
-        return converted
-    raise ValueError(
-        f"bad value for {what} {name!r}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
-    )
-
-
-def coerce_fields(cls: type, values: Mapping[str, Any], *, what: str = "setting") -> dict[str, Any]:
-    """Type-check `values` against the dataclass fields of `cls` (see :func:`coerce_value`).
-
-    Raises:
-        ValueError: an unknown key (the message lists the valid ones) or a value of the wrong type.
-    """
-    types_ = field_types(cls)
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; valid: {sorted(types_)}")
-    return {key: coerce_value(key, value, types_[key], what=what) for key, value in values.items()}
 
 
 def algorithm_class(name: str) -> tuple[type, bool]:
@@ -225,9 +109,9 @@ class TaskAdapter:
     task: Any
     block_batch: int = 1
 
-    def iterations_per_epoch(self) -> int:
-        """The task's iterations per epoch for this block batch."""
-        return int(self.task.iterations_per_epoch(self.block_batch))
+    def iterations_per_epoch(self) -> float:
+        """The task's iterations per epoch for this block batch (fractional where the task says so)."""
+        return self.task.iterations_per_epoch(self.block_batch)
 
     def evaluate(self, algorithm: Any) -> dict[str, float]:
         """The task's metrics of the algorithm's current iterate."""
@@ -270,6 +154,11 @@ class TaskSpec:
         methods: for tasks trained by their own methods rather than registered bilevel algorithms (NDCG):
             method name -> hyper-parameter dataclass; then only these names fit the task.
         make_method: `(name, problem, evaluator, seed, hyper) -> steppable` building such a method.
+        finite_sum: whether the task's samplers draw rows of stored data; False (fresh noise) rules out the
+            algorithms whose `needs_finite_sum` is "always" and flags those needing it "by default".
+        distributed: the task's methods run on torch.distributed ranks (`mbbo run --nproc R`, torchrun).
+        algorithm_defaults: hyper-parameter defaults the task sets: algorithm name (or "*" for every algorithm)
+            -> {name: value}; applied to the algorithms that have the field, before the user's values.
     """
 
     name: str
@@ -286,6 +175,14 @@ class TaskSpec:
     devices: tuple[str, ...] | None = None
     methods: Mapping[str, type] | None = None
     make_method: Callable[..., Any] | None = None
+    finite_sum: bool = True
+    distributed: bool = False
+    algorithm_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def hyper_defaults(self, algorithm: str, fields: Sequence[str]) -> dict[str, Any]:
+        """The task's defaults for `algorithm`'s hyper-parameters named in `fields` ("*" first, then by name)."""
+        out = {**self.algorithm_defaults.get("*", {}), **self.algorithm_defaults.get(algorithm, {})}
+        return {k: v for k, v in out.items() if k in fields}
 
     def algorithm_class(self, name: str) -> tuple[type, bool]:
         """`(class with name and Config, restarted)` for an algorithm or one of the task's own methods."""
@@ -383,6 +280,9 @@ class TaskSpec:
             reason = self.fits(algorithm, cls, settings)
             if reason is not None:
                 return reason
+        if not self.finite_sum and getattr(cls, "needs_finite_sum", None) == "always":
+            return (f"{base} needs a finite-sum problem (samplers over stored rows), and task {self.name!r} "
+                    "draws fresh noise")
         unsuitable = getattr(cls, "unsuitable_for", None)
         if problem is not None and callable(unsuitable):
             reason = unsuitable(problem)
@@ -578,6 +478,12 @@ register_task(TaskSpec(
     aliases={"data_seed": "seed"},
     dataset_setting="dataset",
     data_dir_setting="data_dir",
+    # the authors' code (BSVRB_ICML2023 HO/main.py), which the seed paper's curves come from; rows are
+    # reshuffled by the task's row_sampling setting. v1's hypergradient uses the previous Hessian estimate as in
+    # that code and the paper's section 4.1; its guard stays the eigenvalue floor (a deliberate fix)
+    algorithm_defaults={"*": {"block_sampling": "reshuffle", "estimator_init": "uniform"},
+                        "bsvrb_v1": {"hessian_timing": "previous"},
+                        "bsvrb_v2": {"lower_update": "delayed"}},
 ))
 
 register_task(TaskSpec(
@@ -586,10 +492,12 @@ register_task(TaskSpec(
     settings_cls=QuadraticSettings,
     builder=_build_quadratic,
     metrics=("grad_norm", "objective", "lower_error"),
+    finite_sum=False,
     devices=("cpu",),
 ))
 
 # tasks defined in their own modules register themselves on import (kept last: they import this module)
 import mbbo.tasks.constrained_tasks  # noqa: E402
+import mbbo.tasks.federated  # noqa: E402
 import mbbo.tasks.ndcg  # noqa: E402
 import mbbo.tasks.zoo_tasks  # noqa: E402, F401
