@@ -131,8 +131,9 @@ def set_threads(threads: int) -> int:
 
 
 def load(dataset: str, args: argparse.Namespace) -> tuple[HyperparamTask, MultiBlockProblem]:
+    # rows with replacement, as the hand-written floor draws them (the task's default is the authors' reshuffling)
     task = load_task(dataset, args.data_dir, num_blocks=args.blocks, batch_size=args.batch_size,
-                     dtype=torch.float64, seed=args.seed)
+                     dtype=torch.float64, seed=args.seed, row_sampling="replacement")
     return task, task.problem()
 
 

@@ -61,7 +61,8 @@ TOYS = {
     "toy_coupled": (["--set", "dim=20"], {
         "sflcb": (3000, 100, ["--set", "delta=0.1", "lr=0.01", "rho1=1.0", "rho2=1.0", "warm_start=false"]),
         "lv_hba": (1500, 100, ["--set", "alpha=0.008", "beta=0.02", "eta=0.01", "c=0.025", "p=0.3"]),
-        "blocc": (200, 10, ["--set", "lr=0.05", "gamma=10.0", "lr_y_g=0.1", "lr_y_F=0.05", "lr_mu=0.1"]),
+        "blocc": (100, 10, ["--set", "lr=0.05", "gamma=10.0", "rounds=5", "inner_steps=5", "lr_y_g=0.1",
+                            "lr_y_F=0.05", "lr_mu=0.1"]),
         "penalty": (300, 20, ["--set", "lr=0.05", "n_inner_steps=5"]),
     }),
 }
@@ -100,9 +101,9 @@ def toy_args(task: str, method: str) -> list[str]:
             "--threads", "1", *settings, *extra]
 
 
-def run_toys() -> None:
+def run_toys(methods: list[str]) -> None:
     for task in TOYS:
-        for method in METHODS:
+        for method in methods:
             args = toy_args(task, method)
             print(mbbo_command(args), flush=True)
             run_mbbo(args, SCRATCH / task / method)
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         run_svm(args.datasets, args.seeds, args.data_dir, args.methods)
     elif args.command == "toys":
-        run_toys()
+        run_toys(args.methods)
     else:
         report(args.data_dir, args.seeds)
     return 0

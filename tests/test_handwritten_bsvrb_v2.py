@@ -39,7 +39,7 @@ hw = _load_handwritten()
          "init_batch_size": 8}),
 ])
 def test_handwritten_follows_library_trajectory(seed: int, hyper: dict) -> None:
-    task = load_task("breast_cancer", num_blocks=6, dtype=torch.float64)
+    task = load_task("breast_cancer", num_blocks=6, dtype=torch.float64, row_sampling="replacement")
     problem = task.problem()
     library = make_algorithm("bsvrb_v2", problem, seed=seed, block_batch=3, **hyper)
     mine = hw.HandwrittenBSVRBv2(task, problem, seed=seed, block_batch=3, **hyper)

@@ -281,7 +281,7 @@ def test_divergence_with_is_finite_stops_at_the_bad_iteration(tmp_path: Path) ->
     assert "metrics up to iteration 6" in str(info.value)
     assert "last good checkpoint (iteration 6)" in str(info.value)
     assert info.value.iteration == 7
-    assert algorithm.finite_calls == 7  # checked after every step
+    assert algorithm.finite_calls == 1 + 7  # the initial state, then after every step
     assert [r["iteration"] for r in info.value.records] == [0, 2, 4, 6]
     assert read_metrics(tmp_path / "metrics.jsonl") == info.value.records
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
