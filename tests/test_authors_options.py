@@ -225,3 +225,27 @@ def test_v1_previous_timing_loads_a_checkpoint_with_the_solver_table(guard: str)
     twin.step()
     alg.step()
     assert torch.allclose(twin.x, alg.x, rtol=1e-10, atol=1e-12)
+
+
+def test_reshuffle_with_more_rows_per_call_than_the_data_holds() -> None:
+    """Small validation sets (breast_cancer: 91 rows, B b = 320): fresh permutations back to back."""
+
+
+    sampler = RowSampler({"X": torch.arange(7.0)[:, None]}, batch_size=4, order="reshuffle")
+    gen = torch.Generator().manual_seed(0)
+    index = sampler.sample(torch.arange(5), gen)["index"]  # 20 rows from 7
+    counts = torch.bincount(index.reshape(-1), minlength=7)
+    assert index.shape == (5, 4) and int(counts.min()) >= 2 and int(counts.max()) <= 3
+    assert torch.equal(torch.sort(index.reshape(-1)[:7]).values, torch.arange(7))  # the first 7 are a permutation
+    assert sampler.state_dict()["permutation"] is None  # the next call starts a new epoch
+
+
+def test_demo_defaults_run_on_breast_cancer(tmp_path) -> None:
+    """`make demo`: T1 defaults (the authors' combination) on the embedded data, whose validation part has fewer
+    rows than B b."""
+    from mbbo.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["run", "--task", "hyperparam", "--dataset", "breast_cancer", "--algorithm", "bsvrb_v2",
+                 "--iterations", "6", "--eval-every", "3", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "checkpoint.pt").is_file()

@@ -108,9 +108,11 @@ class RowSampler:
     `order="reshuffle"` (shared rows only; the authors' BSVRB/RSVRB code): the rows are permuted once per data
     epoch and each call takes the next B*b rows of the permutation, block number k of the call getting rows
     [k b, (k+1) b) of that slice; a new permutation is drawn when fewer than B*b rows remain, i.e. every
-    n // (B b) calls at a constant B. The permutation and position are state (`state_dict`, saved in the
-    algorithm's checkpoint). `sample_initial` (estimator initialisation) draws with replacement and leaves
-    that state alone, so the epochs of the iterations are the authors'.
+    n // (B b) calls at a constant B. When B*b exceeds the n rows (a small validation set), a call takes
+    ceil(B b / n) fresh permutations back to back (the authors' code assumes B b <= n). The permutation and
+    position are state (`state_dict`, saved in the algorithm's checkpoint). `sample_initial` (estimator
+    initialisation) draws with replacement and leaves that state alone, so the epochs of the iterations are
+    the authors'.
     """
 
     data: dict[str, Tensor]
@@ -145,8 +147,12 @@ class RowSampler:
         b = batch_size or self.batch_size
         need = blocks.shape[0] * b
         if need > self.n_rows:
-            raise ValueError(f"row_sampling='reshuffle' needs B*b <= n_rows, got B*b = {blocks.shape[0]}*{b} = "
-                             f"{need} > {self.n_rows} rows")
+            # more rows per call than the data holds (small validation sets): fresh permutations back to back,
+            # so each row appears ceil(B b / n) times at most in the call; the next call starts a new epoch
+            reps = -(-need // self.n_rows)
+            perms = [torch.randperm(self.n_rows, generator=generator, device=generator.device) for _ in range(reps)]
+            self.permutation, self.position = None, 0
+            return self._gather(blocks, torch.cat(perms)[:need].view(blocks.shape[0], b).to(self._device))
         if self.permutation is None or self.position + need > self.n_rows:
             self.permutation = torch.randperm(self.n_rows, generator=generator, device=generator.device)
             self.position = 0
