@@ -48,6 +48,7 @@ from mbbo.algorithms.base import Hyper, check_positive
 from mbbo.algorithms.stocbio import ZooAlgorithm, ZooConfig, check_choice, check_count, check_flag
 from mbbo.linsolve import ConjugateGradient, FixedPoint, LinearSolver, Neumann, SGDQuadratic
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.state import UNSET
 
 LINSYS_SOLVERS = ("sgd", "neumann", "cg", "fixed_point")
 
@@ -82,8 +83,13 @@ class AIDBiOConfig(ZooConfig):
 class AIDBiO(ZooAlgorithm):
     """AID-BiO with a choice of linear solver; N-Q-loop / N-loop / Q-loop / no-loop by the choice of N, Q."""
 
+    @dataclass
+    class State(ZooAlgorithm.State):
+        v: Tensor = UNSET  # the linear-system solution (warm start of the next solve)
+
     name = "aid_bio"
     Config = AIDBiOConfig
+    v: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -102,13 +108,6 @@ class AIDBiO(ZooAlgorithm):
         v0 = self.v if cfg.warm_start_v and solver.supports_warm_start else None
         self.v = solver.solve(hvps, gy_f, v0=v0).v
         self.upper_step(gx_f - self.cross(x, self.y, self.v, self.lower_batch()))
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "v": self.v.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.v = state["v"].clone()
 
 
 class ITDBiO(ZooAlgorithm):

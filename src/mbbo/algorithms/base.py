@@ -1,4 +1,4 @@
-"""What every algorithm shares: random streams, oracles, the upper iterate, checkpointable state."""
+"""What every algorithm shares: random streams, oracles, the upper iterate, its explicit `State`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,15 @@ from torch import Tensor
 from mbbo.blocks import BLOCK_SAMPLING, DelayedBlocks, MovingBlocks
 from mbbo.oracles import Oracles
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.state import UNSET, generator_states, load_dataclass, load_generator_states, snapshot
 from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
 from mbbo.validation import check_choice
 
 STREAMS = ("blocks", "lower", "upper", "extra")
+# the stream of `filled` (estimators initialised "uniform"), seeded apart from the others
+INIT_STREAM, INIT_SEED_OFFSET = "init", 99
+# layout of `BilevelAlgorithm.state_dict` (1: hand-written per-algorithm dicts, before issue 11)
+STATE_FORMAT = 2
 ESTIMATOR_INIT = ("first_batch", "uniform", "zeros")
 # chunks when all estimators are initialised (one mini-batch per block): bound the oracles' working set
 INIT_CHUNK_BLOCKS = 1024
@@ -95,21 +100,76 @@ class MultiBlockConfig(Hyper):
                                    num_blocks, self.block_batch if revisit else num_blocks)
 
 
+def expose_state(cls: type[BilevelAlgorithm]) -> None:
+    """Makes each field f of `cls.State` readable and writable as `algorithm.f` (stored in `algorithm.state`)."""
+    for f in fields(cls.State):
+        existing = next((k.__dict__[f.name] for k in cls.__mro__ if f.name in k.__dict__), None)
+        if isinstance(existing, StateField):
+            continue
+        if existing is not None:
+            raise TypeError(f"{cls.__name__}: state field {f.name!r} hides the class attribute of that name")
+        setattr(cls, f.name, StateField(f.name))
+
+
+class StateField:
+    """Descriptor forwarding `algorithm.<name>` to `algorithm.state.<name>`."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.state, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.state, self.name, value)
+
+
 class BilevelAlgorithm:
     """Base class: `step()` performs one iteration; the runner drives it (see `mbbo.protocols`).
 
-    Random streams (`torch.Generator`, seeded from `seed`): block sampling, lower data, upper data and an
-    extra stream (second block sample, Neumann batches...), so that each estimator's fresh-sample assumption
-    holds and the same seed gives the same trajectory. `compile=True` compiles the oracles (`Oracles`).
+    **State.** Everything an iteration changes lives in one dataclass, `self.state`, of the class's `State`
+    type: the base declares the iteration counter, x and the previous x; each algorithm extends it with its
+    lower variables, estimators, counters and building blocks (`MovingBlocks`, `BlockSampler`, step-rule states).
+    Each field is also an attribute (`self.x` is `self.state.x`). `state_dict()` / `load_state_dict()` are derived
+    from `State` (`mbbo.state.snapshot`), so an algorithm writes no save / load code; what is not declared
+    is configuration or a cache, recomputed from the configuration.
+
+    Random streams (`torch.Generator`, seeded from `seed`), saved beside the State: block sampling, lower data,
+    upper data, an extra stream (second block sample, Neumann batches...) and the stream of `filled`, so that
+    each estimator's fresh-sample assumption holds and the same seed gives the same trajectory. The row
+    samplers' positions (reshuffling samplers) are saved beside them too. `compile=True` compiles the oracles.
+
+    `oracle_calls_per_step`: the oracle calls one iteration makes ({kind: count}, kinds of `Oracles.counts`),
+    checked by the contract suite (tests/test_algorithm_contract.py); None where the count varies.
     """
+
+    @dataclass
+    class State:
+        iteration: int = 0
+        x: Tensor = UNSET
+        x_prev: Tensor = UNSET
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[Hyper]] = Hyper
     # hyper-parameters a restart (RE-) divides at each stage; BSVRB's alpha, beta are estimator weights
     restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
+    oracle_calls_per_step: ClassVar[dict[str, int] | None] = None
+    state: State
+    iteration: int
+    x: Tensor
+    x_prev: Tensor
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        expose_state(cls)
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
+        self.state = self.State()
         config = config if config is not None else self.Config()
         if overrides:
             config = config.replace(**overrides)
@@ -117,11 +177,11 @@ class BilevelAlgorithm:
         self.config = config
         self.problem = problem
         self.oracles = Oracles(problem, compile=compile)
-        self.iteration = 0
         device = problem.x0.device
-        self.generators = {s: torch.Generator(device=device) for s in STREAMS}
+        self.generators = {s: torch.Generator(device=device) for s in (*STREAMS, INIT_STREAM)}
         for i, s in enumerate(STREAMS):
             self.generators[s].manual_seed(int(seed) * 1_000_003 + i)
+        self.generators[INIT_STREAM].manual_seed(int(seed) * 1_000_003 + INIT_SEED_OFFSET)
         self.seed = int(seed)
         self.x = problem.x0.clone()
         self.x_prev = self.x.clone()
@@ -146,13 +206,14 @@ class BilevelAlgorithm:
                 if hasattr(s, "state_dict")}
 
     def filled(self, like: Tensor, how: str) -> Tensor:
-        """An estimator's initial value under `estimator_init` "uniform" (U[0, 1), as the authors' code, from a
-        generator seeded by the run's seed) or "zeros"."""
+        """An estimator's initial value under `estimator_init` "uniform" (U[0, 1), as the authors' code, from the
+        run's "init" stream) or "zeros"."""
         if how == "zeros":
             return torch.zeros_like(like)
-        if not hasattr(self, "_init_generator"):
-            self._init_generator = torch.Generator(device=like.device).manual_seed(self.seed * 1_000_003 + 99)
-        return torch.rand(like.shape, generator=self._init_generator, dtype=like.dtype, device=like.device)
+        generator = self.generators[INIT_STREAM]
+        if generator.device != like.device:
+            raise ValueError(f"estimators on {like.device}, the run's generators on {generator.device}")
+        return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
     def blockwise_tables(self, rows: Callable[[Tensor, Batch, Batch], dict[str, Tensor]],
                          batch_size: int | None = None) -> dict[str, Tensor]:
@@ -196,13 +257,6 @@ class BilevelAlgorithm:
         """Current lower variables of all blocks, (m, d_y)."""
         raise NotImplementedError
 
-    def _tensors(self) -> dict[str, Any]:
-        """Subclass state (tensors and nested state dicts)."""
-        return {}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        pass
-
     # --- common protocol ----------------------------------------------------------------------------
     def oracle_counts(self) -> dict[str, int]:
         return dict(self.oracles.counts)
@@ -214,35 +268,40 @@ class BilevelAlgorithm:
         self.config = config
 
     def state_dict(self) -> dict[str, Any]:
+        """The State (`"state"`, derived from its declaration), and beside it the configuration, the random
+        generators, the row samplers and the oracle counters."""
         return {
+            "format": STATE_FORMAT,
             "name": self.name,
-            "iteration": self.iteration,
             "config": asdict(self.config),
-            "x": self.x.clone(),
-            "x_prev": self.x_prev.clone(),
-            "generators": {k: g.get_state() for k, g in self.generators.items()},
-            "oracle_counts": self.oracle_counts(),
+            "state": snapshot(self.state, f"{self.name} state"),
+            "generators": generator_states(self.generators),
             "samplers": self.sampler_states(),
-            "algorithm": self._tensors(),
+            "oracle_counts": self.oracle_counts(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        found = state.get("format", 1)
+        if found != STATE_FORMAT:
+            raise ValueError(
+                f"the checkpoint holds algorithm state format {found!r}, this mbbo reads format {STATE_FORMAT} (one "
+                "declared State per algorithm, since issue 11): a run checkpointed by an older mbbo cannot be "
+                "resumed; start it afresh (--overwrite)")
         if state["name"] != self.name:
             raise ValueError(f"checkpoint is for algorithm {state['name']!r}, not {self.name!r}")
-        self.iteration = int(state["iteration"])
         self.config = type(self.config)(**state["config"])
-        self.x = state["x"].clone()
-        self.x_prev = state["x_prev"].clone()
-        for k, g in self.generators.items():
-            g.set_state(state["generators"][k])
+        load_dataclass(self.state, state["state"], f"{self.name} state")
+        load_generator_states(self.generators, state["generators"])
         for key, sampler_state in state.get("samplers", {}).items():
             getattr(self, f"{key}_sampler").load_state_dict(sampler_state)
         for kind, count in state["oracle_counts"].items():
             self.oracles.counts[kind] = int(count)
-        self._load_tensors(state["algorithm"])
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.lower_variables()).all())
+
+
+expose_state(BilevelAlgorithm)
 
 
 class MultiBlockAlgorithm(BilevelAlgorithm):

@@ -51,6 +51,7 @@ from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.algorithms.soba import check_count, check_exponent
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.state import UNSET
 from mbbo.steps import scheduled
 from mbbo.trackers import STORM
 from mbbo.variance_reduction import SARAH
@@ -114,6 +115,13 @@ class MRBO(_NeumannHypergradient):
     """MRBO: STORM momentum on grad_y g and on the Neumann hypergradient (see module doc). Per iteration, at two
     points: 1 grad_y g, 1 grad f, Q HVPs, 1 cross product."""
 
+    @dataclass
+    class State(_NeumannHypergradient.State):
+        y_prev: Tensor = UNSET  # y of the previous iteration (STORM's second point)
+        d_y: Tensor = UNSET  # STORM estimates of grad_y g and of the hypergradient
+        d_x: Tensor = UNSET
+        fresh: bool = True  # no previous point yet: the estimates start at the first samples
+
     name = "mrbo"
     Config = MRBOConfig
 
@@ -148,15 +156,6 @@ class MRBO(_NeumannHypergradient):
     def restart(self) -> None:
         """The next iteration starts the momentum afresh from its own estimates."""
         self.fresh = True
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "y_prev": self.y_prev.clone(), "d_y": self.d_y.clone(),
-                "d_x": self.d_x.clone(), "fresh": self.fresh}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.y_prev, self.d_y, self.d_x = state["y_prev"].clone(), state["d_y"].clone(), state["d_x"].clone()
-        self.fresh = bool(state["fresh"])
 
 
 @dataclass
@@ -208,6 +207,13 @@ class VRBO(FullPassAccess, _NeumannHypergradient):
     """VRBO: SPIDER estimates of grad_y g and of the hypergradient, refreshed by full passes every `period`
     outer iterations; one `step()` = one x step followed by `lower_steps` y steps (see module doc)."""
 
+    @dataclass
+    class State(_NeumannHypergradient.State):
+        d_y: Tensor = UNSET  # SARAH estimates of grad_y g and of the hypergradient
+        d_x: Tensor = UNSET
+        y_prev: Tensor = UNSET
+        since_refresh: int = 0  # iterations since the last full refresh
+
     name = "vrbo"
     Config = VRBOConfig
 
@@ -253,12 +259,3 @@ class VRBO(FullPassAccess, _NeumannHypergradient):
     def restart(self) -> None:
         """The next iteration refreshes the estimates."""
         self.since_refresh = 0
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "y_prev": self.y_prev.clone(), "d_y": self.d_y.clone(),
-                "d_x": self.d_x.clone(), "since_refresh": self.since_refresh}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.y_prev, self.d_y, self.d_x = state["y_prev"].clone(), state["d_y"].clone(), state["d_x"].clone()
-        self.since_refresh = int(state["since_refresh"])

@@ -8,6 +8,7 @@ dimension: x is (d_x,), y and v are (d_y,), and the two-point forms take stacked
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from mbbo.algorithms.base import BilevelAlgorithm, Hyper
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.state import UNSET
 
 
 class SingleBlockAlgorithm(BilevelAlgorithm):
@@ -24,7 +26,12 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
     (beta, alpha) keep their meaning and are not decayed.
     """
 
+    @dataclass
+    class State(BilevelAlgorithm.State):
+        y: Tensor = UNSET
+
     restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "inner_lr", "linsys_lr")
+    y: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -129,9 +136,3 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
         b = {k: v[0] for k, v in pb.with_block_data(batch, self.block).items()}
         xl = x[b["index"]] if pb.sparse_x and pb.upper_depends_on_x else (x if pb.sparse_x else pb.x_for_loss(x))
         return pb.upper_loss(xl, pb.y_for_loss(y), b, self.block[0])
-
-    def _tensors(self) -> dict[str, Any]:
-        return {"y": self.y.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        self.y = state["y"].clone()

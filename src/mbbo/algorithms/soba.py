@@ -34,6 +34,7 @@ from mbbo.algorithms.base import Hyper, check_positive, check_unit
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.linsolve import SGDQuadratic
 from mbbo.problem import MultiBlockProblem
+from mbbo.state import UNSET
 from mbbo.steps import scheduled
 from mbbo.trackers import EMA
 
@@ -98,6 +99,10 @@ class SOBA(SingleBlockAlgorithm):
     Per iteration: 1 grad_y g, 1 HVP, 1 cross product (one graph), 1 grad f (both parts).
     """
 
+    @dataclass
+    class State(SingleBlockAlgorithm.State):
+        v: Tensor = UNSET  # the linear-system variable
+
     name = "soba"
     Config = SOBAConfig
 
@@ -149,13 +154,6 @@ class SOBA(SingleBlockAlgorithm):
     def linear_system_variables(self) -> Tensor:
         return self.v.unsqueeze(0)
 
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "v": self.v.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.v = state["v"].clone()
-
 
 @dataclass
 class MASOBAConfig(SOBAConfig):
@@ -177,6 +175,10 @@ class MASOBA(SOBA):
     """MA-SOBA (Chen, Xu & Zhang 2023, "Optimal algorithms for stochastic bilevel optimization under relaxed
     smoothness conditions"): SOBA with a moving average h of the hypergradient estimate driving x."""
 
+    @dataclass
+    class State(SOBA.State):
+        h: Tensor = UNSET  # moving average of the hypergradient estimate
+
     name = "ma_soba"
     Config = MASOBAConfig
 
@@ -192,10 +194,3 @@ class MASOBA(SOBA):
     def restart(self) -> None:
         """Empties the moving average."""
         self.h = torch.zeros_like(self.x)
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "h": self.h.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.h = state["h"].clone()

@@ -99,8 +99,8 @@ class ZooConfig(StepConfig):
 class ZooAlgorithm(SingleBlockAlgorithm):
     """Helpers of the single-block zoo: schedules, the warm-started lower loop, the upper step, restarts.
 
-    Subclasses implement `step()` from these pieces and the oracles of `SingleBlockAlgorithm`; their state
-    beyond x, x_prev and y goes into `_tensors` / `_load_tensors`.
+    Subclasses implement `step()` from these pieces and the oracles of `SingleBlockAlgorithm`, and declare
+    their state beyond x, x_prev and y by extending `State`.
     """
 
     def scheduled(self, value: float, exponent: float) -> float:
