@@ -18,14 +18,14 @@ use a ridge written as a norm (not strongly convex); that is the task's concern,
 
 Reusable pieces: :class:`mbbo.inner_solvers.LowerSGD` and :func:`epoch_sgd` (lower-level solvers on g(x, .)),
 :meth:`UnboundedBase.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
-samples) and :func:`rule_state_dict` / :func:`load_rule_state` (checkpointing the states of `mbbo.steps` rules).
+samples). The step rules' states (`mbbo.steps`) are fields of each algorithm's `State`, saved generically.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from mbbo.inner_solvers import LowerSGD
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import MultiBlockProblem
 from mbbo.projections import project_ball
+from mbbo.state import UNSET
 from mbbo.steps import SGD, Adam, AdamState, Clipped, CountState, NesterovAveraged, NesterovState, Normalized
 from mbbo.trackers import EMA, STORM
 
@@ -91,27 +92,6 @@ def epoch_sgd(grad: Callable[[Tensor], Tensor], y: Tensor, epochs: int, steps: i
             total = total + w
         start = total / n
     return start
-
-
-def rule_state_dict(state: Any) -> dict[str, Any]:
-    """A step-rule state of `mbbo.steps` (CountState, AdamState, NesterovState) as a dict of clones."""
-    out: dict[str, Any] = {}
-    for f in fields(state):
-        value = getattr(state, f.name)
-        if isinstance(value, Tensor):
-            value = value.clone()
-        elif isinstance(value, list):
-            value = [t.clone() for t in value]
-        out[f.name] = value
-    return out
-
-
-def load_rule_state(cls: type, state: dict[str, Any]) -> Any:
-    """Inverse of :func:`rule_state_dict`."""
-    assert is_dataclass(cls)
-    values = {k: (v.clone() if isinstance(v, Tensor) else [t.clone() for t in v] if isinstance(v, list) else v)
-              for k, v in state.items()}
-    return cls(**values)
 
 
 class UnboundedBase(SingleBlockAlgorithm):
@@ -194,6 +174,12 @@ class BOREP(UnboundedBase):
     One HVP and one cross product per iteration (same lower batch), m_0 = 0, z_0 = 0.
     """
 
+    @dataclass
+    class State(UnboundedBase.State):
+        z: Tensor = UNSET  # the tracked linear-system variable
+        m: Tensor = UNSET  # momentum of the hypergradient
+        rule_state: CountState = UNSET  # the upper step rule's state
+
     name = "bo_rep"
     Config = BOREPConfig
 
@@ -250,15 +236,6 @@ class BOREP(UnboundedBase):
         """Re-initialises the momentum (for `Restarted`); y, z and x are carried over."""
         self.m = torch.zeros_like(self.x)
         self.rule_state = CountState(0)
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "z": self.z.clone(), "m": self.m.clone(),
-                "rule_state": rule_state_dict(self.rule_state)}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.z, self.m = state["z"].clone(), state["m"].clone()
-        self.rule_state = load_rule_state(CountState, state["rule_state"])
 
 
 STEP_RULES = ("normalized", "clipped", "sgd")
@@ -390,6 +367,14 @@ class AccBO(UnboundedBase):
     and truncation level q), evaluated at the two stacked points in one call; m_0 = h at the first iteration.
     """
 
+    @dataclass
+    class State(UnboundedBase.State):
+        lower_state: NesterovState = UNSET  # the lower Nesterov rule's state
+        y_hat_prev: Tensor = UNSET  # the averaged lower iterate of the previous iteration
+        m: Tensor = UNSET  # STORM momentum
+        rule_state: Any = UNSET  # the upper rule's state (CountState; AdamState for VR-AdamBO)
+        fresh: bool = True  # no previous point yet: m starts at the first hypergradient
+
     name = "accbo"
     Config = AccBOConfig
 
@@ -400,7 +385,6 @@ class AccBO(UnboundedBase):
         self.y_hat_prev = self.y.clone()
         self.m = torch.zeros_like(self.x)
         self.rule_state: Any = self.init_upper_state()
-        self.fresh = True  # no previous point yet: m starts at the first hypergradient
 
     def lower_rule(self) -> NesterovAveraged:
         cfg = self.config
@@ -457,17 +441,6 @@ class AccBO(UnboundedBase):
         update, self.rule_state = Normalized(cfg.lr).update(self.m, self.rule_state)
         self.x_prev = self.x
         self.x = self.x + update
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "m": self.m.clone(), "y_hat_prev": self.y_hat_prev.clone(), "fresh": self.fresh,
-                "lower_state": rule_state_dict(self.lower_state), "rule_state": rule_state_dict(self.rule_state)}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.m, self.y_hat_prev = state["m"].clone(), state["y_hat_prev"].clone()
-        self.fresh = bool(state["fresh"])
-        self.lower_state = load_rule_state(NesterovState, state["lower_state"])
-        self.rule_state = load_rule_state(type(self.init_upper_state()), state["rule_state"])
 
 
 @dataclass
@@ -565,6 +538,10 @@ class AdamBO(UnboundedBase):
         x_{t+1} = x_t + Adam(h_t)      (`mbbo.steps.Adam`, torch.optim.Adam's rule, coupled weight decay)
     """
 
+    @dataclass
+    class State(UnboundedBase.State):
+        rule_state: AdamState = UNSET  # Adam's state
+
     name = "adambo"
     Config = AdamBOConfig
 
@@ -591,13 +568,6 @@ class AdamBO(UnboundedBase):
     def restart(self) -> None:
         """Re-initialises Adam's moments (for `Restarted`)."""
         self.rule_state = self.adam().init(self.x)
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "rule_state": rule_state_dict(self.rule_state)}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.rule_state = load_rule_state(AdamState, state["rule_state"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -659,6 +629,14 @@ class AdaBiO(UnboundedBase):
     as written here) is this library's reading of that summary.
     """
 
+    @dataclass
+    class State(UnboundedBase.State):
+        m: Tensor = UNSET  # momentum
+        g_prev: Tensor = UNSET
+        t: int = 0  # iterations since the (re)start
+        sum_x: float = 0.0  # sum_k ||g_{x,k} - g~_{x,k}||^2
+        sum_y: float = 0.0  # sum_k ||g_{y,k}||^2
+
     name = "ada_bio"
     Config = AdaBiOConfig
 
@@ -705,12 +683,3 @@ class AdaBiO(UnboundedBase):
         self.x = self.x + update
         self.t += 1
         self.iteration += 1
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "m": self.m.clone(), "g_prev": self.g_prev.clone(), "t": self.t,
-                "sum_x": self.sum_x, "sum_y": self.sum_y}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.m, self.g_prev = state["m"].clone(), state["g_prev"].clone()
-        self.t, self.sum_x, self.sum_y = int(state["t"]), float(state["sum_x"]), float(state["sum_y"])
