@@ -300,6 +300,10 @@ class BilevelAlgorithm:
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.lower_variables()).all())
 
+    def state_tensors(self) -> list[Tensor]:
+        """The State's tensor fields (not those inside its building blocks)."""
+        return [v for f in fields(self.state) if isinstance(v := getattr(self.state, f.name), Tensor)]
+
 
 expose_state(BilevelAlgorithm)
 

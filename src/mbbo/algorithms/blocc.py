@@ -29,6 +29,7 @@ from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.saddle import max_min_loop
+from mbbo.state import UNSET
 from mbbo.validation import check_int, check_real
 
 __all__ = ["BLOCC", "BLOCCConfig"]
@@ -59,6 +60,13 @@ class BLOCCConfig(Hyper):
 
 class BLOCC(ConstrainedAlgorithm):
     """BLOCC (Jiang et al., NeurIPS 2024): max-min inner loops for L_g and L_F, then a Danskin upper step."""
+
+    @dataclass
+    class State(ConstrainedAlgorithm.State):
+        y_g: Tensor = UNSET  # the lower problem's primal-dual iterates
+        mu_g: Tensor = UNSET
+        y_F: Tensor = UNSET  # the penalised problem's primal-dual iterates
+        mu_F: Tensor = UNSET
 
     name = "blocc"
     Config = BLOCCConfig
@@ -102,10 +110,3 @@ class BLOCC(ConstrainedAlgorithm):
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"y_F": self.y_F, "y_g": self.y_g}
-
-    def _tensors(self) -> dict[str, Any]:
-        return {k: getattr(self, k).clone() for k in ("y_g", "mu_g", "y_F", "mu_F")}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value.clone())

@@ -46,6 +46,7 @@ from mbbo.algorithms.base import Hyper, check_positive
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.penalty import SCHEDULES, Projection, as_projection, make_penalty_schedule, penalty_gradient
 from mbbo.problem import MultiBlockProblem
+from mbbo.state import UNSET
 from mbbo.steps import InversePower
 
 
@@ -116,6 +117,11 @@ class F2SAProjectedConfig(F2SAConfig):
 
 class F2SA(SingleBlockAlgorithm):
     """F2SA (Kwon, Kwon, Wright, Nowak, ICML 2023): fully first-order penalty method (module docstring)."""
+
+    @dataclass
+    class State(SingleBlockAlgorithm.State):
+        z: Tensor = UNSET  # the iterate of the lower problem alone (y: the penalised one)
+        lam: float = 0.0  # the penalty multiplier lambda_k
 
     name = "f2sa"
     Config = F2SAConfig
@@ -190,14 +196,6 @@ class F2SA(SingleBlockAlgorithm):
 
     def is_finite(self) -> bool:
         return super().is_finite() and bool(torch.isfinite(self.y).all())
-
-    def _tensors(self) -> dict[str, Any]:
-        return {"y": self.y.clone(), "z": self.z.clone(), "lam": float(self.lam)}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        self.y = state["y"].clone()
-        self.z = state["z"].clone()
-        self.lam = float(state["lam"])
 
 
 class F2SAProjected(F2SA):

@@ -37,6 +37,7 @@ from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.constrained import ConstrainedProblem
 from mbbo.problem import MultiBlockProblem
+from mbbo.state import UNSET
 from mbbo.validation import check_real
 
 __all__ = ["LVHBA", "TOY_DEFAULTS", "LVHBAConfig"]
@@ -66,6 +67,12 @@ class LVHBAConfig(Hyper):
 
 class LVHBA(ConstrainedAlgorithm):
     """LV-HBA (Yao et al., ICLR 2024) with the public code's defects fixed (module docstring)."""
+
+    @dataclass
+    class State(ConstrainedAlgorithm.State):
+        theta: Tensor = UNSET  # the proximal lower variable
+        lam: Tensor = UNSET  # the constraint multipliers
+        z: Tensor = UNSET  # the multipliers' proximal copy
 
     name = "lv_hba"
     Config = LVHBAConfig
@@ -106,10 +113,3 @@ class LVHBA(ConstrainedAlgorithm):
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"y": self.y, "theta": self.theta}
-
-    def _tensors(self) -> dict[str, Any]:
-        return {k: getattr(self, k).clone() for k in ("y", "theta", "lam", "z")}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value.clone())

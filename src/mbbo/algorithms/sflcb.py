@@ -40,6 +40,7 @@ from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.saddle import ORDERINGS, SaddleBlock, descent_ascent_step, nonpositive
+from mbbo.state import UNSET
 from mbbo.validation import check_real
 
 __all__ = ["SFLCB", "TOY_DEFAULTS", "SFLCBConfig"]
@@ -73,6 +74,14 @@ class SFLCBConfig(Hyper):
 
 class SFLCB(ConstrainedAlgorithm):
     """SFLCB (Shen et al., NeurIPS 2025): single-loop descent-ascent on the saddle function K (module docstring)."""
+
+    @dataclass
+    class State(ConstrainedAlgorithm.State):
+        z: Tensor = UNSET  # the lower variables of the value-function copy
+        alpha: Tensor = UNSET  # slack variables of the two lower problems
+        beta: Tensor = UNSET
+        u: Tensor = UNSET  # multipliers of the two lower problems
+        v: Tensor = UNSET
 
     name = "sflcb"
     Config = SFLCBConfig
@@ -134,10 +143,3 @@ class SFLCB(ConstrainedAlgorithm):
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"z": self.z, "y": self.y}
-
-    def _tensors(self) -> dict[str, Any]:
-        return {name: getattr(self, name).clone() for name in VARIABLES if name != "x"}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value.clone())
