@@ -41,6 +41,7 @@ from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.projections import eig_compose, eig_solve, floored_eigh
+from mbbo.state import UNSET
 from mbbo.trackers import STORM, RandomizedSTORM
 
 
@@ -60,6 +61,19 @@ class RSVRBConfig(MultiBlockConfig):
 
 class RSVRB(MultiBlockAlgorithm):
     """Randomised stochastic variance-reduced bilevel method (see module docstring)."""
+
+    @dataclass
+    class State(MultiBlockAlgorithm.State):
+        y: MovingBlocks = UNSET  # lower variables, moved along s_i decaying by q = 1 - beta while unsampled
+        d: Tensor = UNSET  # STORM estimate of the hypergradient
+        fresh: bool = True  # the first iteration after an initialisation from mini-batches uses one point
+        stamps: Tensor = UNSET  # iteration of each block's last estimator update (estimators decay lazily)
+        grad_f: Tensor = UNSET  # estimates of grad_y f_i
+        eigvals: Tensor = UNSET  # eigen-decomposition of the Hessian estimates, eigenvalues floored
+        eigvecs: Tensor = UNSET
+        jacobian: DecayingSparseRows | Tensor = UNSET  # cross-Jacobian estimates (sparse rows when x is sparse)
+        block_sampler: BlockSampler = UNSET
+        second_sampler: BlockSampler = UNSET  # the independent block sample of the upper gradient
 
     name = "rsvrb"
     Config = RSVRBConfig
@@ -112,7 +126,7 @@ class RSVRB(MultiBlockAlgorithm):
         # estimators stamped t - 1; read at iteration k as value * q^(k - stamp)
         self.stamps = torch.full((pb.num_blocks,), t - 1, dtype=torch.long, device=self.x.device)
         self.grad_f, self.eigvals, self.eigvecs = tables["grad_f"], tables["eigvals"], tables["eigvecs"]
-        self.jacobian: DecayingSparseRows | Tensor = sparse[0] if sparse else tables["jacobian"]
+        self.jacobian = sparse[0] if sparse else tables["jacobian"]
         self._written = self.x[:0]
         self.fresh = how == "first_batch"
 
@@ -211,28 +225,6 @@ class RSVRB(MultiBlockAlgorithm):
         """Bytes held by the per-block tables (lower variables and the four estimators)."""
         dense = (self.stamps, self.grad_f, self.eigvals, self.eigvecs)
         return self.y.nbytes() + self.jacobian_memory_bytes() + sum(t.numel() * t.element_size() for t in dense)
-
-    def _tensors(self) -> dict[str, Any]:
-        jac = self.jacobian.state_dict() if isinstance(self.jacobian, DecayingSparseRows) else self.jacobian.clone()
-        return {"d": self.d.clone(), "fresh": self.fresh, "y": self.y.state_dict(), "stamps": self.stamps.clone(),
-                "grad_f": self.grad_f.clone(), "eigvals": self.eigvals.clone(), "eigvecs": self.eigvecs.clone(),
-                "jacobian": jac, "block_sampler": self.block_sampler.state_dict(),
-                "second_sampler": self.second_sampler.state_dict()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        self.d = state["d"].clone()
-        self.fresh = bool(state["fresh"])
-        self.y.load_state_dict(state["y"])
-        self.y.step = self.hyper("lower_lr")  # the loaded configuration's (a restart may have decayed it)
-        self.stamps = state["stamps"].clone()
-        for key in ("block_sampler", "second_sampler"):
-            if key in state:
-                getattr(self, key).load_state_dict(state[key])
-        self.grad_f, self.eigvals, self.eigvecs = (state[k].clone() for k in ("grad_f", "eigvals", "eigvecs"))
-        if isinstance(self.jacobian, DecayingSparseRows):
-            self.jacobian.load_state_dict(state["jacobian"])
-        else:
-            self.jacobian = state["jacobian"].clone()
 
     def jacobian_memory_bytes(self) -> int:
         """Bytes held by the cross-Jacobian estimates (dense table or sparse row buffers)."""
