@@ -143,8 +143,9 @@ class BilevelAlgorithm:
     each estimator's fresh-sample assumption holds and the same seed gives the same trajectory. The row
     samplers' positions (reshuffling samplers) are saved beside them too. `compile=True` compiles the oracles.
 
-    `oracle_calls_per_step`: the oracle calls one iteration makes ({kind: count}, kinds of `Oracles.counts`),
-    checked by the contract suite (tests/test_algorithm_contract.py); None where the count varies.
+    `oracle_calls_per_step()`: the oracle calls of one iteration after the first ({kind: count}, the kinds of
+    `Oracles.counts`, counted per point and block), checked by the contract suite
+    (tests/test_algorithm_contract.py); None where undeclared.
     """
 
     @dataclass
@@ -157,7 +158,6 @@ class BilevelAlgorithm:
     Config: ClassVar[type[Hyper]] = Hyper
     # hyper-parameters a restart (RE-) divides at each stage; BSVRB's alpha, beta are estimator weights
     restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
-    oracle_calls_per_step: ClassVar[dict[str, int] | None] = None
     state: State
     iteration: int
     x: Tensor
@@ -260,6 +260,10 @@ class BilevelAlgorithm:
     # --- common protocol ----------------------------------------------------------------------------
     def oracle_counts(self) -> dict[str, int]:
         return dict(self.oracles.counts)
+
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        """The oracle calls one iteration (after the first) makes, by kind; None: not declared."""
+        return None
 
     def set_hyper(self, **changes: Any) -> None:
         """Changes hyper-parameters between iterations (restarts, schedules); validated."""
