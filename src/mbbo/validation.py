@@ -30,10 +30,11 @@ def check_real(name: str, value: object, low: float | None = None, high: float |
         raise ValueError(f"{name} must be a finite number in {interval(low, high, low_open, high_open)}, got {value!r}")
 
 
-def check_int(name: str, value: object, low: int = 0) -> None:
-    """An integer (not a bool) >= low."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer in [{low}, inf), got {value!r}")
+def check_int(name: str, value: object, low: int = 0, high: int | None = None) -> None:
+    """An integer (not a bool) in [low, high] (high None: no upper bound)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer in [{low}, {'inf)' if high is None else f'{high}]'}, "
+                         f"got {value!r}")
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -45,6 +46,11 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 def check_positive(name: str, value: object) -> None:
     """A finite real > 0 (not a bool)."""
     check_real(name, value, 0.0, None, low_open=True)
+
+
+def check_nonnegative(name: str, value: object) -> None:
+    """A finite real >= 0 (not a bool): schedule exponents, weights that may vanish."""
+    check_real(name, value, 0.0, None)
 
 
 def check_unit(name: str, value: object) -> None:

@@ -44,11 +44,12 @@ import torch
 from torch import Tensor
 
 from mbbo import inner_solvers
-from mbbo.algorithms.base import Hyper, check_positive
-from mbbo.algorithms.stocbio import ZooAlgorithm, ZooConfig, check_choice, check_count, check_flag
+from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.stocbio import ZooAlgorithm, ZooConfig
 from mbbo.linsolve import ConjugateGradient, FixedPoint, LinearSolver, Neumann, SGDQuadratic
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.state import UNSET
+from mbbo.validation import check_choice, check_flag, check_int, check_positive
 
 LINSYS_SOLVERS = ("sgd", "neumann", "cg", "fixed_point")
 
@@ -66,7 +67,7 @@ class AIDBiOConfig(ZooConfig):
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
         check_choice("linsys_solver", self.linsys_solver, LINSYS_SOLVERS)
-        check_count("linsys_steps", self.linsys_steps, 1)
+        check_int("linsys_steps", self.linsys_steps, 1)
         check_positive("linsys_lr", self.linsys_lr)
         check_flag("warm_start_v", self.warm_start_v)
 

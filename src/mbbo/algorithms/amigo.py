@@ -42,12 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive, check_unit
-from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig, check_count, check_exponent
+from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig
 from mbbo.linsolve import SGDQuadratic
 from mbbo.problem import MultiBlockProblem
 from mbbo.state import UNSET
 from mbbo.trackers import STORM
+from mbbo.validation import check_int, check_nonnegative, check_positive, check_unit
 
 
 @dataclass
@@ -59,7 +60,7 @@ class AmIGOConfig(ZooConfig):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        check_count("linsys_steps", self.linsys_steps, 1)
+        check_int("linsys_steps", self.linsys_steps, 1)
         check_positive("linsys_lr", self.linsys_lr)
 
 
@@ -103,9 +104,9 @@ class FSLAConfig(StepConfig):
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
         check_positive("linsys_lr", self.linsys_lr)
-        check_exponent("linsys_lr_exponent", self.linsys_lr_exponent)
+        check_nonnegative("linsys_lr_exponent", self.linsys_lr_exponent)
         check_unit("momentum", self.momentum)
-        check_exponent("momentum_exponent", self.momentum_exponent)
+        check_nonnegative("momentum_exponent", self.momentum_exponent)
 
 
 class FSLA(ZooAlgorithm):

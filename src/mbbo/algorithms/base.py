@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -16,7 +15,7 @@ from mbbo.oracles import Oracles
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.state import UNSET, generator_states, load_dataclass, load_generator_states, snapshot
 from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
-from mbbo.validation import check_choice
+from mbbo.validation import check_choice, check_int, check_optional, check_positive, check_unit
 
 STREAMS = ("blocks", "lower", "upper", "extra")
 # the stream of `filled` (estimators initialised "uniform"), seeded apart from the others
@@ -29,14 +28,8 @@ INIT_CHUNK_BLOCKS = 1024
 INIT_CHUNK_ELEMENTS = 2**23
 
 
-def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def check_unit(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and 0.0 < value <= 1.0):
-        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
 
 
 @dataclass
@@ -83,14 +76,12 @@ class MultiBlockConfig(Hyper):
         check_choice("block_sampling", self.block_sampling, BLOCK_SAMPLING)
         check_choice("estimator_init", self.estimator_init, ESTIMATOR_INIT)
         m = problem.num_blocks
-        if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
-            raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
+        check_int("block_batch", self.block_batch, 1, m)
         check_positive("lr", self.lr)
         for name in self.paper_steps:
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
-        if self.lower_lr_scaling not in LOWER_LR_SCALINGS:
-            raise ValueError(f"lower_lr_scaling must be one of {LOWER_LR_SCALINGS}, got {self.lower_lr_scaling!r}")
+        check_optional(check_choice, "lower_lr_scaling", self.lower_lr_scaling, LOWER_LR_SCALINGS)
         check_unit("beta", self.beta)
 
     def step_size(self, name: str, num_blocks: int, revisit: bool = True) -> float:

@@ -30,7 +30,7 @@ from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.saddle import max_min_loop
 from mbbo.state import UNSET
-from mbbo.validation import check_int, check_real
+from mbbo.validation import check_int, check_nonnegative, check_positive
 
 __all__ = ["BLOCC", "BLOCCConfig"]
 
@@ -51,9 +51,9 @@ class BLOCCConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         for name in ("gamma", "lr", "lr_y_g", "lr_y_F", "lr_mu"):
-            check_real(name, getattr(self, name), 0.0, low_open=True)
-        check_real("mu_floor", self.mu_floor, 0.0)
-        check_real("tol", self.tol, 0.0)
+            check_positive(name, getattr(self, name))
+        check_nonnegative("mu_floor", self.mu_floor)
+        check_nonnegative("tol", self.tol)
         check_int("rounds", self.rounds, 1)
         check_int("inner_steps", self.inner_steps, 1)
 

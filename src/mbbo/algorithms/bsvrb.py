@@ -42,14 +42,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig, check_positive, check_unit
+from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig
 from mbbo.blocks import BlockSampler, DelayedBlocks, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.projections import cholesky_solve, floor_and_factor, frobenius_rescale, project_ball
 from mbbo.state import UNSET
 from mbbo.trackers import EMA, MSVR, STORM
-from mbbo.validation import check_choice
+from mbbo.validation import check_choice, check_flag, check_int, check_nonnegative, check_optional, check_positive, check_unit
 
 LOWER_UPDATE = ("eager", "delayed")
 HESSIAN_GUARD = ("eigen_floor", "frobenius_rescale")
@@ -71,16 +71,15 @@ class BlockwiseConfig(MultiBlockConfig):
         m = problem.num_blocks
         check_unit("alpha", self.alpha)
         check_choice("lower_update", self.lower_update, LOWER_UPDATE)
+        check_flag("lazy", self.lazy)
         if isinstance(self.gamma, str):
             if self.gamma != "theory":
                 raise ValueError(f"gamma must be a number >= 0 or 'theory', got {self.gamma!r}")
             if self.alpha == 1.0 and self.block_batch < m:
                 raise ValueError("gamma='theory' needs alpha < 1 when block_batch < m")
-        elif not (isinstance(self.gamma, int | float) and self.gamma >= 0):
-            raise ValueError(f"gamma must be a number >= 0 or 'theory', got {self.gamma!r}")
-        if self.init_batch_size is not None and (not isinstance(self.init_batch_size, int)
-                                                 or self.init_batch_size < 1):
-            raise ValueError(f"init_batch_size must be a positive integer or None, got {self.init_batch_size!r}")
+        else:
+            check_nonnegative("gamma", self.gamma)
+        check_optional(check_int, "init_batch_size", self.init_batch_size, 1)
 
     def msvr(self, num_blocks: int) -> MSVR:
         if self.gamma == "theory":

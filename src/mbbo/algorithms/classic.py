@@ -38,14 +38,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from mbbo.algorithms.base import check_positive
-from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig, check_count
+from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig
 from mbbo.linsolve import Neumann
 from mbbo.problem import MultiBlockProblem
+from mbbo.validation import check_int, check_positive
 
 
 def _check_neumann(config: BSAConfig | TTSAConfig) -> None:
-    check_count("linsys_steps", config.linsys_steps, 1)
+    check_int("linsys_steps", config.linsys_steps, 1)
     check_positive("linsys_lr", config.linsys_lr)
 
 

@@ -38,7 +38,7 @@ from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.constrained import ConstrainedProblem
 from mbbo.problem import MultiBlockProblem
 from mbbo.state import UNSET
-from mbbo.validation import check_real
+from mbbo.validation import check_positive, check_real
 
 __all__ = ["LVHBA", "TOY_DEFAULTS", "LVHBAConfig"]
 
@@ -61,7 +61,7 @@ class LVHBAConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         for name in ("alpha", "beta", "eta", "gamma1", "gamma2", "c", "z_max"):
-            check_real(name, getattr(self, name), 0.0, low_open=True)
+            check_positive(name, getattr(self, name))
         check_real("p", self.p, 0.0, 0.5, low_open=True)
 
 

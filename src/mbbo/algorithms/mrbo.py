@@ -45,15 +45,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive, check_unit
+from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.saba import FullPassAccess, validate_refresh
 from mbbo.algorithms.single import SingleBlockAlgorithm
-from mbbo.algorithms.soba import check_count, check_exponent
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.state import UNSET
 from mbbo.steps import scheduled
 from mbbo.trackers import STORM
+from mbbo.validation import check_int, check_nonnegative, check_optional, check_positive, check_unit
 from mbbo.variance_reduction import SARAH
 
 
@@ -79,12 +79,12 @@ class MRBOConfig(Hyper):
         check_positive("lr", self.lr)
         check_positive("lower_lr", self.lower_lr)
         check_positive("neumann_lr", self.neumann_lr)
-        check_count("neumann_terms", self.neumann_terms, low=self.min_terms)
+        check_int("neumann_terms", self.neumann_terms, self.min_terms)
         check_unit("eta", self.eta)
-        check_exponent("lr_exponent", self.lr_exponent)
-        check_exponent("lower_lr_exponent", self.lower_lr_exponent)
-        check_exponent("eta_exponent", self.eta_exponent)
-        check_count("batch_size", self.batch_size, optional=True)
+        check_nonnegative("lr_exponent", self.lr_exponent)
+        check_nonnegative("lower_lr_exponent", self.lower_lr_exponent)
+        check_nonnegative("eta_exponent", self.eta_exponent)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class _NeumannHypergradient(SingleBlockAlgorithm):
@@ -197,9 +197,9 @@ class VRBOConfig(Hyper):
         check_positive("lr", self.lr)
         check_positive("lower_lr", self.lower_lr)
         check_positive("neumann_lr", self.neumann_lr)
-        check_count("neumann_terms", self.neumann_terms, low=0)
-        check_count("lower_steps", self.lower_steps)
-        check_count("batch_size", self.batch_size, optional=True)
+        check_int("neumann_terms", self.neumann_terms, 0)
+        check_int("lower_steps", self.lower_steps, 1)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
         validate_refresh(self, problem)
 
 

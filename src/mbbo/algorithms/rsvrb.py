@@ -36,13 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig, check_positive
+from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig
 from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.projections import eig_compose, eig_solve, floored_eigh
 from mbbo.state import UNSET
 from mbbo.trackers import STORM, RandomizedSTORM
+from mbbo.validation import check_positive, check_real
 
 
 @dataclass
@@ -55,8 +56,7 @@ class RSVRBConfig(MultiBlockConfig):
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
         check_positive("hessian_floor", self.hessian_floor)
-        if not 0.0 <= self.jacobian_tolerance < 1.0:
-            raise ValueError(f"jacobian_tolerance must lie in [0, 1), got {self.jacobian_tolerance!r}")
+        check_real("jacobian_tolerance", self.jacobian_tolerance, 0.0, 1.0, high_open=True)
 
 
 class RSVRB(MultiBlockAlgorithm):

@@ -46,10 +46,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive
-from mbbo.algorithms.soba import SOBA, SOBAConfig, check_choice, check_count
+from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.soba import SOBA, SOBAConfig
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.state import UNSET
+from mbbo.validation import check_choice, check_int, check_optional, check_positive
 from mbbo.variance_reduction import (
     SARAH,
     EpochCycler,
@@ -119,10 +120,10 @@ class FullPassAccess:
 
 def validate_refresh(cfg: Any, problem: MultiBlockProblem) -> None:
     """Checks period / period_frac / refresh_batch_size / full_batch_chunk of SRBA and VRBO."""
-    check_count("period", cfg.period, optional=True)
+    check_optional(check_int, "period", cfg.period, 1)
     check_positive("period_frac", cfg.period_frac)
-    check_count("refresh_batch_size", cfg.refresh_batch_size, optional=True)
-    check_count("full_batch_chunk", cfg.full_batch_chunk, optional=True)
+    check_optional(check_int, "refresh_batch_size", cfg.refresh_batch_size, 1)
+    check_optional(check_int, "full_batch_chunk", cfg.full_batch_chunk, 1)
     reason = finite_sum_reason(problem)
     if reason and cfg.refresh_batch_size is None:
         raise ValueError(f"refresh_batch_size=None asks for exact full passes, but {reason}; "
@@ -150,7 +151,7 @@ class SABAConfig(SOBAConfig):
         super().validate(problem)
         check_choice("memory", self.memory, ("batch", "sample"))
         check_choice("init_memory", self.init_memory, ("zero", "full"))
-        check_count("full_batch_chunk", self.full_batch_chunk, optional=True)
+        check_optional(check_int, "full_batch_chunk", self.full_batch_chunk, 1)
         if self.memory == "sample" and problem.sparse_x:
             raise ValueError("memory='sample' keeps per-sample cross terms of size d_x and needs a dense x; "
                              "this problem has sparse_x=True: use memory='batch'")

@@ -41,7 +41,7 @@ from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.saddle import ORDERINGS, SaddleBlock, descent_ascent_step, nonpositive
 from mbbo.state import UNSET
-from mbbo.validation import check_real
+from mbbo.validation import check_choice, check_flag, check_nonnegative, check_positive
 
 __all__ = ["SFLCB", "TOY_DEFAULTS", "SFLCBConfig"]
 
@@ -62,14 +62,12 @@ class SFLCBConfig(Hyper):
     warm_start: bool = True
 
     def validate(self, problem: MultiBlockProblem) -> None:
-        check_real("delta", self.delta, 0.0, low_open=True)
-        check_real("lr", self.lr, 0.0, low_open=True)
-        check_real("rho1", self.rho1, 0.0)
-        check_real("rho2", self.rho2, 0.0)
-        if self.ordering not in ORDERINGS:
-            raise ValueError(f"ordering must be one of {ORDERINGS}, got {self.ordering!r}")
-        if not isinstance(self.warm_start, bool):
-            raise ValueError(f"warm_start must be a bool, got {self.warm_start!r}")
+        check_positive("delta", self.delta)
+        check_positive("lr", self.lr)
+        check_nonnegative("rho1", self.rho1)
+        check_nonnegative("rho2", self.rho2)
+        check_choice("ordering", self.ordering, ORDERINGS)
+        check_flag("warm_start", self.warm_start)
 
 
 class SFLCB(ConstrainedAlgorithm):

@@ -23,43 +23,17 @@ outer_ratio). The paper's MNIST hyper-cleaning runs use D = 200, alpha = 0.1, Q 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive
+from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.inner_solvers import LowerSGD
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import MultiBlockProblem
 from mbbo.steps import scheduled
-
-# --- validation helpers shared by the zoo modules aid_itd, classic, amigo ------------------------------------
-
-
-def check_count(name: str, value: object, low: int = 1) -> None:
-    """An integer >= low (bools rejected)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer in [{low}, inf), got {value!r}")
-
-
-def check_exponent(name: str, value: object) -> None:
-    """A schedule exponent a of c / (k + 1)^a: a finite number >= 0."""
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number in [0, inf), got {value!r}")
-
-
-def check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
+from mbbo.validation import check_flag, check_int, check_nonnegative, check_positive
 
 # --- the shared base --------------------------------------------------------------------------------------
 
@@ -78,8 +52,8 @@ class StepConfig(Hyper):
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
         check_positive("lower_lr", self.lower_lr)
-        check_exponent("lr_exponent", self.lr_exponent)
-        check_exponent("lower_lr_exponent", self.lower_lr_exponent)
+        check_nonnegative("lr_exponent", self.lr_exponent)
+        check_nonnegative("lower_lr_exponent", self.lower_lr_exponent)
 
 
 @dataclass
@@ -92,7 +66,7 @@ class ZooConfig(StepConfig):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        check_count("lower_steps", self.lower_steps, 1)
+        check_int("lower_steps", self.lower_steps, 1)
         check_flag("warm_start", self.warm_start)
 
 
@@ -151,7 +125,7 @@ class StocBiOConfig(ZooConfig):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        check_count("linsys_steps", self.linsys_steps, 0)
+        check_int("linsys_steps", self.linsys_steps, 0)
         check_positive("linsys_lr", self.linsys_lr)
 
 

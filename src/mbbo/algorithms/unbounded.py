@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive
+from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.inner_solvers import LowerSGD
 from mbbo.linsolve import HVPFactory, Neumann
@@ -40,35 +40,20 @@ from mbbo.projections import project_ball
 from mbbo.state import UNSET
 from mbbo.steps import SGD, Adam, AdamState, Clipped, CountState, NesterovAveraged, NesterovState, Normalized
 from mbbo.trackers import EMA, STORM
+from mbbo.validation import check_choice, check_flag, check_int, check_optional, check_positive, check_real, check_unit
 
 # ----------------------------------------------------------------------------------------------------------
 # validation helpers
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _check_open_unit(name: str, value: object) -> None:
-    """beta in [0, 1) (beta = 0: no momentum)."""
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value < 1.0):
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
 
 
-def _check_optional_positive(name: str, value: float | None) -> None:
-    if value is not None:
-        check_positive(name, value)
 
 
-def _check_batch_size(value: int | None) -> None:
-    if value is not None:
-        _check_int("batch_size", value, 1)
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,19 +131,19 @@ class BOREPConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
-        _check_open_unit("beta", self.beta)
+        check_real("beta", self.beta, 0.0, 1.0, high_open=True)
         check_positive("linsys_lr", self.linsys_lr)
         check_positive("lower_lr", self.lower_lr)
-        _check_int("interval", self.interval, 1)
-        _check_int("lower_steps", self.lower_steps, 0)
-        _check_int("refine_steps", self.refine_steps, 0)
-        _check_int("refine_epochs", self.refine_epochs, 0)
+        check_int("interval", self.interval, 1)
+        check_int("lower_steps", self.lower_steps, 0)
+        check_int("refine_steps", self.refine_steps, 0)
+        check_int("refine_epochs", self.refine_epochs, 0)
         if self.refine_epochs > 0 and self.refine_steps < 1:
             raise ValueError(f"refine_steps must be >= 1 when refine_epochs > 0, got {self.refine_steps!r}")
-        _check_optional_positive("refine_lr", self.refine_lr)
-        _check_optional_positive("refine_radius", self.refine_radius)
-        _check_optional_positive("z_radius", self.z_radius)
-        _check_batch_size(self.batch_size)
+        check_optional(check_positive, "refine_lr", self.refine_lr)
+        check_optional(check_positive, "refine_radius", self.refine_radius)
+        check_optional(check_positive, "z_radius", self.z_radius)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class BOREP(UnboundedBase):
@@ -261,14 +246,14 @@ class SLIPConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
-        _check_open_unit("beta", self.beta)
+        check_real("beta", self.beta, 0.0, 1.0, high_open=True)
         check_positive("linsys_lr", self.linsys_lr)
         check_positive("lower_lr", self.lower_lr)
-        _check_int("warm_start_steps", self.warm_start_steps, 0)
-        _check_optional_positive("z_radius", self.z_radius)
-        _check_choice("step_rule", self.step_rule, STEP_RULES)
+        check_int("warm_start_steps", self.warm_start_steps, 0)
+        check_optional(check_positive, "z_radius", self.z_radius)
+        check_choice("step_rule", self.step_rule, STEP_RULES)
         check_positive("clip", self.clip)
-        _check_batch_size(self.batch_size)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class SLIP(BOREP):
@@ -334,20 +319,17 @@ class AccBOConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
-        _check_open_unit("beta", self.beta)
+        check_real("beta", self.beta, 0.0, 1.0, high_open=True)
         check_positive("lower_lr", self.lower_lr)
-        if not (isinstance(self.nesterov_momentum, int | float) and 0.0 <= self.nesterov_momentum <= 1.0):
-            raise ValueError(f"nesterov_momentum must lie in [0, 1], got {self.nesterov_momentum!r}")
-        if not (isinstance(self.averaging, int | float) and 0.0 < self.averaging <= 1.0):
-            raise ValueError(f"averaging must lie in (0, 1], got {self.averaging!r}")
-        _check_int("interval", self.interval, 1)
-        _check_int("lower_steps", self.lower_steps, 0)
-        _check_int("warm_start_steps", self.warm_start_steps, 0)
-        _check_int("neumann_terms", self.neumann_terms, 1)
+        check_real("nesterov_momentum", self.nesterov_momentum, 0.0, 1.0)
+        check_unit("averaging", self.averaging)
+        check_int("interval", self.interval, 1)
+        check_int("lower_steps", self.lower_steps, 0)
+        check_int("warm_start_steps", self.warm_start_steps, 0)
+        check_int("neumann_terms", self.neumann_terms, 1)
         check_positive("neumann_lr", self.neumann_lr)
-        if not isinstance(self.neumann_unbiased, bool):
-            raise ValueError(f"neumann_unbiased must be a bool, got {self.neumann_unbiased!r}")
-        _check_batch_size(self.batch_size)
+        check_flag("neumann_unbiased", self.neumann_unbiased)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class AccBO(UnboundedBase):
@@ -521,11 +503,11 @@ class AdamBOConfig(Hyper):
         check_positive("lr", self.lr)
         Adam(self.lr, tuple(self.betas), self.eps, self.weight_decay)
         check_positive("lower_lr", self.lower_lr)
-        _check_int("warm_start_steps", self.warm_start_steps, 0)
-        _check_int("lower_steps", self.lower_steps, 0)
-        _check_int("neumann_terms", self.neumann_terms, 0)
+        check_int("warm_start_steps", self.warm_start_steps, 0)
+        check_int("lower_steps", self.lower_steps, 0)
+        check_int("neumann_terms", self.neumann_terms, 0)
         check_positive("neumann_lr", self.neumann_lr)
-        _check_batch_size(self.batch_size)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class AdamBO(UnboundedBase):
@@ -599,11 +581,10 @@ class AdaBiOConfig(Hyper):
     def validate(self, problem: MultiBlockProblem) -> None:
         for name in ("lr", "lower_lr", "alpha", "gamma", "neumann_lr"):
             check_positive(name, getattr(self, name))
-        _check_int("neumann_terms", self.neumann_terms, 0)
-        _check_choice("variance_estimate", self.variance_estimate, ("independent", "consecutive"))
-        if not isinstance(self.step_decay, bool):
-            raise ValueError(f"step_decay must be a bool, got {self.step_decay!r}")
-        _check_batch_size(self.batch_size)
+        check_int("neumann_terms", self.neumann_terms, 0)
+        check_choice("variance_estimate", self.variance_estimate, ("independent", "consecutive"))
+        check_flag("step_decay", self.step_decay)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class AdaBiO(UnboundedBase):

@@ -18,23 +18,18 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.stocbio import check_choice
 from mbbo.federated.comm import Backend, CommCounter, SimulatedBackend
 from mbbo.federated.data import ClientBatch, FederatedProblem
 from mbbo.federated.local import WEIGHTINGS, Aggregator
 from mbbo.federated.oracles import ClientOracles
 from mbbo.federated.sampling import ClientSampler, draw_rows, participation_count
 from mbbo.linsolve import HVPFactory, Neumann
-from mbbo.validation import check_int, check_real
+from mbbo.validation import check_choice, check_int, check_positive
 
-__all__ = ["SYNC_MODES", "FederatedAlgorithm", "FederatedConfig", "LowerStepConfig", "check_lr"]
+__all__ = ["SYNC_MODES", "FederatedAlgorithm", "FederatedConfig", "LowerStepConfig"]
 
 SYNC_MODES = ("per_hvp", "solution")
 LOWER_STREAM, UPPER_STREAM = 1, 2
-
-
-def check_lr(name: str, value: object) -> None:
-    check_real(name, value, 0.0, None, low_open=True)
 
 
 @dataclass
@@ -59,7 +54,7 @@ class FederatedConfig(Hyper):
             check_int("batch_size", self.batch_size, 1)
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_int("neumann_terms", self.neumann_terms, 0)
-        check_lr("neumann_lr", self.neumann_lr)
+        check_positive("neumann_lr", self.neumann_lr)
         check_choice("sync", self.sync, SYNC_MODES)
 
 
@@ -75,8 +70,8 @@ class LowerStepConfig(FederatedConfig):
     def validate(self, problem: FederatedProblem) -> None:  # type: ignore[override]
         super().validate(problem)
         check_int("lower_steps", self.lower_steps, 1)
-        check_lr("lower_lr", self.lower_lr)
-        check_lr("lr", self.lr)
+        check_positive("lower_lr", self.lower_lr)
+        check_positive("lr", self.lr)
 
 
 class FederatedAlgorithm:

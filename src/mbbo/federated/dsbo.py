@@ -26,12 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.stocbio import check_choice
 from mbbo.federated.base import FederatedAlgorithm, LowerStepConfig
 from mbbo.federated.comm import Backend
 from mbbo.federated.data import FederatedProblem
 from mbbo.federated.mixing import MixingMatrix
-from mbbo.validation import check_int, check_real
+from mbbo.validation import check_choice, check_int, check_real
 
 __all__ = ["DSBO", "TOPOLOGIES", "DSBOConfig"]
 

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from mbbo.data.movielens import gains
 from mbbo.ranking.sampler import ListBatch
+from mbbo.validation import check_choice, check_int, check_nonnegative, check_optional, check_positive
 
 __all__ = [
     "BASELINE_LOSSES",
@@ -105,24 +106,22 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+# checks of mbbo.validation, the parameter named with its owner (e.g. "ListNetParams.temperature")
 def _check_positive(owner: str, name: str, value: object) -> None:
-    if not (_is_real(value) and value > 0):  # type: ignore[operator]
-        _fail(owner, name, value, "a finite real > 0")
+    check_positive(f"{owner}.{name}", value)
 
 
 def _check_nonnegative(owner: str, name: str, value: object) -> None:
-    if not (_is_real(value) and value >= 0):  # type: ignore[operator]
-        _fail(owner, name, value, "a finite real >= 0")
+    check_nonnegative(f"{owner}.{name}", value)
 
 
 def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(owner, name, value, "one of " + ", ".join(repr(c) for c in choices))
+    check_choice(f"{owner}.{name}", value, choices)
 
 
 def _check_cutoff(owner: str, name: str, value: object) -> None:
-    if value is not None and not (_is_integer(value) and value >= 1):  # type: ignore[operator]
-        _fail(owner, name, value, "None (whole list) or an integer >= 1")
+    """None (the whole list) or an integer >= 1."""
+    check_optional(check_int, f"{owner}.{name}", value, 1)
 
 
 @dataclass(frozen=True)
