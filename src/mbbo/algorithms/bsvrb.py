@@ -49,7 +49,15 @@ from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.projections import cholesky_solve, floor_and_factor, frobenius_rescale, project_ball
 from mbbo.state import UNSET
 from mbbo.trackers import EMA, MSVR, STORM
-from mbbo.validation import check_choice, check_flag, check_int, check_nonnegative, check_optional, check_positive, check_unit
+from mbbo.validation import (
+    check_choice,
+    check_flag,
+    check_int,
+    check_nonnegative,
+    check_optional,
+    check_positive,
+    check_unit,
+)
 
 LOWER_UPDATE = ("eager", "delayed")
 HESSIAN_GUARD = ("eigen_floor", "frobenius_rescale")

@@ -437,7 +437,8 @@ class VRAdamBOConfig(AccBOConfig):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        Adam(self.lr, tuple(self.betas), self.eps, self.weight_decay)  # validates betas, eps, weight_decay
+        betas = tuple(self.betas) if isinstance(self.betas, list) else self.betas  # lists from JSON configs
+        Adam(self.lr, betas, self.eps, self.weight_decay)  # validates betas, eps, weight_decay
 
 
 class VRAdamBO(AccBO):
@@ -501,7 +502,7 @@ class AdamBOConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
-        Adam(self.lr, tuple(self.betas), self.eps, self.weight_decay)
+        Adam(self.lr, tuple(self.betas) if isinstance(self.betas, list) else self.betas, self.eps, self.weight_decay)
         check_positive("lower_lr", self.lower_lr)
         check_int("warm_start_steps", self.warm_start_steps, 0)
         check_int("lower_steps", self.lower_steps, 0)
