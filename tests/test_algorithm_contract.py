@@ -199,10 +199,6 @@ def bad_values(annotation: Any, default: Any) -> list[Any]:
     return out
 
 
-# hyper-parameters whose negative values are meaningful, by algorithm config: none so far
-SIGNED: set[tuple[str, str]] = set()
-
-
 def _cases() -> list[tuple[str, str, Any]]:
     cases = []
     for name in NAMES:
@@ -210,10 +206,7 @@ def _cases() -> list[tuple[str, str, Any]]:
         hints = typing.get_type_hints(config_cls)
         for f in dataclasses.fields(config_cls):
             default = getattr(config_cls(), f.name)
-            for bad in bad_values(hints[f.name], default):
-                if isinstance(bad, int | float) and not isinstance(bad, bool) and bad == -1 and (name, f.name) in SIGNED:
-                    continue
-                cases.append((name, f.name, bad))
+            cases += [(name, f.name, bad) for bad in bad_values(hints[f.name], default)]
     return cases
 
 
@@ -243,8 +236,7 @@ def test_bad_hyper_parameter_is_rejected_naming_it(name: str, field: str, bad: A
 
 
 def test_register_algorithm_adds_and_guards(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mbbo.algorithms import make_algorithm
-    from mbbo.algorithms import registry
+    from mbbo.algorithms import make_algorithm, registry
 
     monkeypatch.setattr(registry, "ALGORITHMS", dict(registry.ALGORITHMS))
     assert register_algorithm(TemplateAID) is TemplateAID

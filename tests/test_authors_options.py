@@ -213,7 +213,7 @@ def test_v1_refuses_a_checkpoint_of_the_old_format() -> None:
     alg.step()
     old = {k: v for k, v in alg.state_dict().items() if k not in ("format", "state")}
     old["algorithm"] = {"factors_before": alg.hessians_before.clone()}
-    with pytest.raises(ValueError, match="state format 1.*cannot be resumed"):
+    with pytest.raises(ValueError, match=r"state format 1.*cannot be resumed"):
         alg.load_state_dict(old)
 
 
