@@ -3,14 +3,15 @@
 Everything that changes while an algorithm or a building block runs is declared once, and saving / restoring
 it is derived from that declaration, so that no class writes its own `state_dict` code:
 
-- an algorithm declares a dataclass `State` (`mbbo.algorithms.base.BilevelAlgorithm.State`, extended by each
-  algorithm) whose fields are its iterates, previous iterates, estimators, counters and nested building blocks;
+- an algorithm declares a dataclass `State` (extending `BilevelAlgorithm.State` or `FederatedAlgorithm.State`)
+  whose fields are its iterates, previous iterates, estimators, counters and nested building blocks;
 - a building block (`MovingBlocks`, `BlockSampler`, `RowSampler`, ...) lists its state attributes in
   `state_fields` and inherits `StateFields`.
 
 A value is saved by `snapshot`: tensors are cloned, numbers / strings / None kept, dataclasses (the step rules'
 states) and lists / tuples / dicts saved field by field, and objects with a `state_dict` (building blocks)
-saved by it. `restored` is the inverse, given the value it replaces.
+saved by it. `restored` is the inverse, given the value it replaces. `expose_state(cls)` makes each field of
+`cls.State` an attribute of the instances (`algorithm.v` reads and writes `algorithm.state.v`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from torch import Tensor
 
 SCALARS = (bool, int, float, str)
+# layout of the algorithms' `state_dict` (1: hand-written per-algorithm dicts, before issue 11)
+STATE_FORMAT = 2
 # default of the State fields that an algorithm's __init__ sets (dataclass fields after defaulted ones need one)
 UNSET: Any = None
 
@@ -116,3 +119,40 @@ def load_generator_states(generators: Mapping[str, torch.Generator], states: Map
         raise ValueError(f"the checkpoint lacks the random generator state(s) {missing}")
     for k, g in generators.items():
         g.set_state(states[k])
+
+
+def expose_state(cls: type) -> None:
+    """Makes each field f of `cls.State` readable and writable as `instance.f` (kept in `instance.state`)."""
+    for f in dataclasses.fields(cls.State):  # type: ignore[attr-defined]
+        existing = next((k.__dict__[f.name] for k in cls.__mro__ if f.name in k.__dict__), None)
+        if isinstance(existing, StateField):
+            continue
+        if existing is not None:
+            raise TypeError(f"{cls.__name__}: state field {f.name!r} hides the class attribute of that name")
+        setattr(cls, f.name, StateField(f.name))
+
+
+class StateField:
+    """Descriptor forwarding `instance.<name>` to `instance.state.<name>`."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.state, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.state, self.name, value)
+
+
+# metadata of a State field whose rows are split over processes (one row per owned client / agent): saved
+# gathered, loaded as this process's rows. Declared `x: Tensor = field(default=UNSET, metadata=SHARDED_ROWS)`.
+SHARDED_ROWS = {"sharded_rows": True}
+
+
+def sharded_names(state: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(state) if f.metadata.get("sharded_rows")]

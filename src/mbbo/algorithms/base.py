@@ -13,15 +13,21 @@ from torch import Tensor
 from mbbo.blocks import BLOCK_SAMPLING, DelayedBlocks, MovingBlocks
 from mbbo.oracles import Oracles
 from mbbo.problem import Batch, MultiBlockProblem
-from mbbo.state import UNSET, generator_states, load_dataclass, load_generator_states, snapshot
+from mbbo.state import (
+    STATE_FORMAT,
+    UNSET,
+    expose_state,
+    generator_states,
+    load_dataclass,
+    load_generator_states,
+    snapshot,
+)
 from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
 from mbbo.validation import check_choice, check_int, check_optional, check_positive, check_unit
 
 STREAMS = ("blocks", "lower", "upper", "extra")
 # the stream of `filled` (estimators initialised "uniform"), seeded apart from the others
 INIT_STREAM, INIT_SEED_OFFSET = "init", 99
-# layout of `BilevelAlgorithm.state_dict` (1: hand-written per-algorithm dicts, before issue 11)
-STATE_FORMAT = 2
 ESTIMATOR_INIT = ("first_batch", "uniform", "zeros")
 # chunks when all estimators are initialised (one mini-batch per block): bound the oracles' working set
 INIT_CHUNK_BLOCKS = 1024
@@ -89,34 +95,6 @@ class MultiBlockConfig(Hyper):
         method moves a block only when it samples it, so no steps accumulate between visits: no scaling)."""
         return revisit_scaled_step(getattr(self, name), self.paper_steps[name], self.lower_lr_scaling,
                                    num_blocks, self.block_batch if revisit else num_blocks)
-
-
-def expose_state(cls: type[BilevelAlgorithm]) -> None:
-    """Makes each field f of `cls.State` readable and writable as `algorithm.f` (stored in `algorithm.state`)."""
-    for f in fields(cls.State):
-        existing = next((k.__dict__[f.name] for k in cls.__mro__ if f.name in k.__dict__), None)
-        if isinstance(existing, StateField):
-            continue
-        if existing is not None:
-            raise TypeError(f"{cls.__name__}: state field {f.name!r} hides the class attribute of that name")
-        setattr(cls, f.name, StateField(f.name))
-
-
-class StateField:
-    """Descriptor forwarding `algorithm.<name>` to `algorithm.state.<name>`."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return getattr(obj.state, self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        setattr(obj.state, self.name, value)
 
 
 class BilevelAlgorithm:
