@@ -52,10 +52,9 @@ and of the reference code; see each dataclass. Known deviations from the referen
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -92,18 +91,6 @@ _LN2 = math.log(2.0)
 
 # ------------------------------------------------------------------------------------------------------------
 # Hyper-parameters
-
-
-def _fail(owner: str, name: str, value: object, allowed: str) -> NoReturn:
-    raise ValueError(f"{owner}.{name}={value!r} is out of range: allowed {allowed}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # checks of mbbo.validation, the parameter named with its owner (e.g. "ListNetParams.temperature")
@@ -247,9 +234,7 @@ class NeuralNDCGParams:
     def __post_init__(self) -> None:
         _check_positive("NeuralNDCGParams", "tau", self.tau)
         _check_cutoff("NeuralNDCGParams", "k", self.k)
-        it = self.sinkhorn_iters
-        if not (_is_integer(it) and it >= 0):  # type: ignore[operator]
-            _fail("NeuralNDCGParams", "sinkhorn_iters", it, "an integer >= 0")
+        check_int("NeuralNDCGParams.sinkhorn_iters", self.sinkhorn_iters, 0)
         _check_nonnegative("NeuralNDCGParams", "sinkhorn_tol", self.sinkhorn_tol)
         _check_positive("NeuralNDCGParams", "eps", self.eps)
 
