@@ -23,7 +23,7 @@ import torch
 
 from mbbo.algorithms import ALGORITHMS, register_algorithm
 from mbbo.algorithms._template import TemplateAID
-from mbbo.algorithms.base import BilevelAlgorithm
+from mbbo.algorithms.base import BilevelAlgorithm, MultiBlockAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.tasks.registry import get_task
 
@@ -51,8 +51,11 @@ def _problem(index: int) -> MultiBlockProblem:
 
 @functools.cache
 def fitting_problem(name: str) -> MultiBlockProblem:
+    """The first tiny problem the algorithm fits; multi-block methods try the multi-block ones first."""
     cls = CLASSES[name]
-    for index, (task, settings) in enumerate(PROBLEMS):
+    order = sorted(range(len(PROBLEMS)), key=lambda i: issubclass(cls, MultiBlockAlgorithm) and i == 0)
+    for index in order:
+        task, settings = PROBLEMS[index]
         spec = get_task(task)
         if name in ALGORITHMS and spec.misfit(name, spec.make_settings(settings)) is not None:
             continue

@@ -122,6 +122,10 @@ class ITDBiO(ZooAlgorithm):
         h, self.y = self.unrolled_hypergradient(self.x, self.lower_start(), lower, self.upper_batch())
         self.upper_step(h)
 
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        n = self.config.lower_steps
+        return {"grad_y_g": n, "hvp": n, "cross": n, "grad_y_f": 1, "grad_x_f": int(self.problem.upper_depends_on_x)}
+
     def unrolled_hypergradient(self, x: Tensor, y0: Tensor, lower_batches: list[Batch], upper_batch: Batch,
                                lr: float | None = None) -> tuple[Tensor, Tensor]:
         """(d/dx f(x, y^N(x); upper_batch), y^N) with y^{t+1} = y^t - lr grad_y g(x, y^t; lower_batches[t]),

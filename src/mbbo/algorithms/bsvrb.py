@@ -241,6 +241,14 @@ class _Blockwise(MultiBlockAlgorithm):
     def _block_tables(self) -> list[MovingBlocks | DelayedBlocks]:
         return [self.y]
 
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        """Per sampled block and point (two points, one for the moving-average methods): grad_y g, the
+        Hessian (v1) or an HVP (v2), a cross product and grad f."""
+        n = self.config.block_batch * (1 if self.moving_average else 2)
+        second = "hessian_yy" if isinstance(self, BSVRBv1) else "hvp"
+        upper_x = int(self.problem.upper_depends_on_x)
+        return {"grad_y_g": n, second: n, "cross": n, "grad_y_f": n, "grad_x_f": n * upper_x}
+
     def table_bytes(self) -> int:
         """Bytes held by the per-block tables (lower variables, estimators, stamps)."""
         return sum(table.nbytes() for table in self._block_tables())

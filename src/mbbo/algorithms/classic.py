@@ -36,10 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig
-from mbbo.linsolve import Neumann
 from mbbo.problem import MultiBlockProblem
 from mbbo.validation import check_int, check_positive
 
@@ -77,15 +74,7 @@ class TTSAConfig(StepConfig):
         _check_neumann(self)
 
 
-class _RandomNeumann(ZooAlgorithm):
-    def random_neumann(self, x: Tensor, y: Tensor, b: Tensor) -> Tensor:
-        """Randomly truncated Neumann estimate of (grad_yy g(x, y))^{-1} b, fresh batches per factor."""
-        cfg = self.config
-        solver = Neumann(cfg.linsys_steps, cfg.linsys_lr, random_truncation=True)
-        return solver.solve(self.neumann_hvps(x, y), b, generator=self.generators["extra"]).v
-
-
-class BSA(_RandomNeumann):
+class BSA(ZooAlgorithm):
     """BSA: warm-started lower SGD loop, randomly truncated Neumann hypergradient, decaying steps."""
 
     name = "bsa"
@@ -99,7 +88,7 @@ class BSA(_RandomNeumann):
         self.upper_step(gx_f - self.cross(x, self.y, v, self.lower_batch()))
 
 
-class TTSA(_RandomNeumann):
+class TTSA(ZooAlgorithm):
     """TTSA: one lower SGD step and one upper step per iteration on two time scales."""
 
     name = "ttsa"

@@ -157,6 +157,12 @@ class MRBO(_NeumannHypergradient):
         """The next iteration starts the momentum afresh from its own estimates."""
         self.fresh = True
 
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        if self.random_truncation:
+            return None  # SUSTAIN: as many HVPs as the random truncation level
+        upper_x = int(self.problem.upper_depends_on_x)
+        return {"grad_y_g": 2, "hvp": 2 * self.config.neumann_terms, "cross": 2, "grad_y_f": 2, "grad_x_f": 2 * upper_x}
+
 
 @dataclass
 class SUSTAINConfig(MRBOConfig):

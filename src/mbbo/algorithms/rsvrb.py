@@ -221,6 +221,13 @@ class RSVRB(MultiBlockAlgorithm):
         return (bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.d).all())
                 and self.y.last_write_finite() and bool(torch.isfinite(self._written).all()))
 
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        """Two points on the B sampled blocks (grad_y g, Hessian, Jacobian, grad f), and grad f on the second
+        block sample when f depends on x."""
+        n, upper_x = 2 * self.config.block_batch, int(self.problem.upper_depends_on_x)
+        return {"grad_y_g": n, "hessian_yy": n, "jacobian_xy": n, "grad_y_f": n * (1 + upper_x),
+                "grad_x_f": 2 * n * upper_x}
+
     def table_bytes(self) -> int:
         """Bytes held by the per-block tables (lower variables and the four estimators)."""
         dense = (self.stamps, self.grad_f, self.eigvals, self.eigvecs)

@@ -373,3 +373,6 @@ class SRBA(FullPassAccess, SOBA):
     def restart(self) -> None:
         """The next iteration refreshes the estimates."""
         self.since_refresh = 0
+
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        return None  # a refresh iteration makes a full pass, the others two points

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import BilevelAlgorithm, Hyper
+from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.state import UNSET
 
@@ -122,6 +123,33 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
                    ) -> Callable[[int], Callable[[Tensor], Tensor]]:
         """j -> an HVP operator on a fresh lower mini-batch (independent Neumann terms)."""
         return lambda j: self.hvp_operator(x, y, self.lower_batch(batch_size, stream))
+
+
+    # --- pieces shared by the unbounded-smoothness family (BO-REP, SLIP, AccBO, AdamBO, Ada-BiO) -----------
+    def _batch_size(self) -> int | None:
+        """The config's `batch_size` (None: the samplers'), for methods that have one."""
+        return getattr(self.config, "batch_size", None)
+
+    def lower_grad_fn(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """y -> grad_y G(x, y; zeta) on a fresh lower mini-batch at each call."""
+        return lambda y: self.grad_y_g(x, y, self.lower_batch(self._batch_size()))
+
+    def neumann_hypergradient(self, x: Tensor, y: Tensor, solver: Neumann) -> Tensor:
+        """grad_x F(x, y; xi) - (grad_xy G(x, y; zeta)) v, v = solver's Neumann approximation of
+        (grad_yy G)^{-1} grad_y F(x, y; xi), each term on a fresh mini-batch of the "extra" stream.
+
+        x, y may be stacked points (P, d_x), (P, d_y): then every point sees the same samples xi, zeta, the same
+        HVP batches and the same random truncation level (STORM needs the same sample at two points).
+        """
+        bs = self._batch_size()
+        gx_f, gy_f = self.upper_grads(x, y, self.upper_batch(bs))
+
+        def make(j: int) -> Callable[[Tensor], Tensor]:
+            batch = self.lower_batch(bs, stream="extra")
+            return lambda v: self.hvp(x, y, v, batch)
+
+        v = solver.solve(HVPFactory(make), gy_f, generator=self.generators["extra"]).v
+        return gx_f - self.cross(x, y, v, self.lower_batch(bs))
 
     # --- raw losses (unbatched, for unrolled differentiation such as ITD-BiO) ----------------------------
     def lower_value(self, x: Tensor, y: Tensor, batch: Batch) -> Tensor:

@@ -125,6 +125,9 @@ class SOBA(SingleBlockAlgorithm):
     def restart(self) -> None:
         """Nothing to re-initialise (y and v carry over)."""
 
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        return {"grad_y_g": 1, "hvp": 1, "cross": 1, "grad_y_f": 1, "grad_x_f": int(self.problem.upper_depends_on_x)}
+
     def linear_system_variables(self) -> Tensor:
         return self.v.unsqueeze(0)
 

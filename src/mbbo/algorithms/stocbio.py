@@ -103,6 +103,13 @@ class ZooAlgorithm(SingleBlockAlgorithm):
         """HVPs at (x, y), one independent lower batch (stream "extra") per term / step."""
         return HVPFactory(self.hvp_source(x, y))
 
+    def random_neumann(self, x: Tensor, y: Tensor, b: Tensor) -> Tensor:
+        """Randomly truncated Neumann estimate of (grad_yy g(x, y))^{-1} b, fresh batches per factor (BSA, TTSA;
+        the config's linsys_steps and linsys_lr)."""
+        cfg = self.config
+        solver = Neumann(cfg.linsys_steps, cfg.linsys_lr, random_truncation=True)
+        return solver.solve(self.neumann_hvps(x, y), b, generator=self.generators["extra"]).v
+
     def upper_step(self, direction: Tensor) -> None:
         """x <- x - lr_k * direction; ends the iteration."""
         self.x_prev = self.x
@@ -134,6 +141,11 @@ class StocBiO(ZooAlgorithm):
 
     name = "stocbio"
     Config = StocBiOConfig
+
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        cfg = self.config
+        return {"grad_y_g": cfg.lower_steps, "hvp": cfg.linsys_steps, "cross": 1, "grad_y_f": 1,
+                "grad_x_f": int(self.problem.upper_depends_on_x)}
 
     def step(self) -> None:
         cfg, x = self.config, self.x

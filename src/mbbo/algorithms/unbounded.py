@@ -17,7 +17,7 @@ series are not truncated to one random term after computing all Q. The reference
 use a ridge written as a norm (not strongly convex); that is the task's concern, not the algorithms'.
 
 Reusable pieces: :class:`mbbo.inner_solvers.LowerSGD` and :func:`epoch_sgd` (lower-level solvers on g(x, .)),
-:meth:`UnboundedBase.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
+:meth:`SingleBlockAlgorithm.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
 samples). The step rules' states (`mbbo.steps`) are fields of each algorithm's `State`, saved generically.
 """
 
@@ -34,7 +34,7 @@ from torch import Tensor
 from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.inner_solvers import LowerSGD
-from mbbo.linsolve import HVPFactory, Neumann
+from mbbo.linsolve import Neumann
 from mbbo.problem import MultiBlockProblem
 from mbbo.projections import project_ball
 from mbbo.state import UNSET
@@ -79,34 +79,6 @@ def epoch_sgd(grad: Callable[[Tensor], Tensor], y: Tensor, epochs: int, steps: i
     return start
 
 
-class UnboundedBase(SingleBlockAlgorithm):
-    """Shared oracles of the family: lower SGD on fresh batches and Neumann hypergradients."""
-
-    def _batch_size(self) -> int | None:
-        return getattr(self.config, "batch_size", None)
-
-    def lower_grad_fn(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """y -> grad_y G(x, y; zeta) on a fresh lower mini-batch at each call."""
-        return lambda y: self.grad_y_g(x, y, self.lower_batch(self._batch_size()))
-
-    def neumann_hypergradient(self, x: Tensor, y: Tensor, solver: Neumann) -> Tensor:
-        """grad_x F(x, y; xi) - (grad_xy G(x, y; zeta)) v, v = solver's Neumann approximation of
-        (grad_yy G)^{-1} grad_y F(x, y; xi), each term on a fresh mini-batch of the "extra" stream.
-
-        x, y may be stacked points (P, d_x), (P, d_y): then every point sees the same samples xi, zeta, the same
-        HVP batches and the same random truncation level (STORM needs the same sample at two points).
-        """
-        bs = self._batch_size()
-        gx_f, gy_f = self.upper_grads(x, y, self.upper_batch(bs))
-
-        def make(j: int) -> Callable[[Tensor], Tensor]:
-            batch = self.lower_batch(bs, stream="extra")
-            return lambda v: self.hvp(x, y, v, batch)
-
-        v = solver.solve(HVPFactory(make), gy_f, generator=self.generators["extra"]).v
-        return gx_f - self.cross(x, y, v, self.lower_batch(bs))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # BO-REP and SLIP: normalised momentum on a tracked linear-system variable
 
@@ -146,7 +118,7 @@ class BOREPConfig(Hyper):
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class BOREP(UnboundedBase):
+class BOREP(SingleBlockAlgorithm):
     """BO-REP (Hao, Gong, Liu, "Bilevel optimization under unbounded smoothness: a new algorithm and convergence
     analysis", ICLR 2024)::
 
@@ -160,7 +132,7 @@ class BOREP(UnboundedBase):
     """
 
     @dataclass
-    class State(UnboundedBase.State):
+    class State(SingleBlockAlgorithm.State):
         z: Tensor = UNSET  # the tracked linear-system variable
         m: Tensor = UNSET  # momentum of the hypergradient
         rule_state: CountState = UNSET  # the upper step rule's state
@@ -332,7 +304,7 @@ class AccBOConfig(Hyper):
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class AccBO(UnboundedBase):
+class AccBO(SingleBlockAlgorithm):
     """AccBO (Gong, Hao, Liu, "An accelerated algorithm for stochastic bilevel optimization under unbounded
     smoothness", NeurIPS 2024)::
 
@@ -350,7 +322,7 @@ class AccBO(UnboundedBase):
     """
 
     @dataclass
-    class State(UnboundedBase.State):
+    class State(SingleBlockAlgorithm.State):
         lower_state: NesterovState = UNSET  # the lower Nesterov rule's state
         y_hat_prev: Tensor = UNSET  # the averaged lower iterate of the previous iteration
         m: Tensor = UNSET  # STORM momentum
@@ -511,7 +483,7 @@ class AdamBOConfig(Hyper):
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class AdamBO(UnboundedBase):
+class AdamBO(SingleBlockAlgorithm):
     """AdamBO (Gong, Hao, Liu 2025, "On the convergence of Adam-type algorithms for bilevel optimization under
     unbounded smoothness", arXiv 2503.03908), single loop::
 
@@ -522,7 +494,7 @@ class AdamBO(UnboundedBase):
     """
 
     @dataclass
-    class State(UnboundedBase.State):
+    class State(SingleBlockAlgorithm.State):
         rule_state: AdamState = UNSET  # Adam's state
 
     name = "adambo"
@@ -588,7 +560,7 @@ class AdaBiOConfig(Hyper):
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class AdaBiO(UnboundedBase):
+class AdaBiO(SingleBlockAlgorithm):
     """Ada-BiO (Gong, Hao, Liu, "Adaptive algorithms with sharp convergence rates for stochastic hierarchical
     optimization", NeurIPS 2025, arXiv 2509.15399, Algorithm 2 with the parameter choices of its eqs. (3)-(4)).
 
@@ -612,7 +584,7 @@ class AdaBiO(UnboundedBase):
     """
 
     @dataclass
-    class State(UnboundedBase.State):
+    class State(SingleBlockAlgorithm.State):
         m: Tensor = UNSET  # momentum
         g_prev: Tensor = UNSET
         t: int = 0  # iterations since the (re)start
