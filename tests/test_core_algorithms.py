@@ -189,9 +189,9 @@ def test_rsvrb_sparse_jacobian_equals_dense() -> None:
 # --- errors at construction ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kw", "message"), [
-    ({"block_batch": 21}, r"block_batch must be an integer in \[1, m\] = \[1, 20\], got 21"),
+    ({"block_batch": 21}, r"block_batch must be an integer in \[1, 20\], got 21"),
     ({"block_batch": 0}, r"block_batch .* got 0"),
-    ({"alpha": 0.0}, r"alpha must lie in \(0, 1\], got 0.0"),
+    ({"alpha": 0.0}, r"alpha must be a finite number in \(0.0, 1.0\], got 0.0"),
     ({"alpha": 1.5}, r"alpha must be a finite number in \(0.0, 1.0\], got 1.5"),
     ({"beta": -0.1}, r"beta must be a finite number in \(0.0, 1.0\], got -0.1"),
     ({"lr": 0.0}, r"lr must be a finite number in \(0.0, inf\), got 0.0"),

@@ -34,10 +34,6 @@ INIT_CHUNK_BLOCKS = 1024
 INIT_CHUNK_ELEMENTS = 2**23
 
 
-
-
-
-
 @dataclass
 class Hyper:
     """Base of the algorithms' hyper-parameter dataclasses; `validate` runs at construction."""
@@ -179,10 +175,7 @@ class BilevelAlgorithm:
         run's "init" stream) or "zeros"."""
         if how == "zeros":
             return torch.zeros_like(like)
-        generator = self.generators[INIT_STREAM]
-        if generator.device != like.device:
-            raise ValueError(f"estimators on {like.device}, the run's generators on {generator.device}")
-        return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        return torch.rand(like.shape, generator=self.generators[INIT_STREAM], dtype=like.dtype, device=like.device)
 
     def blockwise_tables(self, rows: Callable[[Tensor, Batch, Batch], dict[str, Tensor]],
                          batch_size: int | None = None) -> dict[str, Tensor]:

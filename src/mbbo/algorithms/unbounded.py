@@ -46,16 +46,6 @@ from mbbo.validation import check_choice, check_flag, check_int, check_optional,
 # validation helpers
 
 
-
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------------------------------------
 # reusable pieces
 

@@ -720,8 +720,7 @@ def make_baseline_loss(
 
     ``generator`` is only accepted for ``listmle`` (random tie-breaking).
     """
-    if name not in BASELINE_LOSSES:
-        raise ValueError(f"name={name!r} is out of range: allowed " + ", ".join(map(repr, BASELINE_LOSSES)))
+    check_choice("name", name, tuple(BASELINE_LOSSES))
     if generator is not None and name != "listmle":
         raise ValueError(f"generator is only used by 'listmle', not {name!r}")
     params = BASELINE_PARAMS[name](**hparams)
