@@ -136,6 +136,21 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert len(_records(full)) == 7
 
 
+def test_resume_refuses_an_old_format_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint of the hand-written state format (before the declared States) is refused, saying so."""
+    from mbbo.checkpoint import load_checkpoint, save_checkpoint
+
+    common = [*QUAD, "--algorithm", "bsvrb_v2", "--out", str(tmp_path / "run")]
+    assert main([*common, "--iterations", "2"]) == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    payload = load_checkpoint(path)
+    state = payload["algorithm"]
+    payload["algorithm"] = {k: v for k, v in state.items() if k not in ("format", "state")} | {"algorithm": {}}
+    save_checkpoint(path, payload)
+    assert main([*common, "--iterations", "4", "--resume"]) == 2
+    assert "algorithm state format 1" in _error(capsys)
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "o"
     args = [*QUAD, "--algorithm", "bsvrb_v2", "--iterations", "1", "--out", str(out)]
