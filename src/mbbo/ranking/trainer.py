@@ -150,9 +150,8 @@ class TrainerConfig:
         k = self.resolved_topk()
         if self.method in TOPK_METHODS or k != -1:
             allow_full = self.method in ("song", "bsvrb_ndcg")
-            if not (isinstance(k, int) and not isinstance(k, bool) and (k >= 1 or (allow_full and k == -1))):
-                rng = "-1 or an integer >= 1" if allow_full else "an integer >= 1"
-                raise ValueError(f"topk={k!r} must be {rng} for method {self.method!r}")
+            if not (allow_full and k == -1):  # -1: the whole list
+                check_int("topk", k, 1)
         check_unit("gamma0", self.gamma0)
         check_unit("gamma1", self.gamma1)
         check_nonnegative("eta0", self.eta0)
