@@ -3,8 +3,6 @@ two iterations of SOBA, SABA and SRBA against a torch computation of the same up
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,6 +11,7 @@ import torch
 from torch.func import grad, vjp
 
 from mbbo.tasks.zoo_tasks import BenchoptQuadraticSettings, pack_level, packed_quadratic_loss
+from module_loading import load_module
 
 pytest.importorskip("jax")
 
@@ -20,18 +19,9 @@ MODULE = Path(__file__).resolve().parents[1] / "benchmarks" / "jax_reference.py"
 SETTINGS = BenchoptQuadraticSettings(n_inner=96, n_outer=64, d_in=5, d_out=3, batch_size=16)
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("jax_reference", MODULE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def jr() -> ModuleType:
-    return _load()
+    return load_module("jax_reference", MODULE)
 
 
 def _oracles(z: torch.Tensor, x: torch.Tensor, v: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor
