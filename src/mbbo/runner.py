@@ -638,7 +638,7 @@ def _resume(state: _Run, payload: dict[str, Any]) -> None:
     runner = payload["runner"]
     state.iteration = int(runner["iteration"])
     state.elapsed = float(runner["elapsed"])
-    state.compile_time = float(runner.get("compile_time", 0.0))
+    state.compile_time += float(runner.get("compile_time", 0.0))
     state.scales = dict(runner.get("scales", {}))
     state.last_checkpoint = state.iteration
     keep_current = state.eval_due(state.iteration)
@@ -710,9 +710,10 @@ def run(
     Each record (one per evaluation: iteration 0, every `eval_every` iterations, the last iteration) holds
     `iteration` (int), `epoch` (`iteration / task.iterations_per_epoch()`, fractional), `time` (cumulative
     seconds spent in `step()` only: evaluation, checkpointing, logging and compilation are excluded; a resumed
-    run continues from the saved time), `compile_time` (cumulative seconds of torch.compile inside `step()`,
-    measured as in `mbbo.compilation`), `oracle_calls` (`algorithm.oracle_counts()`) and every key of
-    `task.evaluate(algorithm)`, which runs under `torch.no_grad()`.
+    run continues from the saved time), `compile_time` (cumulative seconds of torch.compile: while the algorithm
+    was built and inside `step()`, measured as in `mbbo.compilation`; a resumed run adds its own),
+    `oracle_calls` (`algorithm.oracle_counts()`) and every key of `task.evaluate(algorithm)`, which runs under
+    `torch.no_grad()`.
 
     After every step the algorithm's optional `is_finite()` is called; without it every floating tensor of
     `state_dict()` is checked at evaluation and checkpoint points, where the norm of `algorithm.x` and the loss
@@ -746,6 +747,7 @@ def run(
         resolved=_resolved_config(config, extra_config),
         total=config.total_iterations(ipe),
         iterations_per_epoch=ipe,
+        compile_time=_compile_seconds(algorithm),  # compiled while it was built (estimator initialisation)
     )
     with run_lock(config.out_dir), state.signals_stop_cleanly():
         payload = None
