@@ -294,7 +294,8 @@ def time_interleaved(problem: Any, entries: list[tuple[str, bool]], *, seed: int
         per = (time.perf_counter() - start) / 3
         chunk = max(3, min(500, round(chunk_seconds / max(per, 1e-6))))
         algs[key] = alg
-        out[key] = {"chunk": chunk, "iterations_per_call": per_call, "first_step_s": first, "rounds_ms": []}
+        out[key] = {"chunk": chunk, "iterations_per_call": per_call, "first_step_s": first, "rounds_ms": [],
+                    "rounds_cpu_ms": []}
         compile_s = getattr(getattr(alg, "oracles", None), "compile_seconds", None)
         if compile_s:
             out[key]["compile_s"] = compile_s
@@ -302,15 +303,17 @@ def time_interleaved(problem: Any, entries: list[tuple[str, bool]], *, seed: int
     for r in range(repeats):
         for key, alg in algs.items():
             chunk = out[key]["chunk"]
-            start = time.perf_counter()
+            iterations = chunk * out[key]["iterations_per_call"]
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(chunk):
                 alg.step()
-            out[key]["rounds_ms"].append((time.perf_counter() - start) / (chunk * out[key]["iterations_per_call"])
-                                         * 1e3)
+            out[key]["rounds_cpu_ms"].append((time.process_time() - start_cpu) / iterations * 1e3)
+            out[key]["rounds_ms"].append((time.perf_counter() - start) / iterations * 1e3)
         log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{k} {v['rounds_ms'][-1]:.2f}" for k, v in out.items()))
     for value in out.values():
         rounds = value["rounds_ms"]
-        value.update(ms_median=statistics.median(rounds), ms_min=min(rounds), ms_max=max(rounds))
+        value.update(ms_median=statistics.median(rounds), ms_min=min(rounds), ms_max=max(rounds),
+                     cpu_ms_median=statistics.median(value["rounds_cpu_ms"]))
     return out
 
 
@@ -401,9 +404,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"- {meta['date']}; ms/iteration: median over {meta['repeats']} interleaved rounds (min-max in brackets), "
         "evaluation excluded; ||grad h||^2 exact (float64 closed form) at the iterate after N iterations",
         "",
-        "| algorithm | benchopt params | ms/it median [min-max] | JAX ms/it (same run) | x JAX | "
+        "| algorithm | benchopt params | ms/it median [min-max] | CPU ms/it | JAX ms/it (same run) | x JAX (CPU) | "
         + " | ".join(f"grad^2 @ {c}" for c in checkpoints) + " | min grad^2 | run ms/it | oracle calls/it |",
-        "|---" * (8 + len(checkpoints)) + "|",
+        "|---" * (9 + len(checkpoints)) + "|",
     ]
     for key, entry in report["algorithms"].items():
         timing = entry.get("timing", {})
@@ -413,10 +416,12 @@ def markdown(report: dict[str, Any]) -> str:
         calls_text = ", ".join(f"{k} {v:.3g}" for k, v in calls.items())
         ms = (f"{timing['ms_median']:.3f} [{timing['ms_min']:.3f}-{timing['ms_max']:.3f}]"
               if "ms_median" in timing else "-")
-        jax_ms = jax_ms_of(report, entry["name"])
+        jax_ms, jax_cpu = jax_ms_of(report, entry["name"]), jax_ms_of(report, entry["name"], "cpu_ms_median")
         ratio = timing["ms_median"] / jax_ms if jax_ms and "ms_median" in timing else None
+        ratio_cpu = timing["cpu_ms_median"] / jax_cpu if jax_cpu and "cpu_ms_median" in timing else None
         lines.append(
-            f"| {key} | {entry.get('benchopt', '')} | {ms} | {fmt(jax_ms)} | {fmt(ratio, '.1f')} | "
+            f"| {key} | {entry.get('benchopt', '')} | {ms} | {fmt(timing.get('cpu_ms_median'))} | {fmt(jax_ms)} | "
+            f"{fmt(ratio, '.1f')} ({fmt(ratio_cpu, '.1f')}) | "
             + " | ".join(fmt(at.get(c)) for c in checkpoints)
             + f" | {fmt(conv.get('min_grad_norm_sq'))} | {fmt(conv.get('run_ms_per_iteration'), '.2f')} | "
             f"{calls_text} |"
@@ -424,18 +429,18 @@ def markdown(report: dict[str, Any]) -> str:
         if entry.get("compile_first_step_s") is not None:
             first = entry["compile_first_step_s"]
             lines.append(f"|   ↳ first step incl. torch.compile (fresh process): {first:.1f} s |"
-                         + " |" * (7 + len(checkpoints)))
+                         + " |" * (8 + len(checkpoints)))
     if report.get("missing"):
         lines += ["", f"Not run (not registered after waiting): {', '.join(report['missing'])}"]
     if report.get("jax"):
         lines += ["", "benchopt's JAX solvers on the same factor data, same interleaved rounds (jax_reference.py):", "",
-                  "| solver | ms/it median [min-max] | first call incl. XLA compile (s) | "
+                  "| solver | ms/it median [min-max] | CPU ms/it | first call incl. XLA compile (s) | "
                   + " | ".join(f"grad^2 @ {c}" for c in checkpoints) + " |",
-                  "|---" * (3 + len(checkpoints)) + "|"]
+                  "|---" * (4 + len(checkpoints)) + "|"]
         for key, entry in report["jax"].items():
             t, at = entry.get("timing", {}), entry.get("convergence", {}).get("grad_norm_sq_at", {})
             ms = f"{t['ms_median']:.3f} [{t['ms_min']:.3f}-{t['ms_max']:.3f}]" if "ms_median" in t else "-"
-            lines.append(f"| {key} | {ms} | {fmt(t.get('first_step_s'), '.1f')} | "
+            lines.append(f"| {key} | {ms} | {fmt(t.get('cpu_ms_median'))} | {fmt(t.get('first_step_s'), '.1f')} | "
                          + " | ".join(fmt(at.get(int(c), at.get(c))) for c in checkpoints) + " |")
     lines += ["", "Targets: SOBA and SABA <= 1 ms/iteration; compiled <= 3x and eager <= 15x benchopt's JAX code on "
               "the same data in the same run (issue 11); SABA and SRBA reach ||grad h||^2 <= 1e-8.", ""]
@@ -479,9 +484,9 @@ def plot(report: dict[str, Any], path_iter: Path, path_time: Path) -> None:
         plt.close(fig)
 
 
-def jax_ms_of(report: dict[str, Any], name: str) -> float | None:
-    """benchopt's JAX solver's ms/iteration in this run, if timed."""
-    return report.get("jax", {}).get(jax_label(name), {}).get("timing", {}).get("ms_median")
+def jax_ms_of(report: dict[str, Any], name: str, key: str = "ms_median") -> float | None:
+    """benchopt's JAX solver's ms/iteration in this run (wall median, or `key`), if timed."""
+    return report.get("jax", {}).get(jax_label(name), {}).get("timing", {}).get(key)
 
 
 def checks(report: dict[str, Any]) -> list[str]:
@@ -494,11 +499,14 @@ def checks(report: dict[str, Any]) -> list[str]:
                 continue
             verdict = "meets" if ms <= TARGET_MS else f"misses by {ms / TARGET_MS:.1f}x"
             line = f"{key}: {ms:.3f} ms/it {verdict} the 1 ms target"
-            jax_ms = jax_ms_of(report, name)
+            jax_ms, jax_cpu = jax_ms_of(report, name), jax_ms_of(report, name, "cpu_ms_median")
+            cpu = algs[key]["timing"].get("cpu_ms_median")
             if jax_ms:
                 ratio, target = ms / jax_ms, TARGET_JAX_RATIO[compiled]
                 line += (f"; {ratio:.1f}x benchopt's JAX ({jax_ms:.3f} ms/it, same run): "
                          + ("meets" if ratio <= target else "MISSES") + f" the <= {target:g}x target")
+                if jax_cpu and cpu:
+                    line += f" (CPU time: {cpu / jax_cpu:.1f}x)"
             out.append(line)
     for name in ("saba", "srba"):
         conv = algs.get(name, {}).get("convergence")
