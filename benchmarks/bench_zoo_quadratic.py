@@ -402,7 +402,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- float32, batch 64, torch {meta['torch']}, {meta['threads']} thread(s), {meta['cpu']}, "
         f"{meta['cores']} cores; load average at start {meta['load_start']}, at end {meta.get('load_end')}",
         f"- {meta['date']}; ms/iteration: median over {meta['repeats']} interleaved rounds (min-max in brackets), "
-        "evaluation excluded; ||grad h||^2 exact (float64 closed form) at the iterate after N iterations",
+        "evaluation excluded; CPU ms/it: process_time of the same chunks (less sensitive to the load); ||grad h||^2 "
+        "exact (float64 closed form) at the iterate after N iterations",
         "",
         "| algorithm | benchopt params | ms/it median [min-max] | CPU ms/it | JAX ms/it (same run) | x JAX (CPU) | "
         + " | ".join(f"grad^2 @ {c}" for c in checkpoints) + " | min grad^2 | run ms/it | oracle calls/it |",
