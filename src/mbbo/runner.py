@@ -307,7 +307,7 @@ class _Run:
     checkpoint_total: float = 0.0  # seconds spent writing checkpoints in this process
     started_wall: float = field(default_factory=time.perf_counter)
     stop_signal: int | None = None
-    compile_time: float = 0.0  # seconds of compilation inside step(), kept out of `elapsed`
+    compile_time: float = 0.0  # seconds of torch.compile (construction and steps), kept out of `elapsed`
     probe: list[float] = field(default_factory=list)  # eager step times for `compile_auto`
     compile_decided: bool = False
 
@@ -494,7 +494,7 @@ class _Run:
             "eager_ms_per_iteration": 1e3 * per_iteration, "compilable": compilable,
             "rule": f"compile iff eager_ms_per_iteration * remaining_iterations > {AUTO_MIN_EAGER_SECONDS:g} s "
                     "(mbbo.compilation.should_compile)"}
-        write_config(self)
+        _write_config(self)
 
     def stop(self, signum: int) -> None:
         """Checkpoint the last completed step (unless done already) and raise RunInterrupted."""
@@ -541,7 +541,7 @@ def _compile_seconds(algorithm: SteppableAlgorithm) -> float:
     return float(getattr(getattr(algorithm, "oracles", None), "compile_seconds", 0.0))
 
 
-def write_config(state: _Run) -> None:
+def _write_config(state: _Run) -> None:
     """Write `config.json` (the resolved configuration) atomically."""
     config_text = json.dumps(state.resolved, indent=2, sort_keys=True) + "\n"
     config_path = state.out_dir / CONFIG_FILE
@@ -755,7 +755,7 @@ def run(
             payload = _load_for_resume(state)
         else:
             _check_fresh_dir(config)
-        write_config(state)
+        _write_config(state)
         if payload is not None:
             _resume(state, payload)
         else:
