@@ -7,7 +7,8 @@ now filled by the first. Reported per process: `Oracles.compile_seconds` (the fi
 oracle per input signature: what the runner reports as `compile_time`), the wall time of the first two steps
 (iteration 0 evaluates at one point, the next ones at two), the CPU seconds of the process and of its finished
 children (Inductor's compile workers) up to there (less sensitive to the machine's load than wall time), the
-FX graph cache hits and misses, and the steady ms/iteration after them.
+FX graph cache hits and misses, the steady ms/iteration after them, and where the compile time goes (Dynamo's
+own per-phase timers, the profile of a miss).
 
     python benchmarks/bench_compile_cache.py                       # bsvrb_v2
     python benchmarks/bench_compile_cache.py --algorithm bsvrb_v1
@@ -56,14 +57,14 @@ def child(algorithm: str, data_dir: str, steps: int) -> dict[str, Any]:
     for _ in range(steps):
         alg.step()
     steady = (time.perf_counter() - start) / steps
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import compile_times, counters
 
     hits = {key: int(counters["inductor"][key]) for key in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
     hits |= {key: int(counters["aot_autograd"][key]) for key in ("autograd_cache_hit", "autograd_cache_miss")}
     return {"compile_seconds": alg.oracles.compile_seconds, "first_steps_s": firsts,
             "cpu_seconds_until_steady": cpu_until_steady,
             "steady_ms_per_iteration": 1e3 * steady, "cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
-            "cache_counters": hits}
+            "cache_counters": hits, "compile_phases": compile_times(repr="str", aggregate=True)}
 
 
 def _cpu_seconds() -> float:
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{res['steady_ms_per_iteration']:.2f} | {res['process_wall_s']:.1f} | "
                      f"{counts['fxgraph_cache_hit']} / {counts['fxgraph_cache_miss']} | <= {target:g} s | "
                      f"{verdict} |")
+    for name, res in (("fresh cache", fresh), ("warm cache", warm)):
+        lines += ["", f"Where the compile time goes ({name}; `torch._dynamo.utils.compile_times`, seconds):", "",
+                  "```", res["compile_phases"].strip(), "```"]
     lines.append("")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"compile_cache_{args.algorithm}.json", json.dumps(report, indent=2) + "\n")
