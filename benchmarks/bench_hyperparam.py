@@ -18,7 +18,7 @@ so on Linux its delta is usually 0 (the loader's peak); it is the fallback when 
     python benchmarks/bench_hyperparam.py --profile bsvrb_v2 --profile-dataset a8a
 
 Outputs (atomic writes): benchmarks/results/hyperparam_speed.json and .md; with --profile,
-benchmarks/results/profile_<alg>_<dataset>.txt.
+benchmarks/results/profile_<alg>_<dataset>.txt (profile_<alg>_<dataset>_compiled.txt with --compile).
 """
 
 from __future__ import annotations
@@ -515,7 +515,8 @@ def profile(args: argparse.Namespace) -> Path:
     text = (header + "\n=== torch.profiler, by operator (self CPU time) ===\n" + by_op
             + "\n=== torch.profiler, by operator and input shapes ===\n" + by_shape
             + "\n=== cProfile (tottime, then cumulative) ===\n" + buf.getvalue())
-    path = Path(args.out) / f"profile_{name}_{dataset}.txt"
+    suffix = "_compiled" if getattr(args, "compile", False) and name != HANDWRITTEN else ""
+    path = Path(args.out) / f"profile_{name}_{dataset}{suffix}.txt"
     atomic_write(path, text)
     print(header + f"saved {path}")
     return path

@@ -17,7 +17,7 @@ from mbbo.tasks import registry
 from mbbo.tasks.registry import QuadraticSettings, TaskSpec
 
 QUAD = ["run", "--task", "quadratic", "--no-progress", "--set", "num_blocks=4", "block_batch=2"]
-HYPER_KEYS = {"iteration", "epoch", "time", "oracle_calls", "val_loss", "test_loss", "test_accuracy"}
+HYPER_KEYS = {"iteration", "epoch", "time", "compile_time", "oracle_calls", "val_loss", "test_loss", "test_accuracy"}
 
 
 def _records(out: Path) -> list[dict[str, Any]]:

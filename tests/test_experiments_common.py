@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 from mbbo.metrics_log import MetricsLog
+from module_loading import load_module
 
 COMMON_PATH = Path(__file__).resolve().parents[1] / "experiments" / "common.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,12 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def common():
     """`experiments/common.py` as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("experiments_common", COMMON_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_module("experiments_common", COMMON_PATH)
 
 
 # --- mean/std over seeds on a common grid -----------------------------------------------------------------

@@ -3,8 +3,6 @@ trajectory to rounding, which is what makes it a valid speed floor in benchmarks
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,18 +12,14 @@ import torch
 from mbbo.algorithms.registry import make_algorithm
 from mbbo.blocks import MovingBlocks
 from mbbo.tasks.hyperparam import load_task
+from module_loading import load_module
 
 HANDWRITTEN = Path(__file__).resolve().parents[1] / "benchmarks" / "handwritten_bsvrb_v2.py"
 TOL = 1e-10
 
 
 def _load_handwritten() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("handwritten_bsvrb_v2", HANDWRITTEN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module("handwritten_bsvrb_v2", HANDWRITTEN)
 
 
 hw = _load_handwritten()

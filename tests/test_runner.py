@@ -146,13 +146,15 @@ def test_records_format_and_files(tmp_path: Path) -> None:
             reference.step()
         assert record["loss"] == loss_of(reference.x)
         assert record["x0"] == float(reference.x[0])
-        assert set(record) == {"iteration", "epoch", "time", "oracle_calls", "loss", "x0", "grad_enabled"}
+        assert set(record) == {"iteration", "epoch", "time", "compile_time", "oracle_calls", "loss", "x0",
+                               "grad_enabled"}
     assert read_metrics(out / "metrics.jsonl") == records
     config = json.loads((out / "config.json").read_text())
     assert config["algorithm"] == "fake" and config["path"] == str(tmp_path)
     assert config["runner"] == {
         "out_dir": str(out), "iterations": 10, "epochs": None, "eval_every": 4, "checkpoint_every": None,
         "checkpoint_seconds": 300.0, "divergence_factor": 1e8, "progress": False, "overwrite": False,
+        "compile_auto": False,
     }
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["runner"]["iteration"] == 10

@@ -51,6 +51,7 @@ import mbbo
 from mbbo.algorithms.registry import ALGORITHMS, RESTART_OPTIONS, make_algorithm
 from mbbo.algorithms.restart import Restarted
 from mbbo.checkpoint import CheckpointError
+from mbbo.compilation import COMPILE_CHOICES
 from mbbo.config import apply_overrides, coerce_fields, coerce_value, load_config
 from mbbo.data.libsvm import available_datasets
 from mbbo.plotting import X_AXES, plot_runs
@@ -67,7 +68,7 @@ from mbbo.runner import (
     run,
 )
 from mbbo.tasks.registry import TASKS, TaskSpec, get_task, task_names
-from mbbo.validation import check_int, check_real
+from mbbo.validation import check_choice, check_int, check_real
 
 __all__ = ["DTYPES", "Experiment", "RunOptions", "build_parser", "main", "resolve_experiment"]
 
@@ -97,7 +98,10 @@ class RunOptions:
         dtype: `float32` or `float64`.
         device: a torch device string (`cpu`, `cuda`, `cuda:1`, ...).
         out: output folder (None: `runs/<task>-<dataset>-<algorithm>-s<seed>`).
-        compile: wrap the algorithm's oracles in `torch.compile` (one-off compile time, faster iterations).
+        compile: "auto" (default), "yes" or "no" (booleans mean yes / no): wrap the algorithm's oracles in
+            `torch.compile` (one-off compile time, reported as `compile_time` and kept out of `time`; faster
+            iterations). "auto" times the first eager iterations and compiles when the rest of the run repays
+            it (`mbbo.compilation.should_compile`); config.json records the choice under `compile_choice`.
     """
 
     task: str | None = None
@@ -113,7 +117,7 @@ class RunOptions:
     dtype: str = "float64"
     device: str = "cpu"
     out: str | None = None
-    compile: bool = False
+    compile: bool | str = "auto"
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunOptions))
@@ -136,7 +140,7 @@ class _Layer:
 
 
 #: Keys of a run's config.json that describe the run rather than configure it.
-RECORD_ONLY_KEYS = ("dataset", "torch_version", "mbbo_version")
+RECORD_ONLY_KEYS = ("dataset", "torch_version", "mbbo_version", "compile_choice")
 BUDGET_KEYS = ("iterations", "epochs", "eval_every", "checkpoint_every", "checkpoint_seconds", "divergence_factor")
 
 
@@ -365,6 +369,9 @@ def _check_run_options(options: RunOptions) -> None:
         raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {options.seed!r}")
     if options.out is not None and not str(options.out).strip():
         raise ValueError("out is empty: give a folder name, or leave --out out for the default folder")
+    if isinstance(options.compile, bool):
+        options.compile = "yes" if options.compile else "no"
+    check_choice("compile", options.compile, COMPILE_CHOICES)
 
 
 def resolve_experiment(args: argparse.Namespace) -> Experiment:
@@ -489,7 +496,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            eval_every=options.eval_every or 1, checkpoint_every=options.checkpoint_every,
                            checkpoint_seconds=options.checkpoint_seconds,
                            divergence_factor=options.divergence_factor,
-                           progress=not args.no_progress, overwrite=args.overwrite)
+                           progress=not args.no_progress, overwrite=args.overwrite,
+                           compile_auto=options.compile == "auto")
     _check_out_dir(experiment.out_dir, args.resume, args.overwrite)
     if isinstance(options.threads, bool) or options.threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {options.threads!r}")
@@ -500,7 +508,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         dtype=DTYPES[options.dtype], device=options.device,
     )
     experiment.spec.check_algorithm(experiment.algorithm, experiment.settings, problem)
-    extra = {"compile": True} if options.compile else {}
+    extra = {"compile": True} if options.compile == "yes" else {}
     if experiment.spec.make_method is not None:
         algorithm = experiment.spec.make_method(experiment.algorithm, problem, evaluator, options.seed,
                                                 dict(experiment.hyper))
@@ -691,8 +699,10 @@ def _add_run_parser(subparsers: Any) -> None:
                    help="override a run option, task setting or hyper-parameter (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--compile", action="store_const", const=True, default=None,
-                   help="torch.compile the oracles (tens of seconds once; about 2x faster iterations on T1)")
+    p.add_argument("--compile", nargs="?", const="yes", choices=COMPILE_CHOICES, default=None,
+                   help="torch.compile the oracles: auto (default: when the first eager iterations say the run "
+                        "repays it, choice in config.json), yes (bare --compile) or no; compile time is "
+                        "reported as compile_time, out of time")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that already holds a run")
     p.add_argument("--nproc", type=_positive_int, default=None,
                    help="run in N local processes (gloo on 127.0.0.1; tasks with torch.distributed support)")

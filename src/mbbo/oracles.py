@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
+from mbbo.compilation import TimedCompiled, enable_persistent_cache
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.second_order import grad_and_hessian
 
 ORACLE_KINDS = ("grad_x_f", "grad_y_f", "grad_x_g", "grad_y_g", "hvp", "cross", "hessian_yy", "jacobian_xy")
 
@@ -61,14 +63,17 @@ def _lift(out: Tensor | tuple) -> Tensor | tuple:
 class Oracles:
     """Counted, vmapped oracles of a `MultiBlockProblem`.
 
-    A count is one evaluation of one oracle on one block's mini-batch at one point. `compile=True` wraps
-    each vmapped oracle in `torch.compile` (one-off compile time of tens of seconds per oracle and shape;
-    measured about 2x faster per iteration on T1, see benchmarks/).
+    A count is one evaluation of one oracle on one block's mini-batch at one point; an explicit Hessian
+    (`lower_hessian`, `lower_second_order`) counts once per block and point although the vmap inside it batches
+    d_y VJPs (see `mbbo.second_order`, whose `hessian_mode` it takes). `compile=True` wraps
+    each vmapped oracle in `torch.compile` (one-off compile time of tens of seconds per oracle and shape, kept in
+    persistent caches and reported as `compile_seconds`; measured about 2x faster per iteration on T1, see
+    benchmarks/ and `mbbo.compilation`).
     """
 
-    def __init__(self, problem: MultiBlockProblem, *, compile: bool = False) -> None:
+    def __init__(self, problem: MultiBlockProblem, *, compile: bool = False, hessian_mode: str = "reverse"
+                 ) -> None:
         self.problem = problem
-        self.compiled = compile
         self._gathered: Batch = {}
         self._gathered_for: Tensor | None = None
         self.counts: Counter[str] = Counter({k: 0 for k in ORACLE_KINDS})
@@ -101,17 +106,10 @@ class Oracles:
             _, pullback = vjp(lambda x_: grad_y_g(x_, y, batch, block), x)
             return pullback(w)[0]
 
-        def lower_hessian(x, y, batch, block):
-            # reverse-over-reverse on the identity basis (jacfwd does not compile with vmap here)
-            gy, pullback = vjp(lambda y_: grad_y_g(x, y_, batch, block), y)
-            hess = vmap(pullback)(torch.eye(y.shape[0], dtype=y.dtype, device=y.device))[0]
-            return gy, hess
-
-        def lower_second_order(x, y, batch, block):
-            # one pullback per y-coordinate gives a row of H and a column of grad_xy g at once
-            gy, pullback = vjp(lambda x_, y_: grad_y_g(x_, y_, batch, block), x, y)
-            jac_t, hess = vmap(pullback)(torch.eye(y.shape[0], dtype=y.dtype, device=y.device))
-            return gy, hess, jac_t.transpose(0, 1)
+        # explicit second-order blocks (`mbbo.second_order`): one vmapped VJP per y-coordinate gives a row of H
+        # (and a column of grad_xy g); reverse over reverse compiles under vmap and is the faster one here
+        lower_hessian = grad_and_hessian(grad_y_g, mode=hessian_mode)
+        lower_second_order = grad_and_hessian(grad_y_g, cross=True, mode=hessian_mode)
 
         def upper_grads(x, y, batch, block):
             if pb.upper_depends_on_x:
@@ -128,9 +126,25 @@ class Oracles:
             "lower_second_order": (lower_second_order, 1),
             "upper_grads": (upper_grads, 1),
         }
-        self._vmapped = {name: self._vmap(fn, n_vec) for name, (fn, n_vec) in self._fns.items()}
+        self._eager = {name: self._vmap(fn, n_vec) for name, (fn, n_vec) in self._fns.items()}
+        self._vmapped = self._eager
+        self.compiled = False
         if compile:
-            self._vmapped = {name: torch.compile(fn, dynamic=False) for name, fn in self._vmapped.items()}
+            self.use_compiled()
+
+    def use_compiled(self) -> None:
+        """Switch to `torch.compile`d oracles (same values; compiled at their first call per shape, into the
+        persistent caches of `mbbo.compilation`). Safe at any point of a run: the oracles hold no state."""
+        if self.compiled:
+            return
+        enable_persistent_cache()
+        self._vmapped = {name: TimedCompiled(fn) for name, fn in self._eager.items()}
+        self.compiled = True
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in the first call of each compiled oracle per input signature (compilation)."""
+        return sum(fn.seconds for fn in self._vmapped.values() if isinstance(fn, TimedCompiled))
 
     def _vmap(self, fn, n_vec: int):
         """vmap over points (inner) and blocks (outer); args x, y, [v], batch, block; results (P, B, ...).

@@ -6,7 +6,8 @@ and evaluates with any :class:`mbbo.protocols.EvaluableTask`.
 Files in `out_dir`:
 
 - `config.json`: `extra_config` (the resolved experiment configuration) plus the run configuration under
-  the key `"runner"`, written atomically at the start.
+  the key `"runner"`, written atomically at the start (and again when `compile_auto` has chosen, with the
+  choice under `"compile_choice"`).
 - `metrics.jsonl`: one record per evaluation (see :func:`run`), appended and fsynced record by record.
 - `checkpoint.pt`: `{"format_version", "algorithm": state_dict, "runner": {...}, "config": ...}`, written
   atomically: by default after an evaluation whenever that keeps the time spent writing checkpoints under
@@ -53,6 +54,7 @@ from mbbo.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from mbbo.compilation import AUTO_MIN_EAGER_SECONDS, should_compile
 from mbbo.metrics_log import MetricsLog
 from mbbo.protocols import EvaluableTask, SteppableAlgorithm
 from mbbo.validation import check_real
@@ -78,8 +80,10 @@ LOCK_FILE = ".mbbo.lock"
 #: Default checkpoints may cost at most this fraction of the wall time.
 CHECKPOINT_BUDGET = 0.02
 #: Configuration keys that may change when a run is resumed.
-RESUMABLE_CHANGES = frozenset({"threads", "compile", "torch_version", "mbbo_version"})
-RESERVED_KEYS = ("iteration", "epoch", "time", "oracle_calls")
+RESUMABLE_CHANGES = frozenset({"threads", "compile", "compile_choice", "torch_version", "mbbo_version"})
+RESERVED_KEYS = ("iteration", "epoch", "time", "compile_time", "oracle_calls")
+#: `compile_auto`: timed eager iterations (after the first one of the process) before deciding.
+AUTO_PROBE_ITERATIONS = 10
 RUNNER_KEY = "runner"
 CHECKPOINT_FORMAT = 1
 
@@ -146,6 +150,10 @@ class RunConfig:
         out_dir: directory for `config.json`, `metrics.jsonl` and `checkpoint.pt` (created if missing).
         progress: show a tqdm progress bar (it also hides itself when stderr is not a terminal).
         overwrite: allow a fresh run (`resume=False`) into a directory that already holds a run.
+        compile_auto: after `AUTO_PROBE_ITERATIONS` timed eager iterations (not counting the first one of the
+            process), compile the algorithm's oracles (`algorithm.oracles.use_compiled()`) when
+            `mbbo.compilation.should_compile` says that the rest of the run repays it; the choice and its
+            inputs are recorded in `config.json` under `compile_choice`.
     """
 
     out_dir: Path
@@ -157,6 +165,7 @@ class RunConfig:
     divergence_factor: float | None = 1e8
     progress: bool = True
     overwrite: bool = False
+    compile_auto: bool = False
 
     def __post_init__(self) -> None:
         """Validate every field, naming the bad one."""
@@ -298,6 +307,9 @@ class _Run:
     checkpoint_total: float = 0.0  # seconds spent writing checkpoints in this process
     started_wall: float = field(default_factory=time.perf_counter)
     stop_signal: int | None = None
+    compile_time: float = 0.0  # seconds of torch.compile (construction and steps), kept out of `elapsed`
+    probe: list[float] = field(default_factory=list)  # eager step times for `compile_auto`
+    compile_decided: bool = False
 
     @property
     def out_dir(self) -> Path:
@@ -374,6 +386,7 @@ class _Run:
             "iteration": self.iteration,
             "epoch": self.iteration / self.iterations_per_epoch,
             "time": self.elapsed,
+            "compile_time": self.compile_time,
             "oracle_calls": {str(k): int(v) for k, v in self.algorithm.oracle_counts().items()},
             **{str(key): _to_builtin(value) for key, value in metrics.items()},
         }
@@ -393,6 +406,7 @@ class _Run:
             "format_version": CHECKPOINT_FORMAT,
             "algorithm": state,
             "runner": {"iteration": self.iteration, "elapsed": self.elapsed, "total": self.total,
+                       "compile_time": self.compile_time,
                        "scales": dict(self.scales),
                        "last_record": records[-1]["iteration"] if records else None,
                        # the checkpoint cost of this process so far (before this write), for measurement
@@ -430,11 +444,18 @@ class _Run:
         return state
 
     def step(self) -> None:
-        """One timed `algorithm.step()`, then the cheap finite check if the algorithm offers one."""
+        """One timed `algorithm.step()` (its compilation time counted apart), then the cheap finite check if
+        the algorithm offers one."""
+        compiled_before = _compile_seconds(self.algorithm)
         start = time.perf_counter()
         self.algorithm.step()
-        self.elapsed += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        compiling = _compile_seconds(self.algorithm) - compiled_before
+        self.compile_time += compiling
+        self.elapsed += seconds - compiling
         self.iteration += 1
+        if self.config.compile_auto and not self.compile_decided:
+            self.probe_compile(seconds)
         is_finite = getattr(self.algorithm, "is_finite", None)
         if callable(is_finite) and not is_finite():
             raise self.diverged("algorithm.is_finite() returned False")
@@ -453,6 +474,27 @@ class _Run:
         # decided after the evaluation, whose time counts in the 2 % budget of the default rule
         if self.checkpoint_due(self.iteration, evaluated):
             self.save(state if state is not None else self.checked_state())
+
+    def probe_compile(self, seconds: float) -> None:
+        """`compile_auto`: time eager steps (the process's first one excluded), then decide once."""
+        self.probe.append(seconds)
+        if len(self.probe) <= AUTO_PROBE_ITERATIONS and self.iteration < self.total:
+            return
+        self.compile_decided = True
+        timed = self.probe[1:] or self.probe
+        per_iteration = sum(timed) / len(timed)
+        remaining = self.total - self.iteration
+        oracles = getattr(self.algorithm, "oracles", None)
+        compilable = callable(getattr(oracles, "use_compiled", None))
+        chosen = compilable and should_compile(per_iteration, remaining)
+        if chosen:
+            oracles.use_compiled()  # type: ignore[union-attr]
+        self.resolved["compile_choice"] = {
+            "compiled": chosen, "decided_at_iteration": self.iteration, "remaining_iterations": remaining,
+            "eager_ms_per_iteration": 1e3 * per_iteration, "compilable": compilable,
+            "rule": f"compile iff eager_ms_per_iteration * remaining_iterations > {AUTO_MIN_EAGER_SECONDS:g} s "
+                    "(mbbo.compilation.should_compile)"}
+        _write_config(self)
 
     def stop(self, signum: int) -> None:
         """Checkpoint the last completed step (unless done already) and raise RunInterrupted."""
@@ -492,6 +534,18 @@ class _Run:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def _compile_seconds(algorithm: SteppableAlgorithm) -> float:
+    """Compilation seconds so far of the algorithm's oracles (`Oracles.compile_seconds`), 0 without them."""
+    return float(getattr(getattr(algorithm, "oracles", None), "compile_seconds", 0.0))
+
+
+def _write_config(state: _Run) -> None:
+    """Write `config.json` (the resolved configuration) atomically."""
+    config_text = json.dumps(state.resolved, indent=2, sort_keys=True) + "\n"
+    config_path = state.out_dir / CONFIG_FILE
+    state.write(config_path, lambda: atomic_write_text(config_path, config_text))
 
 
 def _check_fresh_dir(config: RunConfig) -> None:
@@ -584,6 +638,7 @@ def _resume(state: _Run, payload: dict[str, Any]) -> None:
     runner = payload["runner"]
     state.iteration = int(runner["iteration"])
     state.elapsed = float(runner["elapsed"])
+    state.compile_time += float(runner.get("compile_time", 0.0))
     state.scales = dict(runner.get("scales", {}))
     state.last_checkpoint = state.iteration
     keep_current = state.eval_due(state.iteration)
@@ -654,9 +709,11 @@ def run(
 
     Each record (one per evaluation: iteration 0, every `eval_every` iterations, the last iteration) holds
     `iteration` (int), `epoch` (`iteration / task.iterations_per_epoch()`, fractional), `time` (cumulative
-    seconds spent in `step()` only: evaluation, checkpointing and logging are excluded; a resumed run
-    continues from the saved time), `oracle_calls` (`algorithm.oracle_counts()`) and every key of
-    `task.evaluate(algorithm)`, which runs under `torch.no_grad()`.
+    seconds spent in `step()` only: evaluation, checkpointing, logging and compilation are excluded; a resumed
+    run continues from the saved time), `compile_time` (cumulative seconds of torch.compile: while the algorithm
+    was built and inside `step()`, measured as in `mbbo.compilation`; a resumed run adds its own),
+    `oracle_calls` (`algorithm.oracle_counts()`) and every key of `task.evaluate(algorithm)`, which runs under
+    `torch.no_grad()`.
 
     After every step the algorithm's optional `is_finite()` is called; without it every floating tensor of
     `state_dict()` is checked at evaluation and checkpoint points, where the norm of `algorithm.x` and the loss
@@ -690,6 +747,7 @@ def run(
         resolved=_resolved_config(config, extra_config),
         total=config.total_iterations(ipe),
         iterations_per_epoch=ipe,
+        compile_time=_compile_seconds(algorithm),  # compiled while it was built (estimator initialisation)
     )
     with run_lock(config.out_dir), state.signals_stop_cleanly():
         payload = None
@@ -697,9 +755,7 @@ def run(
             payload = _load_for_resume(state)
         else:
             _check_fresh_dir(config)
-        config_text = json.dumps(state.resolved, indent=2, sort_keys=True) + "\n"
-        config_path = config.out_dir / CONFIG_FILE
-        state.write(config_path, lambda: atomic_write_text(config_path, config_text))
+        _write_config(state)
         if payload is not None:
             _resume(state, payload)
         else:

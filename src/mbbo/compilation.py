@@ -1,0 +1,98 @@
+"""torch.compile of the oracles: persistent caches, the measured compile time, and the `auto` rule.
+
+* Persistent caches. `enable_persistent_cache()` turns on Inductor's FX graph cache
+  (`torch._inductor.config.fx_graph_cache`) and the AOTAutograd cache
+  (`torch._functorch.config.enable_autograd_cache`) and points `TORCHINDUCTOR_CACHE_DIR` at
+  `<mbbo cache>/torch_compile` (`mbbo.data.cache_dir()`: `$MBBO_CACHE`, else `~/.cache/mbbo`) unless the
+  variable is already set to another folder than torch's default. A second process compiling the same
+  oracles on the same shapes then loads the compiled code instead of generating it again (Dynamo still traces
+  the Python code, which is what remains of the compile time on a warm cache).
+* Compile time. `TimedCompiled` wraps one `torch.compile`d function and times its first call for each input
+  signature (the shapes, dtypes and devices of the tensor leaves and the values of the other leaves: with
+  `dynamic=False` a new signature is a new compilation). That first call is compilation plus one execution
+  (milliseconds against seconds); it is added to `seconds`, which the runner reports as `compile_time` and
+  subtracts from the run's `time`. Recompilations triggered by other guards (rare here: the oracles are pure
+  functions of their tensors) would stay in `time`.
+* `auto`. `should_compile(eager_seconds_per_iteration, remaining_iterations)`: compile when the estimated eager
+  time of the rest of the run exceeds `AUTO_MIN_EAGER_SECONDS` = `AUTO_COMPILE_SECONDS / AUTO_SAVED_FRACTION`
+  (60 s): compilation is budgeted at 30 s (issue 11's target for a fresh cache; measured for BSVRB_v2 on T1 in
+  benchmarks/results/compile_cache_bsvrb_v2.md: 55 CPU seconds fresh, 12.5 warm) and compiled oracles save about
+  half of an iteration (2x measured on T1), so compilation is repaid only when the eager remainder is longer
+  than 60 s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from mbbo.data.cache import cache_dir
+
+__all__ = ["AUTO_COMPILE_SECONDS", "AUTO_MIN_EAGER_SECONDS", "AUTO_SAVED_FRACTION", "COMPILE_CHOICES",
+           "TimedCompiled", "compile_cache_dir", "enable_persistent_cache", "should_compile"]
+
+COMPILE_CHOICES = ("auto", "yes", "no")
+#: Expected cost of compiling the oracles of one algorithm on a fresh cache (seconds).
+AUTO_COMPILE_SECONDS = 30.0
+#: Expected fraction of an eager iteration that compiled oracles save.
+AUTO_SAVED_FRACTION = 0.5
+#: `auto` compiles when the eager remainder of the run is estimated above this (seconds).
+AUTO_MIN_EAGER_SECONDS = AUTO_COMPILE_SECONDS / AUTO_SAVED_FRACTION
+
+
+def compile_cache_dir() -> Path:
+    """Where the persistent torch.compile caches live: `<mbbo cache>/torch_compile`."""
+    return cache_dir() / "torch_compile"
+
+
+def enable_persistent_cache() -> Path:
+    """Turn on the FX graph and AOTAutograd caches under `compile_cache_dir()` (an already set
+    `TORCHINDUCTOR_CACHE_DIR` wins); returns the cache directory in use."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # importing Inductor's config sets the variable to torch's default: only a different value is the user's
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a `dynamic=False` compilation is specialised on: tensor shapes, dtypes, devices; other values."""
+    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                 for a in tree_leaves(args))
+
+
+class TimedCompiled:
+    """`torch.compile(fn, dynamic=False)` whose first call per input signature is timed into `seconds`."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = torch.compile(fn, dynamic=False)
+        self.seconds = 0.0
+        self.signatures: set[tuple[Any, ...]] = set()
+
+    def __call__(self, *args: Any) -> Any:
+        key = _signature(args)
+        if key in self.signatures:
+            return self.fn(*args)
+        start = time.perf_counter()
+        out = self.fn(*args)
+        self.seconds += time.perf_counter() - start
+        self.signatures.add(key)
+        return out
+
+
+def should_compile(eager_seconds_per_iteration: float, remaining_iterations: int) -> bool:
+    """The `auto` rule: compile iff the estimated eager remainder exceeds `AUTO_MIN_EAGER_SECONDS`."""
+    return eager_seconds_per_iteration * remaining_iterations > AUTO_MIN_EAGER_SECONDS
