@@ -757,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "nproc", None) and args.nproc > 1 and _world() == (0, 1):
             if args.task is not None and not get_task(args.task).distributed:  # fail before spawning
                 raise ValueError(f"task {args.task!r} does not run on several processes (--nproc)")
-            from mbbo.federated.launch import launch
+            from mbbo.distributed import launch
 
             return launch(sys.argv[1:] if argv is None else list(argv), args.nproc)
         return int(args.func(args))
