@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-__all__ = ["DEFAULT_TIMEOUT_S", "BlockShard", "free_port", "init_from_env", "launch", "process_group_size",
+__all__ = ["DEFAULT_TIMEOUT_S", "BlockShard", "RankGroup", "free_port", "init_from_env", "launch", "process_group_size",
            "strip_nproc", "timeout_seconds", "world_from_env"]
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -88,6 +88,26 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> bool:
 def process_group_size() -> int:
     """The world size of the initialised default process group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class RankGroup:
+    """What the runner needs of a multi-process run (the initialised default group): this process's rank, the
+    world size, a barrier and a broadcast of a picklable object from rank 0 (both under the group's timeout)."""
+
+    def __init__(self) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("RankGroup needs an initialised process group (see init_from_env)")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value`, on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,7 +324,7 @@ class BlockShard:
         """Integer counters summed over the ranks (oracle calls of the blocks each rank computed)."""
         if not self.distributed:
             return dict(counts)
-        keys = sorted(counts)
+        keys = list(counts)  # the same order on every rank (the oracles' kinds)
         values = torch.tensor([int(counts[k]) for k in keys], dtype=torch.long)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         self.collectives += 1
