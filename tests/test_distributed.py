@@ -4,7 +4,12 @@ the 2-process trajectory equals the 1-process one bit for bit."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +145,143 @@ def test_block_shard_ownership_rows_and_errors() -> None:
     assert single.owned(blocks) is None and single.local(blocks) is blocks
     parts = [(torch.ones(2, 3), 1)]
     assert single.gather(parts, blocks)[0] is parts[0][0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command line: --nproc, torchrun, resume, errors, a killed rank
+# ---------------------------------------------------------------------------------------------------------
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": SRC, "MBBO_DIST_TIMEOUT": "20", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _mbbo(args: list[str], timeout: float = 180, launcher: list[str] | None = None, **env: str
+          ) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, *(launcher or []), "-m", "mbbo", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=_env(**env), timeout=timeout, check=False)
+
+
+def _without_time(path: Path) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        record.pop("time")
+    return records
+
+
+def _t1_args(data: Path, out: Path, iterations: int) -> list[str]:
+    return ["run", "--task", "hyperparam", "--dataset", "a8a", "--data-dir", str(data / "libsvm"), "--algorithm",
+            "bsvrb_v2", "--iterations", str(iterations), "--eval-every", "3", "--checkpoint-every", "3",
+            "--no-progress", "--out", str(out), "--set", "num_blocks=6", "block_batch=3", "batch_size=8"]
+
+
+@pytest.mark.slow
+def test_nproc_and_torchrun_write_the_metrics_of_one_process_and_resume_bit_identically(
+        tmp_path: Path, shared_data: Path) -> None:
+    """`mbbo run --nproc 2` and `torchrun --nproc-per-node 2 -m mbbo run` (T1, BSVRB_v2 with the task's
+    defaults) write the 1-process metrics.jsonl (all but `time`); a 2-process run stopped at iteration 6 and
+    resumed to 9 writes it too; resuming it with 1 process is refused with how to do it."""
+    one = _mbbo(_t1_args(shared_data, tmp_path / "one", 9))
+    assert one.returncode == 0, one.stderr
+    expected = _without_time(tmp_path / "one" / "metrics.jsonl")
+    two = _mbbo([*_t1_args(shared_data, tmp_path / "two", 9), "--nproc", "2"])
+    assert two.returncode == 0, two.stderr
+    assert _without_time(tmp_path / "two" / "metrics.jsonl") == expected
+    assert not (tmp_path / "two" / "rank1" / "metrics.jsonl").exists()
+    assert sorted(p.name for p in (tmp_path / "two" / "rank1").glob("shard-*.pt")) == ["shard-000000006.pt",
+                                                                                      "shard-000000009.pt"]
+    torchrun = _mbbo(_t1_args(shared_data, tmp_path / "torchrun", 9),
+                     launcher=["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert _without_time(tmp_path / "torchrun" / "metrics.jsonl") == expected
+
+    stopped = _mbbo([*_t1_args(shared_data, tmp_path / "resumed", 6), "--nproc", "2"])
+    assert stopped.returncode == 0, stopped.stderr
+    resumed = _mbbo([*_t1_args(shared_data, tmp_path / "resumed", 9), "--resume", "--nproc", "2"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert _without_time(tmp_path / "resumed" / "metrics.jsonl") == expected
+    single = _mbbo([*_t1_args(shared_data, tmp_path / "resumed", 12), "--resume"])
+    assert single.returncode == 2 and "resume with --nproc 2" in single.stderr, single.stderr
+
+
+def _quadratic_args(out: Path, iterations: int) -> list[str]:
+    return ["run", "--task", "quadratic", "--algorithm", "bsvrb_v1", "--iterations", str(iterations),
+            "--eval-every", "40", "--checkpoint-every", "40", "--no-progress", "--out", str(out), "--set",
+            "num_blocks=8", "block_batch=4", "dim_x=3", "dim_y=2"]
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_stops_the_others_and_leaves_a_usable_checkpoint_set(tmp_path: Path) -> None:
+    """torchrun-style launch by hand; kill -9 of rank 1 once a checkpoint set exists: rank 0 exits with an error
+    within the collectives' timeout, and resuming from the last complete set (2 processes) gives the metrics of
+    an uninterrupted 1-process run."""
+    out = tmp_path / "killed"
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-m", "mbbo", *_quadratic_args(out, 10**6)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port, MBBO_DIST_TIMEOUT="10"))
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() or len(list((out / "rank1").glob("shard-*.pt"))) < 2:
+            assert time.monotonic() < deadline, "no checkpoint set within 120 s"
+            assert ranks[0].poll() is None and ranks[1].poll() is None, ranks[0].communicate()
+            time.sleep(0.2)
+        ranks[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = ranks[0].communicate(timeout=60)
+        assert ranks[0].returncode == 1, err
+        assert time.monotonic() - killed_at < 40
+        assert "mbbo: error: rank 0 of 2: a collective failed" in err and "--resume --nproc 2" in err, err
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    manifest = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert manifest["distributed"]["world_size"] == 2
+    until = manifest["distributed"]["iteration"] + 40
+    resumed = _mbbo([*_quadratic_args(out, until), "--resume", "--nproc", "2"])
+    assert resumed.returncode == 0, resumed.stderr
+    one = _mbbo(_quadratic_args(tmp_path / "one", until))
+    assert one.returncode == 0, one.stderr
+    assert _without_time(out / "metrics.jsonl") == _without_time(tmp_path / "one" / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_start_up_errors_of_multi_process_runs(tmp_path: Path) -> None:
+    """Too many processes for the blocks or the block batch, an unreachable rendezvous, a rank that fails at
+    start-up (the other exits within the timeout), tasks and algorithms that do not shard: clear errors."""
+    too_many = _mbbo([*_quadratic_args(tmp_path / "a", 5), "num_blocks=2", "block_batch=2", "--nproc", "3"])
+    assert too_many.returncode == 2 and "3 processes cannot share m = 2 blocks" in too_many.stderr, too_many.stderr
+    batch = _mbbo([*_quadratic_args(tmp_path / "b", 5), "block_batch=1", "--nproc", "2"])
+    assert batch.returncode == 2 and "block_batch = 1 sampled blocks cannot keep 2" in batch.stderr, batch.stderr
+    started = time.monotonic()
+    lonely = _mbbo(_quadratic_args(tmp_path / "c", 5), RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()), MBBO_DIST_TIMEOUT="3")
+    assert lonely.returncode == 1 and "could not join the process group at 127.0.0.1" in lonely.stderr, lonely.stderr
+    assert time.monotonic() - started < 60
+    # rank 1 fails while loading its data; rank 0 reports the lost process within its timeout
+    port = str(free_port())
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "MBBO_DIST_TIMEOUT": "10"}
+    args = ["run", "--task", "hyperparam", "--dataset", "a8a", "--algorithm", "bsvrb_v2", "--iterations", "3",
+            "--no-progress", "--out", str(tmp_path / "d"), "--set", "num_blocks=4", "block_batch=2"]
+    good = subprocess.Popen([sys.executable, "-m", "mbbo", *args, "--data-dir", str(SHARED / "libsvm")],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(RANK="0", **env))
+    bad = _mbbo([*args, "--data-dir", str(tmp_path / "missing")], RANK="1", **env)
+    assert bad.returncode == 2, bad.stderr
+    try:
+        _, err = good.communicate(timeout=90)
+    finally:
+        if good.poll() is None:
+            good.kill()
+    assert good.returncode == 1 and "a collective failed" in err, err
+    no_task = _mbbo(["run", "--task", "ndcg", "--algorithm", "song", "--iterations", "1", "--nproc", "2"])
+    assert no_task.returncode == 2 and "does not run on several processes" in no_task.stderr
+    assert "the tasks that do: " in no_task.stderr and "hyperparam" in no_task.stderr
+    no_algorithm = _mbbo(["run", "--task", "quadratic", "--algorithm", "soba", "--iterations", "1", "--nproc", "2"])
+    assert no_algorithm.returncode == 2 and "does not run block-sharded" in no_algorithm.stderr

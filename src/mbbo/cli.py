@@ -53,7 +53,14 @@ from mbbo.algorithms.restart import Restarted
 from mbbo.checkpoint import CheckpointError
 from mbbo.config import apply_overrides, coerce_fields, coerce_value, load_config
 from mbbo.data.libsvm import available_datasets
-from mbbo.distributed import BlockShard, RankGroup, init_from_env, world_from_env
+from mbbo.distributed import (
+    BlockShard,
+    DistributedError,
+    RankGroup,
+    init_from_env,
+    timeout_seconds,
+    world_from_env,
+)
 from mbbo.plotting import X_AXES, plot_runs
 from mbbo.runner import (
     CHECKPOINT_FILE,
@@ -515,12 +522,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     experiment.spec.check_algorithm(experiment.algorithm, experiment.settings, problem)
     if group is not None:
+        problem.shard = BlockShard.from_process_group(problem.num_blocks)  # refuses R > m
         block_batch = int(experiment.hyper.get("block_batch", 1))
         if block_batch < world:
             raise ValueError(f"block_batch = {block_batch} sampled blocks cannot keep {world} processes busy (each "
                              f"computes the sampled blocks it owns): use at most {block_batch} processes or set "
                              f"block_batch >= {world}")
-        problem.shard = BlockShard.from_process_group(problem.num_blocks)
     extra = {"compile": True} if options.compile else {}
     if experiment.spec.make_method is not None:
         algorithm = experiment.spec.make_method(experiment.algorithm, problem, evaluator, options.seed,
@@ -544,6 +551,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (DivergenceError, RunWriteError) as exc:
         print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except RuntimeError as exc:
+        if group is None or isinstance(exc, CheckpointError | RunLockedError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(
+            f"rank {rank} of {world}: a collective failed ({first[:300]}); another process probably died (see its "
+            f"error) or did not answer within $MBBO_DIST_TIMEOUT = {timeout_seconds():g} s. Resume from the last "
+            f"complete checkpoint set with: mbbo run --out {args.out or experiment.out_dir} --resume --nproc {world}"
+        ) from exc
     if rank > 0:
         return 0
     files = ", ".join(name for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)
@@ -788,6 +804,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             RunLockedError) as exc:
         print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except DistributedError as exc:
+        print(f"mbbo: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except RunInterrupted as exc:  # a signal before the run started (loading data, building, warm-up)
         print(f"mbbo: {exc.message} before the run started; nothing was written", file=sys.stderr)
         return exc.exit_code

@@ -33,10 +33,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-__all__ = ["DEFAULT_TIMEOUT_S", "BlockShard", "RankGroup", "free_port", "init_from_env", "launch", "process_group_size",
-           "strip_nproc", "timeout_seconds", "world_from_env"]
+__all__ = ["DEFAULT_TIMEOUT_S", "BlockShard", "DistributedError", "RankGroup", "free_port", "init_from_env", "launch",
+           "process_group_size", "strip_nproc", "timeout_seconds", "world_from_env"]
 
 DEFAULT_TIMEOUT_S = 120.0
+
+
+class DistributedError(RuntimeError):
+    """A multi-process run could not start (rendezvous) or lost a process (a collective failed or timed out)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,7 +68,7 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> bool:
     bounds the rendezvous and every collective.
 
     Raises:
-        RuntimeError: the rendezvous at MASTER_ADDR:MASTER_PORT was not reached within the timeout.
+        DistributedError: the rendezvous at MASTER_ADDR:MASTER_PORT was not reached within the timeout.
     """
     rank, world = world_from_env()
     if world <= 1:
@@ -77,7 +81,7 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> bool:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
         except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError / DistNetworkError are RuntimeErrors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(
+            raise DistributedError(
                 f"rank {rank} of {world} could not join the process group at {address} within {seconds:g} s "
                 f"({first}); check that rank 0 runs, that MASTER_ADDR/MASTER_PORT (torchrun --rdzv-endpoint) "
                 "are reachable from this machine, and the firewall; $MBBO_DIST_TIMEOUT sets the timeout"
