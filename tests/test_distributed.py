@@ -254,10 +254,8 @@ def test_a_rank_killed_mid_run_stops_the_others_and_leaves_a_usable_checkpoint_s
 
 @pytest.mark.slow
 def test_start_up_errors_of_multi_process_runs(tmp_path: Path) -> None:
-    """Too many processes for the blocks or the block batch, an unreachable rendezvous, a rank that fails at
-    start-up (the other exits within the timeout), tasks and algorithms that do not shard: clear errors."""
-    too_many = _mbbo([*_quadratic_args(tmp_path / "a", 5), "num_blocks=2", "block_batch=2", "--nproc", "3"])
-    assert too_many.returncode == 2 and "3 processes cannot share m = 2 blocks" in too_many.stderr, too_many.stderr
+    """Too many processes for the block batch, an unreachable rendezvous, a rank that fails at start-up (the
+    other exits within the timeout): clear errors (too many for the blocks: `BlockShard`'s test)."""
     batch = _mbbo([*_quadratic_args(tmp_path / "b", 5), "block_batch=1", "--nproc", "2"])
     assert batch.returncode == 2 and "block_batch = 1 sampled blocks cannot keep 2" in batch.stderr, batch.stderr
     started = time.monotonic()
@@ -280,8 +278,15 @@ def test_start_up_errors_of_multi_process_runs(tmp_path: Path) -> None:
         if good.poll() is None:
             good.kill()
     assert good.returncode == 1 and "a collective failed" in err, err
-    no_task = _mbbo(["run", "--task", "ndcg", "--algorithm", "song", "--iterations", "1", "--nproc", "2"])
-    assert no_task.returncode == 2 and "does not run on several processes" in no_task.stderr
-    assert "the tasks that do: " in no_task.stderr and "hyperparam" in no_task.stderr
-    no_algorithm = _mbbo(["run", "--task", "quadratic", "--algorithm", "soba", "--iterations", "1", "--nproc", "2"])
-    assert no_algorithm.returncode == 2 and "does not run block-sharded" in no_algorithm.stderr
+
+
+def test_tasks_and_algorithms_that_do_not_shard_are_refused_before_spawning(capsys: pytest.CaptureFixture[str]
+                                                                           ) -> None:
+    from mbbo.cli import main
+
+    assert main(["run", "--task", "ndcg", "--algorithm", "song", "--iterations", "1", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "task 'ndcg' does not run on several processes (--nproc); the tasks that do: " in err
+    assert "hyperparam" in err and "quadratic" in err
+    assert main(["run", "--task", "quadratic", "--algorithm", "soba", "--iterations", "1", "--nproc", "2"]) == 2
+    assert "algorithm 'soba' does not run block-sharded over several processes" in capsys.readouterr().err

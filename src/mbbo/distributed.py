@@ -77,6 +77,8 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> bool:
         seconds = timeout_seconds(timeout_s)
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        if backend == "nccl":  # one GPU per local process
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
         except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError / DistNetworkError are RuntimeErrors
@@ -311,7 +313,7 @@ class BlockShard:
         return out
 
     def _exchange_shapes(self, tails: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
-        flat = torch.tensor([s for tail in tails for s in tail] or [0], dtype=torch.long)
+        flat = torch.tensor([s for tail in tails for s in tail] or [0], dtype=torch.long, device=_collective_device())
         received = [torch.empty_like(flat) for _ in range(self.world_size)]
         dist.all_gather(received, flat)
         self.collectives += 1
@@ -329,10 +331,17 @@ class BlockShard:
         if not self.distributed:
             return dict(counts)
         keys = list(counts)  # the same order on every rank (the oracles' kinds)
-        values = torch.tensor([int(counts[k]) for k in keys], dtype=torch.long)
+        values = torch.tensor([int(counts[k]) for k in keys], dtype=torch.long, device=_collective_device())
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         self.collectives += 1
         return dict(zip(keys, (int(v) for v in values.tolist()), strict=True))
+
+
+def _collective_device() -> torch.device:
+    """Where small bookkeeping tensors of a collective live: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
