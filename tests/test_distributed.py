@@ -172,9 +172,10 @@ def _without_time(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _t1_args(data: Path, out: Path, iterations: int) -> list[str]:
+def _t1_args(data: Path, out: Path, iterations: int, checkpoint_every: bool = True) -> list[str]:
+    every = ["--checkpoint-every", "3"] if checkpoint_every else []
     return ["run", "--task", "hyperparam", "--dataset", "a8a", "--data-dir", str(data / "libsvm"), "--algorithm",
-            "bsvrb_v2", "--iterations", str(iterations), "--eval-every", "3", "--checkpoint-every", "3",
+            "bsvrb_v2", "--iterations", str(iterations), "--eval-every", "3", *every,
             "--no-progress", "--out", str(out), "--set", "num_blocks=6", "block_batch=3", "batch_size=8"]
 
 
@@ -193,7 +194,8 @@ def test_nproc_and_torchrun_write_the_metrics_of_one_process_and_resume_bit_iden
     assert not (tmp_path / "two" / "rank1" / "metrics.jsonl").exists()
     assert sorted(p.name for p in (tmp_path / "two" / "rank1").glob("shard-*.pt")) == ["shard-000000006.pt",
                                                                                       "shard-000000009.pt"]
-    torchrun = _mbbo(_t1_args(shared_data, tmp_path / "torchrun", 9),
+    # the default checkpoint rule (time budget): rank 0 decides at evaluations, the other rank follows
+    torchrun = _mbbo(_t1_args(shared_data, tmp_path / "torchrun", 9, checkpoint_every=False),
                      launcher=["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
     assert torchrun.returncode == 0, torchrun.stderr
     assert _without_time(tmp_path / "torchrun" / "metrics.jsonl") == expected
@@ -290,3 +292,20 @@ def test_tasks_and_algorithms_that_do_not_shard_are_refused_before_spawning(caps
     assert "hyperparam" in err and "quadratic" in err
     assert main(["run", "--task", "quadratic", "--algorithm", "soba", "--iterations", "1", "--nproc", "2"]) == 2
     assert "algorithm 'soba' does not run block-sharded over several processes" in capsys.readouterr().err
+
+
+def test_world_and_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mbbo.distributed import DEFAULT_TIMEOUT_S, process_group_size, timeout_seconds, world_from_env
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MBBO_DIST_TIMEOUT", raising=False)
+    assert world_from_env() == (0, 1) and process_group_size() == 1
+    assert timeout_seconds() == DEFAULT_TIMEOUT_S and timeout_seconds(5) == 5.0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MBBO_DIST_TIMEOUT", "7.5")
+    assert world_from_env() == (1, 4) and timeout_seconds() == 7.5
+    monkeypatch.setenv("MBBO_DIST_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="MBBO_DIST_TIMEOUT must be a number of seconds > 0"):
+        timeout_seconds()

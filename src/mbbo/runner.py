@@ -26,7 +26,8 @@ evaluates (the task reduces over the ranks) but only rank 0 writes `metrics.json
 each rank writes its state (its blocks' tables and the replicated state) atomically to `out_dir/shard-<N>.pt`;
 after a barrier, rank 0 writes `checkpoint.pt`, a manifest (`"distributed"`: world size, partition,
 iteration N) with the runner's state; each rank keeps its two newest shard files, so the manifest always names
-a complete set, whichever rank is killed when. Resuming reads the manifest on rank 0 and broadcasts it; a
+a complete set, whichever rank is killed when. Without `checkpoint_every`, rank 0 decides at each evaluation
+whether a checkpoint is due (its time budget) and the others follow. Resuming reads the manifest on rank 0 and broadcasts it; a
 different number of processes is refused, saying how many to use. SIGINT/SIGTERM are not turned into a clean
 stop there (one rank stopping alone would leave the others waiting): resume from the last checkpoint set.
 
@@ -335,6 +336,13 @@ class _Run:
             return True
         if every is not None:
             return iteration % every == 0
+        if self.group is not None:
+            # the ranks must agree: rank 0's time-based decision, at evaluations only (which all ranks share)
+            return bool(evaluated and self.group.broadcast(self.timely(evaluated)))
+        return self.timely(evaluated)
+
+    def timely(self, evaluated: bool) -> bool:
+        """The default rule's time part: the 2 % budget after an evaluation, or `checkpoint_seconds`."""
         since = time.perf_counter() - self.last_checkpoint_wall
         floor = self.checkpoint_cost / CHECKPOINT_BUDGET
         if evaluated and since >= floor:
