@@ -27,9 +27,10 @@ each rank writes its state (its blocks' tables and the replicated state) atomica
 after a barrier, rank 0 writes `checkpoint.pt`, a manifest (`"distributed"`: world size, partition,
 iteration N) with the runner's state; each rank keeps its two newest shard files, so the manifest always names
 a complete set, whichever rank is killed when. Without `checkpoint_every`, rank 0 decides at each evaluation
-whether a checkpoint is due (its time budget) and the others follow. Resuming reads the manifest on rank 0 and broadcasts it; a
-different number of processes is refused, saying how many to use. SIGINT/SIGTERM are not turned into a clean
-stop there (one rank stopping alone would leave the others waiting): resume from the last checkpoint set.
+whether a checkpoint is due (its time budget) and the others follow. Resuming reads the manifest on rank 0
+and broadcasts it; a different number of processes is refused, saying how many to use. SIGINT/SIGTERM are
+not turned into a clean stop there (one rank stopping alone would leave the others waiting): resume from the
+last checkpoint set.
 
 Guards: a non-finite state (NaN/inf) or a finite but exploding one (the norm of the iterate `x`, or a loss
 metric: `*loss`, `objective`, `value`, larger than `divergence_factor` times its initial magnitude, floored at
