@@ -276,6 +276,7 @@ class MultiBlockAlgorithm(BilevelAlgorithm):
     y: MovingBlocks | DelayedBlocks  # the lower variables of all blocks
 
     def lower_variables(self) -> Tensor:
+        """Current lower variables of this process's blocks (all m in a 1-process run), one row per block."""
         return self.y.current_all(self.iteration)
 
     def lower_variables_of(self, blocks: Tensor) -> Tensor:
