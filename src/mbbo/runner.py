@@ -25,7 +25,8 @@ processes, each in its own `out_dir` (the CLI: OUT for rank 0, OUT/rank<r> for t
 evaluates (the task reduces over the ranks) but only rank 0 writes `metrics.jsonl`. A checkpoint is a set:
 each rank writes its state (its blocks' tables and the replicated state) atomically to `out_dir/shard-<N>.pt`;
 after a barrier, rank 0 writes `checkpoint.pt`, a manifest (`"distributed"`: world size, partition,
-iteration N) with the runner's state; each rank keeps its two newest shard files, so the manifest always names
+iteration N) with the runner's state; each rank keeps its shard files of this and the previous checkpoint
+(older ones and stale ones of an earlier run go), so the manifest always names
 a complete set, whichever rank is killed when. Without `checkpoint_every`, rank 0 decides at each evaluation
 whether a checkpoint is due (its time budget) and the others follow. Resuming reads the manifest on rank 0
 and broadcasts it; a different number of processes is refused, saying how many to use. SIGINT/SIGTERM are
@@ -95,7 +96,6 @@ RESERVED_KEYS = ("iteration", "epoch", "time", "oracle_calls")
 RUNNER_KEY = "runner"
 CHECKPOINT_FORMAT = 1
 SHARD_FILE = "shard-{:09d}.pt"
-SHARDS_KEPT = 2
 PARTITION = "block i on rank i mod R"
 
 
@@ -453,9 +453,11 @@ class _Run:
                                        "iteration": self.iteration, "shard_file": shard.name}
             path = self.out_dir / CHECKPOINT_FILE
             self.write(path, lambda: save_checkpoint(path, manifest))
-        # the manifest names this set or the previous one: keep both
-        for old in sorted(self.out_dir.glob("shard-*.pt"))[:-SHARDS_KEPT]:
-            old.unlink(missing_ok=True)
+        # the manifest names this set or the previous one (until rank 0 has written it): keep exactly these two
+        keep = {SHARD_FILE.format(i) for i in (self.iteration, self.last_checkpoint) if i is not None}
+        for old in self.out_dir.glob("shard-*.pt"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
     @property
     def checks_each_step(self) -> bool:
