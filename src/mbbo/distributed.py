@@ -295,6 +295,7 @@ class BlockShard:
         dist.all_gather(received, buffer)
         self.collectives += 1
         self.bytes_sent += total
+        positions = [(owners == q).nonzero().squeeze(-1).to(device) for q in range(self.world_size)]
         out = []
         for k, (t, d) in enumerate(parts):
             tail = tuple(max(all_tails[q][k][j] for q in range(self.world_size)) for j in range(len(tails[k])))
@@ -304,11 +305,10 @@ class BlockShard:
                     continue
                 start = sum(sizes[q][:k])
                 rows = _from_bytes(received[q][start: start + sizes[q][k]], t.dtype, (nmax, *all_tails[q][k]))
-                index = (owners == q).nonzero().squeeze(-1).to(device)
                 if tuple(rows.shape[1:]) == tail:
-                    full[index] = rows[: counts[q]]
+                    full[positions[q]] = rows[: counts[q]]
                 else:  # pad the last dimension with zeros
-                    full[index, ..., : rows.shape[-1]] = rows[: counts[q]]
+                    full[positions[q], ..., : rows.shape[-1]] = rows[: counts[q]]
             out.append(full.movedim(0, d))
         return out
 
