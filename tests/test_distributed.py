@@ -33,6 +33,8 @@ CASES: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
      {"block_batch": 3, "block_sampling": "reshuffle", "lr": 0.05}),
     ("rsvrb-uniform-quad", "quadratic", {"num_blocks": 7, "dim_x": 4, "dim_y": 3, "batch_size": 2}, "rsvrb",
      {"block_batch": 3, "block_sampling": "uniform", "lr": 0.05}),
+    ("ma_v2-eager-uniform-quad", "quadratic", {"num_blocks": 7, "dim_x": 4, "dim_y": 3, "batch_size": 2}, "ma_v2",
+     {"block_batch": 3, "block_sampling": "uniform", "lr": 0.05, "lazy": False}),
     ("re_v2-reshuffle-quad", "quadratic", {"num_blocks": 7, "dim_x": 4, "dim_y": 3, "batch_size": 2}, "re_bsvrb_v2",
      {"block_batch": 3, "block_sampling": "reshuffle", "lr": 0.05, "stage_length": 3}),
 ]
@@ -120,8 +122,9 @@ def _check_equal(cases: list[Any], tmp_path: Path, data_dir: str | None) -> None
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_quadratic(tmp_path: Path) -> None:
-    """BSVRB v1, v2, RSVRB and RE-BSVRB_v2, uniform and reshuffled block sampling: x at every step, the lower
-    variables and the oracle counts of 2 block-sharded processes equal the 1-process run exactly."""
+    """BSVRB v1, v2, RSVRB, the moving-average baseline (eager all-block updates) and RE-BSVRB_v2, uniform and
+    reshuffled block sampling: x at every step, the lower variables and the oracle counts of 2 block-sharded
+    processes equal the 1-process run exactly."""
     _check_equal(CASES, tmp_path, None)
 
 
