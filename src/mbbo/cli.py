@@ -491,7 +491,8 @@ def _check_multiprocess(spec: TaskSpec, algorithm: str | None, world: int, how: 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """`mbbo run`: resolve, build, run, report. Under torchrun / --nproc, rank 0 writes OUT and rank r > 0
-    writes its own log and checkpoint in OUT/rank<r> (each rank resumes from its own)."""
+    writes in OUT/rank<r>: for the federated tasks its own log and checkpoint (each rank resumes from its own);
+    for the block-sharded tasks its checkpoint shards only (rank 0 writes the log and the manifest)."""
     experiment = resolve_experiment(args)
     rank, world = _world()
     group = None
