@@ -54,6 +54,14 @@ from mbbo.checkpoint import CheckpointError
 from mbbo.compilation import COMPILE_CHOICES
 from mbbo.config import apply_overrides, coerce_fields, coerce_value, load_config
 from mbbo.data.libsvm import available_datasets
+from mbbo.distributed import (
+    BlockShard,
+    DistributedError,
+    RankGroup,
+    init_from_env,
+    timeout_seconds,
+    world_from_env,
+)
 from mbbo.plotting import X_AXES, plot_runs
 from mbbo.runner import (
     CHECKPOINT_FILE,
@@ -473,23 +481,36 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def _world() -> tuple[int, int]:
     """(rank, world size) from torchrun-style variables ((0, 1) for a single process)."""
-    import os
+    return world_from_env()
 
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+def _check_multiprocess(spec: TaskSpec, algorithm: str | None, world: int, how: str) -> None:
+    """Fail at start-up when the task or the algorithm does not run on several processes."""
+    if not spec.distributed:
+        able = ", ".join(name for name in task_names() if TASKS[name].distributed)
+        raise ValueError(f"task {spec.name!r} does not run on several processes ({how}); the tasks that do: {able}")
+    if spec.sharded and algorithm is not None:
+        cls, _ = spec.algorithm_class(algorithm)
+        if not getattr(cls, "shardable", False):
+            raise ValueError(f"algorithm {algorithm!r} does not run block-sharded over several processes ({how}); "
+                             "the ones that do: bsvrb_v1, bsvrb_v2, ma_v1, ma_v2, rsvrb and their re_<name> variants")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """`mbbo run`: resolve, build, run, report. Under torchrun / --nproc, rank 0 writes OUT and rank r > 0
-    writes its own log and checkpoint in OUT/rank<r> (each rank resumes from its own)."""
+    writes in OUT/rank<r>: for the federated tasks its own log and checkpoint (each rank resumes from its own);
+    for the block-sharded tasks its checkpoint shards only (rank 0 writes the log and the manifest)."""
     experiment = resolve_experiment(args)
     rank, world = _world()
+    group = None
     if world > 1:
-        if not experiment.spec.distributed:
-            raise ValueError(f"task {experiment.spec.name!r} does not run on several processes "
-                             f"(WORLD_SIZE={world})")
+        _check_multiprocess(experiment.spec, experiment.algorithm, world, f"WORLD_SIZE={world}")
         if rank > 0:
             experiment = dataclasses.replace(experiment, out_dir=experiment.out_dir / f"rank{rank}")
             args.no_progress = True
+        if experiment.spec.sharded:  # block-sharded: the runner writes checkpoint sets, rank 0 the log
+            init_from_env(device=experiment.options.device)
+            group = RankGroup()
     options = experiment.options
     # validate the budget before anything is loaded; eval_every is fixed once the epoch length is known
     run_config = RunConfig(out_dir=experiment.out_dir, iterations=options.iterations, epochs=options.epochs,
@@ -497,8 +518,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            checkpoint_seconds=options.checkpoint_seconds,
                            divergence_factor=options.divergence_factor,
                            progress=not args.no_progress, overwrite=args.overwrite,
-                           compile_auto=options.compile == "auto")
-    _check_out_dir(experiment.out_dir, args.resume, args.overwrite)
+                           # a timed choice could differ between ranks: multi-process runs compile only when asked
+                           compile_auto=options.compile == "auto" and world == 1)
+    # a rank > 0 of a sharded run has no checkpoint.pt of its own (rank 0 holds the manifest)
+    _check_out_dir(experiment.out_dir, args.resume and (group is None or rank == 0), args.overwrite)
     if isinstance(options.threads, bool) or options.threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {options.threads!r}")
     torch.set_num_threads(options.threads)
@@ -508,6 +531,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         dtype=DTYPES[options.dtype], device=options.device,
     )
     experiment.spec.check_algorithm(experiment.algorithm, experiment.settings, problem)
+    if group is not None:
+        problem.shard = BlockShard.from_process_group(problem.num_blocks)  # refuses R > m
+        block_batch = int(experiment.hyper.get("block_batch", 1))
+        if block_batch < world:
+            raise ValueError(f"block_batch = {block_batch} sampled blocks cannot keep {world} processes busy (each "
+                             f"computes the sampled blocks it owns): use at most {block_batch} processes or set "
+                             f"block_batch >= {world}")
     extra = {"compile": True} if options.compile == "yes" else {}
     if experiment.spec.make_method is not None:
         algorithm = experiment.spec.make_method(experiment.algorithm, problem, evaluator, options.seed,
@@ -519,7 +549,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         per_epoch = max(1, round(evaluator.iterations_per_epoch()))
         run_config = dataclasses.replace(run_config, eval_every=per_epoch)
     try:
-        records = run(algorithm, evaluator, run_config, resume=args.resume, extra_config=experiment.config())
+        records = run(algorithm, evaluator, run_config, resume=args.resume, extra_config=experiment.config(),
+                      group=group)
     except RunInterrupted as exc:
         print(f"mbbo: {exc.message}", file=sys.stderr)
         return exc.exit_code
@@ -530,6 +561,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (DivergenceError, RunWriteError) as exc:
         print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except RuntimeError as exc:
+        if group is None or isinstance(exc, CheckpointError | RunLockedError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(
+            f"rank {rank} of {world}: a collective failed ({first[:300]}); another process probably died (see its "
+            f"error) or did not answer within $MBBO_DIST_TIMEOUT = {timeout_seconds():g} s. Resume from the last "
+            f"complete checkpoint set with: mbbo run --out {args.out or experiment.out_dir} --resume --nproc {world}"
+        ) from exc
     if rank > 0:
         return 0
     files = ", ".join(name for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)
@@ -705,7 +745,8 @@ def _add_run_parser(subparsers: Any) -> None:
                         "reported as compile_time, out of time")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that already holds a run")
     p.add_argument("--nproc", type=_positive_int, default=None,
-                   help="run in N local processes (gloo on 127.0.0.1; tasks with torch.distributed support)")
+                   help="run in N local processes (gloo on 127.0.0.1): the multi-block tasks (hyperparam, quadratic) "
+                        "shard their blocks over them, the federated tasks their clients")
     p.set_defaults(func=_cmd_run)
 
 
@@ -765,9 +806,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _terminate_as_interrupt()
     try:
         if getattr(args, "nproc", None) and args.nproc > 1 and _world() == (0, 1):
-            if args.task is not None and not get_task(args.task).distributed:  # fail before spawning
-                raise ValueError(f"task {args.task!r} does not run on several processes (--nproc)")
-            from mbbo.federated.launch import launch
+            if args.task is not None:  # fail before spawning
+                _check_multiprocess(get_task(args.task), args.algorithm, args.nproc, "--nproc")
+            from mbbo.distributed import launch
 
             return launch(sys.argv[1:] if argv is None else list(argv), args.nproc)
         return int(args.func(args))
@@ -775,6 +816,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             RunLockedError) as exc:
         print(f"mbbo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except DistributedError as exc:
+        print(f"mbbo: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except RunInterrupted as exc:  # a signal before the run started (loading data, building, warm-up)
         print(f"mbbo: {exc.message} before the run started; nothing was written", file=sys.stderr)
         return exc.exit_code

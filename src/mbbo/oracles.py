@@ -158,19 +158,40 @@ class Oracles:
 
     def _block_data(self, blocks: Tensor) -> Batch:
         """The sampled blocks' constants, gathered once per block sample (several oracles share it)."""
-        if blocks is not self._gathered_for:
+        if self._gathered_for is None or not (blocks is self._gathered_for or (
+                blocks.shape == self._gathered_for.shape and bool((blocks == self._gathered_for).all()))):
             self._gathered = self.problem.with_block_data({}, blocks)
             self._gathered_for = blocks
         return self._gathered
 
     def _call(self, name: str, x: Tensor, *args: Tensor, batch: Batch, blocks: Tensor):
+        # `blocks` are the table rows of the calling method: the block ids, or this process's local rows
+        # when blocks are sharded (`mbbo.distributed.BlockShard`); block data and losses get the block ids
+        shard = self.problem.shard
+        if blocks.shape[0] == 0:
+            return self._call_empty(name, x, *args, batch=batch, blocks=blocks)
+        blocks = shard.global_ids(blocks)
         batch = {**batch, **self._block_data(blocks)}
-        if args[0].shape[0] == 1 and blocks.shape[0] == 1 and not self.compiled:
+        # sharded: always vmapped, so that a block's result does not depend on how many blocks a process holds
+        if args[0].shape[0] == 1 and blocks.shape[0] == 1 and not self.compiled and not shard.distributed:
             # one point, one block (single-block methods): call the function itself, no vmap overhead
             x1 = x[0, 0] if self.problem.sparse_x else x[0]
             out = self._fns[name][0](x1, *(a[0, 0] for a in args), {k: v[0] for k, v in batch.items()}, blocks[0])
             return _lift(out)
         return self._vmapped[name](x, *args, batch, blocks)
+
+    def _call_empty(self, name: str, x: Tensor, *args: Tensor, batch: Batch, blocks: Tensor):
+        """Results of shape (P, 0, ...) for no block (a sharded process that owns none of the sampled
+        blocks): vmap cannot run over zero blocks, so one zero block of block 0 is evaluated and dropped."""
+        def one(t: Tensor, dim: int) -> Tensor:
+            return t.new_zeros((*t.shape[:dim], 1, *t.shape[dim + 1:]))
+
+        x1 = one(x, 1) if self.problem.sparse_x else x
+        out = self._call(name, x1, *(one(a, 1) for a in args), batch={k: one(v, 0) for k, v in batch.items()},
+                         blocks=torch.zeros(1, dtype=blocks.dtype, device=blocks.device))
+        if isinstance(out, tuple):
+            return tuple(o[:, :0] for o in out)
+        return out[:, :0]
 
     def _x_args(self, x: Tensor, batch: Batch) -> Tensor:
         """Dense x (P, d_x) as is; sparse x gathered to the batch rows (P, B, b) before vmap."""

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
+from mbbo.distributed import BlockShard
 from mbbo.state import StateFields
 
 Batch = dict[str, Tensor]
@@ -145,9 +146,12 @@ class RowSampler(StateFields):
         self.permutation: Tensor | None = None
         self.position = 0  # rows of the current permutation already taken
 
-    def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+    def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None, *,
+               keep: Tensor | None = None) -> Batch:
+        """Rows for each of `blocks`; `keep` (a mask over `blocks`) gathers the data of those blocks only,
+        after drawing the rows of all of them (a block-sharded rank draws as the 1-process run does)."""
         if self.order == "replacement":
-            return self.sample_initial(blocks, generator, batch_size)
+            return self.sample_initial(blocks, generator, batch_size, keep=keep)
         b = batch_size or self.batch_size
         need = blocks.shape[0] * b
         if need > self.n_rows:
@@ -156,21 +160,24 @@ class RowSampler(StateFields):
             reps = -(-need // self.n_rows)
             perms = [torch.randperm(self.n_rows, generator=generator, device=generator.device) for _ in range(reps)]
             self.permutation, self.position = None, 0
-            return self._gather(blocks, torch.cat(perms)[:need].view(blocks.shape[0], b).to(self._device))
+            return self._gather(blocks, torch.cat(perms)[:need].view(blocks.shape[0], b).to(self._device), keep)
         if self.permutation is None or self.position + need > self.n_rows:
             self.permutation = torch.randperm(self.n_rows, generator=generator, device=generator.device)
             self.position = 0
         index = self.permutation[self.position: self.position + need].view(blocks.shape[0], b)
         self.position += need
-        return self._gather(blocks, index.to(self._device))
+        return self._gather(blocks, index.to(self._device), keep)
 
-    def sample_initial(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Batch:
+    def sample_initial(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None, *,
+                       keep: Tensor | None = None) -> Batch:
         """Rows with replacement (the `replacement` order; initialisation batches under `reshuffle`)."""
         b = batch_size or self.batch_size
         index = torch.randint(self.n_rows, (blocks.shape[0], b), generator=generator, device=generator.device)
-        return self._gather(blocks, index.to(self._device))
+        return self._gather(blocks, index.to(self._device), keep)
 
-    def _gather(self, blocks: Tensor, index: Tensor) -> Batch:
+    def _gather(self, blocks: Tensor, index: Tensor, keep: Tensor | None = None) -> Batch:
+        if keep is not None:
+            blocks, index = blocks[keep], index[keep.to(index.device)]
         if self.per_block:
             out = {k: v[blocks[:, None].to(self._device), index] for k, v in self.data.items()}
         else:
@@ -301,6 +308,8 @@ class MultiBlockProblem:
         if m < 1:
             raise ValueError(f"the number of blocks m must be >= 1, got {m}")
         self.num_blocks = m
+        # which blocks this process owns (all of them unless a multi-process run shards them: `mbbo.distributed`)
+        self.shard = BlockShard(m)
         for key, value in self.block_data.items():
             if value.shape[0] != m:
                 hint = ""

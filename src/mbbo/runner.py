@@ -21,6 +21,19 @@ deterministic function of `state_dict()`. A resumed run must have the configurat
 the budget, evaluation and checkpoint frequencies, threads and compilation may change): anything else is
 refused before a file is touched, naming each key with both values.
 
+Multi-process (block-sharded) runs, `run(..., group=...)` with a :class:`mbbo.distributed.RankGroup` of R > 1
+processes, each in its own `out_dir` (the CLI: OUT for rank 0, OUT/rank<r> for the others): every rank
+evaluates (the task reduces over the ranks) but only rank 0 writes `metrics.jsonl`. A checkpoint is a set:
+each rank writes its state (its blocks' tables and the replicated state) atomically to `out_dir/shard-<N>.pt`;
+after a barrier, rank 0 writes `checkpoint.pt`, a manifest (`"distributed"`: world size, partition,
+iteration N) with the runner's state; each rank keeps its shard files of this and the previous checkpoint
+(older ones and stale ones of an earlier run go), so the manifest always names
+a complete set, whichever rank is killed when. Without `checkpoint_every`, rank 0 decides at each evaluation
+whether a checkpoint is due (its time budget) and the others follow. Resuming reads the manifest on rank 0
+and broadcasts it; a different number of processes is refused, saying how many to use. SIGINT/SIGTERM are
+not turned into a clean stop there (one rank stopping alone would leave the others waiting): resume from the
+last checkpoint set.
+
 Guards: a non-finite state (NaN/inf) or a finite but exploding one (the norm of the iterate `x`, or a loss
 metric: `*loss`, `objective`, `value`, larger than `divergence_factor` times its initial magnitude, floored at
 1) stops the run with :class:`DivergenceError`, keeping the last good checkpoint. SIGINT and SIGTERM write a
@@ -86,6 +99,8 @@ RESERVED_KEYS = ("iteration", "epoch", "time", "compile_time", "oracle_calls")
 AUTO_PROBE_ITERATIONS = 10
 RUNNER_KEY = "runner"
 CHECKPOINT_FORMAT = 1
+SHARD_FILE = "shard-{:09d}.pt"
+PARTITION = "block i on rank i mod R"
 
 
 class DivergenceError(RuntimeError):
@@ -297,7 +312,7 @@ class _Run:
     iterations_per_epoch: float
     iteration: int = 0
     elapsed: float = 0.0
-    log: MetricsLog | None = None
+    log: MetricsLog | _RecordsInMemory | None = None
     last_checkpoint: int | None = None
     bar: Any = field(default=None, repr=False)
     # scales of the divergence guard: max(1, |initial value|) of the iterate's norm and of each metric
@@ -310,6 +325,12 @@ class _Run:
     compile_time: float = 0.0  # seconds of torch.compile (construction and steps), kept out of `elapsed`
     probe: list[float] = field(default_factory=list)  # eager step times for `compile_auto`
     compile_decided: bool = False
+    group: Any = None  # a RankGroup in a multi-process run
+
+    @property
+    def writes_log(self) -> bool:
+        """Only rank 0 of a multi-process run writes metrics.jsonl."""
+        return self.group is None or self.group.rank == 0
 
     @property
     def out_dir(self) -> Path:
@@ -328,6 +349,13 @@ class _Run:
             return True
         if every is not None:
             return iteration % every == 0
+        if self.group is not None:
+            # the ranks must agree: rank 0's time-based decision, at evaluations only (which all ranks share)
+            return bool(evaluated and self.group.broadcast(self.timely(evaluated)))
+        return self.timely(evaluated)
+
+    def timely(self, evaluated: bool) -> bool:
+        """The default rule's time part: the 2 % budget after an evaluation, or `checkpoint_seconds`."""
         since = time.perf_counter() - self.last_checkpoint_wall
         floor = self.checkpoint_cost / CHECKPOINT_BUDGET
         if evaluated and since >= floor:
@@ -419,11 +447,31 @@ class _Run:
         """Write the checkpoint atomically and remember what it cost."""
         start = time.perf_counter()
         path = self.out_dir / CHECKPOINT_FILE
-        self.write(path, lambda: save_checkpoint(path, self.payload(state)))
+        if self.group is not None:
+            self.save_set(state)
+        else:
+            self.write(path, lambda: save_checkpoint(path, self.payload(state)))
         self.last_checkpoint = self.iteration
         self.last_checkpoint_wall = time.perf_counter()
         self.checkpoint_cost = self.last_checkpoint_wall - start
         self.checkpoint_total += self.checkpoint_cost
+
+    def save_set(self, state: dict[str, Any]) -> None:
+        """Multi-process checkpoint: this rank's shard, a barrier, rank 0's manifest, then old shards go."""
+        shard = self.out_dir / SHARD_FILE.format(self.iteration)
+        self.write(shard, lambda: save_checkpoint(shard, self.payload(state)))
+        self.group.barrier()  # every shard of this iteration is on disk
+        if self.group.rank == 0:
+            manifest = {k: v for k, v in self.payload({}).items() if k != "algorithm"}
+            manifest["distributed"] = {"world_size": self.group.world_size, "partition": PARTITION,
+                                       "iteration": self.iteration, "shard_file": shard.name}
+            path = self.out_dir / CHECKPOINT_FILE
+            self.write(path, lambda: save_checkpoint(path, manifest))
+        # the manifest names this set or the previous one (until rank 0 has written it): keep exactly these two
+        keep = {SHARD_FILE.format(i) for i in (self.iteration, self.last_checkpoint) if i is not None}
+        for old in self.out_dir.glob("shard-*.pt"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
     @property
     def checks_each_step(self) -> bool:
@@ -518,7 +566,7 @@ class _Run:
     @contextlib.contextmanager
     def signals_stop_cleanly(self) -> Iterator[None]:
         """SIGINT/SIGTERM set a flag that the loop reads between steps; a second signal stops at once."""
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() or self.group is not None:
             yield
             return
 
@@ -551,6 +599,9 @@ def _write_config(state: _Run) -> None:
 def _check_fresh_dir(config: RunConfig) -> None:
     """Refuse to clobber an existing run unless `overwrite`; with it, remove the stale checkpoint."""
     checkpoint = config.out_dir / CHECKPOINT_FILE
+    if config.overwrite:
+        for shard in config.out_dir.glob("shard-*.pt"):
+            shard.unlink(missing_ok=True)
     existing = [name for name in (CHECKPOINT_FILE, METRICS_FILE) if (config.out_dir / name).exists()]
     if existing and not config.overwrite:
         raise FileExistsError(
@@ -569,7 +620,10 @@ def _start_fresh(state: _Run) -> None:
     else:
         state.checked_state()
     log_path = state.out_dir / METRICS_FILE
-    state.write(log_path, lambda: setattr(state, "log", MetricsLog(log_path)))
+    if state.writes_log:
+        state.write(log_path, lambda: setattr(state, "log", MetricsLog(log_path)))
+    else:
+        state.log = _RecordsInMemory(log_path)
     state.evaluate()
 
 
@@ -606,13 +660,47 @@ def _check_config_change(path: Path, saved: Mapping[str, Any], current: Mapping[
                       + "; ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in versions), RuntimeWarning, stacklevel=4)
 
 
+def _manifest_of_set(state: _Run) -> dict[str, Any]:
+    """Multi-process resume: rank 0 reads and checks the manifest, every rank gets it (or the error)."""
+    group = state.group
+    path = state.out_dir / CHECKPOINT_FILE
+    found: Any = None
+    if group.rank == 0:
+        try:
+            manifest = load_checkpoint(path)
+            info = manifest.get("distributed")
+            if info is None:
+                raise CheckpointError(f"{path} was written by a 1-process run; resume it without --nproc / torchrun "
+                                      "(re-sharding a checkpoint to several processes is not supported)")
+            if info["world_size"] != group.world_size:
+                raise CheckpointError(
+                    f"{path} was written by {info['world_size']} processes and this run has {group.world_size}; "
+                    f"resume with --nproc {info['world_size']} (or torchrun --nproc-per-node "
+                    f"{info['world_size']}), or start a new run with --overwrite (re-sharding a checkpoint to "
+                    "another number of processes is not supported)")
+            found = {"manifest": manifest}
+        except (CheckpointError, KeyError, TypeError) as exc:
+            found = {"error": f"cannot resume: {exc}"}
+    found = group.broadcast(found)
+    if "error" in found:
+        raise CheckpointError(found["error"])
+    return found["manifest"]
+
+
 def _load_for_resume(state: _Run) -> dict[str, Any]:
     """Read the checkpoint and check it against this run (before anything in `out_dir` is written)."""
     path = state.out_dir / CHECKPOINT_FILE
+    if state.group is not None:
+        manifest = _manifest_of_set(state)
+        path = state.out_dir / SHARD_FILE.format(manifest["distributed"]["iteration"])
     try:
         payload = load_checkpoint(path)
     except CheckpointNotFoundError as exc:
         raise CheckpointNotFoundError(f"cannot resume: no checkpoint at {path}") from exc
+    if state.group is None and "distributed" in payload:
+        world = payload["distributed"]["world_size"]
+        raise CheckpointError(f"cannot resume: {path} is the manifest of a run of {world} processes; resume with "
+                              f"--nproc {world} (or torchrun --nproc-per-node {world})")
     missing = sorted({"algorithm", "runner"} - set(payload))
     if missing or not isinstance(payload.get("runner"), Mapping) or "iteration" not in payload["runner"]:
         raise CheckpointError(f"checkpoint {path} lacks {missing or ['runner.iteration']}; was it written by "
@@ -643,6 +731,11 @@ def _resume(state: _Run, payload: dict[str, Any]) -> None:
     state.last_checkpoint = state.iteration
     keep_current = state.eval_due(state.iteration)
     path = state.out_dir / METRICS_FILE
+    if not state.writes_log:
+        state.log = _RecordsInMemory(path)
+        if state.group.broadcast(None):  # rank 0's decision below: all ranks evaluate together
+            state.evaluate()
+        return
     state.write(path, lambda: setattr(state, "log", MetricsLog.resume(
         path, until=state.iteration, include_until=keep_current)))
     records = state.records()
@@ -654,7 +747,10 @@ def _resume(state: _Run, payload: dict[str, Any]) -> None:
             f"{path} ends at iteration {have}, but the checkpoint was written after its record of iteration "
             f"{expected}: the log was truncated or replaced. Restore it, or start afresh with --overwrite"
         )
-    if keep_current and not (records and records[-1]["iteration"] == state.iteration):
+    again = keep_current and not (records and records[-1]["iteration"] == state.iteration)
+    if state.group is not None:
+        state.group.broadcast(again)
+    if again:
         state.evaluate()
 
 
@@ -664,6 +760,24 @@ def _iterations_per_epoch(task: EvaluableTask) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"task.iterations_per_epoch() must be a positive number, got {value!r}")
     return value
+
+
+class _RecordsInMemory:
+    """The log of a rank > 0 of a multi-process run: records kept in memory, no file (rank 0 writes it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._records: list[dict[str, Any]] = []
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(record) for record in self._records]
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self._records.append(json.loads(json.dumps(record)))
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 @contextlib.contextmanager
@@ -704,6 +818,7 @@ def run(
     *,
     resume: bool = False,
     extra_config: Mapping[str, Any] | None = None,
+    group: Any = None,
 ) -> list[dict[str, Any]]:
     """Run `algorithm` for the configured budget, evaluating with `task`; return every metrics record.
 
@@ -729,6 +844,7 @@ def run(
         config: budget, frequencies, output directory and progress bar.
         resume: continue from `out_dir/checkpoint.pt` instead of starting afresh.
         extra_config: the resolved experiment configuration, saved in `config.json` and in checkpoints.
+        group: a :class:`mbbo.distributed.RankGroup` for a multi-process run (see the module docstring).
 
     Raises:
         DivergenceError: the state became non-finite or exploded.
@@ -748,6 +864,7 @@ def run(
         total=config.total_iterations(ipe),
         iterations_per_epoch=ipe,
         compile_time=_compile_seconds(algorithm),  # compiled while it was built (estimator initialisation)
+        group=group if group is not None and group.world_size > 1 else None,
     )
     with run_lock(config.out_dir), state.signals_stop_cleanly():
         payload = None

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from mbbo.blocks import BLOCK_SAMPLING, DelayedBlocks, MovingBlocks
-from mbbo.oracles import Oracles
-from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.oracles import Oracles, XGrad
+from mbbo.problem import Batch, MultiBlockProblem, RowSampler
 from mbbo.state import (
     STATE_FORMAT,
     UNSET,
@@ -123,6 +123,8 @@ class BilevelAlgorithm:
     Config: ClassVar[type[Hyper]] = Hyper
     # hyper-parameters a restart (RE-) divides at each stage; BSVRB's alpha, beta are estimator weights
     restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
+    # True for the methods whose per-block tables and hypergradient go through `self.shard`
+    shardable: ClassVar[bool] = False
     state: State
     iteration: int
     x: Tensor
@@ -153,16 +155,27 @@ class BilevelAlgorithm:
         # own copies: a reshuffling sampler's position is this run's state (saved in `state_dict`)
         self.lower_sampler = copy.copy(problem.lower_sampler)
         self.upper_sampler = copy.copy(problem.upper_sampler)
+        # the blocks this process owns (`mbbo.distributed.BlockShard`; all of them in a 1-process run)
+        self.shard = problem.shard
+        if self.shard.distributed and not self.shardable:
+            raise ValueError(f"{self.name} does not run block-sharded over several processes; the methods that do: "
+                             "bsvrb_v1, bsvrb_v2, ma_v1, ma_v2, rsvrb and their re_<name> variants")
 
     # --- sampling -----------------------------------------------------------------------------------
     def sample_batches(self, blocks: Tensor, batch_size: int | None = None, *, initial: bool = False
                        ) -> tuple[Batch, Batch]:
         """One lower and one upper mini-batch per block; `initial=True` for estimator initialisation, which a
         reshuffling row sampler serves outside its epochs (`RowSampler.sample_initial`)."""
+        keep = self.shard.owned(blocks)  # block-sharded: every rank draws for all blocks, keeps its own
         out = []
         for sampler, stream in ((self.lower_sampler, "lower"), (self.upper_sampler, "upper")):
             draw = getattr(sampler, "sample_initial", sampler.sample) if initial else sampler.sample
-            out.append(draw(blocks, self.generators[stream], batch_size))
+            if keep is None:
+                out.append(draw(blocks, self.generators[stream], batch_size))
+            elif isinstance(sampler, RowSampler):
+                out.append(draw(blocks, self.generators[stream], batch_size, keep=keep))
+            else:
+                out.append({k: v[keep] for k, v in draw(blocks, self.generators[stream], batch_size).items()})
         return out[0], out[1]
 
     def sampler_states(self) -> dict[str, Any]:
@@ -177,10 +190,18 @@ class BilevelAlgorithm:
             return torch.zeros_like(like)
         return torch.rand(like.shape, generator=self.generators[INIT_STREAM], dtype=like.dtype, device=like.device)
 
+    def filled_table(self, like: Tensor, how: str) -> Tensor:
+        """`filled` for a per-block table of this process's rows `like`: a block-sharded rank draws the
+        table of all m blocks (as the 1-process run does) and keeps its rows."""
+        if not self.shard.distributed or how == "zeros":
+            return self.filled(like, how)
+        return self.shard.table(self.filled(like.new_empty((self.problem.num_blocks, *like.shape[1:])), how))
+
     def blockwise_tables(self, rows: Callable[[Tensor, Batch, Batch], dict[str, Tensor]],
                          batch_size: int | None = None) -> dict[str, Tensor]:
         """Per-block tables (leading dimension m) built a chunk of blocks at a time: `rows(blocks, lower, upper)`
-        returns each table's rows for the blocks, from one mini-batch per block (of `batch_size`, drawn with
+        returns each table's rows for the blocks (the local rows of the blocks this process owns: all of them
+        in a 1-process run), from one mini-batch per block (of `batch_size`, drawn with
         `initial=True`: a reshuffling row sampler's epochs are left alone). O(m) once,
         with a bounded working set (initialising every block's estimators at m = 10^6 fits memory): the first
         chunk has INIT_CHUNK_BLOCKS blocks, the next ones as many as fit INIT_CHUNK_ELEMENTS elements of
@@ -191,13 +212,14 @@ class BilevelAlgorithm:
         while start < m:
             blocks = torch.arange(start, min(start + chunk, m), device=device)
             lower, upper = self.sample_batches(blocks, batch_size, initial=True)
-            new = rows(blocks, lower, upper)
+            local = self.shard.local(blocks)  # the table rows of the blocks this process owns
+            new = rows(local, lower, upper)
             for name, value in new.items():
                 if name not in tables:
-                    tables[name] = value.new_empty((m, *value.shape[1:]))
-                tables[name][blocks] = value
+                    tables[name] = value.new_empty((self.shard.num_local, *value.shape[1:]))
+                tables[name][local] = value
             if start == 0:
-                per_block = sum(t.numel() for t in (*lower.values(), *upper.values(), *new.values())) / len(blocks)
+                per_block = sum(t.numel() for t in (*lower.values(), *upper.values(), *new.values())) / len(local)
                 chunk = max(INIT_CHUNK_BLOCKS, int(INIT_CHUNK_ELEMENTS // max(per_block, 1.0)))
             start += len(blocks)
         return tables
@@ -221,7 +243,8 @@ class BilevelAlgorithm:
 
     # --- common protocol ----------------------------------------------------------------------------
     def oracle_counts(self) -> dict[str, int]:
-        return dict(self.oracles.counts)
+        """Oracle calls so far, of all processes in a block-sharded run (a collective there)."""
+        return self.shard.sum_counts(dict(self.oracles.counts))
 
     def oracle_calls_per_step(self) -> dict[str, int] | None:
         """The oracle calls one iteration (after the first) makes, by kind; None: not declared."""
@@ -243,7 +266,7 @@ class BilevelAlgorithm:
             "state": snapshot(self.state, f"{self.name} state"),
             "generators": generator_states(self.generators),
             "samplers": self.sampler_states(),
-            "oracle_counts": self.oracle_counts(),
+            "oracle_counts": dict(self.oracles.counts),  # this process's
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -282,11 +305,32 @@ class MultiBlockAlgorithm(BilevelAlgorithm):
     y: MovingBlocks | DelayedBlocks  # the lower variables of all blocks
 
     def lower_variables(self) -> Tensor:
+        """Current lower variables of this process's blocks (all m in a 1-process run), one row per block."""
         return self.y.current_all(self.iteration)
 
     def lower_variables_of(self, blocks: Tensor) -> Tensor:
-        """Current lower variables of the given blocks, (len(blocks), d_y): O(len(blocks))."""
-        return self.y.current(blocks, self.iteration)
+        """Current lower variables of the given blocks (owned by this process), (len(blocks), d_y):
+        O(len(blocks))."""
+        return self.y.current(self.shard.rows(blocks), self.iteration)
+
+    def gather_xgrads(self, xgrads: list[XGrad | None], blocks: Tensor, *, uniform: bool = True
+                      ) -> list[XGrad | None]:
+        """The reduction hook of block sharding: per-block x-space quantities computed for the blocks of the
+        global sample `blocks` that this process owns, completed with the other processes' rows in the order
+        of `blocks` (one collective for all of them; the quantities themselves in a 1-process run), so that
+        the mean over blocks that follows is the 1-process one bit for bit. `uniform=False`: row sizes may
+        differ across processes (`BlockShard.gather`)."""
+        if not self.shard.distributed:
+            return xgrads
+        present = [g for g in xgrads if g is not None]
+        parts: list[tuple[Tensor, int]] = []
+        for g in present:
+            parts.append((g.values, 1))
+            if g.index is not None:
+                parts.append((g.index, 0))
+        full = iter(self.shard.gather(parts, blocks, uniform=uniform))
+        done = {id(g): XGrad(next(full), next(full) if g.index is not None else None) for g in present}
+        return [None if g is None else done[id(g)] for g in xgrads]
 
     def hyper(self, name: str) -> Any:
         """Lower step sizes resolved for m / B (`MultiBlockConfig.step_size`); others as configured."""

@@ -134,13 +134,14 @@ class _Blockwise(MultiBlockAlgorithm):
         block_sampler: BlockSampler = UNSET
 
     moving_average: ClassVar[bool] = False
+    shardable = True
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         self.block_sampler = BlockSampler(problem.num_blocks, self.config.block_batch, self.config.block_sampling)
         self.z = torch.zeros_like(self.x)
-        self._initialise(problem.y0, self.config.estimator_init)
+        self._initialise(self.shard.table(problem.y0), self.config.estimator_init)
 
     def _initialise(self, y: Tensor, how: str) -> None:
         """Estimators of all blocks: from one mini-batch each (of `init_batch_size`) at (x, y), in chunks, then
@@ -204,8 +205,11 @@ class _Blockwise(MultiBlockAlgorithm):
         return self.lower_tracker.update(u, values[0], values[-1])
 
     def hypergradient(self, gx_f: XGrad | None, cross: XGrad) -> Tensor:
-        """(1/B) sum_i grad_x f_i - cross_i, per point: (P, d_x)."""
-        g = -cross.block_mean(self.problem.dim_x)
+        """(1/B) sum_i grad_x f_i - cross_i over the sampled blocks, per point: (P, d_x) (the blocks of other
+        processes gathered first when blocks are sharded: `gather_xgrads`)."""
+        cross_all, gx_f = self.gather_xgrads([cross, gx_f], self.sampled)
+        assert cross_all is not None
+        g = -cross_all.block_mean(self.problem.dim_x)
         return g if gx_f is None else g + gx_f.block_mean(self.problem.dim_x)
 
     def set_hyper(self, **changes: Any) -> None:
@@ -215,8 +219,9 @@ class _Blockwise(MultiBlockAlgorithm):
     # --- the iteration ------------------------------------------------------------------------------
     def step(self) -> None:
         t, cfg = self.iteration, self.config
-        blocks = self.block_sampler.sample(self.generators["blocks"], self.x.device)
-        lower, upper = self.sample_batches(blocks)
+        self.sampled = self.block_sampler.sample(self.generators["blocks"], self.x.device)
+        lower, upper = self.sample_batches(self.sampled)
+        blocks = self.shard.local(self.sampled)  # table rows of the sampled blocks this process owns
         y_cur, y_prev = self.y.read(blocks, t)
         two_points = not self.fresh and not self.moving_average
         xs = torch.stack([self.x, self.x_prev]) if two_points else self.x.unsqueeze(0)
@@ -319,8 +324,8 @@ class BSVRBv1(_Blockwise):
         return {"s": gy[0], "hessians": self._guard(hess[0])[0]}
 
     def _fill_estimators(self, y: Tensor, how: str) -> dict[str, Tensor]:
-        s0 = self.filled(y, how)
-        h0 = self.filled(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how)
+        s0 = self.filled_table(y, how)
+        h0 = self.filled_table(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how)
         # the authors apply their Frobenius guard after updates only
         return {"s": s0, "hessians": self._guard(h0)[0] if self.config.hessian_guard == "eigen_floor" else h0}
 
@@ -396,7 +401,7 @@ class BSVRBv2(_Blockwise):
 
     def _fill_estimators(self, y: Tensor, how: str) -> dict[str, Tensor]:
         """s_i, u_i and (under "uniform", as the authors) v_i filled; v_i = 0 under "zeros"."""
-        s0, u0, v0 = self.filled(y, how), self.filled(y, how), self.filled(y, how)
+        s0, u0, v0 = self.filled_table(y, how), self.filled_table(y, how), self.filled_table(y, how)
         return {"s": s0, "u": u0, "v": v0}
 
     def _set_estimators(self, tables: dict[str, Tensor]) -> None:

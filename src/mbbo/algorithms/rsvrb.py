@@ -77,6 +77,7 @@ class RSVRB(MultiBlockAlgorithm):
 
     name = "rsvrb"
     Config = RSVRBConfig
+    shardable = True
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -88,7 +89,7 @@ class RSVRB(MultiBlockAlgorithm):
         self.tracker = RandomizedSTORM(cfg.beta, m, cfg.block_batch)
         self.q = 1.0 - cfg.beta
         self.d = torch.zeros_like(self.x)
-        self._initialise(pb.y0, cfg.estimator_init)
+        self._initialise(self.shard.table(pb.y0), cfg.estimator_init)
 
     def _initialise(self, y: Tensor, how: str) -> None:
         """All blocks' estimators from one mini-batch each at (x, y) (in chunks, `blockwise_tables`), or filled
@@ -112,19 +113,19 @@ class RSVRB(MultiBlockAlgorithm):
         if how == "first_batch":
             tables = self.blockwise_tables(rows)
         else:
-            s0, grad_f = self.filled(y, how), self.filled(y, how)
-            eigvals, eigvecs = floored_eigh(self.filled(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how),
+            s0, grad_f = self.filled_table(y, how), self.filled_table(y, how)
+            eigvals, eigvecs = floored_eigh(self.filled_table(y.new_empty(y.shape[0], y.shape[1], y.shape[1]), how),
                                             cfg.hessian_floor)
             self.d = self.filled(self.x, how)
             tables = {"s": s0, "grad_f": grad_f, "eigvals": eigvals, "eigvecs": eigvecs}
             if pb.sparse_x:
                 sparse.append(self._sparse_jacobian(self.lower_sampler.batch_size))
             else:
-                tables["jacobian"] = self.x.new_zeros(pb.num_blocks, pb.dim_x, pb.dim_y)
+                tables["jacobian"] = self.x.new_zeros(self.shard.num_local, pb.dim_x, pb.dim_y)
         self.y = MovingBlocks(y.clone(), tables["s"], self.hyper("lower_lr"), decay=self.q, copy=False)
         self.y.stamps.fill_(t)
         # estimators stamped t - 1; read at iteration k as value * q^(k - stamp)
-        self.stamps = torch.full((pb.num_blocks,), t - 1, dtype=torch.long, device=self.x.device)
+        self.stamps = torch.full((self.shard.num_local,), t - 1, dtype=torch.long, device=self.x.device)
         self.grad_f, self.eigvals, self.eigvecs = tables["grad_f"], tables["eigvals"], tables["eigvecs"]
         self.jacobian = sparse[0] if sparse else tables["jacobian"]
         self._written = self.x[:0]
@@ -132,7 +133,7 @@ class RSVRB(MultiBlockAlgorithm):
 
     def _sparse_jacobian(self, rows: int) -> DecayingSparseRows:
         """An empty table of the cross-Jacobian estimates' sparse rows (`rows` per contribution)."""
-        return DecayingSparseRows(self.problem.num_blocks, rows, self.problem.dim_y, self.q,
+        return DecayingSparseRows(self.shard.num_local, rows, self.problem.dim_y, self.q,
                                   tolerance=self.config.jacobian_tolerance, dtype=self.x.dtype, device=self.x.device)
 
     def restart(self) -> None:
@@ -161,9 +162,14 @@ class RSVRB(MultiBlockAlgorithm):
         f = self._factor(blocks, t)
         return XGrad((torch.einsum("bxy,by->bx", self.jacobian[blocks], w) * f[:, None]).unsqueeze(0))
 
-    def _hypergradient(self, blocks: Tensor, t: int, gx_f: XGrad | None, point: int) -> Tensor:
+    def _cross_terms(self, blocks: Tensor, t: int) -> XGrad:
+        """V_j H_j^{-1} v_j of the given blocks with the estimators after iteration t."""
         v, lam, vecs = self._estimates(blocks, t)
-        g = -self._jacobian_times(blocks, eig_solve(lam, vecs, v), t).block_mean(self.problem.dim_x)[0]
+        return self._jacobian_times(blocks, eig_solve(lam, vecs, v), t)
+
+    def _hypergradient(self, cross: XGrad, gx_f: XGrad | None, point: int) -> Tensor:
+        """(1/B) sum_j grad_x f_j - V_j H_j^{-1} v_j over the second sample (all of its blocks)."""
+        g = -cross.block_mean(self.problem.dim_x)[0]
         return g if gx_f is None else g + gx_f.point(point).block_mean(self.problem.dim_x)[0]
 
     # --- the iteration --------------------------------------------------------------------------------
@@ -171,9 +177,11 @@ class RSVRB(MultiBlockAlgorithm):
         t, cfg, pb = self.iteration, self.config, self.problem
         gen = self.generators
         # ascending order, as the authors' loop over all blocks assigns the row slices
-        blocks = self.block_sampler.sample(gen["blocks"], self.x.device).sort().values
-        second = self.second_sampler.sample(gen["extra"], self.x.device).sort().values
-        lower, upper = self.sample_batches(blocks)
+        sampled = self.block_sampler.sample(gen["blocks"], self.x.device).sort().values
+        second_sampled = self.second_sampler.sample(gen["extra"], self.x.device).sort().values
+        lower, upper = self.sample_batches(sampled)
+        # table rows of the sampled blocks this process owns (all of them in a 1-process run)
+        blocks, second = self.shard.local(sampled), self.shard.local(second_sampled)
         y_cur, y_prev = self.y.read(blocks, t)
         two = not self.fresh
         xs = torch.stack([self.x, self.x_prev]) if two else self.x.unsqueeze(0)
@@ -186,9 +194,9 @@ class RSVRB(MultiBlockAlgorithm):
         if pb.upper_depends_on_x:
             y2_cur, y2_prev = self.y.read(second, t)
             y2 = torch.stack([y2_cur, y2_prev]) if two else y2_cur.unsqueeze(0)
-            _, upper2 = self.sample_batches(second)
+            _, upper2 = self.sample_batches(second_sampled)
             gx_f, _ = self.oracles.upper_grads(xs, y2, upper2, second)
-        g_old = self._hypergradient(second, t - 1, gx_f, -1) if two else None
+        cross_old = self._cross_terms(second, t - 1) if two else None
 
         # randomised STORM on the sampled blocks (previous values = as after iteration t-1)
         track = self.tracker.update
@@ -209,7 +217,12 @@ class RSVRB(MultiBlockAlgorithm):
         self._written = torch.cat([self.grad_f[blocks].reshape(-1), self.eigvals[blocks].reshape(-1),
                                    new_jac.reshape(-1)])
 
-        g_new = self._hypergradient(second, t, gx_f, 0)
+        # one collective (block sharding) for the terms of both points, then the 1-process arithmetic
+        cross_new, cross_old, gx_f = self.gather_xgrads([self._cross_terms(second, t), cross_old, gx_f],
+                                                        second_sampled, uniform=not pb.sparse_x)
+        assert cross_new is not None
+        g_new = self._hypergradient(cross_new, gx_f, 0)
+        g_old = None if cross_old is None else self._hypergradient(cross_old, gx_f, -1)
         self.d = g_new if g_old is None else STORM(cfg.beta).update(self.d, g_new, g_old)
         self.fresh = False
         self.x_prev = self.x

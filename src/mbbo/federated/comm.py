@@ -13,18 +13,16 @@ messages (client -> server and back; agent -> each neighbour), not gloo's traffi
 
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mbbo.distributed import init_from_env
+
 __all__ = ["Backend", "CommCounter", "DistributedBackend", "SimulatedBackend", "init_from_env", "make_backend",
            "owner_slices"]
-
-DEFAULT_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -154,20 +152,6 @@ class DistributedBackend(Backend):
         for work in sends:
             work.wait()
         return weights[self.owned.start:self.owned.stop].to(rows.dtype) @ full
-
-
-def init_from_env(timeout_s: float | None = None) -> bool:
-    """Initialise gloo from torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) when
-    WORLD_SIZE > 1; return whether a process group is in use. ``timeout_s`` (default $MBBO_DIST_TIMEOUT or 120 s)
-    bounds every collective, so a dead rank makes the others fail instead of hanging."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return dist.is_initialized()
-    if not dist.is_initialized():
-        seconds = float(timeout_s if timeout_s is not None else os.environ.get("MBBO_DIST_TIMEOUT",
-                                                                                 DEFAULT_TIMEOUT_S))
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=seconds))
-    return True
 
 
 def make_backend(num_clients: int) -> Backend:

@@ -6,6 +6,9 @@
   evaluation) and reports the standard error of the mean beside each mean:
       sem = s / sqrt(K) * sqrt(1 - K / m)   (s: the sample standard deviation over the K blocks; the
       finite-population factor makes it 0 when every block is evaluated).
+- Block-sharded runs (`mbbo.distributed`): each process evaluates the blocks it owns (`owned_blocks`) and
+  `gather_block_rows` puts the per-block values of all processes back in the order of the evaluated blocks, so
+  the means, standard errors and best block are computed from the same per-block values as in 1 process.
 """
 
 from __future__ import annotations
@@ -71,6 +74,28 @@ def lower_rows(algorithm: Any, blocks: Tensor) -> Tensor:
     if callable(of):
         return of(blocks)
     return algorithm.lower_variables()[blocks]
+
+
+def block_shard(algorithm: Any) -> Any:
+    """The algorithm's `BlockShard` (None for algorithms without a problem that has one)."""
+    return getattr(getattr(algorithm, "problem", None), "shard", None)
+
+
+def owned_blocks(algorithm: Any, blocks: Tensor) -> Tensor:
+    """The blocks among `blocks` that this process evaluates: all of them unless blocks are sharded."""
+    shard = block_shard(algorithm)
+    if shard is None or not shard.distributed:
+        return blocks
+    return blocks[shard.owned(blocks)]
+
+
+def gather_block_rows(algorithm: Any, blocks: Tensor, values: list[Tensor]) -> list[Tensor]:
+    """Per-block `values` (leading dimension: the owned blocks of `blocks`, in order) completed with the other
+    processes' rows, in the order of `blocks` (one collective; `values` itself in a 1-process run)."""
+    shard = block_shard(algorithm)
+    if shard is None or not shard.distributed:
+        return values
+    return shard.gather([(v, 0) for v in values], blocks)
 
 
 def mean_and_sem(values: Tensor, population: int) -> tuple[float, float]:

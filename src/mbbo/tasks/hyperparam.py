@@ -30,8 +30,10 @@ from mbbo.tasks.block_eval import (
     block_chunks,
     check_eval_blocks,
     evaluation_blocks,
+    gather_block_rows,
     lower_rows,
     mean_and_sem,
+    owned_blocks,
     rows_per_chunk,
 )
 from mbbo.validation import check_choice
@@ -184,19 +186,25 @@ class HyperparamTask:
         seeded subset of K (default "auto": all up to 1000 blocks, else 1000); `val_loss_sem` and
         `test_loss_sem` are then the standard errors of the means (0 when every block is evaluated)."""
         subset = self.evaluated_blocks()
-        val_parts, test_parts, best = [], [], (math.inf, -1, None)
+        val_parts, test_parts, best = [], [], (math.inf, -1)
         for blocks in block_chunks(subset, self.num_blocks, self.EVAL_CHUNK_BLOCKS, self.temperatures.device):
-            W = lower_rows(algorithm, blocks)
-            temps = self.temperatures[blocks]
-            val = self.block_losses(W, self.X_val, self.y_val, temps)
+            mine = owned_blocks(algorithm, blocks)  # block-sharded: this process's blocks, gathered below
+            W = lower_rows(algorithm, mine)
+            temps = self.temperatures[mine]
+            val, test = gather_block_rows(algorithm, blocks, [self.block_losses(W, self.X_val, self.y_val, temps),
+                                                              self.block_losses(W, self.X_test, self.y_test, temps)])
             val_parts.append(val)
-            test_parts.append(self.block_losses(W, self.X_test, self.y_test, temps))
+            test_parts.append(test)
             i = int(val.argmin())
             if float(val[i]) < best[0]:
-                best = (float(val[i]), int(blocks[i]), W[i].clone())
-        w_best = best[2]
-        assert w_best is not None
-        accuracy = ((self.X_test @ w_best) * self.y_test > 0).to(w_best.dtype).mean()
+                best = (float(val[i]), int(blocks[i]))
+        block = torch.tensor([best[1]], device=self.temperatures.device)
+        mine = owned_blocks(algorithm, block)
+        # the best block's owner classifies the test rows (a matrix-vector product, as in 1 process)
+        rows = [(self.X_test @ w) * self.y_test > 0 for w in lower_rows(algorithm, mine)]
+        mine_correct = torch.stack(rows) if rows else self.y_test.new_zeros((0, self.y_test.shape[0]), dtype=torch.bool)
+        (correct,) = gather_block_rows(algorithm, block, [mine_correct])
+        accuracy = correct[0].to(self.X_test.dtype).mean()
         val_loss, val_sem = mean_and_sem(torch.cat(val_parts), self.num_blocks)
         test_loss, test_sem = mean_and_sem(torch.cat(test_parts), self.num_blocks)
         weights = torch.sigmoid(algorithm.x)

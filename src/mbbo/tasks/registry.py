@@ -46,7 +46,15 @@ from mbbo.algorithms.registry import ALGORITHMS, RESTART_PREFIX, algorithm_names
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.config import coerce_value, field_types
 from mbbo.problem import MultiBlockProblem
-from mbbo.tasks.block_eval import block_chunks, check_eval_blocks, evaluation_blocks, lower_rows, mean_and_sem
+from mbbo.tasks.block_eval import (
+    block_chunks,
+    check_eval_blocks,
+    evaluation_blocks,
+    gather_block_rows,
+    lower_rows,
+    mean_and_sem,
+    owned_blocks,
+)
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
 from mbbo.tasks.quadratic import MultiBlockQuadratic
 from mbbo.tasks.quadratic_seeded import SeededQuadratic
@@ -159,6 +167,8 @@ class TaskSpec:
         finite_sum: whether the task's samplers draw rows of stored data; False (fresh noise) rules out the
             algorithms whose `needs_finite_sum` is "always" and flags those needing it "by default".
         distributed: the task's methods run on torch.distributed ranks (`mbbo run --nproc R`, torchrun).
+        sharded: those ranks share the m blocks of a multi-block algorithm (`mbbo.distributed.BlockShard`);
+            the evaluator then reduces over the ranks (`mbbo.tasks.block_eval.ShardedBlocks`).
         algorithm_defaults: hyper-parameter defaults the task sets: algorithm name (or "*" for every algorithm)
             -> {name: value}; applied to the algorithms that have the field, before the user's values.
     """
@@ -179,6 +189,7 @@ class TaskSpec:
     make_method: Callable[..., Any] | None = None
     finite_sum: bool = True
     distributed: bool = False
+    sharded: bool = False
     algorithm_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def hyper_defaults(self, algorithm: str, fields: Sequence[str]) -> dict[str, Any]:
@@ -434,11 +445,14 @@ class QuadraticEvaluator:
         x: Tensor = algorithm.x.to(dtype)
         grad_sum, values, errors = torch.zeros_like(x), [], []
         for blocks in block_chunks(self.blocks, m, self.chunk):
-            grad, value, y_star = q.block_metrics(x, blocks)
-            y = lower_rows(algorithm, blocks).to(dtype).reshape(len(blocks), -1)
+            mine = owned_blocks(algorithm, blocks)  # block-sharded: this process's blocks, gathered next
+            grad, value, y_star = q.block_metrics(x, mine)
+            y = lower_rows(algorithm, mine).to(dtype).reshape(len(mine), -1)
+            grad, value, error = gather_block_rows(algorithm, blocks,
+                                                   [grad, value, torch.linalg.vector_norm(y - y_star, dim=-1)])
             grad_sum += grad.sum(0)
             values.append(value)
-            errors.append(torch.linalg.vector_norm(y - y_star, dim=-1))
+            errors.append(error)
         value_all, error_all = torch.cat(values), torch.cat(errors)
         objective, objective_sem = mean_and_sem(value_all, m)
         lower_error, lower_error_sem = mean_and_sem(error_all, m)
@@ -521,6 +535,8 @@ register_task(TaskSpec(
     algorithm_defaults={"*": {"block_sampling": "reshuffle", "estimator_init": "uniform"},
                         "bsvrb_v1": {"hessian_timing": "previous"},
                         "bsvrb_v2": {"lower_update": "delayed"}},
+    distributed=True,
+    sharded=True,
 ))
 
 register_task(TaskSpec(
@@ -531,6 +547,8 @@ register_task(TaskSpec(
     metrics=("grad_norm", "objective", "lower_error"),
     finite_sum=False,
     devices=("cpu",),
+    distributed=True,
+    sharded=True,
 ))
 
 # tasks defined in their own modules register themselves on import (kept last: they import this module)

@@ -1,0 +1,367 @@
+"""Multi-process runs on ``torch.distributed``: start-up, launch, and the block sharding of multi-block methods.
+
+Start-up and launch (shared by the federated methods and the block-sharded runs):
+
+- :func:`init_from_env` joins the process group from torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR,
+  MASTER_PORT): gloo on CPU, NCCL when the run's device is a GPU. Every collective runs under the group's
+  timeout ($MBBO_DIST_TIMEOUT, default 120 s), so a dead rank makes the others fail instead of hanging; an
+  unreachable rendezvous fails within the same timeout with a message naming the address.
+- :func:`launch` (``mbbo run --nproc R``) spawns R local processes (127.0.0.1, a free port) that each run the
+  same command line without ``--nproc``; if one process fails the others are stopped and the failing rank is
+  named.
+
+Block sharding (specs/distributed.md, section 1): :class:`BlockShard`. Rank r of R owns the blocks
+{i : i mod R = r}; its per-block tables hold only those rows (local row of block i: i // R), so memory per rank
+is about m d / R. Every rank draws the same global block sample and the same global row sample (all ranks run
+the same random streams), keeps the blocks it owns, and the per-block results meet in one collective,
+:meth:`BlockShard.gather`, which puts them back in the order of the global sample: the reduction that follows
+(a mean over blocks, an ``index_add``) then runs on exactly the tensors the 1-process run has, so R processes
+reproduce the 1-process trajectory bit for bit. With R = 1 every method is the identity and nothing is
+communicated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+__all__ = ["DEFAULT_TIMEOUT_S", "BlockShard", "DistributedError", "RankGroup", "free_port", "init_from_env", "launch",
+           "process_group_size", "strip_nproc", "timeout_seconds", "world_from_env"]
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class DistributedError(RuntimeError):
+    """A multi-process run could not start (rendezvous) or lost a process (a collective failed or timed out)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# start-up
+# ---------------------------------------------------------------------------------------------------------
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun-style variables ((0, 1) for a single process)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def timeout_seconds(timeout_s: float | None = None) -> float:
+    """The collectives' timeout: `timeout_s`, else $MBBO_DIST_TIMEOUT, else DEFAULT_TIMEOUT_S."""
+    value = timeout_s if timeout_s is not None else os.environ.get("MBBO_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
+    seconds = float(value)
+    if not seconds > 0:
+        raise ValueError(f"MBBO_DIST_TIMEOUT must be a number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> bool:
+    """Join the process group from torchrun-style variables when WORLD_SIZE > 1 (gloo; NCCL for a CUDA
+    `device`); return whether a process group is in use. `timeout_s` (default $MBBO_DIST_TIMEOUT or 120 s)
+    bounds the rendezvous and every collective.
+
+    Raises:
+        DistributedError: the rendezvous at MASTER_ADDR:MASTER_PORT was not reached within the timeout.
+    """
+    rank, world = world_from_env()
+    if world <= 1:
+        return dist.is_initialized()
+    if not dist.is_initialized():
+        seconds = timeout_seconds(timeout_s)
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        if backend == "nccl":  # one GPU per local process
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+        except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError / DistNetworkError are RuntimeErrors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistributedError(
+                f"rank {rank} of {world} could not join the process group at {address} within {seconds:g} s "
+                f"({first}); check that rank 0 runs, that MASTER_ADDR/MASTER_PORT (torchrun --rdzv-endpoint) "
+                "are reachable from this machine, and the firewall; $MBBO_DIST_TIMEOUT sets the timeout"
+            ) from exc
+    return True
+
+
+def process_group_size() -> int:
+    """The world size of the initialised default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class RankGroup:
+    """What the runner needs of a multi-process run (the initialised default group): this process's rank, the
+    world size, a barrier and a broadcast of a picklable object from rank 0 (both under the group's timeout)."""
+
+    def __init__(self) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("RankGroup needs an initialised process group (see init_from_env)")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value`, on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launch: mbbo run --nproc R
+# ---------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 at the time of the call."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def strip_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def _worker(rank: int, argv: list[str], world_size: int, port: int) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    from mbbo.cli import main
+
+    try:
+        status = main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if status:
+        sys.exit(status)
+
+
+def launch(argv: Sequence[str], nproc: int) -> int:
+    """Runs ``mbbo`` with ``argv`` in ``nproc`` spawned processes; returns the exit status (0 when all
+    succeed). A failing rank is reported as ``mbbo: error: rank R ...`` and the others are stopped."""
+    if nproc < 2:
+        raise ValueError(f"nproc must be an integer >= 2 for a multi-process run, got {nproc!r}")
+    args = strip_nproc(argv)
+    try:
+        mp.start_processes(_worker, args=(args, nproc, free_port()), nprocs=nproc, join=True,
+                           start_method="spawn")
+    except mp.ProcessExitedException as exc:
+        how = (f"was killed by signal {exc.signal_name}" if exc.signal_name
+               else f"exited with status {exc.exit_code}")
+        print(f"mbbo: error: rank {exc.error_index} {how}; the other ranks were stopped", file=sys.stderr)
+        return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+    except mp.ProcessRaisedException as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        print(f"mbbo: error: rank {exc.error_index} failed: {last}; the other ranks were stopped",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# block sharding
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BlockShard:
+    """The blocks rank `rank` of `world_size` owns, {i : i mod R = rank}, and the collective that brings the
+    ranks' per-block results together in the global order (see the module docstring).
+
+    Global block ids index the problem (block data, samplers, losses); local rows (i // R) index the rank's
+    tables. With `world_size = 1` (the default) local rows are the block ids and nothing is communicated.
+    """
+
+    def __init__(self, num_blocks: int, rank: int = 0, world_size: int = 1) -> None:
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in [0, {world_size - 1}], got {rank!r}")
+        if world_size > num_blocks:
+            raise ValueError(f"{world_size} processes cannot share m = {num_blocks} blocks (each process owns "
+                             f"blocks i with i mod R = rank): use at most {num_blocks} processes")
+        self.num_blocks = num_blocks
+        self.rank = rank
+        self.world_size = world_size
+        self.bytes_sent = 0  # bytes this rank contributed to gathers (its padded buffer, once per gather)
+        self.collectives = 0
+
+    @classmethod
+    def from_process_group(cls, num_blocks: int) -> BlockShard:
+        """The shard of this process in the initialised default group (a single shard without one)."""
+        if process_group_size() <= 1:
+            return cls(num_blocks)
+        return cls(num_blocks, dist.get_rank(), dist.get_world_size())
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def num_local(self) -> int:
+        """Blocks (table rows) this rank owns."""
+        return len(range(self.rank, self.num_blocks, self.world_size))
+
+    def owners(self, blocks: Tensor) -> Tensor:
+        """The rank owning each block."""
+        return blocks % self.world_size
+
+    def owned(self, blocks: Tensor) -> Tensor | None:
+        """Mask of the blocks this rank owns (None with one process: all of them)."""
+        return None if not self.distributed else self.owners(blocks) == self.rank
+
+    def local(self, blocks: Tensor) -> Tensor:
+        """Local rows of the blocks this rank owns among `blocks`, in their order (`blocks` itself for R = 1)."""
+        if not self.distributed:
+            return blocks
+        return blocks[self.owners(blocks) == self.rank] // self.world_size
+
+    def rows(self, blocks: Tensor) -> Tensor:
+        """Local rows of `blocks`, which this rank must own (ValueError otherwise)."""
+        if not self.distributed:
+            return blocks
+        if bool((self.owners(blocks) != self.rank).any()):
+            raise ValueError(f"rank {self.rank} does not own all of the blocks asked for; it owns the blocks i "
+                             f"with i mod {self.world_size} = {self.rank}")
+        return blocks // self.world_size
+
+    def global_ids(self, rows: Tensor) -> Tensor:
+        """The block ids of local rows (`rows` itself for R = 1)."""
+        return rows if not self.distributed else rows * self.world_size + self.rank
+
+    def table(self, values: Tensor) -> Tensor:
+        """This rank's rows of a table of all m blocks (leading dimension m): `values` itself for R = 1, else a
+        contiguous copy of rows rank, rank + R, ..."""
+        if values.shape[0] != self.num_blocks:
+            raise ValueError(f"a table of all blocks has leading dimension m = {self.num_blocks}, got "
+                             f"{tuple(values.shape)}")
+        return values[self.rank::self.world_size].clone() if self.distributed else values
+
+    # --- the collective ----------------------------------------------------------------------------------
+    def gather(self, parts: Sequence[tuple[Tensor, int]], blocks: Tensor, *, uniform: bool = True
+               ) -> list[Tensor]:
+        """Each part `(tensor, dim)` holds, along `dim`, this rank's rows for the blocks it owns in `blocks`
+        (the global sample, in order); returns every part with the rows of all blocks in the order of
+        `blocks`, identical on every rank. One `all_gather` of one byte buffer for all parts (any dtypes).
+
+        `uniform=False` allows the other dimensions to differ across ranks (e.g. a number of live slots):
+        the sizes are exchanged first (a second, small collective) and shorter parts are zero-padded at the
+        end of their last dimension.
+        """
+        if not self.distributed:
+            return [t for t, _ in parts]
+        owners = self.owners(blocks).cpu()
+        counts = torch.bincount(owners, minlength=self.world_size).tolist()
+        nmax = max(counts)
+        mine = [t.movedim(d, 0) for t, d in parts]
+        for t in mine:
+            if t.shape[0] != counts[self.rank]:
+                raise ValueError(f"rank {self.rank} gives {t.shape[0]} rows, but owns {counts[self.rank]} of the "
+                                 f"{blocks.shape[0]} blocks")
+        tails = [tuple(t.shape[1:]) for t in mine]
+        all_tails = [tails] * self.world_size if uniform else self._exchange_shapes(tails)
+        device = mine[0].device if mine else blocks.device
+        # byte sizes of each rank's parts (padded to nmax rows)
+        sizes = [[nmax * _numel(tail) * t.element_size() for tail, t in zip(rank_tails, mine, strict=True)]
+                 for rank_tails in all_tails]
+        total = max(sum(s) for s in sizes)
+        buffer = torch.zeros(total, dtype=torch.uint8, device=device)
+        offset = 0
+        for t, size in zip(mine, sizes[self.rank], strict=True):
+            rows = torch.zeros((nmax, *t.shape[1:]), dtype=t.dtype, device=device)
+            rows[: t.shape[0]] = t
+            buffer[offset: offset + size] = _as_bytes(rows)
+            offset += size
+        received = [torch.empty_like(buffer) for _ in range(self.world_size)]
+        dist.all_gather(received, buffer)
+        self.collectives += 1
+        self.bytes_sent += total
+        positions = [(owners == q).nonzero().squeeze(-1).to(device) for q in range(self.world_size)]
+        out = []
+        for k, (t, d) in enumerate(parts):
+            tail = tuple(max(all_tails[q][k][j] for q in range(self.world_size)) for j in range(len(tails[k])))
+            full = torch.zeros((blocks.shape[0], *tail), dtype=t.dtype, device=device)
+            for q in range(self.world_size):
+                if counts[q] == 0:
+                    continue
+                start = sum(sizes[q][:k])
+                rows = _from_bytes(received[q][start: start + sizes[q][k]], t.dtype, (nmax, *all_tails[q][k]))
+                if tuple(rows.shape[1:]) == tail:
+                    full[positions[q]] = rows[: counts[q]]
+                else:  # pad the last dimension with zeros
+                    full[positions[q], ..., : rows.shape[-1]] = rows[: counts[q]]
+            out.append(full.movedim(0, d))
+        return out
+
+    def _exchange_shapes(self, tails: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+        flat = torch.tensor([s for tail in tails for s in tail] or [0], dtype=torch.long, device=_collective_device())
+        received = [torch.empty_like(flat) for _ in range(self.world_size)]
+        dist.all_gather(received, flat)
+        self.collectives += 1
+        out = []
+        for r in received:
+            values, shapes, i = r.tolist(), [], 0
+            for tail in tails:
+                shapes.append(tuple(values[i: i + len(tail)]))
+                i += len(tail)
+            out.append(shapes)
+        return out
+
+    def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Integer counters summed over the ranks (oracle calls of the blocks each rank computed)."""
+        if not self.distributed:
+            return dict(counts)
+        keys = list(counts)  # the same order on every rank (the oracles' kinds)
+        values = torch.tensor([int(counts[k]) for k in keys], dtype=torch.long, device=_collective_device())
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        self.collectives += 1
+        return dict(zip(keys, (int(v) for v in values.tolist()), strict=True))
+
+
+def _collective_device() -> torch.device:
+    """Where small bookkeeping tensors of a collective live: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _as_bytes(t: Tensor) -> Tensor:
+    """The bytes of a contiguous tensor as a flat uint8 tensor (a view; bool goes through uint8)."""
+    t = t.contiguous()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+
+
+def _from_bytes(data: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    if dtype == torch.bool:
+        return data.view(torch.uint8).reshape(shape).to(torch.bool)
+    if data.numel() == 0:
+        return torch.empty(shape, dtype=dtype, device=data.device)
+    return data.contiguous().view(dtype).reshape(shape)
