@@ -205,26 +205,16 @@ def test_task_defaults_are_the_authors_combination() -> None:
     assert get_task("quadratic").hyper_defaults("bsvrb_v2", fields) == {}
 
 
-@pytest.mark.parametrize("guard", ["eigen_floor", "frobenius_rescale"])
-def test_v1_previous_timing_loads_a_checkpoint_with_the_solver_table(guard: str) -> None:
-    """Checkpoints written before v1 stopped storing its solver table hold `factors_before` (Cholesky factors
-    under eigen_floor, the matrices under frobenius_rescale) instead of `hessians_before`: both resume."""
+def test_v1_refuses_a_checkpoint_of_the_old_format() -> None:
+    """Checkpoints of the hand-written state format (1: `"algorithm"` dicts, `factors_before`) are refused with a
+    message saying so, not misread."""
     task = small_task()
-    alg = make_algorithm("bsvrb_v1", task.problem(), seed=0, block_batch=2, hessian_timing="previous",
-                         hessian_guard=guard)
-    for _ in range(3):
-        alg.step()
-    state = alg.state_dict()
-    tensors = state["algorithm"]
-    before = tensors.pop("hessians_before")
-    tensors["factors_before"] = torch.linalg.cholesky(before) if guard == "eigen_floor" else before
-    twin = make_algorithm("bsvrb_v1", task.problem(), seed=0, block_batch=2, hessian_timing="previous",
-                          hessian_guard=guard)
-    twin.load_state_dict(state)
-    assert torch.allclose(twin.hessians_before, before, rtol=1e-12, atol=1e-12)
-    twin.step()
+    alg = make_algorithm("bsvrb_v1", task.problem(), seed=0, block_batch=2, hessian_timing="previous")
     alg.step()
-    assert torch.allclose(twin.x, alg.x, rtol=1e-10, atol=1e-12)
+    old = {k: v for k, v in alg.state_dict().items() if k not in ("format", "state")}
+    old["algorithm"] = {"factors_before": alg.hessians_before.clone()}
+    with pytest.raises(ValueError, match=r"state format 1.*cannot be resumed"):
+        alg.load_state_dict(old)
 
 
 def test_reshuffle_with_more_rows_per_call_than_the_data_holds() -> None:

@@ -219,7 +219,7 @@ def test_paper_instance_sizes_generate_fast():
     [
         ({"n_inner": 0}, r"^n_inner must be an integer in \[1, inf\), got 0$"),
         ({"d_out": 2.0}, r"^d_out must be an integer"),
-        ({"mu": -0.1}, r"^mu must be a finite number in \(0, inf\), got -0.1$"),
+        ({"mu": -0.1}, r"^mu must be a finite number in \(0.0, inf\), got -0.1$"),
         ({"L_cross_inner": float("inf")}, r"^L_cross_inner must be"),
         ({"max_tries": 0}, r"^max_tries must be"),
         ({"dtype": torch.int64}, r"^dtype must be torch.float32 or torch.float64"),

@@ -136,6 +136,21 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert len(_records(full)) == 7
 
 
+def test_resume_refuses_an_old_format_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint of the hand-written state format (before the declared States) is refused, saying so."""
+    from mbbo.checkpoint import load_checkpoint, save_checkpoint
+
+    common = [*QUAD, "--algorithm", "bsvrb_v2", "--out", str(tmp_path / "run")]
+    assert main([*common, "--iterations", "2"]) == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    payload = load_checkpoint(path)
+    state = payload["algorithm"]
+    payload["algorithm"] = {k: v for k, v in state.items() if k not in ("format", "state")} | {"algorithm": {}}
+    save_checkpoint(path, payload)
+    assert main([*common, "--iterations", "4", "--resume"]) == 2
+    assert "algorithm state format 1" in _error(capsys)
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "o"
     args = [*QUAD, "--algorithm", "bsvrb_v2", "--iterations", "1", "--out", str(out)]
@@ -236,7 +251,7 @@ def test_single_block_algorithm_on_one_block(tmp_path: Path, capsys: pytest.Capt
     (["--algorithm", "bsvrb_v3"], "unknown algorithm 'bsvrb_v3'"),
     (["--algorithm", "bsvrb_v2", "--set", "lrr=1"], "unknown key 'lrr' (from --set)"),
     (["--algorithm", "bsvrb_v2", "--set", "lr=abc"], "hyper-parameter 'lr': expected float, got 'abc'"),
-    (["--algorithm", "bsvrb_v2", "--set", "lr=-1"], "lr must be a positive finite number"),
+    (["--algorithm", "bsvrb_v2", "--set", "lr=-1"], "lr must be a finite number in (0.0, inf)"),
     (["--algorithm", "bsvrb_v2", "--set", "num_blocks=1.5"], "'num_blocks': expected int, got 1.5"),
     (["--algorithm", "bsvrb_v2", "--set", "stage_length=3"], "applies only to restarted algorithms"),
     (["--algorithm", "bsvrb_v2", "--set", "dtype=float16"], "bad value for dtype: 'float16'"),
@@ -245,7 +260,7 @@ def test_single_block_algorithm_on_one_block(tmp_path: Path, capsys: pytest.Capt
     (["--algorithm", "bsvrb_v2", "--set", "hyper=3"], "'hyper' must be a mapping"),
     (["--algorithm", "bsvrb_v2", "--set", "noequals"], "must have the form key=value"),
     (["--algorithm", "bsvrb_v2", "--config", "missing.yaml"], "no config file at missing.yaml"),
-    (["--algorithm", "bsvrb_v2", "--set", "lr=nan"], "lr must be a positive finite number, got nan"),
+    (["--algorithm", "bsvrb_v2", "--set", "lr=nan"], "lr must be a finite number in (0.0, inf), got nan"),
     (["--algorithm", "bsvrb_v2", "--set", "eval_every=0"], "eval_every must be an integer in [1, inf), got 0"),
     (["--algorithm", "bsvrb_v2", "--set", "checkpoint_every=-2"], "checkpoint_every must be an integer"),
     (["--algorithm", "bsvrb_v2", "--seed", str(2**70)], "seed must be an integer in [0, 2**63 - 1]"),

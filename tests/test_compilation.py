@@ -95,8 +95,8 @@ def test_compiled_run_equals_eager_and_keeps_compile_time_out_of_time(tmp_path: 
     assert main([*QUAD, "--iterations", "6", "--out", str(eager), "--compile", "no"]) == 0
     assert main([*QUAD, "--iterations", "6", "--out", str(compiled), "--compile"]) == 0
     assert _config(compiled)["compile"] == "yes"
-    x_eager = torch.load(eager / "checkpoint.pt", weights_only=False)["algorithm"]["x"]
-    x_compiled = torch.load(compiled / "checkpoint.pt", weights_only=False)["algorithm"]["x"]
+    x_eager = torch.load(eager / "checkpoint.pt", weights_only=False)["algorithm"]["state"]["x"]
+    x_compiled = torch.load(compiled / "checkpoint.pt", weights_only=False)["algorithm"]["state"]["x"]
     assert x_eager.dtype == torch.float64
     assert torch.allclose(x_eager, x_compiled, atol=1e-10, rtol=0)
     last = _records(compiled)[-1]

@@ -215,8 +215,8 @@ def test_resume_is_bit_identical(name: str, resumed_twin) -> None:
     problem, _ = spec.build(spec.make_settings({"dim": 4}))
     hyper = {"blocc": {"rounds": 2, "inner_steps": 3}, "penalty": {"n_inner_steps": 2}}.get(name, {})
     ref, resumed = resumed_twin(lambda seed: make_algorithm(name, problem, seed=seed, **hyper), 3, 3)
-    for key, value in ref.state_dict()["algorithm"].items():
-        other = resumed.state_dict()["algorithm"][key]
+    for key, value in ref.state_dict()["state"].items():
+        other = resumed.state_dict()["state"][key]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
     assert torch.equal(ref.x, resumed.x) and ref.oracle_counts() == resumed.oracle_counts()
 

@@ -457,7 +457,7 @@ def test_neuralndcg_custom_backward_matches_autograd(k, tol, iters):
     ],
 )
 def test_params_validation(cls, field, value):
-    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}=.*out of range: allowed") as info:
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field} must be") as info:
         cls(**{field: value})
     assert repr(value) in str(info.value)
 
@@ -483,7 +483,7 @@ def test_registry_and_factory():
     ties = torch.tensor([[3.0, 3.0, 0, 0, 0, 0, 0]] * 3, dtype=F64)
     random_mle = make_baseline_loss("listmle", ties="random", generator=_gen(2))
     assert random_mle(scores, ties).item() == listmle_loss(scores, ties, ties="random", generator=_gen(2)).item()
-    with pytest.raises(ValueError, match="name='softmax' is out of range"):
+    with pytest.raises(ValueError, match=r"name must be one of .*, got 'softmax'"):
         make_baseline_loss("softmax")
     with pytest.raises(ValueError, match="generator"):
         make_baseline_loss("ranknet", generator=_gen())

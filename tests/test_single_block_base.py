@@ -53,9 +53,9 @@ def test_construction_state_and_shapes(quad: MultiBlockQuadratic) -> None:
     a.y.add_(1.0)
     assert torch.equal(a.problem.y0, y0)  # y is a copy, not a view of the problem's y0
     state = a.state_dict()
-    assert torch.equal(state["algorithm"]["y"], a.y)
-    state["algorithm"]["y"].zero_()
-    assert not torch.equal(a.y, state["algorithm"]["y"])  # _tensors returns clones
+    assert torch.equal(state["state"]["y"], a.y)
+    state["state"]["y"].zero_()
+    assert not torch.equal(a.y, state["state"]["y"])  # state_dict holds clones
     b = Probe(quad.problem(), seed=5)
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.y, a.y) and b.y.data_ptr() != a.y.data_ptr()

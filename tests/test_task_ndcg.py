@@ -70,7 +70,7 @@ def test_settings_and_build_validation(settings):
         NDCGSettings(ks=(0,)).validate()
     with pytest.raises(ValueError, match="head_init"):
         NDCGSettings(head_init="zeros").validate()
-    with pytest.raises(ValueError, match=r"gamma0=0\.0"):
+    with pytest.raises(ValueError, match=r"gamma0 must be a finite number in \(0\.0, 1\.0\], got 0\.0"):
         build("song", settings, gamma0=0.0)
 
 

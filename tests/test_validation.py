@@ -2,7 +2,17 @@ import math
 
 import pytest
 
-from mbbo.validation import check_int, check_real, interval
+from mbbo.validation import (
+    check_choice,
+    check_flag,
+    check_int,
+    check_nonnegative,
+    check_optional,
+    check_positive,
+    check_real,
+    check_unit,
+    interval,
+)
 
 
 def test_interval_text() -> None:
@@ -19,3 +29,32 @@ def test_check_real_and_int() -> None:
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"steps must be an integer in \[1, inf\)"):
             check_int("steps", bad, 1)
+
+
+def test_check_int_with_an_upper_bound() -> None:
+    check_int("block_batch", 4, 1, 4)
+    with pytest.raises(ValueError, match=r"block_batch must be an integer in \[1, 4\], got 5"):
+        check_int("block_batch", 5, 1, 4)
+
+
+def test_the_named_ranges() -> None:
+    check_positive("lr", 1e-9)
+    check_nonnegative("power", 0.0)
+    check_unit("beta", 1.0)
+    for check, bad, text in ((check_positive, 0.0, r"\(0.0, inf\)"), (check_nonnegative, -1e-9, r"\[0.0, inf\)"),
+                             (check_unit, 0.0, r"\(0.0, 1.0\]"), (check_unit, True, r"\(0.0, 1.0\]")):
+        with pytest.raises(ValueError, match=rf"w must be a finite number in {text}, got {bad!r}"):
+            check(name="w", value=bad)
+
+
+def test_check_flag_and_optional() -> None:
+    check_flag("lazy", False)
+    for bad in (0, 1, "yes", None):
+        with pytest.raises(ValueError, match=r"lazy must be True or False"):
+            check_flag("lazy", bad)
+    check_optional(check_int, "batch_size", None, 1)
+    check_optional(check_choice, "mode", "a", ("a", "b"))
+    with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1, inf\), got 0"):
+        check_optional(check_int, "batch_size", 0, 1)
+    with pytest.raises(ValueError, match=r"mode must be one of 'a', 'b', got 'c'"):
+        check_optional(check_choice, "mode", "c", ("a", "b"))

@@ -11,12 +11,12 @@ all-block update instead (used to test that both agree).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from mbbo.projections import project_ball
+from mbbo.state import StateFields
 from mbbo.validation import check_choice
 
 BLOCK_SAMPLING = ("uniform", "reshuffle")
@@ -32,7 +32,7 @@ def block_chunks(num_blocks: int, chunk: int, device: torch.device | str = "cpu"
     return [torch.arange(s, min(s + chunk, num_blocks), device=device) for s in range(0, num_blocks, chunk)]
 
 
-class BlockSampler:
+class BlockSampler(StateFields):
     """Draws B distinct blocks out of m at each iteration.
 
     `mode="uniform"`: B distinct blocks uniformly, independently at each iteration (B = m: all blocks, in order).
@@ -44,6 +44,8 @@ class BlockSampler:
     window of m // B iterations and delays are at most 2 m / B - 1. The permutation and the position in it are
     state (`state_dict`); drawing it costs O(m) once every m // B iterations, i.e. amortised O(B).
     """
+
+    state_fields = ("order", "position")
 
     def __init__(self, num_blocks: int, block_batch: int, mode: str = "uniform") -> None:
         if not isinstance(block_batch, int) or not 1 <= block_batch <= num_blocks:
@@ -82,13 +84,6 @@ class BlockSampler:
             more = torch.randint(m, (b - drawn.shape[0],), generator=generator, device=gdev)
             drawn = torch.cat([drawn, more])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"order": None if self.order is None else self.order.clone(), "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order = None if state["order"] is None else state["order"].clone()
-        self.position = int(state["position"])
-
 
 def first_occurrences(values: Tensor) -> Tensor:
     """Boolean mask of the entries of a 1-d tensor that do not repeat an earlier entry (O(n log n))."""
@@ -99,7 +94,7 @@ def first_occurrences(values: Tensor) -> Tensor:
     return ~repeat
 
 
-class MovingBlocks:
+class MovingBlocks(StateFields):
     """Per-block variables w_i moved at every iteration along a per-block direction d_i:
 
         w_i <- Proj(w_i - step * d_i)   for all i,   then d_i <- decay * d_i for unsampled i,
@@ -110,6 +105,8 @@ class MovingBlocks:
     active along the way (checked exactly: the path is a segment, inside the ball iff its end is), and by
     replaying the k projected steps, vectorised over the blocks that need it, otherwise.
     """
+
+    state_fields = ("values", "directions", "stamps", "previous", "step")
 
     def __init__(self, values: Tensor, directions: Tensor, step: float, *, radius: float | None = None,
                  decay: float = 1.0, lazy: bool = True, copy: bool = True) -> None:
@@ -223,20 +220,10 @@ class MovingBlocks:
 
     def nbytes(self) -> int:
         """Bytes held by the table (values, directions, stamps and, in eager mode, the previous values)."""
-        return sum(v.numel() * v.element_size() for v in self.state_dict().values() if v is not None)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"values": self.values.clone(), "directions": self.directions.clone(),
-                "stamps": self.stamps.clone(), "previous": None if self.previous is None else self.previous.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.values = state["values"].clone()
-        self.directions = state["directions"].clone()
-        self.stamps = state["stamps"].clone()
-        self.previous = None if state["previous"] is None else state["previous"].clone()
+        return sum(v.numel() * v.element_size() for v in self.state_dict().values() if isinstance(v, Tensor))
 
 
-class DelayedBlocks:
+class DelayedBlocks(StateFields):
     """Per-block variables moved only when their block is sampled, by all the steps it missed at once:
 
         i sampled at t:  w_i <- Proj(w_i - step * dc_i * d_i),   dc_i = t - (iteration of i's last update)
@@ -247,6 +234,8 @@ class DelayedBlocks:
     Same interface as `MovingBlocks`; `read` gives (w_i now, w_i at the previous iteration), the latter being
     the value before the last update for blocks updated at t - 1. O(B) blocks per iteration.
     """
+
+    state_fields = ("values", "before", "directions", "stamps", "step")
 
     def __init__(self, values: Tensor, directions: Tensor, step: float, *, radius: float | None = None,
                  start: int = 0, copy: bool = True) -> None:
@@ -301,15 +290,7 @@ class DelayedBlocks:
 
     def nbytes(self) -> int:
         """Bytes held by the table (values, values before the last update, directions, stamps)."""
-        return sum(v.numel() * v.element_size() for v in self.state_dict().values())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"values": self.values.clone(), "before": self.before.clone(), "directions": self.directions.clone(),
-                "stamps": self.stamps.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("values", "before", "directions", "stamps"):
-            setattr(self, key, state[key].clone())
+        return sum(v.numel() * v.element_size() for v in self.state_dict().values() if isinstance(v, Tensor))
 
 
 def ball_path(start: Tensor, direction: Tensor, step: float, radius: float, k: int) -> tuple[Tensor, Tensor]:
@@ -367,7 +348,7 @@ def ball_path(start: Tensor, direction: Tensor, step: float, radius: float, k: i
     return on_sphere(rho), on_sphere(prev_rho)
 
 
-class DecayingSparseRows:
+class DecayingSparseRows(StateFields):
     """Per-block sums of sparse row contributions that decay geometrically:
 
         E_i(t) = sum_k decay^(t - c_k) C_k,   C_k of shape (b, d) at rows r_k (b of them),
@@ -378,6 +359,8 @@ class DecayingSparseRows:
     (relative to a fresh contribution; 0 keeps every slot until the weight underflows to exactly 0);
     capacity doubles when every slot of a block is still alive. Memory: m x capacity x b x d.
     """
+
+    state_fields = ("rows", "values", "stamps")
 
     EMPTY = -(2**40)
 
@@ -436,9 +419,3 @@ class DecayingSparseRows:
         out = self.values.new_zeros(num_rows, self.values.shape[-1])
         contrib = self.values[block] * weights[:, None, None]
         return out.index_add_(0, self.rows[block].reshape(-1), contrib.reshape(-1, contrib.shape[-1]))
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"rows": self.rows.clone(), "values": self.values.clone(), "stamps": self.stamps.clone()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.rows, self.values, self.stamps = (state[k].clone() for k in ("rows", "values", "stamps"))

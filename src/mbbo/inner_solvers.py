@@ -24,7 +24,6 @@ algorithms (the algorithms wire them to their counted oracles and random streams
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -32,17 +31,9 @@ from functools import partial
 from torch import Tensor
 from torch.func import grad
 
+from mbbo.validation import check_int, check_positive
+
 __all__ = ["LowerSGD", "unrolled_hypergradient"]
-
-
-def _check_steps(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an integer in [0, inf), got {value!r}")
-
-
-def _check_lr(name: str, value: object) -> None:
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number in (0, inf), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -59,8 +50,8 @@ class LowerSGD:
     lr: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_steps("n_steps", self.n_steps)
-        _check_lr("lr", self.lr)
+        check_int("n_steps", self.n_steps, 0)
+        check_positive("lr", self.lr)
 
     def run(self, grad_y: Callable[[Tensor], Tensor], y0: Tensor) -> Tensor:
         y = y0
@@ -90,8 +81,8 @@ def unrolled_hypergradient(
     Returns:
         (d/dx f(x, y^N(x)), y^N) with y^N detached (the warm start of the next outer iteration).
     """
-    _check_steps("n_steps", n_steps)
-    _check_lr("lr", lr)
+    check_int("n_steps", n_steps, 0)
+    check_positive("lr", lr)
     start = y0.detach()
 
     def objective(x_: Tensor) -> tuple[Tensor, Tensor]:

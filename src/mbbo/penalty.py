@@ -35,6 +35,7 @@ from typing import Protocol
 from torch import Tensor
 
 from mbbo.projections import project_ball
+from mbbo.validation import check_nonnegative, check_positive
 
 __all__ = [
     "ConstantPenalty",
@@ -48,15 +49,6 @@ __all__ = [
 ]
 
 Projection = Callable[[Tensor], Tensor]
-
-
-def _check_real(name: str, value: object, low: float, *, low_open: bool) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and (value < low or (low_open and value == low)):  # type: ignore[operator]
-        ok = False
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a finite number in {bracket}{low!r}, inf), got {value!r}")
 
 
 def penalty_gradient(gx_f: Tensor, gx_g_y: Tensor, gx_g_z: Tensor, lam: float) -> Tensor:
@@ -84,7 +76,7 @@ class ConstantPenalty:
     lambda0: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_real("lambda0", self.lambda0, 0.0, low_open=True)
+        check_positive("lambda0", self.lambda0)
 
     def value(self, k: int) -> float:
         return float(self.lambda0)
@@ -106,9 +98,9 @@ class IncrementPenalty:
     power: float = 1.0 / 7.0
 
     def __post_init__(self) -> None:
-        _check_real("lambda0", self.lambda0, 0.0, low_open=True)
-        _check_real("delta", self.delta, 0.0, low_open=False)
-        _check_real("power", self.power, 0.0, low_open=False)
+        check_positive("lambda0", self.lambda0)
+        check_nonnegative("delta", self.delta)
+        check_nonnegative("power", self.power)
 
     def value(self, k: int) -> float:
         lam = float(self.lambda0)
@@ -133,9 +125,9 @@ class PowerPenalty:
     k0: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_real("lambda0", self.lambda0, 0.0, low_open=True)
-        _check_real("power", self.power, 0.0, low_open=False)
-        _check_real("k0", self.k0, 0.0, low_open=True)
+        check_positive("lambda0", self.lambda0)
+        check_nonnegative("power", self.power)
+        check_positive("k0", self.k0)
 
     def value(self, k: int) -> float:
         return float(self.lambda0 * ((k + self.k0) / self.k0) ** self.power)

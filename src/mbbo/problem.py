@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
 from mbbo.distributed import BlockShard
+from mbbo.state import StateFields
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Any, Any, Batch, Tensor], Tensor]
@@ -99,7 +100,7 @@ class BlockTable(Protocol):
 
 
 @dataclass
-class RowSampler:
+class RowSampler(StateFields):
     """Mini-batches of rows for each requested block.
 
     `data` maps names to tensors whose first dimension indexes rows (shared by all blocks), or, with
@@ -116,6 +117,8 @@ class RowSampler:
     initialisation) draws with replacement and leaves that state alone, so the epochs of the iterations are
     the authors'.
     """
+
+    state_fields = ("permutation", "position")
 
     data: dict[str, Tensor]
     batch_size: int
@@ -183,14 +186,6 @@ class RowSampler:
             out = {k: v.index_select(0, flat).view(*index.shape, *v.shape[1:]) for k, v in self.data.items()}
         out["index"] = index
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"permutation": None if self.permutation is None else self.permutation.clone(),
-                "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.permutation = None if state["permutation"] is None else state["permutation"].clone()
-        self.position = int(state["position"])
 
 
 @dataclass

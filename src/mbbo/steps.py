@@ -387,7 +387,7 @@ class Adam:
 
     def __post_init__(self) -> None:
         _check_lr("lr", self.lr)
-        if len(self.betas) != 2:
+        if not isinstance(self.betas, tuple | list) or len(self.betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
         _check_real("betas[0]", self.betas[0], 0.0, 1.0, high_open=True)
         _check_real("betas[1]", self.betas[1], 0.0, 1.0, high_open=True)

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-
-def _check_unit_interval(name: str, value: float) -> None:
-    if not (0.0 < float(value) <= 1.0):
-        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+from mbbo.validation import check_nonnegative, check_unit
 
 
 @dataclass(frozen=True)
@@ -25,7 +22,7 @@ class EMA:
     beta: float
 
     def __post_init__(self) -> None:
-        _check_unit_interval("beta", self.beta)
+        check_unit("beta", self.beta)
 
     def update(self, u: Tensor, new: Tensor, old: Tensor | None = None) -> Tensor:
         return u.lerp(new, self.beta)
@@ -41,7 +38,7 @@ class STORM:
     beta: float
 
     def __post_init__(self) -> None:
-        _check_unit_interval("beta", self.beta)
+        check_unit("beta", self.beta)
 
     def update(self, u: Tensor, new: Tensor, old: Tensor) -> Tensor:
         return new + (1.0 - self.beta) * (u - old)
@@ -62,13 +59,12 @@ class MSVR:
     gamma: float
 
     def __post_init__(self) -> None:
-        _check_unit_interval("alpha", self.alpha)
-        if not float(self.gamma) >= 0.0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
+        check_unit("alpha", self.alpha)
+        check_nonnegative("gamma", self.gamma)
 
     @classmethod
     def theory(cls, alpha: float, num_blocks: int, block_batch: int) -> MSVR:
-        _check_unit_interval("alpha", alpha)
+        check_unit("alpha", alpha)
         if alpha == 1.0 and num_blocks > block_batch:
             raise ValueError("alpha = 1 leaves the theoretical gamma = (m-B)/(B(1-alpha)) undefined; use alpha < 1")
         extra = 0.0 if num_blocks == block_batch else (num_blocks - block_batch) / (block_batch * (1.0 - alpha))
@@ -94,7 +90,7 @@ class RandomizedSTORM:
     block_batch: int
 
     def __post_init__(self) -> None:
-        _check_unit_interval("beta", self.beta)
+        check_unit("beta", self.beta)
 
     @property
     def scale(self) -> float:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mbbo.problem import Batch, FullBatch, RowSampler
+from mbbo.state import StateFields
 
 __all__ = [
     "SARAH",
@@ -47,7 +48,7 @@ __all__ = [
 # SAGA
 
 
-class SAGATable:
+class SAGATable(StateFields):
     """SAGA memory over `num_slots` slots of a finite sum Q(w) = sum_i weights_i q_i(w).
 
     State: ``table`` (num_slots, *shape), the last value stored for each slot (zeros at start), and
@@ -69,6 +70,8 @@ class SAGATable:
     The table stores any fixed-shape value: vectors, matrices, or several oracles concatenated along the last
     dimension (the update is linear, so a concatenation is exactly one table per part).
     """
+
+    state_fields = ("table", "average")
 
     def __init__(self, weights: Tensor, shape: Sequence[int] | torch.Size, *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
@@ -135,16 +138,6 @@ class SAGATable:
     def recompute_average(self) -> Tensor:
         """sum_i weights_i table_i from scratch (the incremental ``average`` equals it up to rounding)."""
         return torch.einsum("n,n...->...", self.weights, self.table)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"table": self.table.clone(), "average": self.average.clone()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state["table"].shape != self.table.shape:
-            raise ValueError(f"SAGA table of shape {tuple(state['table'].shape)} does not fit this table "
-                             f"{tuple(self.table.shape)}")
-        self.table = state["table"].clone()
-        self.average = state["average"].clone()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,12 +254,14 @@ class FiniteSumRows:
         return weighted_sum([(c.numel() / self.n_rows, fn(self.gather(c))) for c in chunks])
 
 
-class EpochCycler:
+class EpochCycler(StateFields):
     """Cycles through K fixed mini-batch indices, in a fresh random order every epoch.
 
     benchopt's sampler does the same with two differences that are not reproduced: its first epoch is in the
     natural order, and an off-by-one makes every epoch draw K + 1 batches (the last one twice).
     """
+
+    state_fields = ("order", "position")
 
     def __init__(self, num_batches: int) -> None:
         if not isinstance(num_batches, int) or num_batches < 1:
@@ -282,13 +277,6 @@ class EpochCycler:
         k = int(self.order[self.position])
         self.position += 1
         return k
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"order": self.order.clone(), "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order = state["order"].clone()
-        self.position = int(state["position"])
 
 
 def distinct_rows(n_rows: int, batch_size: int, generator: torch.Generator) -> Tensor:

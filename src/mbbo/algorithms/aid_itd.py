@@ -44,10 +44,12 @@ import torch
 from torch import Tensor
 
 from mbbo import inner_solvers
-from mbbo.algorithms.base import Hyper, check_positive
-from mbbo.algorithms.stocbio import ZooAlgorithm, ZooConfig, check_choice, check_count, check_flag
+from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.stocbio import ZooAlgorithm, ZooConfig
 from mbbo.linsolve import ConjugateGradient, FixedPoint, LinearSolver, Neumann, SGDQuadratic
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.state import UNSET
+from mbbo.validation import check_choice, check_flag, check_int, check_positive
 
 LINSYS_SOLVERS = ("sgd", "neumann", "cg", "fixed_point")
 
@@ -65,7 +67,7 @@ class AIDBiOConfig(ZooConfig):
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
         check_choice("linsys_solver", self.linsys_solver, LINSYS_SOLVERS)
-        check_count("linsys_steps", self.linsys_steps, 1)
+        check_int("linsys_steps", self.linsys_steps, 1)
         check_positive("linsys_lr", self.linsys_lr)
         check_flag("warm_start_v", self.warm_start_v)
 
@@ -82,8 +84,13 @@ class AIDBiOConfig(ZooConfig):
 class AIDBiO(ZooAlgorithm):
     """AID-BiO with a choice of linear solver; N-Q-loop / N-loop / Q-loop / no-loop by the choice of N, Q."""
 
+    @dataclass
+    class State(ZooAlgorithm.State):
+        v: Tensor = UNSET  # the linear-system solution (warm start of the next solve)
+
     name = "aid_bio"
     Config = AIDBiOConfig
+    v: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -103,13 +110,6 @@ class AIDBiO(ZooAlgorithm):
         self.v = solver.solve(hvps, gy_f, v0=v0).v
         self.upper_step(gx_f - self.cross(x, self.y, self.v, self.lower_batch()))
 
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "v": self.v.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.v = state["v"].clone()
-
 
 class ITDBiO(ZooAlgorithm):
     """ITD-BiO: reverse-mode differentiation through N unrolled lower SGD steps from a constant warm start."""
@@ -121,6 +121,10 @@ class ITDBiO(ZooAlgorithm):
         lower = [self.lower_batch() for _ in range(self.config.lower_steps)]
         h, self.y = self.unrolled_hypergradient(self.x, self.lower_start(), lower, self.upper_batch())
         self.upper_step(h)
+
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        n = self.config.lower_steps
+        return {"grad_y_g": n, "hvp": n, "cross": n, "grad_y_f": 1, "grad_x_f": int(self.problem.upper_depends_on_x)}
 
     def unrolled_hypergradient(self, x: Tensor, y0: Tensor, lower_batches: list[Batch], upper_batch: Batch,
                                lr: float | None = None) -> tuple[Tensor, Tensor]:

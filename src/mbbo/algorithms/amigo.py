@@ -40,12 +40,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive, check_unit
-from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig, check_count, check_exponent
+from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig
 from mbbo.linsolve import SGDQuadratic
 from mbbo.problem import MultiBlockProblem
+from mbbo.state import UNSET
 from mbbo.trackers import STORM
+from mbbo.validation import check_int, check_nonnegative, check_positive, check_unit
 
 
 @dataclass
@@ -57,31 +60,25 @@ class AmIGOConfig(ZooConfig):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        check_count("linsys_steps", self.linsys_steps, 1)
+        check_int("linsys_steps", self.linsys_steps, 1)
         check_positive("linsys_lr", self.linsys_lr)
 
 
-class _WithV(ZooAlgorithm):
-    """Keeps the linear-system variable v (state, warm start)."""
+class AmIGO(ZooAlgorithm):
+    """AmIGO: warm-started SGD loops on y and on the quadratic of v, then an SGD step on x."""
+
+    @dataclass
+    class State(ZooAlgorithm.State):
+        v: Tensor = UNSET  # the linear-system variable (warm start of the v-loop)
+
+    name = "amigo"
+    Config = AmIGOConfig
+    v: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         self.v = torch.zeros_like(self.y)
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "v": self.v.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.v = state["v"].clone()
-
-
-class AmIGO(_WithV):
-    """AmIGO: warm-started SGD loops on y and on the quadratic of v, then an SGD step on x."""
-
-    name = "amigo"
-    Config = AmIGOConfig
 
     def step(self) -> None:
         cfg, x = self.config, self.x
@@ -107,23 +104,32 @@ class FSLAConfig(StepConfig):
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
         check_positive("linsys_lr", self.linsys_lr)
-        check_exponent("linsys_lr_exponent", self.linsys_lr_exponent)
+        check_nonnegative("linsys_lr_exponent", self.linsys_lr_exponent)
         check_unit("momentum", self.momentum)
-        check_exponent("momentum_exponent", self.momentum_exponent)
+        check_nonnegative("momentum_exponent", self.momentum_exponent)
 
 
-class FSLA(_WithV):
+class FSLA(ZooAlgorithm):
     """FSLA: one step on y and on v per iteration, STORM momentum on the hypergradient (two points, same
     samples), SGD on x."""
 
+    @dataclass
+    class State(ZooAlgorithm.State):
+        v: Tensor = UNSET  # the linear-system variable
+        d: Tensor = UNSET  # STORM estimate of the hypergradient
+        fresh: bool = True  # no previous point yet: d starts at the first hypergradient
+
     name = "fsla"
     Config = FSLAConfig
+    v: Tensor
+    d: Tensor
+    fresh: bool
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.v = torch.zeros_like(self.y)
         self.d = torch.zeros_like(self.x)
-        self.fresh = True
 
     def step(self) -> None:
         cfg, x, y, v = self.config, self.x, self.y, self.v
@@ -148,11 +154,3 @@ class FSLA(_WithV):
     def restart(self) -> None:
         """A stage start re-initialises the momentum (d = h at the next step); y and v are carried over."""
         self.fresh = True
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "d": self.d.clone(), "fresh": self.fresh}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.d = state["d"].clone()
-        self.fresh = bool(state["fresh"])

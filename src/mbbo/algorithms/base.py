@@ -1,9 +1,8 @@
-"""What every algorithm shares: random streams, oracles, the upper iterate, checkpointable state."""
+"""What every algorithm shares: random streams, oracles, the upper iterate, its explicit `State`."""
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -14,24 +13,25 @@ from torch import Tensor
 from mbbo.blocks import BLOCK_SAMPLING, DelayedBlocks, MovingBlocks
 from mbbo.oracles import Oracles, XGrad
 from mbbo.problem import Batch, MultiBlockProblem, RowSampler
+from mbbo.state import (
+    STATE_FORMAT,
+    UNSET,
+    expose_state,
+    generator_states,
+    load_dataclass,
+    load_generator_states,
+    snapshot,
+)
 from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
-from mbbo.validation import check_choice
+from mbbo.validation import check_choice, check_int, check_optional, check_positive, check_unit
 
 STREAMS = ("blocks", "lower", "upper", "extra")
+# the stream of `filled` (estimators initialised "uniform"), seeded apart from the others
+INIT_STREAM, INIT_SEED_OFFSET = "init", 99
 ESTIMATOR_INIT = ("first_batch", "uniform", "zeros")
 # chunks when all estimators are initialised (one mini-batch per block): bound the oracles' working set
 INIT_CHUNK_BLOCKS = 1024
 INIT_CHUNK_ELEMENTS = 2**23
-
-
-def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def check_unit(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and 0.0 < value <= 1.0):
-        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
 
 
 @dataclass
@@ -78,14 +78,12 @@ class MultiBlockConfig(Hyper):
         check_choice("block_sampling", self.block_sampling, BLOCK_SAMPLING)
         check_choice("estimator_init", self.estimator_init, ESTIMATOR_INIT)
         m = problem.num_blocks
-        if not isinstance(self.block_batch, int) or not 1 <= self.block_batch <= m:
-            raise ValueError(f"block_batch must be an integer in [1, m] = [1, {m}], got {self.block_batch!r}")
+        check_int("block_batch", self.block_batch, 1, m)
         check_positive("lr", self.lr)
         for name in self.paper_steps:
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
-        if self.lower_lr_scaling not in LOWER_LR_SCALINGS:
-            raise ValueError(f"lower_lr_scaling must be one of {LOWER_LR_SCALINGS}, got {self.lower_lr_scaling!r}")
+        check_optional(check_choice, "lower_lr_scaling", self.lower_lr_scaling, LOWER_LR_SCALINGS)
         check_unit("beta", self.beta)
 
     def step_size(self, name: str, num_blocks: int, revisit: bool = True) -> float:
@@ -98,10 +96,28 @@ class MultiBlockConfig(Hyper):
 class BilevelAlgorithm:
     """Base class: `step()` performs one iteration; the runner drives it (see `mbbo.protocols`).
 
-    Random streams (`torch.Generator`, seeded from `seed`): block sampling, lower data, upper data and an
-    extra stream (second block sample, Neumann batches...), so that each estimator's fresh-sample assumption
-    holds and the same seed gives the same trajectory. `compile=True` compiles the oracles (`Oracles`).
+    **State.** Everything an iteration changes lives in one dataclass, `self.state`, of the class's `State`
+    type: the base declares the iteration counter, x and the previous x; each algorithm extends it with its
+    lower variables, estimators, counters and building blocks (`MovingBlocks`, `BlockSampler`, step-rule states).
+    Each field is also an attribute (`self.x` is `self.state.x`). `state_dict()` / `load_state_dict()` are derived
+    from `State` (`mbbo.state.snapshot`), so an algorithm writes no save / load code; what is not declared
+    is configuration or a cache, recomputed from the configuration.
+
+    Random streams (`torch.Generator`, seeded from `seed`), saved beside the State: block sampling, lower data,
+    upper data, an extra stream (second block sample, Neumann batches...) and the stream of `filled`, so that
+    each estimator's fresh-sample assumption holds and the same seed gives the same trajectory. The row
+    samplers' positions (reshuffling samplers) are saved beside them too. `compile=True` compiles the oracles.
+
+    `oracle_calls_per_step()`: the oracle calls of one iteration after the first ({kind: count}, the kinds of
+    `Oracles.counts`, counted per point and block), checked by the contract suite
+    (tests/test_algorithm_contract.py); None where undeclared.
     """
+
+    @dataclass
+    class State:
+        iteration: int = 0
+        x: Tensor = UNSET
+        x_prev: Tensor = UNSET
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[Hyper]] = Hyper
@@ -109,9 +125,18 @@ class BilevelAlgorithm:
     restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
     # True for the methods whose per-block tables and hypergradient go through `self.shard`
     shardable: ClassVar[bool] = False
+    state: State
+    iteration: int
+    x: Tensor
+    x_prev: Tensor
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        expose_state(cls)
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
+        self.state = self.State()
         config = config if config is not None else self.Config()
         if overrides:
             config = config.replace(**overrides)
@@ -119,11 +144,11 @@ class BilevelAlgorithm:
         self.config = config
         self.problem = problem
         self.oracles = Oracles(problem, compile=compile)
-        self.iteration = 0
         device = problem.x0.device
-        self.generators = {s: torch.Generator(device=device) for s in STREAMS}
+        self.generators = {s: torch.Generator(device=device) for s in (*STREAMS, INIT_STREAM)}
         for i, s in enumerate(STREAMS):
             self.generators[s].manual_seed(int(seed) * 1_000_003 + i)
+        self.generators[INIT_STREAM].manual_seed(int(seed) * 1_000_003 + INIT_SEED_OFFSET)
         self.seed = int(seed)
         self.x = problem.x0.clone()
         self.x_prev = self.x.clone()
@@ -159,13 +184,11 @@ class BilevelAlgorithm:
                 if hasattr(s, "state_dict")}
 
     def filled(self, like: Tensor, how: str) -> Tensor:
-        """An estimator's initial value under `estimator_init` "uniform" (U[0, 1), as the authors' code, from a
-        generator seeded by the run's seed) or "zeros"."""
+        """An estimator's initial value under `estimator_init` "uniform" (U[0, 1), as the authors' code, from the
+        run's "init" stream) or "zeros"."""
         if how == "zeros":
             return torch.zeros_like(like)
-        if not hasattr(self, "_init_generator"):
-            self._init_generator = torch.Generator(device=like.device).manual_seed(self.seed * 1_000_003 + 99)
-        return torch.rand(like.shape, generator=self._init_generator, dtype=like.dtype, device=like.device)
+        return torch.rand(like.shape, generator=self.generators[INIT_STREAM], dtype=like.dtype, device=like.device)
 
     def filled_table(self, like: Tensor, how: str) -> Tensor:
         """`filled` for a per-block table of this process's rows `like`: a block-sharded rank draws the
@@ -218,17 +241,14 @@ class BilevelAlgorithm:
         """Current lower variables of all blocks, (m, d_y)."""
         raise NotImplementedError
 
-    def _tensors(self) -> dict[str, Any]:
-        """Subclass state (tensors and nested state dicts)."""
-        return {}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        pass
-
     # --- common protocol ----------------------------------------------------------------------------
     def oracle_counts(self) -> dict[str, int]:
         """Oracle calls so far, of all processes in a block-sharded run (a collective there)."""
         return self.shard.sum_counts(dict(self.oracles.counts))
+
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        """The oracle calls one iteration (after the first) makes, by kind; None: not declared."""
+        return None
 
     def set_hyper(self, **changes: Any) -> None:
         """Changes hyper-parameters between iterations (restarts, schedules); validated."""
@@ -237,35 +257,44 @@ class BilevelAlgorithm:
         self.config = config
 
     def state_dict(self) -> dict[str, Any]:
+        """The State (`"state"`, derived from its declaration), and beside it the configuration, the random
+        generators, the row samplers and the oracle counters."""
         return {
+            "format": STATE_FORMAT,
             "name": self.name,
-            "iteration": self.iteration,
             "config": asdict(self.config),
-            "x": self.x.clone(),
-            "x_prev": self.x_prev.clone(),
-            "generators": {k: g.get_state() for k, g in self.generators.items()},
-            "oracle_counts": dict(self.oracles.counts),  # this process's
+            "state": snapshot(self.state, f"{self.name} state"),
+            "generators": generator_states(self.generators),
             "samplers": self.sampler_states(),
-            "algorithm": self._tensors(),
+            "oracle_counts": dict(self.oracles.counts),  # this process's
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        found = state.get("format", 1)
+        if found != STATE_FORMAT:
+            raise ValueError(
+                f"the checkpoint holds algorithm state format {found!r}, this mbbo reads format {STATE_FORMAT} (one "
+                "declared State per algorithm, since issue 11): a run checkpointed by an older mbbo cannot be "
+                "resumed; start it afresh (--overwrite)")
         if state["name"] != self.name:
             raise ValueError(f"checkpoint is for algorithm {state['name']!r}, not {self.name!r}")
-        self.iteration = int(state["iteration"])
         self.config = type(self.config)(**state["config"])
-        self.x = state["x"].clone()
-        self.x_prev = state["x_prev"].clone()
-        for k, g in self.generators.items():
-            g.set_state(state["generators"][k])
+        load_dataclass(self.state, state["state"], f"{self.name} state")
+        load_generator_states(self.generators, state["generators"])
         for key, sampler_state in state.get("samplers", {}).items():
             getattr(self, f"{key}_sampler").load_state_dict(sampler_state)
         for kind, count in state["oracle_counts"].items():
             self.oracles.counts[kind] = int(count)
-        self._load_tensors(state["algorithm"])
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.lower_variables()).all())
+
+    def state_tensors(self) -> list[Tensor]:
+        """The State's tensor fields (not those inside its building blocks)."""
+        return [v for f in fields(self.state) if isinstance(v := getattr(self.state, f.name), Tensor)]
+
+
+expose_state(BilevelAlgorithm)
 
 
 class MultiBlockAlgorithm(BilevelAlgorithm):

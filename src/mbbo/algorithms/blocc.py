@@ -29,7 +29,8 @@ from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.saddle import max_min_loop
-from mbbo.validation import check_int, check_real
+from mbbo.state import UNSET
+from mbbo.validation import check_int, check_nonnegative, check_positive
 
 __all__ = ["BLOCC", "BLOCCConfig"]
 
@@ -50,15 +51,22 @@ class BLOCCConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         for name in ("gamma", "lr", "lr_y_g", "lr_y_F", "lr_mu"):
-            check_real(name, getattr(self, name), 0.0, low_open=True)
-        check_real("mu_floor", self.mu_floor, 0.0)
-        check_real("tol", self.tol, 0.0)
+            check_positive(name, getattr(self, name))
+        check_nonnegative("mu_floor", self.mu_floor)
+        check_nonnegative("tol", self.tol)
         check_int("rounds", self.rounds, 1)
         check_int("inner_steps", self.inner_steps, 1)
 
 
 class BLOCC(ConstrainedAlgorithm):
     """BLOCC (Jiang et al., NeurIPS 2024): max-min inner loops for L_g and L_F, then a Danskin upper step."""
+
+    @dataclass
+    class State(ConstrainedAlgorithm.State):
+        y_g: Tensor = UNSET  # the lower problem's primal-dual iterates
+        mu_g: Tensor = UNSET
+        y_F: Tensor = UNSET  # the penalised problem's primal-dual iterates
+        mu_F: Tensor = UNSET
 
     name = "blocc"
     Config = BLOCCConfig
@@ -102,10 +110,3 @@ class BLOCC(ConstrainedAlgorithm):
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"y_F": self.y_F, "y_g": self.y_g}
-
-    def _tensors(self) -> dict[str, Any]:
-        return {k: getattr(self, k).clone() for k in ("y_g", "mu_g", "y_F", "mu_F")}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value.clone())

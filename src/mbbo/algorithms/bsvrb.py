@@ -42,13 +42,22 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig, check_positive, check_unit
+from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig
 from mbbo.blocks import BlockSampler, DelayedBlocks, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.projections import cholesky_solve, floor_and_factor, frobenius_rescale, project_ball
+from mbbo.state import UNSET
 from mbbo.trackers import EMA, MSVR, STORM
-from mbbo.validation import check_choice
+from mbbo.validation import (
+    check_choice,
+    check_flag,
+    check_int,
+    check_nonnegative,
+    check_optional,
+    check_positive,
+    check_unit,
+)
 
 LOWER_UPDATE = ("eager", "delayed")
 HESSIAN_GUARD = ("eigen_floor", "frobenius_rescale")
@@ -70,16 +79,15 @@ class BlockwiseConfig(MultiBlockConfig):
         m = problem.num_blocks
         check_unit("alpha", self.alpha)
         check_choice("lower_update", self.lower_update, LOWER_UPDATE)
+        check_flag("lazy", self.lazy)
         if isinstance(self.gamma, str):
             if self.gamma != "theory":
                 raise ValueError(f"gamma must be a number >= 0 or 'theory', got {self.gamma!r}")
             if self.alpha == 1.0 and self.block_batch < m:
                 raise ValueError("gamma='theory' needs alpha < 1 when block_batch < m")
-        elif not (isinstance(self.gamma, int | float) and self.gamma >= 0):
-            raise ValueError(f"gamma must be a number >= 0 or 'theory', got {self.gamma!r}")
-        if self.init_batch_size is not None and (not isinstance(self.init_batch_size, int)
-                                                 or self.init_batch_size < 1):
-            raise ValueError(f"init_batch_size must be a positive integer or None, got {self.init_batch_size!r}")
+        else:
+            check_nonnegative("gamma", self.gamma)
+        check_optional(check_int, "init_batch_size", self.init_batch_size, 1)
 
     def msvr(self, num_blocks: int) -> MSVR:
         if self.gamma == "theory":
@@ -117,6 +125,13 @@ class BSVRBv2Config(BlockwiseConfig):
 
 class _Blockwise(MultiBlockAlgorithm):
     """The shared blockwise iteration; subclasses provide the estimators of the hypergradient."""
+
+    @dataclass
+    class State(MultiBlockAlgorithm.State):
+        y: MovingBlocks | DelayedBlocks = UNSET  # the lower variables, moved along the lower-gradient estimators s_i
+        z: Tensor = UNSET  # STORM (EMA) estimate of the hypergradient
+        fresh: bool = True  # the first iteration after an initialisation from mini-batches uses one point
+        block_sampler: BlockSampler = UNSET
 
     moving_average: ClassVar[bool] = False
     shardable = True
@@ -231,6 +246,14 @@ class _Blockwise(MultiBlockAlgorithm):
     def _block_tables(self) -> list[MovingBlocks | DelayedBlocks]:
         return [self.y]
 
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        """Per sampled block and point (two points, one for the moving-average methods): grad_y g, the
+        Hessian (v1) or an HVP (v2), a cross product and grad f."""
+        n = self.config.block_batch * (1 if self.moving_average else 2)
+        second = "hessian_yy" if isinstance(self, BSVRBv1) else "hvp"
+        upper_x = int(self.problem.upper_depends_on_x)
+        return {"grad_y_g": n, second: n, "cross": n, "grad_y_f": n, "grad_x_f": n * upper_x}
+
     def table_bytes(self) -> int:
         """Bytes held by the per-block tables (lower variables, estimators, stamps)."""
         return sum(table.nbytes() for table in self._block_tables())
@@ -254,18 +277,6 @@ class _Blockwise(MultiBlockAlgorithm):
     def _end_iteration(self, blocks: Tensor, t: int) -> None:
         pass
 
-    def _tensors(self) -> dict[str, Any]:
-        return {"z": self.z.clone(), "y": self.y.state_dict(), "fresh": self.fresh,
-                "block_sampler": self.block_sampler.state_dict()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        self.z = state["z"].clone()
-        self.fresh = bool(state["fresh"])
-        self.y.load_state_dict(state["y"])
-        if "block_sampler" in state:
-            self.block_sampler.load_state_dict(state["block_sampler"])
-        self.y.step = self._move_step("lower_lr")
-
 
 class BSVRBv1(_Blockwise):
     """BSVRB_v1: MSVR on the lower gradients and on the explicit Hessians (low-dimensional y_i).
@@ -280,6 +291,12 @@ class BSVRBv1(_Blockwise):
     bit-identical) rather than stored (m d^2 more memory). `hessian_timing="previous"` keeps one more table,
     each block's H_i as before its last update (`hessians_before`), and when that update was.
     """
+
+    @dataclass
+    class State(_Blockwise.State):
+        hessians: Tensor = UNSET  # the guarded Hessian estimates H_i, (m, d_y, d_y)
+        hessians_before: Tensor | None = None  # hessian_timing='previous': H_i before its last update
+        hessian_stamps: Tensor | None = None  # ... and the iteration of that update
 
     name = "bsvrb_v1"
     Config = BSVRBv1Config
@@ -360,28 +377,14 @@ class BSVRBv1(_Blockwise):
             extra += [self.hessians_before, self.hessian_stamps]
         return super().table_bytes() + sum(v.numel() * v.element_size() for v in extra)
 
-    def _tensors(self) -> dict[str, Any]:
-        out = {**super()._tensors(), "hessians": self.hessians.clone()}
-        if self.config.hessian_timing == "previous":
-            out |= {"hessians_before": self.hessians_before.clone(), "hessian_stamps": self.hessian_stamps.clone()}
-        return out
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.hessians = state["hessians"].clone()
-        if self.config.hessian_timing == "previous":
-            if "hessians_before" in state:
-                self.hessians_before = state["hessians_before"].clone()
-            else:  # a checkpoint that stored the solver's table (Cholesky factors L = chol(H) under eigen_floor)
-                before = state["factors_before"]
-                eigen = self.config.hessian_guard == "eigen_floor"
-                self.hessians_before = before @ before.transpose(-1, -2) if eigen else before.clone()
-            self.hessian_stamps = state["hessian_stamps"].clone()
-
 
 class BSVRBv2(_Blockwise):
     """BSVRB_v2: Hessian-vector products only. v_i approximately solves (grad_yy g_i) v = grad_y f_i by
     projected steps along an MSVR estimate u_i of the residual, updated for all blocks (lazily)."""
+
+    @dataclass
+    class State(_Blockwise.State):
+        v: MovingBlocks | DelayedBlocks | None = None  # linear-system variables, moved along residual estimators u_i
 
     name = "bsvrb_v2"
     Config = BSVRBv2Config
@@ -390,7 +393,7 @@ class BSVRBv2(_Blockwise):
         """s_i = grad_y g_i and u_i = (grad_yy g_i) v_i - grad_y f_i at the current point (v_i = 0 at start,
         carried over on restarts)."""
         xs, ys = self.x.unsqueeze(0), y[blocks].unsqueeze(0)
-        restarting = hasattr(self, "v")
+        restarting = self.v is not None
         v0 = self.v.current(blocks, self.iteration) if restarting else torch.zeros_like(ys[0])
         gy, hv, _ = self.oracles.lower_products(xs, ys, v0.unsqueeze(0), lower, blocks)
         _, gy_f = self.oracles.upper_grads(xs, ys, upper, blocks)
@@ -431,14 +434,6 @@ class BSVRBv2(_Blockwise):
     def linear_system_variables(self) -> Tensor:
         """Current v_i of all blocks, (m, d_y)."""
         return self.v.current_all(self.iteration)
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "v": self.v.state_dict()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.v.load_state_dict(state["v"])
-        self.v.step = self._move_step("linsys_lr")
 
 
 @dataclass

@@ -36,16 +36,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from mbbo.algorithms.base import check_positive
-from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig, check_count
-from mbbo.linsolve import Neumann
+from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig
 from mbbo.problem import MultiBlockProblem
+from mbbo.validation import check_int, check_positive
 
 
 def _check_neumann(config: BSAConfig | TTSAConfig) -> None:
-    check_count("linsys_steps", config.linsys_steps, 1)
+    check_int("linsys_steps", config.linsys_steps, 1)
     check_positive("linsys_lr", config.linsys_lr)
 
 
@@ -77,15 +74,7 @@ class TTSAConfig(StepConfig):
         _check_neumann(self)
 
 
-class _RandomNeumann(ZooAlgorithm):
-    def random_neumann(self, x: Tensor, y: Tensor, b: Tensor) -> Tensor:
-        """Randomly truncated Neumann estimate of (grad_yy g(x, y))^{-1} b, fresh batches per factor."""
-        cfg = self.config
-        solver = Neumann(cfg.linsys_steps, cfg.linsys_lr, random_truncation=True)
-        return solver.solve(self.neumann_hvps(x, y), b, generator=self.generators["extra"]).v
-
-
-class BSA(_RandomNeumann):
+class BSA(ZooAlgorithm):
     """BSA: warm-started lower SGD loop, randomly truncated Neumann hypergradient, decaying steps."""
 
     name = "bsa"
@@ -99,7 +88,7 @@ class BSA(_RandomNeumann):
         self.upper_step(gx_f - self.cross(x, self.y, v, self.lower_batch()))
 
 
-class TTSA(_RandomNeumann):
+class TTSA(ZooAlgorithm):
     """TTSA: one lower SGD step and one upper step per iteration on two time scales."""
 
     name = "ttsa"

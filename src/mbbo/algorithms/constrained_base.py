@@ -81,6 +81,4 @@ class ConstrainedAlgorithm(ConstrainedMixin, SingleBlockAlgorithm):
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.x).all()) and all(bool(torch.isfinite(t).all())
-                                                           for t in self._tensors().values()
-                                                           if isinstance(t, Tensor))
+        return all(bool(torch.isfinite(t).all()) for t in self.state_tensors())

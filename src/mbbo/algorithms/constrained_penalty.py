@@ -34,6 +34,7 @@ from mbbo.algorithms.f2sa import F2SAProjected, F2SAProjectedConfig
 from mbbo.constrained import ConstrainedProblem
 from mbbo.penalty import Projection
 from mbbo.problem import MultiBlockProblem
+from mbbo.state import UNSET
 
 __all__ = ["PenaltyConfig", "PenaltyMethod"]
 
@@ -56,6 +57,11 @@ class PenaltyConfig(F2SAProjectedConfig):
 
 class PenaltyMethod(ConstrainedMixin, F2SAProjected):
     """Penalty method (Kwon et al., ICLR 2024) as projected F2SA onto the coupled lower set [template]."""
+
+    @dataclass
+    class State(F2SAProjected.State):
+        mu_y: Tensor = UNSET  # multiplier estimates of the projections of y and z
+        mu_z: Tensor = UNSET
 
     name = "penalty"
     Config = PenaltyConfig
@@ -103,11 +109,3 @@ class PenaltyMethod(ConstrainedMixin, F2SAProjected):
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"z": self.z, "y": self.y}
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "mu_y": self.mu_y.clone(), "mu_z": self.mu_z.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.mu_y = state["mu_y"].clone()
-        self.mu_z = state["mu_z"].clone()

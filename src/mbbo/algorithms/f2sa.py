@@ -42,21 +42,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive
+from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.penalty import SCHEDULES, Projection, as_projection, make_penalty_schedule, penalty_gradient
 from mbbo.problem import MultiBlockProblem
+from mbbo.state import UNSET
 from mbbo.steps import InversePower
-
-
-def _check_exponent(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_batch_size(value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {value!r}")
+from mbbo.validation import (
+    check_choice,
+    check_flag,
+    check_int,
+    check_nonnegative,
+    check_optional,
+    check_positive,
+    check_real,
+)
 
 
 @dataclass
@@ -83,18 +83,14 @@ class F2SAConfig(Hyper):
         if self.lower_lr is not None:
             check_positive("lower_lr", self.lower_lr)
         for name in ("y_exponent", "z_exponent", "x_exponent"):
-            _check_exponent(name, getattr(self, name))
-        if self.lambda_schedule not in SCHEDULES:
-            raise ValueError(f"lambda_schedule must be one of {SCHEDULES}, got {self.lambda_schedule!r}")
+            check_real(name, getattr(self, name), 0.0, 1.0)
+        check_choice("lambda_schedule", self.lambda_schedule, SCHEDULES)
         check_positive("lambda0", self.lambda0)
-        if not (isinstance(self.delta_lambda, int | float) and self.delta_lambda >= 0):
-            raise ValueError(f"delta_lambda must be a number >= 0, got {self.delta_lambda!r}")
-        _check_exponent("lambda_power", self.lambda_power)
-        if not isinstance(self.n_inner_steps, int) or isinstance(self.n_inner_steps, bool) or self.n_inner_steps < 1:
-            raise ValueError(f"n_inner_steps must be an integer >= 1, got {self.n_inner_steps!r}")
-        if not isinstance(self.shared_x_sample, bool):
-            raise ValueError(f"shared_x_sample must be a bool, got {self.shared_x_sample!r}")
-        _check_batch_size(self.batch_size)
+        check_nonnegative("delta_lambda", self.delta_lambda)
+        check_real("lambda_power", self.lambda_power, 0.0, 1.0)
+        check_int("n_inner_steps", self.n_inner_steps, 1)
+        check_flag("shared_x_sample", self.shared_x_sample)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -116,6 +112,11 @@ class F2SAProjectedConfig(F2SAConfig):
 
 class F2SA(SingleBlockAlgorithm):
     """F2SA (Kwon, Kwon, Wright, Nowak, ICML 2023): fully first-order penalty method (module docstring)."""
+
+    @dataclass
+    class State(SingleBlockAlgorithm.State):
+        z: Tensor = UNSET  # the iterate of the lower problem alone (y: the penalised one)
+        lam: float = 0.0  # the penalty multiplier lambda_k
 
     name = "f2sa"
     Config = F2SAConfig
@@ -190,14 +191,6 @@ class F2SA(SingleBlockAlgorithm):
 
     def is_finite(self) -> bool:
         return super().is_finite() and bool(torch.isfinite(self.y).all())
-
-    def _tensors(self) -> dict[str, Any]:
-        return {"y": self.y.clone(), "z": self.z.clone(), "lam": float(self.lam)}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        self.y = state["y"].clone()
-        self.z = state["z"].clone()
-        self.lam = float(state["lam"])
 
 
 class F2SAProjected(F2SA):

@@ -37,7 +37,8 @@ from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.constrained import ConstrainedProblem
 from mbbo.problem import MultiBlockProblem
-from mbbo.validation import check_real
+from mbbo.state import UNSET
+from mbbo.validation import check_positive, check_real
 
 __all__ = ["LVHBA", "TOY_DEFAULTS", "LVHBAConfig"]
 
@@ -60,12 +61,18 @@ class LVHBAConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         for name in ("alpha", "beta", "eta", "gamma1", "gamma2", "c", "z_max"):
-            check_real(name, getattr(self, name), 0.0, low_open=True)
+            check_positive(name, getattr(self, name))
         check_real("p", self.p, 0.0, 0.5, low_open=True)
 
 
 class LVHBA(ConstrainedAlgorithm):
     """LV-HBA (Yao et al., ICLR 2024) with the public code's defects fixed (module docstring)."""
+
+    @dataclass
+    class State(ConstrainedAlgorithm.State):
+        theta: Tensor = UNSET  # the proximal lower variable
+        lam: Tensor = UNSET  # the constraint multipliers
+        z: Tensor = UNSET  # the multipliers' proximal copy
 
     name = "lv_hba"
     Config = LVHBAConfig
@@ -106,10 +113,3 @@ class LVHBA(ConstrainedAlgorithm):
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"y": self.y, "theta": self.theta}
-
-    def _tensors(self) -> dict[str, Any]:
-        return {k: getattr(self, k).clone() for k in ("y", "theta", "lam", "z")}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value.clone())

@@ -45,14 +45,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive, check_unit
+from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.saba import FullPassAccess, validate_refresh
 from mbbo.algorithms.single import SingleBlockAlgorithm
-from mbbo.algorithms.soba import check_count, check_exponent
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.state import UNSET
 from mbbo.steps import scheduled
 from mbbo.trackers import STORM
+from mbbo.validation import check_int, check_nonnegative, check_optional, check_positive, check_unit
 from mbbo.variance_reduction import SARAH
 
 
@@ -78,12 +79,12 @@ class MRBOConfig(Hyper):
         check_positive("lr", self.lr)
         check_positive("lower_lr", self.lower_lr)
         check_positive("neumann_lr", self.neumann_lr)
-        check_count("neumann_terms", self.neumann_terms, low=self.min_terms)
+        check_int("neumann_terms", self.neumann_terms, self.min_terms)
         check_unit("eta", self.eta)
-        check_exponent("lr_exponent", self.lr_exponent)
-        check_exponent("lower_lr_exponent", self.lower_lr_exponent)
-        check_exponent("eta_exponent", self.eta_exponent)
-        check_count("batch_size", self.batch_size, optional=True)
+        check_nonnegative("lr_exponent", self.lr_exponent)
+        check_nonnegative("lower_lr_exponent", self.lower_lr_exponent)
+        check_nonnegative("eta_exponent", self.eta_exponent)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class _NeumannHypergradient(SingleBlockAlgorithm):
@@ -113,6 +114,13 @@ class _NeumannHypergradient(SingleBlockAlgorithm):
 class MRBO(_NeumannHypergradient):
     """MRBO: STORM momentum on grad_y g and on the Neumann hypergradient (see module doc). Per iteration, at two
     points: 1 grad_y g, 1 grad f, Q HVPs, 1 cross product."""
+
+    @dataclass
+    class State(_NeumannHypergradient.State):
+        y_prev: Tensor = UNSET  # y of the previous iteration (STORM's second point)
+        d_y: Tensor = UNSET  # STORM estimates of grad_y g and of the hypergradient
+        d_x: Tensor = UNSET
+        fresh: bool = True  # no previous point yet: the estimates start at the first samples
 
     name = "mrbo"
     Config = MRBOConfig
@@ -149,14 +157,11 @@ class MRBO(_NeumannHypergradient):
         """The next iteration starts the momentum afresh from its own estimates."""
         self.fresh = True
 
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "y_prev": self.y_prev.clone(), "d_y": self.d_y.clone(),
-                "d_x": self.d_x.clone(), "fresh": self.fresh}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.y_prev, self.d_y, self.d_x = state["y_prev"].clone(), state["d_y"].clone(), state["d_x"].clone()
-        self.fresh = bool(state["fresh"])
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        if self.random_truncation:
+            return None  # SUSTAIN: as many HVPs as the random truncation level
+        upper_x = int(self.problem.upper_depends_on_x)
+        return {"grad_y_g": 2, "hvp": 2 * self.config.neumann_terms, "cross": 2, "grad_y_f": 2, "grad_x_f": 2 * upper_x}
 
 
 @dataclass
@@ -198,15 +203,22 @@ class VRBOConfig(Hyper):
         check_positive("lr", self.lr)
         check_positive("lower_lr", self.lower_lr)
         check_positive("neumann_lr", self.neumann_lr)
-        check_count("neumann_terms", self.neumann_terms, low=0)
-        check_count("lower_steps", self.lower_steps)
-        check_count("batch_size", self.batch_size, optional=True)
+        check_int("neumann_terms", self.neumann_terms, 0)
+        check_int("lower_steps", self.lower_steps, 1)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
         validate_refresh(self, problem)
 
 
 class VRBO(FullPassAccess, _NeumannHypergradient):
     """VRBO: SPIDER estimates of grad_y g and of the hypergradient, refreshed by full passes every `period`
     outer iterations; one `step()` = one x step followed by `lower_steps` y steps (see module doc)."""
+
+    @dataclass
+    class State(_NeumannHypergradient.State):
+        d_y: Tensor = UNSET  # SARAH estimates of grad_y g and of the hypergradient
+        d_x: Tensor = UNSET
+        y_prev: Tensor = UNSET
+        since_refresh: int = 0  # iterations since the last full refresh
 
     name = "vrbo"
     Config = VRBOConfig
@@ -253,12 +265,3 @@ class VRBO(FullPassAccess, _NeumannHypergradient):
     def restart(self) -> None:
         """The next iteration refreshes the estimates."""
         self.since_refresh = 0
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "y_prev": self.y_prev.clone(), "d_y": self.d_y.clone(),
-                "d_x": self.d_x.clone(), "since_refresh": self.since_refresh}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.y_prev, self.d_y, self.d_x = state["y_prev"].clone(), state["d_y"].clone(), state["d_x"].clone()
-        self.since_refresh = int(state["since_refresh"])

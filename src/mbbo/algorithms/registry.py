@@ -1,13 +1,16 @@
-"""Algorithms by name: `make_algorithm("bsvrb_v2", problem, seed=0, lr=1e-3)`."""
+"""Algorithms by name: `make_algorithm("bsvrb_v2", problem, seed=0, lr=1e-3)`; `register_algorithm(cls)` adds one
+(see docs/adding_an_algorithm.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
-from typing import Any
+import re
+from typing import Any, TypeVar
 
-from mbbo.algorithms.base import BilevelAlgorithm
+from mbbo.algorithms.base import BilevelAlgorithm, Hyper
 from mbbo.algorithms.restart import Restarted
 from mbbo.problem import MultiBlockProblem
 
@@ -16,21 +19,49 @@ ALGORITHM_MODULES = ("bsvrb", "rsvrb", "stocbio", "aid_itd", "classic", "amigo",
                      "unbounded", "sflcb", "blocc", "lv_hba", "constrained_penalty")
 
 
-def _collect() -> dict[str, type[BilevelAlgorithm]]:
-    found: dict[str, type[BilevelAlgorithm]] = {}
+RESTART_PREFIX = "re_"
+AlgorithmClass = TypeVar("AlgorithmClass", bound=type[BilevelAlgorithm])
+ALGORITHMS: dict[str, type[BilevelAlgorithm]] = {}
+
+
+def register_algorithm(cls: AlgorithmClass, *, replace: bool = False) -> AlgorithmClass:
+    """Registers an algorithm class under its `name` (usable as a class decorator); returns the class.
+
+    The class must subclass `BilevelAlgorithm`, set its own `name` (lower-case letters, digits and "_", not
+    starting with "re_", which names restarted variants), a `Config` dataclass deriving from `Hyper` and, when it
+    keeps state beyond the base's, a `State` dataclass deriving from its parent's `State`. A name registered
+    already raises ValueError unless `replace=True`. Registered algorithms are run by `make_algorithm`, the CLI
+    and the contract suite (tests/test_algorithm_contract.py).
+    """
+    if not (inspect.isclass(cls) and issubclass(cls, BilevelAlgorithm)):
+        raise TypeError(f"register_algorithm takes a BilevelAlgorithm subclass, got {cls!r}")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name.startswith(RESTART_PREFIX):
+        raise ValueError(f"{cls.__name__}.name must be a lower-case identifier not starting with "
+                         f"{RESTART_PREFIX!r}, got {name!r}")
+    if not (dataclasses.is_dataclass(cls.Config) and issubclass(cls.Config, Hyper)):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass deriving from Hyper, got {cls.Config!r}")
+    if not (dataclasses.is_dataclass(cls.State) and issubclass(cls.State, BilevelAlgorithm.State)):
+        raise TypeError(f"{cls.__name__}.State must be a dataclass deriving from BilevelAlgorithm.State")
+    if name in ALGORITHMS and ALGORITHMS[name] is not cls and not replace:
+        raise ValueError(f"algorithm name {name!r} is registered already (by {ALGORITHMS[name].__qualname__}); "
+                         "pass replace=True to replace it")
+    ALGORITHMS[name] = cls
+    return cls
+
+
+def _collect() -> None:
     for module_name in ALGORITHM_MODULES:
         module = importlib.import_module(f"mbbo.algorithms.{module_name}")
         for cls in vars(module).values():
             if (inspect.isclass(cls) and issubclass(cls, BilevelAlgorithm) and cls.__module__ == module.__name__
                     and "name" in cls.__dict__):
-                if cls.name in found:
+                if cls.name in ALGORITHMS:
                     raise RuntimeError(f"algorithm name {cls.name!r} registered twice")
-                found[cls.name] = cls
-    return found
+                register_algorithm(cls)
 
 
-ALGORITHMS: dict[str, type[BilevelAlgorithm]] = _collect()
-RESTART_PREFIX = "re_"
+_collect()
 RESTART_OPTIONS = ("stage_length", "decay", "growth", "output")
 
 

@@ -14,18 +14,34 @@ any algorithm with `set_hyper` and `restart` (BSVRB_v1/v2, RSVRB, the moving-ave
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import BilevelAlgorithm
+from mbbo.state import STATE_FORMAT, expose_state, load_dataclass, snapshot
 
 DEFAULT_DECAYED = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
 
 
 class Restarted:
-    """RE-<algorithm>: stage-wise restarts with decayed step sizes and growing stage lengths."""
+    """RE-<algorithm>: stage-wise restarts with decayed step sizes and growing stage lengths. Its own `State`
+    (the stage counters and the reservoir-sampled iterate) is saved beside the inner algorithm's."""
+
+    @dataclass
+    class State:
+        stage: int = 0
+        stage_iteration: int = 0
+        current_length: int = 1
+        sampled_x: Tensor | None = None
+
+    state: State
+    stage: int
+    stage_iteration: int
+    current_length: int
+    sampled_x: Tensor | None
 
     def __init__(self, algorithm: BilevelAlgorithm, *, stage_length: int = 1000, decay: float = 2.0,
                  growth: float = 2.0, decayed: tuple[str, ...] | None = None,
@@ -50,10 +66,7 @@ class Restarted:
         self.name = f"re_{algorithm.name}"
         self.stage_length = stage_length
         self.decay, self.growth, self.decayed, self.output = decay, growth, decayed, output
-        self.stage = 0
-        self.stage_iteration = 0
-        self.current_length = stage_length
-        self.sampled_x: Tensor | None = None
+        self.state = self.State(current_length=stage_length)
 
     @property
     def iteration(self) -> int:
@@ -103,11 +116,14 @@ class Restarted:
         self.current_length = max(1, round(self.current_length * self.growth))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner.state_dict(), "stage": self.stage, "stage_iteration": self.stage_iteration,
-                "current_length": self.current_length, "sampled_x": self.sampled_x}
+        return {"format": STATE_FORMAT, "inner": self.inner.state_dict(), "state": snapshot(self.state, self.name)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "state" not in state:
+            raise ValueError(f"the checkpoint holds {self.name}'s state format 1, this mbbo reads format "
+                             f"{STATE_FORMAT}: start the run afresh (--overwrite)")
         self.inner.load_state_dict(state["inner"])
-        self.stage, self.stage_iteration = int(state["stage"]), int(state["stage_iteration"])
-        self.current_length = int(state["current_length"])
-        self.sampled_x = state["sampled_x"]
+        load_dataclass(self.state, state["state"], f"{self.name} state")
+
+
+expose_state(Restarted)

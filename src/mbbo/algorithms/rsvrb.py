@@ -36,12 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig, check_positive
+from mbbo.algorithms.base import Hyper, MultiBlockAlgorithm, MultiBlockConfig
 from mbbo.blocks import BlockSampler, DecayingSparseRows, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.projections import eig_compose, eig_solve, floored_eigh
+from mbbo.state import UNSET
 from mbbo.trackers import STORM, RandomizedSTORM
+from mbbo.validation import check_positive, check_real
 
 
 @dataclass
@@ -54,12 +56,24 @@ class RSVRBConfig(MultiBlockConfig):
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
         check_positive("hessian_floor", self.hessian_floor)
-        if not 0.0 <= self.jacobian_tolerance < 1.0:
-            raise ValueError(f"jacobian_tolerance must lie in [0, 1), got {self.jacobian_tolerance!r}")
+        check_real("jacobian_tolerance", self.jacobian_tolerance, 0.0, 1.0, high_open=True)
 
 
 class RSVRB(MultiBlockAlgorithm):
     """Randomised stochastic variance-reduced bilevel method (see module docstring)."""
+
+    @dataclass
+    class State(MultiBlockAlgorithm.State):
+        y: MovingBlocks = UNSET  # lower variables, moved along s_i decaying by q = 1 - beta while unsampled
+        d: Tensor = UNSET  # STORM estimate of the hypergradient
+        fresh: bool = True  # the first iteration after an initialisation from mini-batches uses one point
+        stamps: Tensor = UNSET  # iteration of each block's last estimator update (estimators decay lazily)
+        grad_f: Tensor = UNSET  # estimates of grad_y f_i
+        eigvals: Tensor = UNSET  # eigen-decomposition of the Hessian estimates, eigenvalues floored
+        eigvecs: Tensor = UNSET
+        jacobian: DecayingSparseRows | Tensor = UNSET  # cross-Jacobian estimates (sparse rows when x is sparse)
+        block_sampler: BlockSampler = UNSET
+        second_sampler: BlockSampler = UNSET  # the independent block sample of the upper gradient
 
     name = "rsvrb"
     Config = RSVRBConfig
@@ -113,7 +127,7 @@ class RSVRB(MultiBlockAlgorithm):
         # estimators stamped t - 1; read at iteration k as value * q^(k - stamp)
         self.stamps = torch.full((self.shard.num_local,), t - 1, dtype=torch.long, device=self.x.device)
         self.grad_f, self.eigvals, self.eigvecs = tables["grad_f"], tables["eigvals"], tables["eigvecs"]
-        self.jacobian: DecayingSparseRows | Tensor = sparse[0] if sparse else tables["jacobian"]
+        self.jacobian = sparse[0] if sparse else tables["jacobian"]
         self._written = self.x[:0]
         self.fresh = how == "first_batch"
 
@@ -220,32 +234,17 @@ class RSVRB(MultiBlockAlgorithm):
         return (bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.d).all())
                 and self.y.last_write_finite() and bool(torch.isfinite(self._written).all()))
 
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        """Two points on the B sampled blocks (grad_y g, Hessian, Jacobian, grad f), and grad f on the second
+        block sample when f depends on x."""
+        n, upper_x = 2 * self.config.block_batch, int(self.problem.upper_depends_on_x)
+        return {"grad_y_g": n, "hessian_yy": n, "jacobian_xy": n, "grad_y_f": n * (1 + upper_x),
+                "grad_x_f": 2 * n * upper_x}
+
     def table_bytes(self) -> int:
         """Bytes held by the per-block tables (lower variables and the four estimators)."""
         dense = (self.stamps, self.grad_f, self.eigvals, self.eigvecs)
         return self.y.nbytes() + self.jacobian_memory_bytes() + sum(t.numel() * t.element_size() for t in dense)
-
-    def _tensors(self) -> dict[str, Any]:
-        jac = self.jacobian.state_dict() if isinstance(self.jacobian, DecayingSparseRows) else self.jacobian.clone()
-        return {"d": self.d.clone(), "fresh": self.fresh, "y": self.y.state_dict(), "stamps": self.stamps.clone(),
-                "grad_f": self.grad_f.clone(), "eigvals": self.eigvals.clone(), "eigvecs": self.eigvecs.clone(),
-                "jacobian": jac, "block_sampler": self.block_sampler.state_dict(),
-                "second_sampler": self.second_sampler.state_dict()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        self.d = state["d"].clone()
-        self.fresh = bool(state["fresh"])
-        self.y.load_state_dict(state["y"])
-        self.y.step = self.hyper("lower_lr")  # the loaded configuration's (a restart may have decayed it)
-        self.stamps = state["stamps"].clone()
-        for key in ("block_sampler", "second_sampler"):
-            if key in state:
-                getattr(self, key).load_state_dict(state[key])
-        self.grad_f, self.eigvals, self.eigvecs = (state[k].clone() for k in ("grad_f", "eigvals", "eigvecs"))
-        if isinstance(self.jacobian, DecayingSparseRows):
-            self.jacobian.load_state_dict(state["jacobian"])
-        else:
-            self.jacobian = state["jacobian"].clone()
 
     def jacobian_memory_bytes(self) -> int:
         """Bytes held by the cross-Jacobian estimates (dense table or sparse row buffers)."""

@@ -46,9 +46,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive
-from mbbo.algorithms.soba import SOBA, SOBAConfig, check_choice, check_count
+from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.soba import SOBA, SOBAConfig
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.state import UNSET
+from mbbo.validation import check_choice, check_int, check_optional, check_positive
 from mbbo.variance_reduction import (
     SARAH,
     EpochCycler,
@@ -118,10 +120,10 @@ class FullPassAccess:
 
 def validate_refresh(cfg: Any, problem: MultiBlockProblem) -> None:
     """Checks period / period_frac / refresh_batch_size / full_batch_chunk of SRBA and VRBO."""
-    check_count("period", cfg.period, optional=True)
+    check_optional(check_int, "period", cfg.period, 1)
     check_positive("period_frac", cfg.period_frac)
-    check_count("refresh_batch_size", cfg.refresh_batch_size, optional=True)
-    check_count("full_batch_chunk", cfg.full_batch_chunk, optional=True)
+    check_optional(check_int, "refresh_batch_size", cfg.refresh_batch_size, 1)
+    check_optional(check_int, "full_batch_chunk", cfg.full_batch_chunk, 1)
     reason = finite_sum_reason(problem)
     if reason and cfg.refresh_batch_size is None:
         raise ValueError(f"refresh_batch_size=None asks for exact full passes, but {reason}; "
@@ -149,7 +151,7 @@ class SABAConfig(SOBAConfig):
         super().validate(problem)
         check_choice("memory", self.memory, ("batch", "sample"))
         check_choice("init_memory", self.init_memory, ("zero", "full"))
-        check_count("full_batch_chunk", self.full_batch_chunk, optional=True)
+        check_optional(check_int, "full_batch_chunk", self.full_batch_chunk, 1)
         if self.memory == "sample" and problem.sparse_x:
             raise ValueError("memory='sample' keeps per-sample cross terms of size d_x and needs a dense x; "
                              "this problem has sparse_x=True: use memory='batch'")
@@ -166,6 +168,13 @@ class SABA(SOBA):
     """SABA: SOBA with SAGA on all five oracles (see module doc). Per iteration: one lower mini-batch (grad_y g,
     H v, J v from one graph) and one upper mini-batch (grad f), like SOBA; memory O(slots x (2 d_y + d_x))
     for the lower level and O(slots x (d_y + d_x)) for the upper level."""
+
+    @dataclass
+    class State(SOBA.State):
+        lower_table: SAGATable = UNSET  # SAGA memory of the lower oracles (grad_y g | H v | J v)
+        upper_table: SAGATable = UNSET  # SAGA memory of the upper oracles (grad_y f | grad_x f)
+        lower_cycler: EpochCycler | None = None  # memory='batch': the order of the lower mini-batches
+        upper_cycler: EpochCycler | None = None
 
     name = "saba"
     Config = SABAConfig
@@ -287,22 +296,6 @@ class SABA(SOBA):
             raise ValueError(f"{fixed} fix the SAGA memory layout and cannot change after construction")
         super().set_hyper(**changes)
 
-    def _tensors(self) -> dict[str, Any]:
-        out = {**super()._tensors(), "lower_table": self.lower_table.state_dict(),
-               "upper_table": self.upper_table.state_dict()}
-        if self.config.memory == "batch":
-            out["lower_cycler"] = self.lower_cycler.state_dict()
-            out["upper_cycler"] = self.upper_cycler.state_dict()
-        return out
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.lower_table.load_state_dict(state["lower_table"])
-        self.upper_table.load_state_dict(state["upper_table"])
-        if self.config.memory == "batch":
-            self.lower_cycler.load_state_dict(state["lower_cycler"])
-            self.upper_cycler.load_state_dict(state["upper_cycler"])
-
 
 # --- SRBA -------------------------------------------------------------------------------------------------
 
@@ -328,6 +321,15 @@ class SRBAConfig(SOBAConfig):
 class SRBA(FullPassAccess, SOBA):
     """SRBA: SARAH estimates of the SOBA directions with a periodic full refresh (see module doc). Per
     non-refresh iteration: one lower and one upper mini-batch, each evaluated at two points in one call."""
+
+    @dataclass
+    class State(SOBA.State):
+        d_y: Tensor = UNSET  # SARAH estimates of the SOBA directions
+        d_v: Tensor = UNSET
+        d_x: Tensor = UNSET
+        y_prev: Tensor = UNSET
+        v_prev: Tensor = UNSET
+        since_refresh: int = 0  # iterations since the last full refresh
 
     name = "srba"
     Config = SRBAConfig
@@ -372,12 +374,5 @@ class SRBA(FullPassAccess, SOBA):
         """The next iteration refreshes the estimates."""
         self.since_refresh = 0
 
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "d_y": self.d_y.clone(), "d_v": self.d_v.clone(), "d_x": self.d_x.clone(),
-                "y_prev": self.y_prev.clone(), "v_prev": self.v_prev.clone(), "since_refresh": self.since_refresh}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.d_y, self.d_v, self.d_x = state["d_y"].clone(), state["d_v"].clone(), state["d_x"].clone()
-        self.y_prev, self.v_prev = state["y_prev"].clone(), state["v_prev"].clone()
-        self.since_refresh = int(state["since_refresh"])
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        return None  # a refresh iteration makes a full pass, the others two points

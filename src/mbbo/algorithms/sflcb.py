@@ -40,7 +40,8 @@ from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.saddle import ORDERINGS, SaddleBlock, descent_ascent_step, nonpositive
-from mbbo.validation import check_real
+from mbbo.state import UNSET
+from mbbo.validation import check_choice, check_flag, check_nonnegative, check_positive
 
 __all__ = ["SFLCB", "TOY_DEFAULTS", "SFLCBConfig"]
 
@@ -61,18 +62,24 @@ class SFLCBConfig(Hyper):
     warm_start: bool = True
 
     def validate(self, problem: MultiBlockProblem) -> None:
-        check_real("delta", self.delta, 0.0, low_open=True)
-        check_real("lr", self.lr, 0.0, low_open=True)
-        check_real("rho1", self.rho1, 0.0)
-        check_real("rho2", self.rho2, 0.0)
-        if self.ordering not in ORDERINGS:
-            raise ValueError(f"ordering must be one of {ORDERINGS}, got {self.ordering!r}")
-        if not isinstance(self.warm_start, bool):
-            raise ValueError(f"warm_start must be a bool, got {self.warm_start!r}")
+        check_positive("delta", self.delta)
+        check_positive("lr", self.lr)
+        check_nonnegative("rho1", self.rho1)
+        check_nonnegative("rho2", self.rho2)
+        check_choice("ordering", self.ordering, ORDERINGS)
+        check_flag("warm_start", self.warm_start)
 
 
 class SFLCB(ConstrainedAlgorithm):
     """SFLCB (Shen et al., NeurIPS 2025): single-loop descent-ascent on the saddle function K (module docstring)."""
+
+    @dataclass
+    class State(ConstrainedAlgorithm.State):
+        z: Tensor = UNSET  # the lower variables of the value-function copy
+        alpha: Tensor = UNSET  # slack variables of the two lower problems
+        beta: Tensor = UNSET
+        u: Tensor = UNSET  # multipliers of the two lower problems
+        v: Tensor = UNSET
 
     name = "sflcb"
     Config = SFLCBConfig
@@ -134,10 +141,3 @@ class SFLCB(ConstrainedAlgorithm):
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"z": self.z, "y": self.y}
-
-    def _tensors(self) -> dict[str, Any]:
-        return {name: getattr(self, name).clone() for name in VARIABLES if name != "x"}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value.clone())

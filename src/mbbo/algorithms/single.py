@@ -8,13 +8,16 @@ dimension: x is (d_x,), y and v are (d_y,), and the two-point forms take stacked
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import BilevelAlgorithm, Hyper
+from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import Batch, MultiBlockProblem
+from mbbo.state import UNSET
 
 
 class SingleBlockAlgorithm(BilevelAlgorithm):
@@ -24,7 +27,12 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
     (beta, alpha) keep their meaning and are not decayed.
     """
 
+    @dataclass
+    class State(BilevelAlgorithm.State):
+        y: Tensor = UNSET
+
     restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "inner_lr", "linsys_lr")
+    y: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -116,6 +124,32 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
         """j -> an HVP operator on a fresh lower mini-batch (independent Neumann terms)."""
         return lambda j: self.hvp_operator(x, y, self.lower_batch(batch_size, stream))
 
+    # --- pieces shared by the unbounded-smoothness family (BO-REP, SLIP, AccBO, AdamBO, Ada-BiO) -----------
+    def _batch_size(self) -> int | None:
+        """The config's `batch_size` (None: the samplers'), for methods that have one."""
+        return getattr(self.config, "batch_size", None)
+
+    def lower_grad_fn(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """y -> grad_y G(x, y; zeta) on a fresh lower mini-batch at each call."""
+        return lambda y: self.grad_y_g(x, y, self.lower_batch(self._batch_size()))
+
+    def neumann_hypergradient(self, x: Tensor, y: Tensor, solver: Neumann) -> Tensor:
+        """grad_x F(x, y; xi) - (grad_xy G(x, y; zeta)) v, v = solver's Neumann approximation of
+        (grad_yy G)^{-1} grad_y F(x, y; xi), each term on a fresh mini-batch of the "extra" stream.
+
+        x, y may be stacked points (P, d_x), (P, d_y): then every point sees the same samples xi, zeta, the same
+        HVP batches and the same random truncation level (STORM needs the same sample at two points).
+        """
+        bs = self._batch_size()
+        gx_f, gy_f = self.upper_grads(x, y, self.upper_batch(bs))
+
+        def make(j: int) -> Callable[[Tensor], Tensor]:
+            batch = self.lower_batch(bs, stream="extra")
+            return lambda v: self.hvp(x, y, v, batch)
+
+        v = solver.solve(HVPFactory(make), gy_f, generator=self.generators["extra"]).v
+        return gx_f - self.cross(x, y, v, self.lower_batch(bs))
+
     # --- raw losses (unbatched, for unrolled differentiation such as ITD-BiO) ----------------------------
     def lower_value(self, x: Tensor, y: Tensor, batch: Batch) -> Tensor:
         """g(x, y; batch) for flat x, y and a batch of the single block (leading block dim removed)."""
@@ -129,9 +163,3 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
         b = {k: v[0] for k, v in pb.with_block_data(batch, self.block).items()}
         xl = x[b["index"]] if pb.sparse_x and pb.upper_depends_on_x else (x if pb.sparse_x else pb.x_for_loss(x))
         return pb.upper_loss(xl, pb.y_for_loss(y), b, self.block[0])
-
-    def _tensors(self) -> dict[str, Any]:
-        return {"y": self.y.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        self.y = state["y"].clone()

@@ -23,45 +23,20 @@ unnormalised form). The paper's analysis uses constant step sizes and a projecti
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive, check_unit
+from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.linsolve import SGDQuadratic
 from mbbo.problem import MultiBlockProblem
+from mbbo.state import UNSET
 from mbbo.steps import scheduled
 from mbbo.trackers import EMA
-
-# --- validation helpers shared by the SOBA family (soba, saba, mrbo modules) -------------------------------
-
-
-def check_exponent(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number in [0, inf), got {value!r}")
-
-
-def check_count(name: str, value: int | None, *, optional: bool = False, low: int = 1) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        none = " or None" if optional else ""
-        raise ValueError(f"{name} must be an integer in [{low}, inf){none}, got {value!r}")
-
-
-def check_optional_positive(name: str, value: float | None) -> None:
-    if value is not None:
-        check_positive(name, value)
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
+from mbbo.validation import check_int, check_nonnegative, check_optional, check_positive, check_unit
 
 # --- SOBA -------------------------------------------------------------------------------------------------
 
@@ -85,11 +60,11 @@ class SOBAConfig(Hyper):
         check_positive("lr", self.lr)
         check_positive("lower_lr", self.lower_lr)
         check_positive("linsys_lr", self.linsys_lr)
-        check_exponent("lr_exponent", self.lr_exponent)
-        check_exponent("lower_lr_exponent", self.lower_lr_exponent)
-        check_exponent("linsys_lr_exponent", self.linsys_lr_exponent)
-        check_optional_positive("v_radius", self.v_radius)
-        check_count("batch_size", self.batch_size, optional=True)
+        check_nonnegative("lr_exponent", self.lr_exponent)
+        check_nonnegative("lower_lr_exponent", self.lower_lr_exponent)
+        check_nonnegative("linsys_lr_exponent", self.linsys_lr_exponent)
+        check_optional(check_positive, "v_radius", self.v_radius)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class SOBA(SingleBlockAlgorithm):
@@ -97,6 +72,10 @@ class SOBA(SingleBlockAlgorithm):
 
     Per iteration: 1 grad_y g, 1 HVP, 1 cross product (one graph), 1 grad f (both parts).
     """
+
+    @dataclass
+    class State(SingleBlockAlgorithm.State):
+        v: Tensor = UNSET  # the linear-system variable
 
     name = "soba"
     Config = SOBAConfig
@@ -146,15 +125,11 @@ class SOBA(SingleBlockAlgorithm):
     def restart(self) -> None:
         """Nothing to re-initialise (y and v carry over)."""
 
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        return {"grad_y_g": 1, "hvp": 1, "cross": 1, "grad_y_f": 1, "grad_x_f": int(self.problem.upper_depends_on_x)}
+
     def linear_system_variables(self) -> Tensor:
         return self.v.unsqueeze(0)
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "v": self.v.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.v = state["v"].clone()
 
 
 @dataclass
@@ -177,6 +152,10 @@ class MASOBA(SOBA):
     """MA-SOBA (Chen, Xu & Zhang 2023, "Optimal algorithms for stochastic bilevel optimization under relaxed
     smoothness conditions"): SOBA with a moving average h of the hypergradient estimate driving x."""
 
+    @dataclass
+    class State(SOBA.State):
+        h: Tensor = UNSET  # moving average of the hypergradient estimate
+
     name = "ma_soba"
     Config = MASOBAConfig
 
@@ -192,10 +171,3 @@ class MASOBA(SOBA):
     def restart(self) -> None:
         """Empties the moving average."""
         self.h = torch.zeros_like(self.x)
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "h": self.h.clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.h = state["h"].clone()

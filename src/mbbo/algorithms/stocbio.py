@@ -23,43 +23,17 @@ outer_ratio). The paper's MNIST hyper-cleaning runs use D = 200, alpha = 0.1, Q 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive
+from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.inner_solvers import LowerSGD
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import MultiBlockProblem
 from mbbo.steps import scheduled
-
-# --- validation helpers shared by the zoo modules aid_itd, classic, amigo ------------------------------------
-
-
-def check_count(name: str, value: object, low: int = 1) -> None:
-    """An integer >= low (bools rejected)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer in [{low}, inf), got {value!r}")
-
-
-def check_exponent(name: str, value: object) -> None:
-    """A schedule exponent a of c / (k + 1)^a: a finite number >= 0."""
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number in [0, inf), got {value!r}")
-
-
-def check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
+from mbbo.validation import check_flag, check_int, check_nonnegative, check_positive
 
 # --- the shared base --------------------------------------------------------------------------------------
 
@@ -78,8 +52,8 @@ class StepConfig(Hyper):
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
         check_positive("lower_lr", self.lower_lr)
-        check_exponent("lr_exponent", self.lr_exponent)
-        check_exponent("lower_lr_exponent", self.lower_lr_exponent)
+        check_nonnegative("lr_exponent", self.lr_exponent)
+        check_nonnegative("lower_lr_exponent", self.lower_lr_exponent)
 
 
 @dataclass
@@ -92,15 +66,15 @@ class ZooConfig(StepConfig):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        check_count("lower_steps", self.lower_steps, 1)
+        check_int("lower_steps", self.lower_steps, 1)
         check_flag("warm_start", self.warm_start)
 
 
 class ZooAlgorithm(SingleBlockAlgorithm):
     """Helpers of the single-block zoo: schedules, the warm-started lower loop, the upper step, restarts.
 
-    Subclasses implement `step()` from these pieces and the oracles of `SingleBlockAlgorithm`; their state
-    beyond x, x_prev and y goes into `_tensors` / `_load_tensors`.
+    Subclasses implement `step()` from these pieces and the oracles of `SingleBlockAlgorithm`, and declare
+    their state beyond x, x_prev and y by extending `State`.
     """
 
     def scheduled(self, value: float, exponent: float) -> float:
@@ -129,6 +103,13 @@ class ZooAlgorithm(SingleBlockAlgorithm):
         """HVPs at (x, y), one independent lower batch (stream "extra") per term / step."""
         return HVPFactory(self.hvp_source(x, y))
 
+    def random_neumann(self, x: Tensor, y: Tensor, b: Tensor) -> Tensor:
+        """Randomly truncated Neumann estimate of (grad_yy g(x, y))^{-1} b, fresh batches per factor (BSA, TTSA;
+        the config's linsys_steps and linsys_lr)."""
+        cfg = self.config
+        solver = Neumann(cfg.linsys_steps, cfg.linsys_lr, random_truncation=True)
+        return solver.solve(self.neumann_hvps(x, y), b, generator=self.generators["extra"]).v
+
     def upper_step(self, direction: Tensor) -> None:
         """x <- x - lr_k * direction; ends the iteration."""
         self.x_prev = self.x
@@ -151,7 +132,7 @@ class StocBiOConfig(ZooConfig):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        check_count("linsys_steps", self.linsys_steps, 0)
+        check_int("linsys_steps", self.linsys_steps, 0)
         check_positive("linsys_lr", self.linsys_lr)
 
 
@@ -160,6 +141,11 @@ class StocBiO(ZooAlgorithm):
 
     name = "stocbio"
     Config = StocBiOConfig
+
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        cfg = self.config
+        return {"grad_y_g": cfg.lower_steps, "hvp": cfg.linsys_steps, "cross": 1, "grad_y_f": 1,
+                "grad_x_f": int(self.problem.upper_depends_on_x)}
 
     def step(self) -> None:
         cfg, x = self.config, self.x

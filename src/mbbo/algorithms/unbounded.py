@@ -17,57 +17,33 @@ series are not truncated to one random term after computing all Q. The reference
 use a ridge written as a norm (not strongly convex); that is the task's concern, not the algorithms'.
 
 Reusable pieces: :class:`mbbo.inner_solvers.LowerSGD` and :func:`epoch_sgd` (lower-level solvers on g(x, .)),
-:meth:`UnboundedBase.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
-samples) and :func:`rule_state_dict` / :func:`load_rule_state` (checkpointing the states of `mbbo.steps` rules).
+:meth:`SingleBlockAlgorithm.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
+samples). The step rules' states (`mbbo.steps`) are fields of each algorithm's `State`, saved generically.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.base import Hyper, check_positive
+from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.inner_solvers import LowerSGD
-from mbbo.linsolve import HVPFactory, Neumann
+from mbbo.linsolve import Neumann
 from mbbo.problem import MultiBlockProblem
 from mbbo.projections import project_ball
+from mbbo.state import UNSET
 from mbbo.steps import SGD, Adam, AdamState, Clipped, CountState, NesterovAveraged, NesterovState, Normalized
 from mbbo.trackers import EMA, STORM
+from mbbo.validation import check_choice, check_flag, check_int, check_optional, check_positive, check_real, check_unit
 
 # ----------------------------------------------------------------------------------------------------------
 # validation helpers
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_open_unit(name: str, value: object) -> None:
-    """beta in [0, 1) (beta = 0: no momentum)."""
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value < 1.0):
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-
-
-def _check_optional_positive(name: str, value: float | None) -> None:
-    if value is not None:
-        check_positive(name, value)
-
-
-def _check_batch_size(value: int | None) -> None:
-    if value is not None:
-        _check_int("batch_size", value, 1)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,55 +67,6 @@ def epoch_sgd(grad: Callable[[Tensor], Tensor], y: Tensor, epochs: int, steps: i
             total = total + w
         start = total / n
     return start
-
-
-def rule_state_dict(state: Any) -> dict[str, Any]:
-    """A step-rule state of `mbbo.steps` (CountState, AdamState, NesterovState) as a dict of clones."""
-    out: dict[str, Any] = {}
-    for f in fields(state):
-        value = getattr(state, f.name)
-        if isinstance(value, Tensor):
-            value = value.clone()
-        elif isinstance(value, list):
-            value = [t.clone() for t in value]
-        out[f.name] = value
-    return out
-
-
-def load_rule_state(cls: type, state: dict[str, Any]) -> Any:
-    """Inverse of :func:`rule_state_dict`."""
-    assert is_dataclass(cls)
-    values = {k: (v.clone() if isinstance(v, Tensor) else [t.clone() for t in v] if isinstance(v, list) else v)
-              for k, v in state.items()}
-    return cls(**values)
-
-
-class UnboundedBase(SingleBlockAlgorithm):
-    """Shared oracles of the family: lower SGD on fresh batches and Neumann hypergradients."""
-
-    def _batch_size(self) -> int | None:
-        return getattr(self.config, "batch_size", None)
-
-    def lower_grad_fn(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """y -> grad_y G(x, y; zeta) on a fresh lower mini-batch at each call."""
-        return lambda y: self.grad_y_g(x, y, self.lower_batch(self._batch_size()))
-
-    def neumann_hypergradient(self, x: Tensor, y: Tensor, solver: Neumann) -> Tensor:
-        """grad_x F(x, y; xi) - (grad_xy G(x, y; zeta)) v, v = solver's Neumann approximation of
-        (grad_yy G)^{-1} grad_y F(x, y; xi), each term on a fresh mini-batch of the "extra" stream.
-
-        x, y may be stacked points (P, d_x), (P, d_y): then every point sees the same samples xi, zeta, the same
-        HVP batches and the same random truncation level (STORM needs the same sample at two points).
-        """
-        bs = self._batch_size()
-        gx_f, gy_f = self.upper_grads(x, y, self.upper_batch(bs))
-
-        def make(j: int) -> Callable[[Tensor], Tensor]:
-            batch = self.lower_batch(bs, stream="extra")
-            return lambda v: self.hvp(x, y, v, batch)
-
-        v = solver.solve(HVPFactory(make), gy_f, generator=self.generators["extra"]).v
-        return gx_f - self.cross(x, y, v, self.lower_batch(bs))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,22 +93,22 @@ class BOREPConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
-        _check_open_unit("beta", self.beta)
+        check_real("beta", self.beta, 0.0, 1.0, high_open=True)
         check_positive("linsys_lr", self.linsys_lr)
         check_positive("lower_lr", self.lower_lr)
-        _check_int("interval", self.interval, 1)
-        _check_int("lower_steps", self.lower_steps, 0)
-        _check_int("refine_steps", self.refine_steps, 0)
-        _check_int("refine_epochs", self.refine_epochs, 0)
+        check_int("interval", self.interval, 1)
+        check_int("lower_steps", self.lower_steps, 0)
+        check_int("refine_steps", self.refine_steps, 0)
+        check_int("refine_epochs", self.refine_epochs, 0)
         if self.refine_epochs > 0 and self.refine_steps < 1:
             raise ValueError(f"refine_steps must be >= 1 when refine_epochs > 0, got {self.refine_steps!r}")
-        _check_optional_positive("refine_lr", self.refine_lr)
-        _check_optional_positive("refine_radius", self.refine_radius)
-        _check_optional_positive("z_radius", self.z_radius)
-        _check_batch_size(self.batch_size)
+        check_optional(check_positive, "refine_lr", self.refine_lr)
+        check_optional(check_positive, "refine_radius", self.refine_radius)
+        check_optional(check_positive, "z_radius", self.z_radius)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class BOREP(UnboundedBase):
+class BOREP(SingleBlockAlgorithm):
     """BO-REP (Hao, Gong, Liu, "Bilevel optimization under unbounded smoothness: a new algorithm and convergence
     analysis", ICLR 2024)::
 
@@ -193,6 +120,12 @@ class BOREP(UnboundedBase):
 
     One HVP and one cross product per iteration (same lower batch), m_0 = 0, z_0 = 0.
     """
+
+    @dataclass
+    class State(SingleBlockAlgorithm.State):
+        z: Tensor = UNSET  # the tracked linear-system variable
+        m: Tensor = UNSET  # momentum of the hypergradient
+        rule_state: CountState = UNSET  # the upper step rule's state
 
     name = "bo_rep"
     Config = BOREPConfig
@@ -251,15 +184,6 @@ class BOREP(UnboundedBase):
         self.m = torch.zeros_like(self.x)
         self.rule_state = CountState(0)
 
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "z": self.z.clone(), "m": self.m.clone(),
-                "rule_state": rule_state_dict(self.rule_state)}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.z, self.m = state["z"].clone(), state["m"].clone()
-        self.rule_state = load_rule_state(CountState, state["rule_state"])
-
 
 STEP_RULES = ("normalized", "clipped", "sgd")
 
@@ -284,14 +208,14 @@ class SLIPConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
-        _check_open_unit("beta", self.beta)
+        check_real("beta", self.beta, 0.0, 1.0, high_open=True)
         check_positive("linsys_lr", self.linsys_lr)
         check_positive("lower_lr", self.lower_lr)
-        _check_int("warm_start_steps", self.warm_start_steps, 0)
-        _check_optional_positive("z_radius", self.z_radius)
-        _check_choice("step_rule", self.step_rule, STEP_RULES)
+        check_int("warm_start_steps", self.warm_start_steps, 0)
+        check_optional(check_positive, "z_radius", self.z_radius)
+        check_choice("step_rule", self.step_rule, STEP_RULES)
         check_positive("clip", self.clip)
-        _check_batch_size(self.batch_size)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
 class SLIP(BOREP):
@@ -357,23 +281,20 @@ class AccBOConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
-        _check_open_unit("beta", self.beta)
+        check_real("beta", self.beta, 0.0, 1.0, high_open=True)
         check_positive("lower_lr", self.lower_lr)
-        if not (isinstance(self.nesterov_momentum, int | float) and 0.0 <= self.nesterov_momentum <= 1.0):
-            raise ValueError(f"nesterov_momentum must lie in [0, 1], got {self.nesterov_momentum!r}")
-        if not (isinstance(self.averaging, int | float) and 0.0 < self.averaging <= 1.0):
-            raise ValueError(f"averaging must lie in (0, 1], got {self.averaging!r}")
-        _check_int("interval", self.interval, 1)
-        _check_int("lower_steps", self.lower_steps, 0)
-        _check_int("warm_start_steps", self.warm_start_steps, 0)
-        _check_int("neumann_terms", self.neumann_terms, 1)
+        check_real("nesterov_momentum", self.nesterov_momentum, 0.0, 1.0)
+        check_unit("averaging", self.averaging)
+        check_int("interval", self.interval, 1)
+        check_int("lower_steps", self.lower_steps, 0)
+        check_int("warm_start_steps", self.warm_start_steps, 0)
+        check_int("neumann_terms", self.neumann_terms, 1)
         check_positive("neumann_lr", self.neumann_lr)
-        if not isinstance(self.neumann_unbiased, bool):
-            raise ValueError(f"neumann_unbiased must be a bool, got {self.neumann_unbiased!r}")
-        _check_batch_size(self.batch_size)
+        check_flag("neumann_unbiased", self.neumann_unbiased)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class AccBO(UnboundedBase):
+class AccBO(SingleBlockAlgorithm):
     """AccBO (Gong, Hao, Liu, "An accelerated algorithm for stochastic bilevel optimization under unbounded
     smoothness", NeurIPS 2024)::
 
@@ -390,6 +311,14 @@ class AccBO(UnboundedBase):
     and truncation level q), evaluated at the two stacked points in one call; m_0 = h at the first iteration.
     """
 
+    @dataclass
+    class State(SingleBlockAlgorithm.State):
+        lower_state: NesterovState = UNSET  # the lower Nesterov rule's state
+        y_hat_prev: Tensor = UNSET  # the averaged lower iterate of the previous iteration
+        m: Tensor = UNSET  # STORM momentum
+        rule_state: Any = UNSET  # the upper rule's state (CountState; AdamState for VR-AdamBO)
+        fresh: bool = True  # no previous point yet: m starts at the first hypergradient
+
     name = "accbo"
     Config = AccBOConfig
 
@@ -400,7 +329,6 @@ class AccBO(UnboundedBase):
         self.y_hat_prev = self.y.clone()
         self.m = torch.zeros_like(self.x)
         self.rule_state: Any = self.init_upper_state()
-        self.fresh = True  # no previous point yet: m starts at the first hypergradient
 
     def lower_rule(self) -> NesterovAveraged:
         cfg = self.config
@@ -458,17 +386,6 @@ class AccBO(UnboundedBase):
         self.x_prev = self.x
         self.x = self.x + update
 
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "m": self.m.clone(), "y_hat_prev": self.y_hat_prev.clone(), "fresh": self.fresh,
-                "lower_state": rule_state_dict(self.lower_state), "rule_state": rule_state_dict(self.rule_state)}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.m, self.y_hat_prev = state["m"].clone(), state["y_hat_prev"].clone()
-        self.fresh = bool(state["fresh"])
-        self.lower_state = load_rule_state(NesterovState, state["lower_state"])
-        self.rule_state = load_rule_state(type(self.init_upper_state()), state["rule_state"])
-
 
 @dataclass
 class VRAdamBOConfig(AccBOConfig):
@@ -482,7 +399,8 @@ class VRAdamBOConfig(AccBOConfig):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         super().validate(problem)
-        Adam(self.lr, tuple(self.betas), self.eps, self.weight_decay)  # validates betas, eps, weight_decay
+        betas = tuple(self.betas) if isinstance(self.betas, list) else self.betas  # lists from JSON configs
+        Adam(self.lr, betas, self.eps, self.weight_decay)  # validates betas, eps, weight_decay
 
 
 class VRAdamBO(AccBO):
@@ -546,16 +464,16 @@ class AdamBOConfig(Hyper):
 
     def validate(self, problem: MultiBlockProblem) -> None:
         check_positive("lr", self.lr)
-        Adam(self.lr, tuple(self.betas), self.eps, self.weight_decay)
+        Adam(self.lr, tuple(self.betas) if isinstance(self.betas, list) else self.betas, self.eps, self.weight_decay)
         check_positive("lower_lr", self.lower_lr)
-        _check_int("warm_start_steps", self.warm_start_steps, 0)
-        _check_int("lower_steps", self.lower_steps, 0)
-        _check_int("neumann_terms", self.neumann_terms, 0)
+        check_int("warm_start_steps", self.warm_start_steps, 0)
+        check_int("lower_steps", self.lower_steps, 0)
+        check_int("neumann_terms", self.neumann_terms, 0)
         check_positive("neumann_lr", self.neumann_lr)
-        _check_batch_size(self.batch_size)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class AdamBO(UnboundedBase):
+class AdamBO(SingleBlockAlgorithm):
     """AdamBO (Gong, Hao, Liu 2025, "On the convergence of Adam-type algorithms for bilevel optimization under
     unbounded smoothness", arXiv 2503.03908), single loop::
 
@@ -564,6 +482,10 @@ class AdamBO(UnboundedBase):
         y_{t+1} = lower_steps SGD steps on g(x_t, .) from y_t
         x_{t+1} = x_t + Adam(h_t)      (`mbbo.steps.Adam`, torch.optim.Adam's rule, coupled weight decay)
     """
+
+    @dataclass
+    class State(SingleBlockAlgorithm.State):
+        rule_state: AdamState = UNSET  # Adam's state
 
     name = "adambo"
     Config = AdamBOConfig
@@ -591,13 +513,6 @@ class AdamBO(UnboundedBase):
     def restart(self) -> None:
         """Re-initialises Adam's moments (for `Restarted`)."""
         self.rule_state = self.adam().init(self.x)
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "rule_state": rule_state_dict(self.rule_state)}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.rule_state = load_rule_state(AdamState, state["rule_state"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -629,14 +544,13 @@ class AdaBiOConfig(Hyper):
     def validate(self, problem: MultiBlockProblem) -> None:
         for name in ("lr", "lower_lr", "alpha", "gamma", "neumann_lr"):
             check_positive(name, getattr(self, name))
-        _check_int("neumann_terms", self.neumann_terms, 0)
-        _check_choice("variance_estimate", self.variance_estimate, ("independent", "consecutive"))
-        if not isinstance(self.step_decay, bool):
-            raise ValueError(f"step_decay must be a bool, got {self.step_decay!r}")
-        _check_batch_size(self.batch_size)
+        check_int("neumann_terms", self.neumann_terms, 0)
+        check_choice("variance_estimate", self.variance_estimate, ("independent", "consecutive"))
+        check_flag("step_decay", self.step_decay)
+        check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class AdaBiO(UnboundedBase):
+class AdaBiO(SingleBlockAlgorithm):
     """Ada-BiO (Gong, Hao, Liu, "Adaptive algorithms with sharp convergence rates for stochastic hierarchical
     optimization", NeurIPS 2025, arXiv 2509.15399, Algorithm 2 with the parameter choices of its eqs. (3)-(4)).
 
@@ -658,6 +572,14 @@ class AdaBiO(UnboundedBase):
     and (1 + sigma^2 t / alpha^2)^{-1/2}). The grouping of the lower-level term inside alpha'_t (summed over k,
     as written here) is this library's reading of that summary.
     """
+
+    @dataclass
+    class State(SingleBlockAlgorithm.State):
+        m: Tensor = UNSET  # momentum
+        g_prev: Tensor = UNSET
+        t: int = 0  # iterations since the (re)start
+        sum_x: float = 0.0  # sum_k ||g_{x,k} - g~_{x,k}||^2
+        sum_y: float = 0.0  # sum_k ||g_{y,k}||^2
 
     name = "ada_bio"
     Config = AdaBiOConfig
@@ -705,12 +627,3 @@ class AdaBiO(UnboundedBase):
         self.x = self.x + update
         self.t += 1
         self.iteration += 1
-
-    def _tensors(self) -> dict[str, Any]:
-        return {**super()._tensors(), "m": self.m.clone(), "g_prev": self.g_prev.clone(), "t": self.t,
-                "sum_x": self.sum_x, "sum_y": self.sum_y}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        super()._load_tensors(state)
-        self.m, self.g_prev = state["m"].clone(), state["g_prev"].clone()
-        self.t, self.sum_x, self.sum_y = int(state["t"]), float(state["sum_x"]), float(state["sum_y"])

@@ -11,30 +11,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.stocbio import check_choice
 from mbbo.federated.comm import Backend, CommCounter, SimulatedBackend
 from mbbo.federated.data import ClientBatch, FederatedProblem
 from mbbo.federated.local import WEIGHTINGS, Aggregator
 from mbbo.federated.oracles import ClientOracles
 from mbbo.federated.sampling import ClientSampler, draw_rows, participation_count
 from mbbo.linsolve import HVPFactory, Neumann
-from mbbo.validation import check_int, check_real
+from mbbo.state import STATE_FORMAT, UNSET, expose_state, load_dataclass, sharded_names, snapshot
+from mbbo.validation import check_choice, check_int, check_positive
 
-__all__ = ["SYNC_MODES", "FederatedAlgorithm", "FederatedConfig", "LowerStepConfig", "check_lr"]
+__all__ = ["SYNC_MODES", "FederatedAlgorithm", "FederatedConfig", "LowerStepConfig"]
 
 SYNC_MODES = ("per_hvp", "solution")
 LOWER_STREAM, UPPER_STREAM = 1, 2
-
-
-def check_lr(name: str, value: object) -> None:
-    check_real(name, value, 0.0, None, low_open=True)
 
 
 @dataclass
@@ -59,7 +55,7 @@ class FederatedConfig(Hyper):
             check_int("batch_size", self.batch_size, 1)
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_int("neumann_terms", self.neumann_terms, 0)
-        check_lr("neumann_lr", self.neumann_lr)
+        check_positive("neumann_lr", self.neumann_lr)
         check_choice("sync", self.sync, SYNC_MODES)
 
 
@@ -75,12 +71,31 @@ class LowerStepConfig(FederatedConfig):
     def validate(self, problem: FederatedProblem) -> None:  # type: ignore[override]
         super().validate(problem)
         check_int("lower_steps", self.lower_steps, 1)
-        check_lr("lower_lr", self.lower_lr)
-        check_lr("lr", self.lr)
+        check_positive("lower_lr", self.lower_lr)
+        check_positive("lr", self.lr)
 
 
 class FederatedAlgorithm:
     """Base of FedNest, FedMBO and DSBO: ``step()`` is one outer iteration (see :mod:`mbbo.protocols`)."""
+
+    @dataclass
+    class State:
+        iteration: int = 0
+        events: int = 0  # random events drawn so far (client samples, batches): the streams' position
+        x: Tensor = UNSET  # the server's upper variable
+        y: Tensor = UNSET  # the server's lower variable
+        comm: CommCounter = field(default_factory=CommCounter)
+
+    state: State
+    iteration: int
+    events: int
+    x: Tensor
+    y: Tensor
+    comm: CommCounter
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        expose_state(cls)
 
     name: ClassVar[str] = "federated"
     Config: ClassVar[type[FederatedConfig]] = FederatedConfig
@@ -91,6 +106,7 @@ class FederatedAlgorithm:
         if overrides:
             config = config.replace(**overrides)  # type: ignore[assignment]
         config.validate(problem)
+        self.state = self.State()
         self.config = config
         self.problem = problem
         self.seed = int(seed)
@@ -99,14 +115,11 @@ class FederatedAlgorithm:
             raise ValueError(f"backend is for {self.backend.num_clients} clients, the problem has "
                              f"{problem.num_clients}")
         self.oracles = ClientOracles(problem)
-        self.comm = CommCounter()
         self.aggregator = Aggregator(config.weighting)
         m = problem.num_clients
         self.sampler = ClientSampler(m, participation_count(m, problem.participation), self.seed)
         self.x = problem.x0.clone()
         self.y = problem.y0.clone()
-        self.iteration = 0
-        self.events = 0
 
     # --- sampling -------------------------------------------------------------------------------------
     def _event(self) -> int:
@@ -205,34 +218,34 @@ class FederatedAlgorithm:
     def oracle_counts(self) -> dict[str, int]:
         return dict(self.oracles.counts)
 
-    def _tensors(self) -> dict[str, Any]:
-        return {}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        pass
-
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "iteration": self.iteration, "events": self.events, "seed": self.seed,
-            "config": asdict(self.config), "x": self.x.clone(), "y": self.y.clone(),
-            "comm": self.comm.as_dict(), "oracle_counts": self.oracle_counts(), "algorithm": self._tensors(),
-        }
+        """The State derived from its declaration (fields split over processes saved gathered, so that any
+        number of processes can resume), the configuration and the oracle counters."""
+        saved = snapshot(self.state, f"{self.name} state")
+        for name in sharded_names(self.state):
+            saved[name] = self.backend.all_gather_rows(getattr(self.state, name)).clone()
+        return {"format": STATE_FORMAT, "name": self.name, "seed": self.seed, "config": asdict(self.config),
+                "state": saved, "oracle_counts": self.oracle_counts()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        found = state.get("format", 1)
+        if found != STATE_FORMAT:
+            raise ValueError(f"the checkpoint holds federated state format {found!r}, this mbbo reads format "
+                             f"{STATE_FORMAT} (a declared State, since issue 11): start the run afresh (--overwrite)")
         if state["name"] != self.name:
             raise ValueError(f"checkpoint is for algorithm {state['name']!r}, not {self.name!r}")
-        self.iteration = int(state["iteration"])
-        self.events = int(state["events"])
         self.config = type(self.config)(**state["config"])
-        self.x = state["x"].clone()
-        self.y = state["y"].clone()
-        self.comm.load(state["comm"])
+        own = slice(self.backend.owned.start, self.backend.owned.stop)
+        saved = {k: (v[own] if k in sharded_names(self.state) else v) for k, v in state["state"].items()}
+        load_dataclass(self.state, saved, f"{self.name} state")
         self.oracles.counts.clear()
         self.oracles.counts.update({k: int(v) for k, v in state["oracle_counts"].items()})
-        self._load_tensors(state["algorithm"])
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.x).all()) and bool(torch.isfinite(self.y).all())
+
+
+expose_state(FederatedAlgorithm)
 
 
 def local_steps_per_epoch(sizes: Tensor, batch_size: int | None) -> int:

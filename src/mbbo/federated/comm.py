@@ -43,19 +43,11 @@ class CommCounter:
         self.gossip_rounds += 1
         self.bytes += messages * numel * itemsize
 
-    def as_dict(self) -> dict[str, int]:
-        return {"comm_rounds": self.rounds, "gossip_rounds": self.gossip_rounds, "comm_bytes": self.bytes}
-
     def metrics(self) -> dict[str, float]:
         """The counts as metrics; volume in megabytes (a count of bytes from 0 would trip the runner's
         growth guard, which floors initial magnitudes at 1)."""
         return {"comm_rounds": float(self.rounds), "gossip_rounds": float(self.gossip_rounds),
                 "comm_mbytes": self.bytes / 1e6}
-
-    def load(self, state: dict[str, int]) -> None:
-        self.rounds = int(state["comm_rounds"])
-        self.gossip_rounds = int(state["gossip_rounds"])
-        self.bytes = int(state["comm_bytes"])
 
 
 def owner_slices(num_clients: int, world_size: int) -> list[range]:

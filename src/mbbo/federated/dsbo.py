@@ -20,18 +20,18 @@ consensus errors (1/n) sum_i ||x_i - x_bar||^2 (and of y), evaluated at the aver
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mbbo.algorithms.stocbio import check_choice
 from mbbo.federated.base import FederatedAlgorithm, LowerStepConfig
 from mbbo.federated.comm import Backend
 from mbbo.federated.data import FederatedProblem
 from mbbo.federated.mixing import MixingMatrix
-from mbbo.validation import check_int, check_real
+from mbbo.state import SHARDED_ROWS, UNSET
+from mbbo.validation import check_choice, check_int, check_real
 
 __all__ = ["DSBO", "TOPOLOGIES", "DSBOConfig"]
 
@@ -60,6 +60,14 @@ class DSBOConfig(LowerStepConfig):
 
 class DSBO(FederatedAlgorithm):
     """DSBO [template]: decentralised gossip on y, z (HVP-only linear system) and x with a moving average."""
+
+    @dataclass
+    class State(FederatedAlgorithm.State):
+        # each owned agent's x, y, linear-system variable z and momentum r
+        xs: Tensor = field(default=UNSET, metadata=SHARDED_ROWS)
+        ys: Tensor = field(default=UNSET, metadata=SHARDED_ROWS)
+        zs: Tensor = field(default=UNSET, metadata=SHARDED_ROWS)
+        rs: Tensor = field(default=UNSET, metadata=SHARDED_ROWS)
 
     name = "dsbo"
     Config = DSBOConfig
@@ -125,15 +133,6 @@ class DSBO(FederatedAlgorithm):
         cx, cy = self.consensus_errors()
         return {**super().extra_metrics(), "consensus_x": cx, "consensus_y": cy}
 
-    def _tensors(self) -> dict[str, Any]:
-        gather = self.backend.all_gather_rows
-        return {"xs": gather(self.xs).clone(), "ys": gather(self.ys).clone(), "zs": gather(self.zs).clone(),
-                "rs": gather(self.rs).clone()}
-
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        own = slice(self.backend.owned.start, self.backend.owned.stop)
-        self.xs, self.ys = state["xs"][own].clone(), state["ys"][own].clone()
-        self.zs, self.rs = state["zs"][own].clone(), state["rs"][own].clone()
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in (self.xs, self.ys, self.zs, self.rs))

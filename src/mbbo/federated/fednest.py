@@ -42,10 +42,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from mbbo.federated.base import FederatedAlgorithm, FederatedConfig, check_lr, local_steps_per_epoch
+from mbbo.federated.base import FederatedAlgorithm, FederatedConfig, local_steps_per_epoch
 from mbbo.federated.data import FederatedProblem
 from mbbo.federated.local import LocalSolver
-from mbbo.validation import check_int
+from mbbo.validation import check_int, check_positive
 
 __all__ = ["FedNest", "FedNestConfig", "FedNestSGD", "LFedNest", "LFedNestSVRG"]
 
@@ -64,9 +64,9 @@ class FedNestConfig(FederatedConfig):
         super().validate(problem)
         check_int("inner_rounds", self.inner_rounds, 1)
         check_int("local_epochs", self.local_epochs, 1)
-        check_lr("inner_lr", self.inner_lr)
+        check_positive("inner_lr", self.inner_lr)
         check_int("outer_steps", self.outer_steps, 1)
-        check_lr("outer_lr", self.outer_lr)
+        check_positive("outer_lr", self.outer_lr)
 
 
 class FedNest(FederatedAlgorithm):

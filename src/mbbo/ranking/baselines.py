@@ -52,10 +52,9 @@ and of the reference code; see each dataclass. Known deviations from the referen
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +62,7 @@ from torch import Tensor
 
 from mbbo.data.movielens import gains
 from mbbo.ranking.sampler import ListBatch
+from mbbo.validation import check_choice, check_int, check_nonnegative, check_optional, check_positive
 
 __all__ = [
     "BASELINE_LOSSES",
@@ -93,36 +93,22 @@ _LN2 = math.log(2.0)
 # Hyper-parameters
 
 
-def _fail(owner: str, name: str, value: object, allowed: str) -> NoReturn:
-    raise ValueError(f"{owner}.{name}={value!r} is out of range: allowed {allowed}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
+# checks of mbbo.validation, the parameter named with its owner (e.g. "ListNetParams.temperature")
 def _check_positive(owner: str, name: str, value: object) -> None:
-    if not (_is_real(value) and value > 0):  # type: ignore[operator]
-        _fail(owner, name, value, "a finite real > 0")
+    check_positive(f"{owner}.{name}", value)
 
 
 def _check_nonnegative(owner: str, name: str, value: object) -> None:
-    if not (_is_real(value) and value >= 0):  # type: ignore[operator]
-        _fail(owner, name, value, "a finite real >= 0")
+    check_nonnegative(f"{owner}.{name}", value)
 
 
 def _check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(owner, name, value, "one of " + ", ".join(repr(c) for c in choices))
+    check_choice(f"{owner}.{name}", value, choices)
 
 
 def _check_cutoff(owner: str, name: str, value: object) -> None:
-    if value is not None and not (_is_integer(value) and value >= 1):  # type: ignore[operator]
-        _fail(owner, name, value, "None (whole list) or an integer >= 1")
+    """None (the whole list) or an integer >= 1."""
+    check_optional(check_int, f"{owner}.{name}", value, 1)
 
 
 @dataclass(frozen=True)
@@ -248,9 +234,7 @@ class NeuralNDCGParams:
     def __post_init__(self) -> None:
         _check_positive("NeuralNDCGParams", "tau", self.tau)
         _check_cutoff("NeuralNDCGParams", "k", self.k)
-        it = self.sinkhorn_iters
-        if not (_is_integer(it) and it >= 0):  # type: ignore[operator]
-            _fail("NeuralNDCGParams", "sinkhorn_iters", it, "an integer >= 0")
+        check_int("NeuralNDCGParams.sinkhorn_iters", self.sinkhorn_iters, 0)
         _check_nonnegative("NeuralNDCGParams", "sinkhorn_tol", self.sinkhorn_tol)
         _check_positive("NeuralNDCGParams", "eps", self.eps)
 
@@ -736,8 +720,7 @@ def make_baseline_loss(
 
     ``generator`` is only accepted for ``listmle`` (random tie-breaking).
     """
-    if name not in BASELINE_LOSSES:
-        raise ValueError(f"name={name!r} is out of range: allowed " + ", ".join(map(repr, BASELINE_LOSSES)))
+    check_choice("name", name, tuple(BASELINE_LOSSES))
     if generator is not None and name != "listmle":
         raise ValueError(f"generator is only used by 'listmle', not {name!r}")
     params = BASELINE_PARAMS[name](**hparams)

@@ -73,6 +73,7 @@ from torch import Tensor
 
 from mbbo.ranking.sampler import ListBatch
 from mbbo.trackers import EMA, MSVR
+from mbbo.validation import check_choice, check_int, check_nonnegative, check_positive, check_unit
 
 __all__ = [
     "BSVRBNDCGObjective",
@@ -222,33 +223,6 @@ def solve_lambda(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Validation helpers
-
-
-def _check_fraction(name: str, value: float, *, zero_ok: bool = False) -> None:
-    ok = (0.0 <= value <= 1.0) if zero_ok else (0.0 < value <= 1.0)
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and ok):
-        rng = "[0, 1]" if zero_ok else "(0, 1]"
-        raise ValueError(f"{name}={value!r} must be in {rng}")
-
-
-def _check_positive(name: str, value: float, *, zero_ok: bool = False) -> None:
-    ok = value >= 0 if zero_ok else value > 0
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and ok):
-        rng = "[0, inf)" if zero_ok else "(0, inf)"
-        raise ValueError(f"{name}={value!r} must be in {rng}")
-
-
-def _check_count(name: str, value: int, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} must be one of {allowed}")
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Stateful objectives
 
@@ -272,12 +246,12 @@ class _TableObjective:
         dtype: torch.dtype,
         device: torch.device | str | None,
     ) -> None:
-        _check_count("num_pairs", num_pairs)
-        _check_count("num_users", num_users)
-        _check_count("n_items", n_items, 2)
-        _check_positive("margin", margin)
-        _check_choice("list_weighting", list_weighting, ("uniform", "importance"))
-        _check_choice("init", init, ("first_sample", "zero"))
+        check_int("num_pairs", num_pairs, 1)
+        check_int("num_users", num_users, 1)
+        check_int("n_items", n_items, 2)
+        check_positive("margin", margin)
+        check_choice("list_weighting", list_weighting, ("uniform", "importance"))
+        check_choice("init", init, ("first_sample", "zero"))
         ideal_dcg = torch.as_tensor(ideal_dcg)
         if ideal_dcg.shape != (num_users,):
             raise ValueError(f"ideal_dcg has shape {tuple(ideal_dcg.shape)}, expected ({num_users},)")
@@ -393,7 +367,7 @@ class SONGObjective(_TableObjective):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        _check_fraction("gamma0", gamma0)
+        check_unit("gamma0", gamma0)
         super().__init__(
             num_pairs, num_users, n_items, ideal_dcg, margin=margin, list_weighting=list_weighting, init=init,
             dtype=dtype, device=device,
@@ -463,16 +437,16 @@ class KSONGObjective(SONGObjective):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        _check_count("topk", topk)
+        check_int("topk", topk, 1)
         if topk >= n_items:
             raise ValueError(f"topk={topk} must be < n_items={n_items}")
-        _check_fraction("gamma1", gamma1)
-        _check_positive("eta0", eta0, zero_ok=True)
-        _check_positive("tau1", tau1)
-        _check_positive("tau2", tau2)
-        _check_positive("psi_scale", psi_scale)
-        _check_positive("psi_alpha", psi_alpha)
-        _check_choice("version", version, ("theo", "prac"))
+        check_unit("gamma1", gamma1)
+        check_nonnegative("eta0", eta0)
+        check_positive("tau1", tau1)
+        check_positive("tau2", tau2)
+        check_positive("psi_scale", psi_scale)
+        check_positive("psi_alpha", psi_alpha)
+        check_choice("version", version, ("theo", "prac"))
         if not (isinstance(topk_eps, int | float) and 0.0 <= topk_eps < 1.0):
             raise ValueError(f"topk_eps={topk_eps!r} must be in [0, 1)")
         super().__init__(
@@ -596,12 +570,12 @@ class BSVRBNDCGObjective(KSONGObjective):
         device: torch.device | str | None = None,
     ) -> None:
         if topk != -1:
-            _check_count("topk", topk)
+            check_int("topk", topk, 1)
         for name, value in (("gamma_v", gamma_v), ("gamma_z", gamma_z), ("gamma_s", gamma_s)):
-            _check_fraction(name, value)
+            check_unit(name, value)
         for name, value in (("beta_v", beta_v), ("beta_z", beta_z), ("beta_s", beta_s)):
-            _check_positive(name, value, zero_ok=True)
-        _check_positive("eta1", eta1)
+            check_nonnegative(name, value)
+        check_positive("eta1", eta1)
         self.full_list = topk == -1
         super().__init__(
             num_pairs, num_users, n_items, ideal_dcg, topk=1 if self.full_list else topk, gamma0=1.0, gamma1=1.0,

@@ -52,13 +52,10 @@ from mbbo.ranking.objectives import (
     BSVRBNDCGObjective,
     KSONGObjective,
     SONGObjective,
-    _check_choice,
-    _check_count,
-    _check_fraction,
-    _check_positive,
 )
 from mbbo.ranking.sampler import ListBatch, ListwiseSampler
 from mbbo.steps import Adam, AdamState
+from mbbo.validation import check_choice, check_int, check_nonnegative, check_positive, check_unit
 
 __all__ = ["BASELINE_METHODS", "METHODS", "TOPK_METHODS", "RankingTrainer", "TrainerConfig"]
 
@@ -136,44 +133,43 @@ class TrainerConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad hyper-parameter, its value and the allowed range."""
-        _check_choice("method", self.method, METHODS)
-        _check_positive("lr", self.lr)
-        _check_positive("weight_decay", self.weight_decay, zero_ok=True)
+        check_choice("method", self.method, METHODS)
+        check_positive("lr", self.lr)
+        check_nonnegative("weight_decay", self.weight_decay)
         if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
-        _check_positive("adam_eps", self.adam_eps, zero_ok=True)
-        _check_count("batch_size", self.batch_size)
-        _check_count("num_pos", self.num_pos)
-        _check_count("num_neg", self.num_neg)
-        _check_choice("few_positives", self.few_positives, ("replace", "mask"))
-        _check_count("epochs", self.epochs)
-        _check_fraction("lr_decay", self.lr_decay)
+        check_nonnegative("adam_eps", self.adam_eps)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("num_pos", self.num_pos, 1)
+        check_int("num_neg", self.num_neg, 1)
+        check_choice("few_positives", self.few_positives, ("replace", "mask"))
+        check_int("epochs", self.epochs, 1)
+        check_unit("lr_decay", self.lr_decay)
         for e in self.decay_epochs():
-            _check_count("lr_decay_epochs", e, 0)
+            check_int("lr_decay_epochs", e, 0)
         k = self.resolved_topk()
         if self.method in TOPK_METHODS or k != -1:
             allow_full = self.method in ("song", "bsvrb_ndcg")
-            if not (isinstance(k, int) and not isinstance(k, bool) and (k >= 1 or (allow_full and k == -1))):
-                rng = "-1 or an integer >= 1" if allow_full else "an integer >= 1"
-                raise ValueError(f"topk={k!r} must be {rng} for method {self.method!r}")
-        _check_fraction("gamma0", self.gamma0)
-        _check_fraction("gamma1", self.gamma1)
-        _check_positive("eta0", self.eta0, zero_ok=True)
-        _check_positive("tau1", self.tau1)
-        _check_positive("tau2", self.tau2)
-        _check_positive("psi_scale", self.psi_scale)
-        _check_positive("psi_alpha", self.psi_alpha)
-        _check_choice("topk_version", self.topk_version, ("theo", "prac"))
+            if not (allow_full and k == -1):  # -1: the whole list
+                check_int("topk", k, 1)
+        check_unit("gamma0", self.gamma0)
+        check_unit("gamma1", self.gamma1)
+        check_nonnegative("eta0", self.eta0)
+        check_positive("tau1", self.tau1)
+        check_positive("tau2", self.tau2)
+        check_positive("psi_scale", self.psi_scale)
+        check_positive("psi_alpha", self.psi_alpha)
+        check_choice("topk_version", self.topk_version, ("theo", "prac"))
         if not (isinstance(self.topk_eps, int | float) and 0.0 <= self.topk_eps < 1.0):
             raise ValueError(f"topk_eps={self.topk_eps!r} must be in [0, 1)")
-        _check_positive("margin", self.margin)
-        _check_choice("list_weighting", self.list_weighting, ("uniform", "importance"))
-        _check_choice("init", self.init, ("first_sample", "zero"))
-        _check_positive("eta1", self.eta1)
+        check_positive("margin", self.margin)
+        check_choice("list_weighting", self.list_weighting, ("uniform", "importance"))
+        check_choice("init", self.init, ("first_sample", "zero"))
+        check_positive("eta1", self.eta1)
         for name in ("gamma_v", "gamma_z", "gamma_s"):
-            _check_fraction(name, getattr(self, name))
+            check_unit(name, getattr(self, name))
         for name in ("beta_v", "beta_z", "beta_s", "gamma_m"):
-            _check_positive(name, getattr(self, name), zero_ok=True)
+            check_nonnegative(name, getattr(self, name))
         if not isinstance(self.baseline, Mapping):
             raise ValueError(f"baseline={self.baseline!r} must be a mapping of baseline hyper-parameters")
         if self.baseline and self.method not in BASELINE_METHODS:

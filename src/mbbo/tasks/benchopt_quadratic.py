@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from mbbo.problem import MultiBlockProblem, RowSampler
+from mbbo.validation import check_int, check_positive
 
 __all__ = [
     "BATCH_KEYS",
@@ -332,21 +333,6 @@ def _gen_level(
     return QuadraticLevel(u=u, w=w, p=p, q=q, lin_y=lin_y, lin_x=lin_x)
 
 
-def _check_positive(name: str, value: object) -> None:
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a finite number in (0, inf), got {value!r}")
-
-
-def _check_count(name: str, value: object, low: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer in [{low}, inf), got {value!r}")
-
-
 def make_benchopt_quadratic(
     n_inner: int = 1024,
     n_outer: int = 1024,
@@ -375,8 +361,8 @@ def make_benchopt_quadratic(
     value function was found in ``max_tries`` draws.
     """
     for name, value in (("n_inner", n_inner), ("n_outer", n_outer), ("d_in", d_in), ("d_out", d_out)):
-        _check_count(name, value)
-    _check_count("max_tries", max_tries)
+        check_int(name, value, 1)
+    check_int("max_tries", max_tries, 1)
     for name, value in (
         ("mu", mu),
         ("L_inner_inner", L_inner_inner),
@@ -386,7 +372,7 @@ def make_benchopt_quadratic(
         ("L_cross_inner", L_cross_inner),
         ("L_cross_outer", L_cross_outer),
     ):
-        _check_positive(name, value)
+        check_positive(name, value)
     if not isinstance(random_state, int) or isinstance(random_state, bool):
         raise ValueError(f"random_state must be an integer, got {random_state!r}")
     if dtype not in (torch.float32, torch.float64):

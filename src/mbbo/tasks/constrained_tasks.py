@@ -36,17 +36,13 @@ from mbbo.constrained import Box, ConstrainedProblem, LinearConstraint, violatio
 from mbbo.data.libsvm import LIBSVM_SINGLE, load_single_libsvm
 from mbbo.problem import Batch, FullBatch
 from mbbo.tasks.registry import TaskSpec, register_task
+from mbbo.validation import check_int
 
 __all__ = ["CONSTRAINED_ALGORITHMS", "CoupledToySettings", "SFLCBToySettings", "SVMSlackSettings",
            "build_svm_slack", "build_toy_coupled", "build_toy_sflcb", "expand_quadratic", "svm_split"]
 
 CONSTRAINED_ALGORITHMS = ("sflcb", "blocc", "lv_hba", "penalty")
 _REASON = "its lower level is constrained, h(x, y) <= 0: the unconstrained methods would ignore h"
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _models(algorithm: Any) -> dict[str, Tensor]:
@@ -96,8 +92,8 @@ class SVMSlackSettings:
     def validate(self) -> None:
         if self.dataset not in LIBSVM_SINGLE:
             raise ValueError(f"dataset must be one of {sorted(LIBSVM_SINGLE)}, got {self.dataset!r}")
-        _check_int("n_train", self.n_train, 1)
-        _check_int("n_val", self.n_val, 1)
+        check_int("n_train", self.n_train, 1)
+        check_int("n_val", self.n_val, 1)
         if not (math.isfinite(self.c_low) and math.isfinite(self.c_high) and self.c_low <= self.c_high):
             raise ValueError(f"need finite c_low <= c_high, got c_low={self.c_low!r}, c_high={self.c_high!r}")
 
@@ -188,7 +184,7 @@ class SFLCBToySettings:
     data_seed: int = 0
 
     def validate(self) -> None:
-        _check_int("starts", self.starts, 1)
+        check_int("starts", self.starts, 1)
 
 
 FOUND_TOLERANCE = 1e-2
@@ -243,7 +239,7 @@ class CoupledToySettings:
     data_seed: int = 0
 
     def validate(self) -> None:
-        _check_int("dim", self.dim, 1)
+        check_int("dim", self.dim, 1)
 
 
 @dataclass

@@ -45,6 +45,7 @@ from mbbo.tasks import cleaning_data as cd
 from mbbo.tasks import regularization_data as rd
 from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic, make_benchopt_quadratic
 from mbbo.tasks.registry import TaskSpec, register_task
+from mbbo.validation import check_int, check_positive
 
 __all__ = [
     "EXACT_DIM_LIMIT",
@@ -64,16 +65,6 @@ __all__ = [
 
 EXACT_DIM_LIMIT = 2000
 """T4: with `exact_metrics=None`, the closed-form metrics are computed when d K <= this (digits: 640)."""
-
-
-def _check_int(name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _epoch(n_rows: int, batch_size: int) -> int:
@@ -117,11 +108,11 @@ class BenchoptQuadraticSettings:
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
         for name in ("n_inner", "n_outer", "d_in", "d_out", "batch_size"):
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         for name in ("mu", "L_inner_inner", "L_outer_inner", "L_inner_outer", "L_outer_outer", "L_cross_inner",
                      "L_cross_outer"):
-            _check_positive(name, getattr(self, name))
-        _check_int("random_state", self.random_state, low=-(2**63))
+            check_positive(name, getattr(self, name))
+        check_int("random_state", self.random_state, low=-(2**63))
 
 
 def paper_instance(**changes: Any) -> BenchoptQuadraticSettings:
@@ -263,8 +254,8 @@ class CleaningSettings:
             raise ValueError(f"data_path must be 'digits' or an .npz file (arrays X and y), got {self.data_path!r}")
         if not (0.0 <= self.noise <= 1.0):
             raise ValueError(f"noise must be a probability in [0, 1], got {self.noise!r}")
-        _check_positive("reg", self.reg)
-        _check_int("batch_size", self.batch_size)
+        check_positive("reg", self.reg)
+        check_int("batch_size", self.batch_size, 1)
         if not math.isfinite(self.x_init):
             raise ValueError(f"x_init must be finite, got {self.x_init!r}")
 
@@ -403,7 +394,7 @@ class RegularizationSettings:
         """Raise ValueError naming the first bad setting."""
         if not (0.0 < self.val_fraction < 1.0):
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        _check_int("batch_size", self.batch_size)
+        check_int("batch_size", self.batch_size, 1)
         if self.parametrization not in ("exp", "lin"):
             raise ValueError(f"parametrization must be 'exp' or 'lin', got {self.parametrization!r}")
         if self.init not in ("benchopt", "zeros"):
