@@ -67,12 +67,24 @@ RESULTS_DIR = PROJECT_ROOT / "experiments" / "results"
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "movielens" / "ml-100k" / "u.data"
 DEFAULT_WORK = PROJECT_ROOT / "runs" / "ndcg_ml100k"
 KS = (5, 10, 20, 50)
-METHOD_ORDER = ("neuralndcg", "bsvrb_ndcg", "ksong", "song", "lambdarank", "approxndcg", "listmle", "listnet",
-                "ranknet")  # longest first, for load balancing
-DISPLAY = {"song": "SONG", "ksong": "K-SONG", "bsvrb_ndcg": "BSVRB", "ranknet": "RankNet", "listnet": "ListNet",
-           "listmle": "ListMLE", "lambdarank": "LambdaRank", "approxndcg": "ApproxNDCG", "neuralndcg": "NeuralNDCG"}
+#: K-SONG rows besides mbbo's variant (``ksong``: first-sample init, moving-average lambda step, exact psi'):
+#: label -> (method, fixed settings). ``ksong_reference`` is the reference form; the three others change one
+#: factor of mbbo's variant toward it (the ablation).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ksong_reference": ("ksong", {"init": "zero", "lambda_step": "plain", "psi_derivative": "reference"}),
+    "ksong_zero_init": ("ksong", {"init": "zero"}),
+    "ksong_plain_step": ("ksong", {"lambda_step": "plain"}),
+    "ksong_reference_psi": ("ksong", {"psi_derivative": "reference"}),
+}
+METHOD_ORDER = ("neuralndcg", "bsvrb_ndcg", "ksong", "song", *VARIANTS, "lambdarank", "approxndcg", "listmle",
+                "listnet", "ranknet")  # longest first, for load balancing
+DISPLAY = {"song": "SONG", "ksong": "K-SONG (mbbo's variant)", "bsvrb_ndcg": "BSVRB", "ranknet": "RankNet",
+           "listnet": "ListNet", "listmle": "ListMLE", "lambdarank": "LambdaRank", "approxndcg": "ApproxNDCG",
+           "neuralndcg": "NeuralNDCG", "ksong_zero_init": "K-SONG, zero init",
+           "ksong_plain_step": "K-SONG, plain lambda step", "ksong_reference_psi": "K-SONG, reference psi'",
+           "ksong_reference": "K-SONG, reference form"}
 TABLE_ORDER = ("ranknet", "listnet", "listmle", "lambdarank", "approxndcg", "neuralndcg", "song", "ksong",
-               "bsvrb_ndcg")
+               *VARIANTS, "bsvrb_ndcg")
 
 
 def _setup_torch() -> None:
@@ -145,35 +157,58 @@ def _settings(args: dict[str, Any], seed: int, eval_test: bool = False) -> dict[
     }
 
 
-def _hparams(args: dict[str, Any], method: str) -> dict[str, Any]:
-    """Trainer hyper-parameters set by the script for ``method`` (the others are the TrainerConfig defaults):
-    the common ``lr``, ``eta0``, ``tau1``, then the method's ``--set`` overrides."""
-    return {"lr": args["lr"], "eta0": args["eta0"], "tau1": args["tau1"], **args.get("overrides", {}).get(method, {})}
+def base_method(label: str) -> str:
+    """The trained method of a table row (``ksong_reference`` -> ``ksong``)."""
+    return VARIANTS[label][0] if label in VARIANTS else label
+
+
+def _hparams(args: dict[str, Any], label: str) -> dict[str, Any]:
+    """Hyper-parameters set by the script for the row ``label`` (the others are the method's defaults): the common
+    ``lr``, ``eta0``, ``tau1``, then a variant's fixed settings, then the row's ``--set`` overrides. They are the
+    key of a finished run (``eta0``, ``tau1`` included for every method; :func:`_method_hparams` keeps those the
+    method has)."""
+    fixed = VARIANTS[label][1] if label in VARIANTS else {}
+    return {"lr": args["lr"], "eta0": args["eta0"], "tau1": args["tau1"], **fixed,
+            **args.get("overrides", {}).get(label, {})}
+
+
+def _config_fields(method: str) -> set[str]:
+    import dataclasses
+
+    from mbbo.ranking.configs import METHOD_CONFIGS
+
+    return {f.name for f in dataclasses.fields(METHOD_CONFIGS[method])}
+
+
+def _method_hparams(args: dict[str, Any], label: str) -> dict[str, Any]:
+    """:func:`_hparams` without the common settings that the row's method does not have (eta0, tau1 for SONG and
+    the baselines)."""
+    fields = _config_fields(base_method(label))
+    return {k: v for k, v in _hparams(args, label).items() if k in fields}
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``["ksong.psi_alpha=1", ...]`` -> ``{"ksong": {"psi_alpha": 1}}`` (values parsed as YAML scalars).
 
+    ``METHOD`` is a row of the table (a method or a K-SONG variant of :data:`VARIANTS`), ``FIELD`` a field of
+    its method's config (:data:`mbbo.ranking.configs.METHOD_CONFIGS`).
     Raises ValueError naming the item when it is not ``METHOD.FIELD=VALUE`` with a known method and field.
     """
-    import dataclasses
-
     import yaml
 
-    from mbbo.ranking.trainer import METHODS, TrainerConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainerConfig)} - {"method", "seed", "epochs"}
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         target, sep, raw = item.partition("=")
-        method, dot, name = target.partition(".")
+        label, dot, name = target.partition(".")
         if not sep or not dot:
             raise ValueError(f"--set {item!r}: expected METHOD.FIELD=VALUE, e.g. ksong.psi_alpha=1")
-        if method not in METHODS:
-            raise ValueError(f"--set {item!r}: method {method!r} must be one of {METHODS}")
+        if label not in TABLE_ORDER:
+            raise ValueError(f"--set {item!r}: method {label!r} must be one of {TABLE_ORDER}")
+        fields = _config_fields(base_method(label)) - {"seed", "epochs"}
         if name not in fields:
-            raise ValueError(f"--set {item!r}: field {name!r} must be one of {sorted(fields)}")
-        out.setdefault(method, {})[name] = yaml.safe_load(raw)
+            raise ValueError(f"--set {item!r}: field {name!r} of {base_method(label)!r} must be one of "
+                             f"{sorted(fields)}")
+        out.setdefault(label, {})[name] = yaml.safe_load(raw)
     return out
 
 
@@ -193,7 +228,8 @@ def measure_job(args: dict[str, Any], method: str, steps: int) -> dict[str, Any]
     _setup_torch()
     from mbbo.tasks.ndcg import build
 
-    trainer, task = build(method, _settings(args, args["seeds"][0]), epochs=120, **_hparams(args, method))
+    trainer, task = build(base_method(method), _settings(args, args["seeds"][0]), epochs=120,
+                          **_method_hparams(args, method))
     trainer.step()
     ipe = trainer.iterations_per_epoch()
     steps = max(1, min(steps, ipe))
@@ -251,7 +287,7 @@ def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[s
         if previous is not None and previous.get("key") == key:
             return previous
     wall = time.perf_counter()
-    trainer, task = build(method, _settings(args, seed), epochs=epochs, **_hparams(args, method))
+    trainer, task = build(base_method(method), _settings(args, seed), epochs=epochs, **_method_hparams(args, method))
     wrapped = _BestDev(task)
     ipe = task.iterations_per_epoch()
     records = run(trainer, wrapped, RunConfig(out_dir=out_dir, epochs=epochs, eval_every=ipe, progress=False,
@@ -308,7 +344,7 @@ def choose_epochs(measured: list[dict[str, Any]], n_seeds: int, workers: int, re
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mbbo.ranking.trainer import TrainerConfig
+    from mbbo.ranking.configs import KSONGConfig, TrainingConfig
     from mbbo.tasks.ndcg import NDCGSettings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -317,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(TABLE_ORDER), choices=list(TABLE_ORDER))
     p.add_argument("--epochs", type=int, default=None, help="epochs per method (default: chosen from the budget)")
     p.add_argument("--budget-minutes", type=float, default=40.0)
-    # the task's defaults are this experiment's settings (one source: TrainerConfig and NDCGSettings)
-    p.add_argument("--lr", type=float, default=TrainerConfig.lr)
-    p.add_argument("--eta0", type=float, default=TrainerConfig.eta0, help="step size of lambda_q (K-SONG, BSVRB)")
-    p.add_argument("--tau1", type=float, default=TrainerConfig.tau1,
+    # the task's defaults are this experiment's settings (one source: mbbo.ranking.configs and NDCGSettings)
+    p.add_argument("--lr", type=float, default=TrainingConfig.lr)
+    p.add_argument("--eta0", type=float, default=KSONGConfig.eta0, help="step size of lambda_q (K-SONG, BSVRB)")
+    p.add_argument("--tau1", type=float, default=KSONGConfig.tau1,
                    help="softplus temperature of the top-K lower problem")
     p.add_argument("--warmup-epochs", type=int, default=NDCGSettings.warmup_epochs)
     p.add_argument("--warmup-lr", type=float, default=NDCGSettings.warmup_lr)
@@ -331,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", action="store_true",
                    help="time one epoch of each method, one at a time, also when --epochs is given")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                   help="a TrainerConfig field for one method (repeatable), e.g. --set ksong.psi_alpha=1")
+                   help="a config field for one row (repeatable), e.g. --set ksong.psi_alpha=1")
     a = p.parse_args(argv)
     try:
         overrides = parse_overrides(a.overrides)
@@ -454,10 +490,17 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
            f"10 positives + 300 negatives, Adam lr {a.lr} (x0.25 at epoch {epochs // 2}), weight decay 1e-7; "
            f"warm-up {a.warmup_epochs} epochs of "
            f"listwise cross-entropy at lr {a.warmup_lr}, head re-initialised; other hyper-parameters are the "
-           "defaults of `mbbo.ranking.trainer.TrainerConfig` (ndcg.md). Seconds per epoch are training only "
+           "defaults of the methods' configs in `mbbo.ranking.configs` (ndcg.md). Seconds per epoch are training only "
            "(no evaluation) as measured during the runs, which shared the 2 cores with other runs (two to seven "
            "processes at a time in the committed results), so they are contended; the one-at-a-time measurement "
            "below is the clean figure.", ""]
+    shown = [m for m in VARIANTS if m in by_method]
+    if shown:
+        md += ["K-SONG rows: \"K-SONG (mbbo's variant)\" is `ksong` with its defaults (first-sample initialisation of "
+               "u, lambda, v and s; moving-average lambda step; psi' with the factor alpha; psi = 2 sigmoid(2 t)); "
+               "the other K-SONG rows change it as follows: " + "; ".join(
+                   f"{DISPLAY[m]}: " + ", ".join(f"{k} = {v}" for k, v in VARIANTS[m][1].items()) for m in shown)
+               + ".", ""]
     if args["overrides"]:
         md += ["Per-method settings (`--set`, chosen on dev): " + "; ".join(
             f"{DISPLAY[m]}: " + ", ".join(f"{k} = {v}" for k, v in kv.items())
@@ -522,8 +565,8 @@ def _plot(path: Path, by_method: dict[str, list[dict[str, Any]]], methods: list[
         x = curves[0][:n, 0]
         ys = np.stack([c[:n, 1] for c in curves])
         mean, std = ys.mean(0), ys.std(0)
-        style = "-" if m in ("song", "ksong", "bsvrb_ndcg") else "--"
-        (line,) = ax.plot(x, mean, style, label=DISPLAY[m], linewidth=2 if style == "-" else 1.2)
+        style = "-" if m in ("song", "ksong", "bsvrb_ndcg") else ":" if m in VARIANTS else "--"
+        (line,) = ax.plot(x, mean, style, label=DISPLAY[m], linewidth=2 if style != "--" else 1.2)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.axhline(pop_dev5, color="grey", linestyle=":", label="popularity")
     ax.set_xlabel("epoch")

@@ -33,14 +33,16 @@ gradient of
 
 with ``psi(t) = c sigma(alpha t)`` and its derivative ``psi'(t) = c alpha sigma(alpha t)(1 - sigma(alpha t))``. The
 reference code (NDCG-Optimization, LibAUC) omits the factor ``alpha`` in ``psi'``, a defect: its ``psi'`` is the
-exact one divided by ``alpha``. ``psi_derivative="reference"`` reproduces it, for comparisons only. As ``tau1, tau2 -> 0`` the minimiser is the
-``(K+1)``-th largest score when ``0 < eps < 1`` (with the reference's ``eps = 0`` a point between the ``(K+1)``-th
-and the ``K``-th, the minimisers of the unsmoothed problem): ``psi(h_i - lambda_q)`` is a smooth indicator of ``i``
-being in the top K. The per-user state is ``lambda_q``, a moving average ``v_q`` of ``dL/dlam``
-(``lambda_q <- lambda_q - eta0 v_q``, ``lambda_step="moving_average"``, the NDCG-Optimization code) and a moving
-average ``s_q`` of ``d2L/dlam2`` (scalar Hessian tracking: the inverse Hessian is a division).
+exact one divided by ``alpha``. ``psi_derivative="reference"`` reproduces it, for comparisons only.
+As ``tau1, tau2 -> 0`` the minimiser is the ``(K+1)``-th largest score when ``0 < eps < 1`` (with the reference's
+``eps = 0`` a point between the ``(K+1)``-th and the ``K``-th, the minimisers of the unsmoothed problem):
+``psi(h_i - lambda_q)`` is a smooth indicator of ``i`` being in the top K.
+The per-user state is ``lambda_q``, a moving average ``v_q`` of ``dL/dlam`` (``lambda_q <- lambda_q - eta0 v_q``,
+``lambda_step="moving_average"``, the NDCG-Optimization code) and a moving average ``s_q`` of
+``d2L/dlam2`` (scalar Hessian tracking: the inverse Hessian is a division).
 ``lambda_step="plain"`` is LibAUC's plain SGD step ``lambda_q <- lambda_q - eta0 dL/dlam`` on the current sample
-(``v_q`` is then unused and stays at 0). The hypergradient of pair ``(q,i)`` is
+(``v_q`` is then unused and stays at 0).
+The hypergradient of pair ``(q,i)`` is
 
     psi f'(u) grad g + f(u) psi'(h_i - lambda_q) (grad h_i - grad lambda_q);
 
