@@ -9,9 +9,9 @@ NDCG@5 (evaluated every epoch) is reloaded and evaluated on test.
 
 Budget. The whole experiment is budgeted to ``--budget-minutes`` of wall time (40 by default). The script warms up
 the seeds, measures one epoch of every method, and then chooses ``E`` (at most 120, even, so that halfway is an
-epoch boundary) so that the 9 x ``len(seeds)`` runs fit; it prints and records the choice. ``--epochs`` overrides it
-(the committed results use ``--epochs 120 --measure``: about 2.3 CPU-hours; ``--measure`` times one epoch
-of each method alone, also when ``--epochs`` is given).
+epoch boundary) so that the rows x ``len(seeds)`` runs fit; it prints and records the choice. ``--epochs`` overrides it
+(the committed results use ``--epochs 120``, see ``docs/results_ndcg.md`` for the invocations; ``--measure`` times
+one epoch of each row alone, also when ``--epochs`` is given).
 
 ML-100K scale. ML-20M has 541 Adam steps per epoch, ML-100K 4. The papers' warm-up (20 epochs at lr 1e-3) then
 ranks below popularity, and the papers' lr 4e-4 hardly moves the model in the epochs we can afford (measured: SONG
@@ -37,11 +37,19 @@ Outputs (small files, written atomically) in ``experiments/results/``:
 
 Per-run logs and checkpoints go to ``--work-dir`` (``runs/ndcg_ml100k``, git-ignored); a finished run is reused
 when the script is started again with the same settings (so several invocations with disjoint ``--methods`` and
-the same ``--work-dir`` can share the cores, and a final invocation with all methods only writes the report).
+the same ``--work-dir`` can share the cores, and a final invocation with all methods only writes the report;
+``--reuse-only`` trains nothing and reports the finished runs, listing the missing ones).
+
+K-SONG rows (:data:`VARIANTS`). ``ksong`` is mbbo's variant (first-sample initialisation of u, lambda, v, s; a
+moving-average lambda step; psi' with its factor alpha; psi = 2 sigmoid(2 t)). ``ksong_reference`` is the reference
+form (``init=zero``, ``lambda_step=plain``, ``psi_derivative=reference``: LibAUC's update with the NDCG-Optimization
+code's psi), and ``ksong_zero_init``, ``ksong_plain_step``, ``ksong_reference_psi`` each change one of the three
+factors of mbbo's variant toward it (the ablation). ``--set ksong_reference.FIELD=VALUE`` changes one row only.
 
 Usage::
 
-    .venv/bin/python experiments/ndcg_ml100k.py --epochs 120 --measure   # the committed results
+    .venv/bin/python experiments/ndcg_ml100k.py --epochs 120 --measure   # all rows, 3 seeds
+    .venv/bin/python experiments/ndcg_ml100k.py --epochs 120 --reuse-only --measure   # report what is finished
     .venv/bin/python experiments/ndcg_ml100k.py                          # budgeted to --budget-minutes (40)
     .venv/bin/python experiments/ndcg_ml100k.py --epochs 2 --seeds 0 --methods song listnet --tag smoke
 """
@@ -268,6 +276,23 @@ class _BestDev:
         return out
 
 
+def _run_key(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[str, Any]:
+    return {"method": method, "seed": seed, "epochs": epochs, **_hparams(args, method),
+            "warmup_epochs": args["warmup_epochs"], "warmup_lr": args["warmup_lr"], "data": args["data"]}
+
+
+def finished_run(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[str, Any] | None:
+    """The result of a finished run of ``method`` and ``seed`` with these settings in the work folder, or None."""
+    done = Path(args["work_dir"]) / f"{method}_seed{seed}" / "result.json"
+    if not done.is_file():
+        return None
+    try:
+        previous = json.loads(done.read_text())
+    except json.JSONDecodeError:
+        return None
+    return previous if previous.get("key") == _run_key(args, method, seed, epochs) else None
+
+
 def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[str, Any]:
     """Train one method for one seed with the runner; test NDCG at the best dev epoch and at the last epoch."""
     _setup_torch()
@@ -275,17 +300,11 @@ def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[s
     from mbbo.runner import RunConfig, run
     from mbbo.tasks.ndcg import build
 
+    previous = finished_run(args, method, seed, epochs)
+    if previous is not None:
+        return previous
     out_dir = Path(args["work_dir"]) / f"{method}_seed{seed}"
-    done = out_dir / "result.json"
-    key = {"method": method, "seed": seed, "epochs": epochs, **_hparams(args, method),
-           "warmup_epochs": args["warmup_epochs"], "warmup_lr": args["warmup_lr"], "data": args["data"]}
-    if done.is_file():
-        try:
-            previous = json.loads(done.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        if previous is not None and previous.get("key") == key:
-            return previous
+    key = _run_key(args, method, seed, epochs)
     wall = time.perf_counter()
     trainer, task = build(base_method(method), _settings(args, seed), epochs=epochs, **_method_hparams(args, method))
     wrapped = _BestDev(task)
@@ -317,7 +336,7 @@ def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[s
             for r in records
         ],
     }
-    _write_json(done, result)
+    _write_json(out_dir / "result.json", result)
     return result
 
 
@@ -364,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=str(DEFAULT_WORK))
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--tag", default="ndcg_ml100k", help="prefix of the result files")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="train nothing: report the finished runs in --work-dir (and list the missing ones)")
     p.add_argument("--measure", action="store_true",
                    help="time one epoch of each method, one at a time, also when --epochs is given")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
@@ -413,6 +434,16 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = [(m, s) for m in METHOD_ORDER if m in a.methods for s in a.seeds]
     results: list[dict[str, Any]] = []
+    missing: list[tuple[str, int]] = []
+    if a.reuse_only:  # report the finished runs only
+        for m, s in jobs:
+            r = finished_run(args, m, s, epochs)
+            if r is None:
+                missing.append((m, s))
+            else:
+                results.append(r)
+        jobs = []
+        _log(f"--reuse-only: {len(results)} finished runs, {len(missing)} not run: {missing}")
     with _pool(a.workers) as pool:
         futures = {pool.submit(run_job, args, m, s, epochs): (m, s) for m, s in jobs}
         for fut in cf.as_completed(futures):
@@ -421,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"{r['method']} seed {r['seed']}: test NDCG@10 {r['test']['ndcg@10']:.4f} (best dev epoch "
                  f"{r['best_epoch']}), {r['seconds_per_epoch']:.2f} s/epoch, {r['wall_seconds']:.0f} s wall")
     total_minutes = (time.perf_counter() - t0) / 60
-    report(a, args, split, pop, warm, measured, results, epochs, budget_note, total_minutes)
+    report(a, args, split, pop, warm, measured, results, epochs, budget_note, total_minutes, missing)
     return 0
 
 
@@ -431,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[str, Any], warm: list[dict[str, Any]],
            measured: list[dict[str, Any]], results: list[dict[str, Any]], epochs: int, budget_note: str,
-           total_minutes: float) -> None:
+           total_minutes: float, missing: list[tuple[str, int]] | None = None) -> None:
     out = Path(a.out)
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
@@ -472,18 +503,21 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
 
     tag = a.tag
     _write_csv(out / f"{tag}_table.csv", rows)
-    md = [f"# Top-K NDCG on MovieLens-100K ({len(a.seeds)} seeds, {epochs} epochs per method)", ""]
-    md += [f"Test NDCG@K (all-ranking, at the best dev-NDCG@5 epoch), mean ± std over seeds {a.seeds}. "
+    md = [f"# Top-K NDCG on MovieLens-100K (up to {len(a.seeds)} seeds, {epochs} epochs per method)", ""]
+    md += [f"Test NDCG@K (all-ranking, at the best dev-NDCG@5 epoch), mean ± std over the seeds of each row. "
            f"Budget: {budget_note}. Wall time of the invocation that wrote this report {total_minutes:.1f} min; "
            f"the {len(results)} runs took {sum(r['wall_seconds'] for r in results) / 3600:.1f} h of wall time in "
            "all (finished runs in the work folder are reused, so several invocations can share the work).", ""]
-    md.append("| method | NDCG@5 | NDCG@10 | NDCG@20 | NDCG@50 | best epoch | s/epoch |")
-    md.append("|---|---|---|---|---|---|---|")
+    md.append("| method | seeds | NDCG@5 | NDCG@10 | NDCG@20 | NDCG@50 | best epoch | s/epoch |")
+    md.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[f'test_ndcg@{k}_mean']:.4f} ± {r[f'test_ndcg@{k}_std']:.4f}" for k in KS]
         extra = [f"{r['best_epoch_mean']:.1f}" if "best_epoch_mean" in r else "",
                  f"{r['seconds_per_epoch_mean']:.2f}" if "seconds_per_epoch_mean" in r else ""]
-        md.append(f"| {r['method']} | " + " | ".join(cells + extra) + " |")
+        seeds = ",".join(str(x["seed"]) for x in by_method.get(_label_of(r["method"]), [])) or "-"
+        md.append(f"| {r['method']} | {seeds} | " + " | ".join(cells + extra) + " |")
+    if missing:
+        md += ["", "Not run (`--reuse-only`): " + ", ".join(f"{DISPLAY[m]} seed {s}" for m, s in missing) + "."]
     md += ["", "Sanity checks:", ""]
     md += [f"- [{'x' if c['passed'] else ' '}] {c['check']}" for c in checks]
     md += ["", f"Settings: K = 20 (K-SONG, BSVRB; lambda step eta0 = {a.eta0}, tau1 = {a.tau1}), batch 256 users, "
@@ -491,9 +525,9 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
            f"warm-up {a.warmup_epochs} epochs of "
            f"listwise cross-entropy at lr {a.warmup_lr}, head re-initialised; other hyper-parameters are the "
            "defaults of the methods' configs in `mbbo.ranking.configs` (ndcg.md). Seconds per epoch are training only "
-           "(no evaluation) as measured during the runs, which shared the 2 cores with other runs (two to seven "
-           "processes at a time in the committed results), so they are contended; the one-at-a-time measurement "
-           "below is the clean figure.", ""]
+           "(no evaluation) as measured during the runs, which shared the cores with other processes, so they are "
+           "contended (the load average is in the metrics file); the one-at-a-time measurement below is the "
+           "cleaner figure.", ""]
     shown = [m for m in VARIANTS if m in by_method]
     if shown:
         md += ["K-SONG rows: \"K-SONG (mbbo's variant)\" is `ksong` with its defaults (first-sample initialisation of "
@@ -532,6 +566,7 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
         "warm_start": warm,
         "measured": measured,
         "checks": checks,
+        "missing_runs": [list(x) for x in missing or []],
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results],
         "curves": curves,  # per method and seed: columns over the evaluations (every epoch, from epoch 0)
     })
@@ -539,6 +574,11 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
     _log(f"wrote {out}/{tag}_table.csv, .md, _metrics.json, _curves.png")
     for c in checks:
         _log(("PASS " if c["passed"] else "FAIL ") + c["check"])
+
+
+def _label_of(display: str) -> str:
+    """The row label of a displayed method name (``"SONG"`` -> ``"song"``), or the name itself."""
+    return next((k for k, v in DISPLAY.items() if v == display), display)
 
 
 def _columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -148,6 +148,13 @@ def test_scripts_end_to_end_on_ml100k(scripts, tmp_path: Path):
     assert reference["key"]["lambda_step"] == "plain" and "psi_alpha" not in reference["key"]
     assert reference["test"] != ksong["test"]
     assert "K-SONG, reference form" in table and "lambda_step = plain" in table
+    # --reuse-only: no training; the finished runs are reported and the missing ones listed
+    assert main.main([*common, "--methods", "song", "ksong_reference", "listnet", "--epochs", "2", "--work-dir",
+                      str(work), "--out", str(out), "--tag", "r", "--reuse-only"]) == 0
+    assert not (work / "listnet_seed0").exists()
+    reused = (out / "r_table.md").read_text()
+    assert "| SONG | 0 |" in reused and "Not run (`--reuse-only`): ListNet seed 0." in reused
+    assert json.loads((out / "r_metrics.json").read_text())["missing_runs"] == [["listnet", 0]]
 
     assert tuning.main([*common, "--epochs", "2", "--candidate", "song.gamma0=0.5", "--work-dir",
                         str(tmp_path / "tune"), "--warmup-cache", str(work / "warmup_cache"), "--out", str(out),

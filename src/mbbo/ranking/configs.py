@@ -21,9 +21,9 @@ weight decay 1e-7 on non-bias parameters, batch 256 users, 10 positives + 300 ne
 ``epochs`` (epoch 60 of 120), K = 20 for the top-K methods (K/N ~ 1.2% on ML-100K, as K = 300 on ML-20M;
 ``ndcg.md`` section 5).
 
-Validation: :meth:`TrainingConfig.validate` checks the shared fields and lets the method's owner check the rest
-(the objective's constructor on a one-row problem, the baseline's ``*Params`` class), so that every range is
-written in one place and a bad value is reported before any data is loaded.
+Validation (on construction): :meth:`TrainingConfig.validate` checks the shared fields and lets the method's owner
+check the rest (the objective's constructor on a one-row problem, the baseline's ``*Params`` class), so that every
+range is written in one place and a bad value is reported before any data is loaded.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ class TrainingConfig:
     lr_decay: float = 0.25
     lr_decay_epochs: tuple[int, ...] | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()  # a config that exists is valid (the CLI reports a bad value before loading data)
 
     def decay_epochs(self) -> tuple[int, ...]:
         """0-based epochs at which the learning rate is multiplied by ``lr_decay``."""
