@@ -259,46 +259,18 @@ class BaselineConfig(TrainingConfig):
         params(**self.baseline)
 
 
-@dataclass
-class RankNetConfig(BaselineConfig):
-    """RankNet."""
-
-    method: ClassVar[str] = "ranknet"
-
-
-@dataclass
-class ListNetConfig(BaselineConfig):
-    """ListNet."""
-
-    method: ClassVar[str] = "listnet"
+def _baseline_config(method: str, name: str) -> type[BaselineConfig]:
+    """The config class of one baseline (no fields of its own: only its method name)."""
+    doc = f"The ``{method}`` baseline (``baseline``: its hyper-parameters, see :class:`BaselineConfig`)."
+    return type(name, (BaselineConfig,), {"method": method, "__doc__": doc, "__module__": __name__})
 
 
-@dataclass
-class ListMLEConfig(BaselineConfig):
-    """ListMLE."""
-
-    method: ClassVar[str] = "listmle"
-
-
-@dataclass
-class LambdaRankConfig(BaselineConfig):
-    """LambdaRank (NDCG-weighted pairs)."""
-
-    method: ClassVar[str] = "lambdarank"
-
-
-@dataclass
-class ApproxNDCGConfig(BaselineConfig):
-    """ApproxNDCG."""
-
-    method: ClassVar[str] = "approxndcg"
-
-
-@dataclass
-class NeuralNDCGConfig(BaselineConfig):
-    """NeuralNDCG."""
-
-    method: ClassVar[str] = "neuralndcg"
+RankNetConfig = _baseline_config("ranknet", "RankNetConfig")
+ListNetConfig = _baseline_config("listnet", "ListNetConfig")
+ListMLEConfig = _baseline_config("listmle", "ListMLEConfig")
+LambdaRankConfig = _baseline_config("lambdarank", "LambdaRankConfig")
+ApproxNDCGConfig = _baseline_config("approxndcg", "ApproxNDCGConfig")
+NeuralNDCGConfig = _baseline_config("neuralndcg", "NeuralNDCGConfig")
 
 
 METHOD_CONFIGS: dict[str, type[TrainingConfig]] = {
