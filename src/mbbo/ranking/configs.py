@@ -59,6 +59,7 @@ __all__ = [
     "ListMLEConfig",
     "ListNetConfig",
     "NeuralNDCGConfig",
+    "ObjectiveConfig",
     "RankNetConfig",
     "SONGConfig",
     "TrainingConfig",
@@ -137,7 +138,7 @@ class TrainingConfig:
 
 
 @dataclass
-class _ObjectiveConfig(TrainingConfig):
+class ObjectiveConfig(TrainingConfig):
     """Fields shared by the three NDCG objectives (``margin``, ``list_weighting``, ``init``: see
     :mod:`mbbo.ranking.objectives`); ``topk`` is K (-1: the full list)."""
 
@@ -169,7 +170,7 @@ class _ObjectiveConfig(TrainingConfig):
 
 
 @dataclass
-class SONGConfig(_ObjectiveConfig):
+class SONGConfig(ObjectiveConfig):
     """SONG (full-list NDCG; a ``topk`` K >= 1 only truncates the normaliser to ``Z_q^K``)."""
 
     method: ClassVar[str] = "song"
@@ -178,7 +179,7 @@ class SONGConfig(_ObjectiveConfig):
 
 
 @dataclass
-class _ThresholdConfig(_ObjectiveConfig):
+class _ThresholdConfig(ObjectiveConfig):
     """The top-K lower problem (K-SONG, BSVRB): thresholds ``lambda_q`` with step ``eta0``, smoothing ``tau1``,
     strong convexity ``tau2``, ``psi(t) = psi_scale sigmoid(psi_alpha t)``, ``topk_version`` 'theo' / 'prac'."""
 

@@ -47,8 +47,8 @@ from mbbo.ranking.configs import (
     TOPK_METHODS,
     BaselineConfig,
     BSVRBConfig,
+    ObjectiveConfig,
     TrainingConfig,
-    _ObjectiveConfig,
     method_config,
 )
 from mbbo.ranking.metrics import ideal_dcg
@@ -94,7 +94,7 @@ class RankingTrainer:
         self._decay = [not n.endswith("bias") for n in self._names]
         self.adam = Adam(lr=self.lr_at, betas=tuple(config.betas), eps=config.adam_eps)  # type: ignore[arg-type]
         self.adam_state: AdamState = self.adam.init([p.detach() for p in self._params()])
-        self.topk = config.topk if isinstance(config, _ObjectiveConfig) else -1
+        self.topk = config.topk if isinstance(config, ObjectiveConfig) else -1
         self.objective: SONGObjective | None = None
         self._baseline_loss: Any = None
         self._build_loss()
@@ -114,7 +114,7 @@ class RankingTrainer:
 
             self._baseline_loss = make_baseline_loss(self.method, **dict(c.baseline))
             return
-        assert isinstance(c, _ObjectiveConfig)
+        assert isinstance(c, ObjectiveConfig)
         k = self.topk
         if k != -1 and k >= n_items:
             raise ValueError(f"topk={k} must be < the number of items {n_items}")
