@@ -9,9 +9,9 @@ NDCG@5 (evaluated every epoch) is reloaded and evaluated on test.
 
 Budget. The whole experiment is budgeted to ``--budget-minutes`` of wall time (40 by default). The script warms up
 the seeds, measures one epoch of every method, and then chooses ``E`` (at most 120, even, so that halfway is an
-epoch boundary) so that the 9 x ``len(seeds)`` runs fit; it prints and records the choice. ``--epochs`` overrides it
-(the committed results use ``--epochs 120 --measure``: about 2.3 CPU-hours; ``--measure`` times one epoch
-of each method alone, also when ``--epochs`` is given).
+epoch boundary) so that the rows x ``len(seeds)`` runs fit; it prints and records the choice. ``--epochs`` overrides it
+(the committed results use ``--epochs 120``, see ``docs/results_ndcg.md`` for the invocations; ``--measure`` times
+one epoch of each row alone, also when ``--epochs`` is given).
 
 ML-100K scale. ML-20M has 541 Adam steps per epoch, ML-100K 4. The papers' warm-up (20 epochs at lr 1e-3) then
 ranks below popularity, and the papers' lr 4e-4 hardly moves the model in the epochs we can afford (measured: SONG
@@ -37,11 +37,19 @@ Outputs (small files, written atomically) in ``experiments/results/``:
 
 Per-run logs and checkpoints go to ``--work-dir`` (``runs/ndcg_ml100k``, git-ignored); a finished run is reused
 when the script is started again with the same settings (so several invocations with disjoint ``--methods`` and
-the same ``--work-dir`` can share the cores, and a final invocation with all methods only writes the report).
+the same ``--work-dir`` can share the cores, and a final invocation with all methods only writes the report;
+``--reuse-only`` trains nothing and reports the finished runs, listing the missing ones).
+
+K-SONG rows (:data:`VARIANTS`). ``ksong`` is mbbo's variant (first-sample initialisation of u, lambda, v, s; a
+moving-average lambda step; psi' with its factor alpha; psi = 2 sigmoid(2 t)). ``ksong_reference`` is the reference
+form (``init=zero``, ``lambda_step=plain``, ``psi_derivative=reference``: LibAUC's update with the NDCG-Optimization
+code's psi), and ``ksong_zero_init``, ``ksong_plain_step``, ``ksong_reference_psi`` each change one of the three
+factors of mbbo's variant toward it (the ablation). ``--set ksong_reference.FIELD=VALUE`` changes one row only.
 
 Usage::
 
-    .venv/bin/python experiments/ndcg_ml100k.py --epochs 120 --measure   # the committed results
+    .venv/bin/python experiments/ndcg_ml100k.py --epochs 120 --measure   # all rows, 3 seeds
+    .venv/bin/python experiments/ndcg_ml100k.py --epochs 120 --reuse-only --measure   # report what is finished
     .venv/bin/python experiments/ndcg_ml100k.py                          # budgeted to --budget-minutes (40)
     .venv/bin/python experiments/ndcg_ml100k.py --epochs 2 --seeds 0 --methods song listnet --tag smoke
 """
@@ -67,12 +75,24 @@ RESULTS_DIR = PROJECT_ROOT / "experiments" / "results"
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "movielens" / "ml-100k" / "u.data"
 DEFAULT_WORK = PROJECT_ROOT / "runs" / "ndcg_ml100k"
 KS = (5, 10, 20, 50)
-METHOD_ORDER = ("neuralndcg", "bsvrb_ndcg", "ksong", "song", "lambdarank", "approxndcg", "listmle", "listnet",
-                "ranknet")  # longest first, for load balancing
-DISPLAY = {"song": "SONG", "ksong": "K-SONG", "bsvrb_ndcg": "BSVRB", "ranknet": "RankNet", "listnet": "ListNet",
-           "listmle": "ListMLE", "lambdarank": "LambdaRank", "approxndcg": "ApproxNDCG", "neuralndcg": "NeuralNDCG"}
+#: K-SONG rows besides mbbo's variant (``ksong``: first-sample init, moving-average lambda step, exact psi'):
+#: label -> (method, fixed settings). ``ksong_reference`` is the reference form; the three others change one
+#: factor of mbbo's variant toward it (the ablation).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ksong_reference": ("ksong", {"init": "zero", "lambda_step": "plain", "psi_derivative": "reference"}),
+    "ksong_zero_init": ("ksong", {"init": "zero"}),
+    "ksong_plain_step": ("ksong", {"lambda_step": "plain"}),
+    "ksong_reference_psi": ("ksong", {"psi_derivative": "reference"}),
+}
+METHOD_ORDER = ("neuralndcg", "bsvrb_ndcg", "ksong", "song", *VARIANTS, "lambdarank", "approxndcg", "listmle",
+                "listnet", "ranknet")  # longest first, for load balancing
+DISPLAY = {"song": "SONG", "ksong": "K-SONG (mbbo's variant)", "bsvrb_ndcg": "BSVRB", "ranknet": "RankNet",
+           "listnet": "ListNet", "listmle": "ListMLE", "lambdarank": "LambdaRank", "approxndcg": "ApproxNDCG",
+           "neuralndcg": "NeuralNDCG", "ksong_zero_init": "K-SONG, zero init",
+           "ksong_plain_step": "K-SONG, plain lambda step", "ksong_reference_psi": "K-SONG, reference psi'",
+           "ksong_reference": "K-SONG, reference form"}
 TABLE_ORDER = ("ranknet", "listnet", "listmle", "lambdarank", "approxndcg", "neuralndcg", "song", "ksong",
-               "bsvrb_ndcg")
+               *VARIANTS, "bsvrb_ndcg")
 
 
 def _setup_torch() -> None:
@@ -145,35 +165,58 @@ def _settings(args: dict[str, Any], seed: int, eval_test: bool = False) -> dict[
     }
 
 
-def _hparams(args: dict[str, Any], method: str) -> dict[str, Any]:
-    """Trainer hyper-parameters set by the script for ``method`` (the others are the TrainerConfig defaults):
-    the common ``lr``, ``eta0``, ``tau1``, then the method's ``--set`` overrides."""
-    return {"lr": args["lr"], "eta0": args["eta0"], "tau1": args["tau1"], **args.get("overrides", {}).get(method, {})}
+def base_method(label: str) -> str:
+    """The trained method of a table row (``ksong_reference`` -> ``ksong``)."""
+    return VARIANTS[label][0] if label in VARIANTS else label
+
+
+def _hparams(args: dict[str, Any], label: str) -> dict[str, Any]:
+    """Hyper-parameters set by the script for the row ``label`` (the others are the method's defaults): the common
+    ``lr``, ``eta0``, ``tau1``, then a variant's fixed settings, then the row's ``--set`` overrides. They are the
+    key of a finished run (``eta0``, ``tau1`` included for every method; :func:`_method_hparams` keeps those the
+    method has)."""
+    fixed = VARIANTS[label][1] if label in VARIANTS else {}
+    return {"lr": args["lr"], "eta0": args["eta0"], "tau1": args["tau1"], **fixed,
+            **args.get("overrides", {}).get(label, {})}
+
+
+def _config_fields(method: str) -> set[str]:
+    import dataclasses
+
+    from mbbo.ranking.configs import METHOD_CONFIGS
+
+    return {f.name for f in dataclasses.fields(METHOD_CONFIGS[method])}
+
+
+def _method_hparams(args: dict[str, Any], label: str) -> dict[str, Any]:
+    """:func:`_hparams` without the common settings that the row's method does not have (eta0, tau1 for SONG and
+    the baselines)."""
+    fields = _config_fields(base_method(label))
+    return {k: v for k, v in _hparams(args, label).items() if k in fields}
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``["ksong.psi_alpha=1", ...]`` -> ``{"ksong": {"psi_alpha": 1}}`` (values parsed as YAML scalars).
 
+    ``METHOD`` is a row of the table (a method or a K-SONG variant of :data:`VARIANTS`), ``FIELD`` a field of
+    its method's config (:data:`mbbo.ranking.configs.METHOD_CONFIGS`).
     Raises ValueError naming the item when it is not ``METHOD.FIELD=VALUE`` with a known method and field.
     """
-    import dataclasses
-
     import yaml
 
-    from mbbo.ranking.trainer import METHODS, TrainerConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainerConfig)} - {"method", "seed", "epochs"}
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         target, sep, raw = item.partition("=")
-        method, dot, name = target.partition(".")
+        label, dot, name = target.partition(".")
         if not sep or not dot:
             raise ValueError(f"--set {item!r}: expected METHOD.FIELD=VALUE, e.g. ksong.psi_alpha=1")
-        if method not in METHODS:
-            raise ValueError(f"--set {item!r}: method {method!r} must be one of {METHODS}")
+        if label not in TABLE_ORDER:
+            raise ValueError(f"--set {item!r}: method {label!r} must be one of {TABLE_ORDER}")
+        fields = _config_fields(base_method(label)) - {"seed", "epochs"}
         if name not in fields:
-            raise ValueError(f"--set {item!r}: field {name!r} must be one of {sorted(fields)}")
-        out.setdefault(method, {})[name] = yaml.safe_load(raw)
+            raise ValueError(f"--set {item!r}: field {name!r} of {base_method(label)!r} must be one of "
+                             f"{sorted(fields)}")
+        out.setdefault(label, {})[name] = yaml.safe_load(raw)
     return out
 
 
@@ -193,7 +236,8 @@ def measure_job(args: dict[str, Any], method: str, steps: int) -> dict[str, Any]
     _setup_torch()
     from mbbo.tasks.ndcg import build
 
-    trainer, task = build(method, _settings(args, args["seeds"][0]), epochs=120, **_hparams(args, method))
+    trainer, task = build(base_method(method), _settings(args, args["seeds"][0]), epochs=120,
+                          **_method_hparams(args, method))
     trainer.step()
     ipe = trainer.iterations_per_epoch()
     steps = max(1, min(steps, ipe))
@@ -232,6 +276,23 @@ class _BestDev:
         return out
 
 
+def _run_key(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[str, Any]:
+    return {"method": method, "seed": seed, "epochs": epochs, **_hparams(args, method),
+            "warmup_epochs": args["warmup_epochs"], "warmup_lr": args["warmup_lr"], "data": args["data"]}
+
+
+def finished_run(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[str, Any] | None:
+    """The result of a finished run of ``method`` and ``seed`` with these settings in the work folder, or None."""
+    done = Path(args["work_dir"]) / f"{method}_seed{seed}" / "result.json"
+    if not done.is_file():
+        return None
+    try:
+        previous = json.loads(done.read_text())
+    except json.JSONDecodeError:
+        return None
+    return previous if previous.get("key") == _run_key(args, method, seed, epochs) else None
+
+
 def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[str, Any]:
     """Train one method for one seed with the runner; test NDCG at the best dev epoch and at the last epoch."""
     _setup_torch()
@@ -239,19 +300,13 @@ def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[s
     from mbbo.runner import RunConfig, run
     from mbbo.tasks.ndcg import build
 
+    previous = finished_run(args, method, seed, epochs)
+    if previous is not None:
+        return previous
     out_dir = Path(args["work_dir"]) / f"{method}_seed{seed}"
-    done = out_dir / "result.json"
-    key = {"method": method, "seed": seed, "epochs": epochs, **_hparams(args, method),
-           "warmup_epochs": args["warmup_epochs"], "warmup_lr": args["warmup_lr"], "data": args["data"]}
-    if done.is_file():
-        try:
-            previous = json.loads(done.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        if previous is not None and previous.get("key") == key:
-            return previous
+    key = _run_key(args, method, seed, epochs)
     wall = time.perf_counter()
-    trainer, task = build(method, _settings(args, seed), epochs=epochs, **_hparams(args, method))
+    trainer, task = build(base_method(method), _settings(args, seed), epochs=epochs, **_method_hparams(args, method))
     wrapped = _BestDev(task)
     ipe = task.iterations_per_epoch()
     records = run(trainer, wrapped, RunConfig(out_dir=out_dir, epochs=epochs, eval_every=ipe, progress=False,
@@ -281,7 +336,7 @@ def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[s
             for r in records
         ],
     }
-    _write_json(done, result)
+    _write_json(out_dir / "result.json", result)
     return result
 
 
@@ -308,7 +363,7 @@ def choose_epochs(measured: list[dict[str, Any]], n_seeds: int, workers: int, re
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mbbo.ranking.trainer import TrainerConfig
+    from mbbo.ranking.configs import KSONGConfig, TrainingConfig
     from mbbo.tasks.ndcg import NDCGSettings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -317,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(TABLE_ORDER), choices=list(TABLE_ORDER))
     p.add_argument("--epochs", type=int, default=None, help="epochs per method (default: chosen from the budget)")
     p.add_argument("--budget-minutes", type=float, default=40.0)
-    # the task's defaults are this experiment's settings (one source: TrainerConfig and NDCGSettings)
-    p.add_argument("--lr", type=float, default=TrainerConfig.lr)
-    p.add_argument("--eta0", type=float, default=TrainerConfig.eta0, help="step size of lambda_q (K-SONG, BSVRB)")
-    p.add_argument("--tau1", type=float, default=TrainerConfig.tau1,
+    # the task's defaults are this experiment's settings (one source: mbbo.ranking.configs and NDCGSettings)
+    p.add_argument("--lr", type=float, default=TrainingConfig.lr)
+    p.add_argument("--eta0", type=float, default=KSONGConfig.eta0, help="step size of lambda_q (K-SONG, BSVRB)")
+    p.add_argument("--tau1", type=float, default=KSONGConfig.tau1,
                    help="softplus temperature of the top-K lower problem")
     p.add_argument("--warmup-epochs", type=int, default=NDCGSettings.warmup_epochs)
     p.add_argument("--warmup-lr", type=float, default=NDCGSettings.warmup_lr)
@@ -328,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=str(DEFAULT_WORK))
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--tag", default="ndcg_ml100k", help="prefix of the result files")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="train nothing: report the finished runs in --work-dir (and list the missing ones)")
     p.add_argument("--measure", action="store_true",
                    help="time one epoch of each method, one at a time, also when --epochs is given")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                   help="a TrainerConfig field for one method (repeatable), e.g. --set ksong.psi_alpha=1")
+                   help="a config field for one row (repeatable), e.g. --set ksong.psi_alpha=1")
     a = p.parse_args(argv)
     try:
         overrides = parse_overrides(a.overrides)
@@ -377,6 +434,16 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = [(m, s) for m in METHOD_ORDER if m in a.methods for s in a.seeds]
     results: list[dict[str, Any]] = []
+    missing: list[tuple[str, int]] = []
+    if a.reuse_only:  # report the finished runs only
+        for m, s in jobs:
+            r = finished_run(args, m, s, epochs)
+            if r is None:
+                missing.append((m, s))
+            else:
+                results.append(r)
+        jobs = []
+        _log(f"--reuse-only: {len(results)} finished runs, {len(missing)} not run: {missing}")
     with _pool(a.workers) as pool:
         futures = {pool.submit(run_job, args, m, s, epochs): (m, s) for m, s in jobs}
         for fut in cf.as_completed(futures):
@@ -385,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"{r['method']} seed {r['seed']}: test NDCG@10 {r['test']['ndcg@10']:.4f} (best dev epoch "
                  f"{r['best_epoch']}), {r['seconds_per_epoch']:.2f} s/epoch, {r['wall_seconds']:.0f} s wall")
     total_minutes = (time.perf_counter() - t0) / 60
-    report(a, args, split, pop, warm, measured, results, epochs, budget_note, total_minutes)
+    report(a, args, split, pop, warm, measured, results, epochs, budget_note, total_minutes, missing)
     return 0
 
 
@@ -395,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[str, Any], warm: list[dict[str, Any]],
            measured: list[dict[str, Any]], results: list[dict[str, Any]], epochs: int, budget_note: str,
-           total_minutes: float) -> None:
+           total_minutes: float, missing: list[tuple[str, int]] | None = None) -> None:
     out = Path(a.out)
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
@@ -436,28 +503,38 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
 
     tag = a.tag
     _write_csv(out / f"{tag}_table.csv", rows)
-    md = [f"# Top-K NDCG on MovieLens-100K ({len(a.seeds)} seeds, {epochs} epochs per method)", ""]
-    md += [f"Test NDCG@K (all-ranking, at the best dev-NDCG@5 epoch), mean ± std over seeds {a.seeds}. "
+    md = [f"# Top-K NDCG on MovieLens-100K (up to {len(a.seeds)} seeds, {epochs} epochs per method)", ""]
+    md += [f"Test NDCG@K (all-ranking, at the best dev-NDCG@5 epoch), mean ± std over the seeds of each row. "
            f"Budget: {budget_note}. Wall time of the invocation that wrote this report {total_minutes:.1f} min; "
            f"the {len(results)} runs took {sum(r['wall_seconds'] for r in results) / 3600:.1f} h of wall time in "
            "all (finished runs in the work folder are reused, so several invocations can share the work).", ""]
-    md.append("| method | NDCG@5 | NDCG@10 | NDCG@20 | NDCG@50 | best epoch | s/epoch |")
-    md.append("|---|---|---|---|---|---|---|")
+    md.append("| method | seeds | NDCG@5 | NDCG@10 | NDCG@20 | NDCG@50 | best epoch | s/epoch |")
+    md.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[f'test_ndcg@{k}_mean']:.4f} ± {r[f'test_ndcg@{k}_std']:.4f}" for k in KS]
         extra = [f"{r['best_epoch_mean']:.1f}" if "best_epoch_mean" in r else "",
                  f"{r['seconds_per_epoch_mean']:.2f}" if "seconds_per_epoch_mean" in r else ""]
-        md.append(f"| {r['method']} | " + " | ".join(cells + extra) + " |")
+        seeds = ",".join(str(x["seed"]) for x in by_method.get(_label_of(r["method"]), [])) or "-"
+        md.append(f"| {r['method']} | {seeds} | " + " | ".join(cells + extra) + " |")
+    if missing:
+        md += ["", "Not run (`--reuse-only`): " + ", ".join(f"{DISPLAY[m]} seed {s}" for m, s in missing) + "."]
     md += ["", "Sanity checks:", ""]
     md += [f"- [{'x' if c['passed'] else ' '}] {c['check']}" for c in checks]
     md += ["", f"Settings: K = 20 (K-SONG, BSVRB; lambda step eta0 = {a.eta0}, tau1 = {a.tau1}), batch 256 users, "
            f"10 positives + 300 negatives, Adam lr {a.lr} (x0.25 at epoch {epochs // 2}), weight decay 1e-7; "
            f"warm-up {a.warmup_epochs} epochs of "
            f"listwise cross-entropy at lr {a.warmup_lr}, head re-initialised; other hyper-parameters are the "
-           "defaults of `mbbo.ranking.trainer.TrainerConfig` (ndcg.md). Seconds per epoch are training only "
-           "(no evaluation) as measured during the runs, which shared the 2 cores with other runs (two to seven "
-           "processes at a time in the committed results), so they are contended; the one-at-a-time measurement "
-           "below is the clean figure.", ""]
+           "defaults of the methods' configs in `mbbo.ranking.configs` (ndcg.md). Seconds per epoch are training only "
+           "(no evaluation) as measured during the runs, which shared the cores with other processes, so they are "
+           "contended (the load average is in the metrics file); the one-at-a-time measurement below is the "
+           "cleaner figure.", ""]
+    shown = [m for m in VARIANTS if m in by_method]
+    if shown:
+        md += ["K-SONG rows: \"K-SONG (mbbo's variant)\" is `ksong` with its defaults (first-sample initialisation of "
+               "u, lambda, v and s; moving-average lambda step; psi' with the factor alpha; psi = 2 sigmoid(2 t)); "
+               "the other K-SONG rows change it as follows: " + "; ".join(
+                   f"{DISPLAY[m]}: " + ", ".join(f"{k} = {v}" for k, v in VARIANTS[m][1].items()) for m in shown)
+               + ".", ""]
     if args["overrides"]:
         md += ["Per-method settings (`--set`, chosen on dev): " + "; ".join(
             f"{DISPLAY[m]}: " + ", ".join(f"{k} = {v}" for k, v in kv.items())
@@ -489,6 +566,7 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
         "warm_start": warm,
         "measured": measured,
         "checks": checks,
+        "missing_runs": [list(x) for x in missing or []],
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results],
         "curves": curves,  # per method and seed: columns over the evaluations (every epoch, from epoch 0)
     })
@@ -496,6 +574,11 @@ def report(a: argparse.Namespace, args: dict[str, Any], split: Any, pop: dict[st
     _log(f"wrote {out}/{tag}_table.csv, .md, _metrics.json, _curves.png")
     for c in checks:
         _log(("PASS " if c["passed"] else "FAIL ") + c["check"])
+
+
+def _label_of(display: str) -> str:
+    """The row label of a displayed method name (``"SONG"`` -> ``"song"``), or the name itself."""
+    return next((k for k, v in DISPLAY.items() if v == display), display)
 
 
 def _columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -522,8 +605,8 @@ def _plot(path: Path, by_method: dict[str, list[dict[str, Any]]], methods: list[
         x = curves[0][:n, 0]
         ys = np.stack([c[:n, 1] for c in curves])
         mean, std = ys.mean(0), ys.std(0)
-        style = "-" if m in ("song", "ksong", "bsvrb_ndcg") else "--"
-        (line,) = ax.plot(x, mean, style, label=DISPLAY[m], linewidth=2 if style == "-" else 1.2)
+        style = "-" if m in ("song", "ksong", "bsvrb_ndcg") else ":" if m in VARIANTS else "--"
+        (line,) = ax.plot(x, mean, style, label=DISPLAY[m], linewidth=2 if style != "--" else 1.2)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.axhline(pop_dev5, color="grey", linestyle=":", label="popularity")
     ax.set_xlabel("epoch")

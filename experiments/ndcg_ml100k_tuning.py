@@ -1,6 +1,6 @@
 """Dev-set tuning of SONG, K-SONG and BSVRB on MovieLens-100K (the settings of ``experiments/ndcg_ml100k.py``).
 
-Each candidate is a method with ``TrainerConfig`` overrides (``METHOD.FIELD=VALUE``, as ``--set`` of the main
+Each candidate is a method with config overrides (``METHOD.FIELD=VALUE``, as ``--set`` of the main
 script), trained for ``--epochs`` epochs on each of ``--seeds`` with the main script's ``run_job`` (same warm-up,
 learning-rate decay halfway, dev NDCG@5 every epoch). Candidates are ranked by their best dev NDCG@5 (mean over
 seeds); the test NDCG@10 at that epoch is recorded but never used for the choice.
@@ -40,7 +40,7 @@ def parse_candidate(text: str) -> tuple[str, dict[str, Any]]:
     a bare method name has no overrides. Raises ValueError naming the bad part."""
     method, dot, rest = text.partition(".")
     if not dot:
-        from mbbo.ranking.trainer import METHODS
+        from mbbo.ranking.configs import METHODS
 
         if method not in METHODS:
             raise ValueError(f"--candidate {method!r}: method must be one of {METHODS}")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
           "Ranked by best dev NDCG@5 (mean over seeds; the choice uses dev only). Test NDCG@10 at the best dev "
           f"epoch is shown for information. Common settings: lr {a.lr}, eta0 {a.eta0}, tau1 {a.tau1}, warm-up "
           f"{a.warmup_epochs} epochs at {a.warmup_lr}, K = 20 for the top-K methods; the rest are the "
-          "`TrainerConfig` defaults.", "",
+          "defaults of `mbbo.ranking.configs`.", "",
           "| candidate | dev NDCG@5 | test NDCG@10 | best epoch |", "|---|---|---|---|"]
     md += [f"| {r['candidate']} | {_cell(r, 'dev_ndcg@5')} | {_cell(r, 'test_ndcg@10')} | {r['best_epoch_mean']:.1f} |"
            for r in rows]

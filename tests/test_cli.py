@@ -14,7 +14,8 @@ from mbbo import cli
 from mbbo.algorithms.bsvrb import BSVRBv1Config, BSVRBv2Config
 from mbbo.cli import Experiment, RunOptions, build_parser, main, resolve_experiment
 from mbbo.tasks import registry
-from mbbo.tasks.registry import QuadraticSettings, TaskSpec
+from mbbo.tasks.quadratic import QuadraticSettings, build_quadratic
+from mbbo.tasks.registry import TaskSpec
 
 QUAD = ["run", "--task", "quadratic", "--no-progress", "--set", "num_blocks=4", "block_batch=2"]
 HYPER_KEYS = {"iteration", "epoch", "time", "compile_time", "oracle_calls", "val_loss", "test_loss", "test_accuracy"}
@@ -219,7 +220,7 @@ def test_ambiguous_key_and_misfitting_algorithm(monkeypatch: pytest.MonkeyPatch,
     class WithLr(QuadraticSettings):
         lr: float = 1.0
 
-    spec = TaskSpec(name="toy", description="toy", settings_cls=WithLr, builder=registry._build_quadratic,
+    spec = TaskSpec(name="toy", description="toy", settings_cls=WithLr, builder=build_quadratic,
                     algorithms=("bsvrb_v2",), algorithms_reason="it needs Hessian-vector products")
     monkeypatch.setitem(registry.TASKS, "toy", spec)
     base = ["run", "--task", "toy", "--iterations", "1", "--no-progress", "--out", str(tmp_path / "toy")]

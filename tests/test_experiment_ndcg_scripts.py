@@ -36,7 +36,8 @@ def test_parse_overrides_types_and_grouping(scripts):
 @pytest.mark.parametrize(
     ("item", "message"),
     [("ksong.psi_alpha", "METHOD.FIELD=VALUE"), ("psi_alpha=1", "METHOD.FIELD=VALUE"),
-     ("kson.eta0=1", "method 'kson'"), ("ksong.foo=1", "field 'foo'"), ("ksong.seed=3", "field 'seed'")],
+     ("kson.eta0=1", "method 'kson'"), ("ksong.foo=1", "field 'foo'"), ("ksong.seed=3", "field 'seed'"),
+     ("song.eta0=1", "field 'eta0' of 'song'"), ("ksong_reference.gamma_m=0.1", "field 'gamma_m' of 'ksong'")],
 )
 def test_parse_overrides_errors_name_the_item(scripts, item, message):
     main, _ = scripts
@@ -50,6 +51,31 @@ def test_hparams_apply_overrides_to_their_method_only(scripts):
     assert main._hparams(args, "ksong") == {"lr": 5e-3, "eta0": 0.5, "tau1": 0.1, "psi_alpha": 1.0}
     assert main._hparams(args, "song") == {"lr": 5e-3, "eta0": 1.0, "tau1": 0.1}
     assert main._hparams({"lr": 1e-3, "eta0": 1.0, "tau1": 0.1}, "song")["lr"] == 1e-3  # no overrides key
+    # what reaches the trainer: only the fields the method has
+    assert main._method_hparams(args, "song") == {"lr": 5e-3}
+    assert main._method_hparams(args, "ksong") == main._hparams(args, "ksong")
+
+
+def test_ksong_variants_are_rows_of_ksong_with_fixed_settings(scripts):
+    """The reference form and the one-factor ablation: each row is K-SONG with its fixed settings (part of the
+    run's key), and a row's --set override applies to that row only."""
+    main, _ = scripts
+    args = {"lr": 5e-3, "eta0": 1.0, "tau1": 0.1, "overrides": main.parse_overrides(["ksong_reference.gamma1=0.5"])}
+    assert main.base_method("ksong_reference") == "ksong" and main.base_method("song") == "song"
+    assert main._hparams(args, "ksong_reference") == {"lr": 5e-3, "eta0": 1.0, "tau1": 0.1, "init": "zero",
+                                                      "lambda_step": "plain", "psi_derivative": "reference",
+                                                      "gamma1": 0.5}
+    assert main._hparams(args, "ksong_zero_init")["init"] == "zero"
+    assert "gamma1" not in main._hparams(args, "ksong_zero_init")
+    reference = main.VARIANTS["ksong_reference"][1]
+    ablation = [main.VARIANTS[m][1] for m in main.VARIANTS if m != "ksong_reference"]
+    assert all(len(a) == 1 for a in ablation)  # one factor each
+    assert {k: v for a in ablation for k, v in a.items()} == reference  # together: the reference form
+    from mbbo.ranking.configs import method_config
+
+    for label, (method, fixed) in main.VARIANTS.items():  # every variant is a valid config
+        assert method_config(method, **fixed).init == fixed.get("init", "first_sample"), label
+    assert set(main.VARIANTS) <= set(main.TABLE_ORDER) and set(main.VARIANTS) <= set(main.METHOD_ORDER)
 
 
 def test_choose_epochs_even_and_capped(scripts):
@@ -109,8 +135,8 @@ def test_scripts_end_to_end_on_ml100k(scripts, tmp_path: Path):
     main, tuning = scripts
     common = ["--data", str(ML100K), "--seeds", "0", "--warmup-epochs", "1", "--workers", "1"]
     work, out = tmp_path / "work", tmp_path / "out"
-    assert main.main([*common, "--methods", "song", "ksong", "--epochs", "2", "--work-dir", str(work),
-                      "--out", str(out), "--tag", "t", "--set", "ksong.psi_alpha=1.5"]) == 0
+    assert main.main([*common, "--methods", "song", "ksong", "ksong_reference", "--epochs", "2", "--work-dir",
+                      str(work), "--out", str(out), "--tag", "t", "--set", "ksong.psi_alpha=1.5"]) == 0
     for suffix in ("_table.csv", "_table.md", "_metrics.json", "_curves.png"):
         assert (out / f"t{suffix}").is_file()
     table = (out / "t_table.md").read_text()
@@ -118,6 +144,17 @@ def test_scripts_end_to_end_on_ml100k(scripts, tmp_path: Path):
     ksong = json.loads((work / "ksong_seed0" / "result.json").read_text())
     assert ksong["key"]["psi_alpha"] == 1.5 and ksong["epochs"] == 2 and len(ksong["curve"]) == 3
     assert "psi_alpha" not in json.loads((work / "song_seed0" / "result.json").read_text())["key"]
+    reference = json.loads((work / "ksong_reference_seed0" / "result.json").read_text())
+    assert reference["key"]["lambda_step"] == "plain" and "psi_alpha" not in reference["key"]
+    assert reference["test"] != ksong["test"]
+    assert "K-SONG, reference form" in table and "lambda_step = plain" in table
+    # --reuse-only: no training; the finished runs are reported and the missing ones listed
+    assert main.main([*common, "--methods", "song", "ksong_reference", "listnet", "--epochs", "2", "--work-dir",
+                      str(work), "--out", str(out), "--tag", "r", "--reuse-only"]) == 0
+    assert not (work / "listnet_seed0").exists()
+    reused = (out / "r_table.md").read_text()
+    assert "| SONG | 0 |" in reused and "Not run (`--reuse-only`): ListNet seed 0." in reused
+    assert json.loads((out / "r_metrics.json").read_text())["missing_runs"] == [["listnet", 0]]
 
     assert tuning.main([*common, "--epochs", "2", "--candidate", "song.gamma0=0.5", "--work-dir",
                         str(tmp_path / "tune"), "--warmup-cache", str(work / "warmup_cache"), "--out", str(out),
@@ -130,13 +167,17 @@ def test_scripts_end_to_end_on_ml100k(scripts, tmp_path: Path):
 
 def test_task_defaults_are_the_committed_experiments_settings():
     """`mbbo run --task ndcg` with no --set runs what the results page reports (not the papers' ML-20M values)."""
-    from mbbo.ranking.trainer import TrainerConfig
+    from mbbo.ranking.configs import METHOD_CONFIGS, TOPK_METHODS
     from mbbo.tasks.ndcg import NDCGSettings
 
     committed = json.loads((EXPERIMENTS / "results" / "ndcg_ml100k_metrics.json").read_text())["settings"]
-    trainer, settings = TrainerConfig(), NDCGSettings()
-    for name in ("lr", "eta0", "tau1", "lr_decay", "epochs", "batch_size", "num_pos", "num_neg"):
-        assert getattr(trainer, name) == committed[name], name
-    assert trainer.decay_epochs() == (committed["lr_decay_epoch"],)
-    assert TrainerConfig(method="ksong").resolved_topk() == committed["topk"]
+    settings = NDCGSettings()
+    for method, cls in METHOD_CONFIGS.items():
+        config = cls()
+        for name in ("lr", "lr_decay", "epochs", "batch_size", "num_pos", "num_neg"):
+            assert getattr(config, name) == committed[name], (method, name)
+        assert config.decay_epochs() == (committed["lr_decay_epoch"],)
+    for method in TOPK_METHODS:
+        config = METHOD_CONFIGS[method]()
+        assert (config.eta0, config.tau1, config.topk) == (committed["eta0"], committed["tau1"], committed["topk"])
     assert (settings.warmup_epochs, settings.warmup_lr) == (committed["warmup_epochs"], committed["warmup_lr"])

@@ -257,6 +257,48 @@ def test_ksong_lambda_really_moves_and_follows_its_tracker():
     torch.testing.assert_close(obj.tables["s"], 0.5 * h1.clamp_min(TAU2) + 0.5 * h2)
 
 
+def test_psi_grad_reference_form_omits_alpha():
+    """The reference code's psi' is the exact one divided by alpha (a defect kept for comparison)."""
+    t = torch.tensor([0.0, 0.5], dtype=DT)
+    s = torch.sigmoid(3.0 * t)
+    torch.testing.assert_close(psi_grad(t, 2.0, 3.0), 2.0 * 3.0 * s * (1 - s))
+    torch.testing.assert_close(psi_grad(t, 2.0, 3.0, "reference"), 2.0 * s * (1 - s))
+    assert psi_grad(t, 2.0, 3.0, "reference")[0].item() == pytest.approx(0.5)  # 2 * 1/2 * 1/2
+    with pytest.raises(ValueError, match="psi_derivative must be one of .*, got 'x'"):
+        psi_grad(t, form="x")  # type: ignore[arg-type]
+
+
+def test_ksong_plain_lambda_step_uses_the_current_gradient():
+    batch = _batch()
+    obj = KSONGObjective(B * P, B, N, _z(), topk=K, gamma1=0.5, eta0=0.1, tau1=TAU1, tau2=TAU2, init="zero",
+                         lambda_step="plain", dtype=DT)
+    w = list_weights(batch, N).to(DT)
+    s1, s2 = _scores(11), _scores(12)
+    obj(s1, batch)
+    lam1 = -0.1 * lambda_grad(s1, torch.zeros(B, dtype=DT), w, K, N, TAU1, TAU2)  # no moving average
+    torch.testing.assert_close(obj.tables["lam"], lam1)
+    obj(s2, batch)
+    torch.testing.assert_close(obj.tables["lam"], lam1 - 0.1 * lambda_grad(s2, lam1, w, K, N, TAU1, TAU2))
+    assert torch.equal(obj.tables["v"], torch.zeros(B, dtype=DT))  # unused
+    h1 = 0.5 * lambda_hessian(s1, torch.zeros(B, dtype=DT), w, TAU1, TAU2)  # s keeps its moving average
+    h2 = lambda_hessian(s2, lam1, w, TAU1, TAU2)
+    torch.testing.assert_close(obj.tables["s"], 0.5 * h1.clamp_min(TAU2) + 0.5 * h2)
+
+
+def test_ksong_reference_psi_derivative_scales_only_the_second_term():
+    """theo gradient = psi-weighted SONG term + psi' term; the reference form divides the second by alpha."""
+    batch = _batch()
+    kw = dict(topk=K, gamma0=1.0, gamma1=1.0, eta0=0.0, tau1=TAU1, tau2=TAU2, psi_alpha=3.0, dtype=DT)
+    grads = {}
+    for name, extra in (("exact", {}), ("reference", {"psi_derivative": "reference"}),
+                        ("prac", {"version": "prac"})):
+        h = _scores(5).requires_grad_()
+        (grads[name],) = torch.autograd.grad(KSONGObjective(B * P, B, N, _z(), **kw, **extra)(h, batch), h)
+    second = grads["exact"] - grads["prac"]
+    torch.testing.assert_close(grads["reference"], grads["prac"] + second / 3.0)
+    assert second.abs().max() > 1e-3
+
+
 def test_bsvrb_msvr_updates_follow_the_definition():
     batch = _batch()
     w = list_weights(batch, N).to(DT)
@@ -309,6 +351,8 @@ def test_state_dict_roundtrip_and_validation():
         (KSONGObjective, {"tau1": 0.0}, "tau1"),
         (KSONGObjective, {"version": "x"}, "version"),
         (KSONGObjective, {"topk_eps": 1.0}, "topk_eps"),
+        (KSONGObjective, {"lambda_step": "sgd"}, "lambda_step='sgd'"),
+        (KSONGObjective, {"psi_derivative": "libauc"}, "psi_derivative='libauc'"),
         (BSVRBNDCGObjective, {"gamma_v": 1.5}, "gamma_v=1.5"),
         (BSVRBNDCGObjective, {"beta_s": -0.1}, "beta_s"),
         (BSVRBNDCGObjective, {"eta1": 0.0}, "eta1"),

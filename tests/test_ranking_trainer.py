@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -8,10 +9,11 @@ import torch
 
 from mbbo.checkpoint import load_checkpoint, save_checkpoint
 from mbbo.data.movielens import Ratings, split_leave_last
+from mbbo.ranking.configs import METHOD_CONFIGS, KSONGConfig, RankNetConfig, SONGConfig, method_config
 from mbbo.ranking.metrics import evaluate_split
 from mbbo.ranking.neumf import NeuMF
 from mbbo.ranking.objectives import BSVRBNDCGObjective, KSONGObjective, SONGObjective
-from mbbo.ranking.trainer import METHODS, RankingTrainer, TrainerConfig
+from mbbo.ranking.trainer import METHODS, RankingTrainer
 from mbbo.runner import RunConfig, run
 
 SMALL = dict(batch_size=8, num_pos=4, num_neg=12, epochs=6)
@@ -45,8 +47,8 @@ def _model(split, seed=0):
 
 
 def _trainer(split, method, seed=0, **kw):
-    cfg = {**SMALL, "topk": 3 if method in ("ksong", "bsvrb_ndcg") else None, **kw}
-    return RankingTrainer(_model(split, seed), split, TrainerConfig(method=method, seed=seed, **cfg))
+    cfg = {**SMALL, **({"topk": 3} if method in ("ksong", "bsvrb_ndcg") else {}), **kw}
+    return RankingTrainer(_model(split, seed), split, method_config(method, seed=seed, **cfg))
 
 
 def _same_state(a, b):
@@ -86,7 +88,7 @@ def test_objectives_and_state_tables(split):
         for size in tr.objective.table_sizes().values():
             assert size in (n_pairs, n_users, 0)
     assert _trainer(split, "song").topk == -1
-    assert RankingTrainer(_model(split), split, method="ksong").topk == 20
+    assert RankingTrainer(_model(split), split, KSONGConfig()).topk == 20
     assert _trainer(split, "listnet").objective is None
 
 
@@ -131,6 +133,7 @@ def test_epochs_visit_every_user_once(split):
     [
         ({"method": "adam"}, "method='adam'"),
         ({"lr": 0.0}, "lr=0.0"),
+        ({"method": "ranknet", "lr": 0.0}, "lr=0.0"),
         ({"lr": float("nan")}, "lr=nan"),
         ({"batch_size": 0}, "batch_size=0"),
         ({"num_neg": 0}, "num_neg=0"),
@@ -139,10 +142,15 @@ def test_epochs_visit_every_user_once(split):
         ({"method": "ksong", "topk": 0}, "topk=0"),
         ({"method": "ksong", "topk": -1}, "topk=-1"),
         ({"gamma0": 2.0}, "gamma0=2.0"),
-        ({"tau1": -1.0}, "tau1=-1.0"),
-        ({"gamma_m": -0.1}, "gamma_m=-0.1"),
-        ({"topk_version": "both"}, "topk_version"),
+        ({"method": "ksong", "tau1": -1.0}, "tau1=-1.0"),
+        ({"method": "ksong", "lambda_step": "sgd"}, "lambda_step='sgd'"),
+        ({"method": "ksong", "psi_derivative": "x"}, "psi_derivative='x'"),
+        ({"method": "bsvrb_ndcg", "gamma_m": -0.1}, "gamma_m=-0.1"),
+        ({"method": "bsvrb_ndcg", "topk_version": "both"}, "topk_version"),
+        ({"method": "song", "topk": 0}, "topk=0"),
         ({"method": "song", "baseline": {"sigma": 2.0}}, "baseline"),
+        ({"method": "song", "eta0": 1.0}, "eta0"),
+        ({"method": "ranknet", "baseline": {"nope": 1.0}}, "nope"),
         ({"betas": (0.9, 1.0)}, "betas"),
     ],
 )
@@ -150,14 +158,41 @@ def test_validation_names_the_parameter(split, kw, pattern):
     name, _, value = pattern.partition("=")  # "name=value": the message names both (mbbo.validation's style)
     regex = re.escape(name) + (rf" must be .*, got {re.escape(value)}" if value else "")
     with pytest.raises(ValueError, match=regex):
-        RankingTrainer(_model(split), split, TrainerConfig(**kw))
+        method_config(**{"method": "song", **kw})
 
 
 def test_baseline_hyper_parameters_are_validated_by_the_baselines(split):
     with pytest.raises(ValueError, match="sigma"):
-        RankingTrainer(_model(split), split, TrainerConfig(method="ranknet", baseline={"sigma": -1.0}))
+        RankingTrainer(_model(split), split, RankNetConfig(baseline={"sigma": -1.0}))
     with pytest.raises(ValueError, match="topk"):
-        RankingTrainer(_model(split), split, TrainerConfig(method="ksong", topk=split.n_items))
+        RankingTrainer(_model(split), split, KSONGConfig(topk=split.n_items))
+    with pytest.raises(ValueError, match=r"psi_alpha must be .*, got 0\.0"):  # the trainer validates its config
+        RankingTrainer(_model(split), split, KSONGConfig(), psi_alpha=0.0)
+
+
+def test_one_config_per_method_with_the_objectives_defaults(split):
+    """Each method has its own dataclass; the objective's hyper-parameters default to the objective's own
+    defaults (declared once), except the experiment's lr, eta0 and tau1."""
+    import inspect
+
+    from mbbo.ranking.objectives import BSVRBNDCGObjective, KSONGObjective, SONGObjective
+
+    assert set(METHOD_CONFIGS) == set(METHODS) and len(set(METHOD_CONFIGS.values())) == len(METHODS)
+    for method, cls in METHOD_CONFIGS.items():
+        assert cls.method == method
+    for cls, objective in ((SONGConfig, SONGObjective), (KSONGConfig, KSONGObjective),
+                           (METHOD_CONFIGS["bsvrb_ndcg"], BSVRBNDCGObjective)):
+        params = inspect.signature(objective).parameters
+        kwargs = cls().objective_kwargs()
+        assert kwargs, cls
+        for name, value in kwargs.items():
+            expected = {"eta0": 1.0, "tau1": 0.1}.get(name, params[name].default)
+            assert value == expected, (cls.__name__, name)
+    assert "eta0" not in {f.name for f in dataclasses.fields(SONGConfig)}
+    assert "baseline" in {f.name for f in dataclasses.fields(RankNetConfig)}
+    assert KSONGConfig().objective_kwargs()["version"] == "theo"  # topk_version -> the objective's `version`
+    with pytest.raises(ValueError, match="KSONGConfig"):
+        RankingTrainer(_model(split), split, object())  # type: ignore[arg-type]
 
 
 def test_load_state_dict_rejects_other_methods(split):

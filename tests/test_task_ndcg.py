@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -64,7 +66,7 @@ def test_settings_and_build_validation(settings):
         build("song", {"warmup_lr": 0.0})
     with pytest.raises(ValueError, match="unknown NDCG setting"):
         build("song", {"bogus": 1})
-    with pytest.raises(ValueError, match="unknown trainer hyper-parameter"):
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['bogus'\] for method 'song'"):
         build("song", settings, bogus=1)
     with pytest.raises(ValueError, match="ks="):
         NDCGSettings(ks=(0,)).validate()
@@ -105,8 +107,6 @@ def test_ratings_without_dev_or_test_interactions_are_an_error(tmp_path):
 
 
 def test_a_corrupt_warm_up_cache_is_recomputed(settings, tmp_path):
-    import dataclasses
-
     local = dataclasses.replace(settings, warmup_cache=str(tmp_path))
     state, _ = ndcg.warm_start(load_split(local), local)
     (cached,) = tmp_path.glob("warmup_*.pt")
@@ -116,3 +116,22 @@ def test_a_corrupt_warm_up_cache_is_recomputed(settings, tmp_path):
     for key in state:
         assert torch.equal(state[key], again[key])
     ndcg.load_checkpoint(cached)  # rewritten, readable again
+
+
+def test_cli_methods_take_only_their_own_settings(tmp_path, capsys) -> None:
+    """One config per method: `--set` names another method's field -> exit 2 naming the method's fields (before
+    any data is loaded); the K-SONG variant options reach ksong; `mbbo list` shows each method's settings."""
+    from mbbo.cli import main
+    from mbbo.tasks.registry import get_task
+
+    args = ["run", "--task", "ndcg", "--iterations", "1", "--no-progress", "--data-dir", str(tmp_path / "none")]
+    assert main([*args, "--algorithm", "song", "--set", "eta0=1.0", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "eta0" in err and "gamma0" in err and "Hyper-parameters of song" in err
+    assert main([*args, "--algorithm", "ksong", "--set", "lambda_step=sgd", "--out", str(tmp_path / "b")]) == 2
+    assert "lambda_step must be one of 'moving_average', 'plain', got 'sgd'" in capsys.readouterr().err
+    methods = get_task("ndcg").methods
+    assert methods is not None and "psi_derivative" in {f.name for f in dataclasses.fields(methods["ksong"])}
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "hyper-parameters of ksong" in out and "lambda_step='moving_average'" in out

@@ -15,11 +15,10 @@ from mbbo.algorithms.registry import algorithm_names, make_algorithm
 from mbbo.config import coerce_fields, coerce_value, field_types
 from mbbo.tasks import registry
 from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
+from mbbo.tasks.quadratic import QuadraticEvaluator, QuadraticSettings, build_quadratic
 from mbbo.tasks.registry import (
     BuiltTask,
     IncompatibleAlgorithmError,
-    QuadraticEvaluator,
-    QuadraticSettings,
     TaskAdapter,
     TaskSpec,
     algorithm_class,
@@ -41,7 +40,7 @@ def isolated_tasks(monkeypatch: pytest.MonkeyPatch) -> dict[str, TaskSpec]:
 def _toy_spec(**kwargs: object) -> TaskSpec:
     """A quadratic-based spec with extra options."""
     return TaskSpec(name="toy", description="toy", settings_cls=QuadraticSettings,
-                    builder=registry._build_quadratic, **kwargs)
+                    builder=build_quadratic, **kwargs)
 
 
 # --- names ---------------------------------------------------------------------------------------------
@@ -303,3 +302,38 @@ def test_list_does_not_claim_finite_sum_algorithms_fit_the_noise_quadratic(capsy
     also = section[section.index("with num_blocks=1 also"):section.index("with num_blocks=1 and")]
     assert "saba" not in section and "srba" not in also and "vrbo" not in also
     assert "refresh_batch_size, period set (no finite sum here): srba, vrbo" in section
+
+
+def test_registry_imports_alone_and_defines_no_task() -> None:
+    """`import mbbo.tasks.registry` alone gives every task, and each task is defined in its own module."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mbbo
+
+    src = str(Path(mbbo.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    code = "import mbbo.tasks.registry as r; print(','.join(r.task_names()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().split(",") == task_names()
+    assert {"hyperparam", "quadratic", "ndcg"} <= set(task_names())
+    for name, spec in registry.TASKS.items():
+        assert spec.settings_cls.__module__ != registry.__name__, name
+        assert spec.builder.__module__ != registry.__name__, name
+    own = {k for k, v in vars(registry).items() if inspect.isclass(v) and v.__module__ == registry.__name__}
+    assert own == {"BuiltTask", "IncompatibleAlgorithmError", "TaskAdapter", "TaskSpec"}
+    import ast
+
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(registry))):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert not [m for m in imported if m.startswith("mbbo.tasks")]  # no cycle: the task modules import it
+    assert get_task("quadratic").settings_cls is QuadraticSettings
+    assert get_task("hyperparam").settings_cls is HyperparamSettings

@@ -616,6 +616,9 @@ def _list_tasks() -> list[str]:
         lines.append(_wrap("metrics", list(spec.metrics)))
         fitting = spec.compatible_algorithms()
         lines.append(_wrap("algorithms that fit (default settings)", _without_restarts(fitting)))
+        for method, config in (spec.methods or {}).items():  # the task's own methods take only their settings
+            lines.append(_wrap(f"hyper-parameters of {method}",
+                               [f"{k}={v!r}" for k, v in dataclasses.asdict(config()).items()]))
         if "num_blocks" in spec.setting_names() and spec.defaults()["num_blocks"] != 1:
             single = spec.compatible_algorithms(spec.make_settings({"num_blocks": 1}))
             extra = [name for name in _without_restarts(single) if name not in fitting]

@@ -31,13 +31,18 @@ gradient of
     d2L/dlam2 = tau2 + (1/N) sum_x sigma'((h_x - lam)/tau1) / tau1,                 (a positive scalar)
     grad_w lambda_q = [(1/N) sum_x sigma'((h_x - lam)/tau1)/tau1 grad h_x] / d2L/dlam2,
 
-with ``psi(t) = c sigma(alpha t)`` and its derivative ``psi'(t) = c alpha sigma(alpha t)(1 - sigma(alpha t))`` (the
-reference code and LibAUC omit the factor ``alpha``). As ``tau1, tau2 -> 0`` the minimiser is the
-``(K+1)``-th largest score when ``0 < eps < 1`` (with the reference's ``eps = 0`` a point between the ``(K+1)``-th
-and the ``K``-th, the minimisers of the unsmoothed problem): ``psi(h_i - lambda_q)`` is a smooth indicator of ``i``
-being in the top K. The per-user state is ``lambda_q``, a moving average ``v_q`` of ``dL/dlam``
-(``lambda_q <- lambda_q - eta0 v_q``) and a moving average ``s_q`` of ``d2L/dlam2`` (scalar Hessian tracking: the
-inverse Hessian is a division). The hypergradient of pair ``(q,i)`` is
+with ``psi(t) = c sigma(alpha t)`` and its derivative ``psi'(t) = c alpha sigma(alpha t)(1 - sigma(alpha t))``. The
+reference code (NDCG-Optimization, LibAUC) omits the factor ``alpha`` in ``psi'``, a defect: its ``psi'`` is the
+exact one divided by ``alpha``. ``psi_derivative="reference"`` reproduces it, for comparisons only.
+As ``tau1, tau2 -> 0`` the minimiser is the ``(K+1)``-th largest score when ``0 < eps < 1`` (with the reference's
+``eps = 0`` a point between the ``(K+1)``-th and the ``K``-th, the minimisers of the unsmoothed problem):
+``psi(h_i - lambda_q)`` is a smooth indicator of ``i`` being in the top K.
+The per-user state is ``lambda_q``, a moving average ``v_q`` of ``dL/dlam`` (``lambda_q <- lambda_q - eta0 v_q``,
+``lambda_step="moving_average"``, the NDCG-Optimization code) and a moving average ``s_q`` of
+``d2L/dlam2`` (scalar Hessian tracking: the inverse Hessian is a division).
+``lambda_step="plain"`` is LibAUC's plain SGD step ``lambda_q <- lambda_q - eta0 dL/dlam`` on the current sample
+(``v_q`` is then unused and stays at 0).
+The hypergradient of pair ``(q,i)`` is
 
     psi f'(u) grad g + f(u) psi'(h_i - lambda_q) (grad h_i - grad lambda_q);
 
@@ -94,6 +99,8 @@ __all__ = [
 ListWeighting = Literal["uniform", "importance"]
 InitMode = Literal["first_sample", "zero"]
 TopKVersion = Literal["theo", "prac"]
+LambdaStep = Literal["moving_average", "plain"]
+PsiDerivative = Literal["exact", "reference"]
 
 _LN2 = math.log(2.0)
 
@@ -158,10 +165,16 @@ def psi(t: Tensor, scale: float = 2.0, alpha: float = 2.0) -> Tensor:
     return scale * torch.sigmoid(alpha * t)
 
 
-def psi_grad(t: Tensor, scale: float = 2.0, alpha: float = 2.0) -> Tensor:
-    """``psi'(t) = scale * alpha * sigmoid(alpha t) (1 - sigmoid(alpha t))`` (with the factor alpha)."""
+def psi_grad(t: Tensor, scale: float = 2.0, alpha: float = 2.0, form: PsiDerivative = "exact") -> Tensor:
+    """``psi'(t) = scale * alpha * sigmoid(alpha t) (1 - sigmoid(alpha t))`` (``form="exact"``).
+
+    ``form="reference"``: ``scale * sigmoid(alpha t) (1 - sigmoid(alpha t))``, the reference code's ``psi'``
+    without the factor ``alpha`` -- a defect of the reference (not the derivative of ``psi`` unless
+    ``alpha = 1``), kept only to compare with it.
+    """
+    check_choice("psi_derivative", form, ("exact", "reference"))
     s = torch.sigmoid(alpha * t)
-    return scale * alpha * s * (1.0 - s)
+    return scale * (alpha if form == "exact" else 1.0) * s * (1.0 - s)
 
 
 def lambda_grad(
@@ -410,6 +423,14 @@ class KSONGObjective(SONGObjective):
         version: ``"theo"`` (both hypergradient terms) or ``"prac"`` (``psi``-weighted SONG term only).
         topk_eps: the ``eps`` of ``(K + eps)/N`` (0 in the reference code; in (0, 1) the threshold tends to the
             (K+1)-th largest score).
+        lambda_step: ``"moving_average"`` (``lambda_q <- lambda_q - eta0 v_q``, the NDCG-Optimization code) or
+            ``"plain"`` (``lambda_q <- lambda_q - eta0 dL/dlam`` on the current sample, LibAUC).
+        psi_derivative: ``"exact"`` or ``"reference"`` (the reference code's ``psi'`` without the factor
+            ``psi_alpha``: a defect kept only for comparison, see :func:`psi_grad`).
+
+    mbbo's defaults (``init="first_sample"``, ``lambda_step="moving_average"``, ``psi_derivative="exact"``) are
+    *mbbo's K-SONG variant*; ``init="zero", lambda_step="plain", psi_derivative="reference"`` is the reference
+    form (LibAUC 2.0.1's update with the NDCG-Optimization code's ``psi = 2 sigmoid(2 t)``).
     """
 
     _user_tables = ("lam", "v", "s")
@@ -431,6 +452,8 @@ class KSONGObjective(SONGObjective):
         psi_alpha: float = 2.0,
         version: TopKVersion = "theo",
         topk_eps: float = 0.0,
+        lambda_step: LambdaStep = "moving_average",
+        psi_derivative: PsiDerivative = "exact",
         margin: float = 1.0,
         list_weighting: ListWeighting = "uniform",
         init: InitMode = "first_sample",
@@ -447,6 +470,8 @@ class KSONGObjective(SONGObjective):
         check_positive("psi_scale", psi_scale)
         check_positive("psi_alpha", psi_alpha)
         check_choice("version", version, ("theo", "prac"))
+        check_choice("lambda_step", lambda_step, ("moving_average", "plain"))
+        check_choice("psi_derivative", psi_derivative, ("exact", "reference"))
         if not (isinstance(topk_eps, int | float) and 0.0 <= topk_eps < 1.0):
             raise ValueError(f"topk_eps={topk_eps!r} must be in [0, 1)")
         super().__init__(
@@ -457,6 +482,7 @@ class KSONGObjective(SONGObjective):
         self.tau1, self.tau2 = float(tau1), float(tau2)
         self.psi_scale, self.psi_alpha = float(psi_scale), float(psi_alpha)
         self.version, self.topk_eps = version, float(topk_eps)
+        self.lambda_step, self.psi_derivative = lambda_step, psi_derivative
         self.user_tracker = EMA(self.gamma1)
 
     # --- the lower problem ------------------------------------------------------------------------------------
@@ -499,7 +525,7 @@ class KSONGObjective(SONGObjective):
         weight = psi(t, self.psi_scale, self.psi_alpha) * ndcg_f_grad(u, gains, self.n_items)
         term = weight.detach() * g_hat
         if self.version == "theo":
-            coef = psi_grad(t, self.psi_scale, self.psi_alpha) * ndcg_f(u, gains, self.n_items)
+            coef = psi_grad(t, self.psi_scale, self.psi_alpha, self.psi_derivative) * ndcg_f(u, gains, self.n_items)
             hw = w * _sigma_prime_over_tau(h, lam, self.tau1)  # (B, L)
             grad_lam_surrogate = (hw.detach() * scores).sum(dim=1) / s.detach()  # value-free: only its gradient
             term = term + coef.detach() * (scores[:, :p] - grad_lam_surrogate[:, None])
@@ -515,10 +541,11 @@ class KSONGObjective(SONGObjective):
         h = scores.detach()
         lam = self._current_lambda(h, w, users)
         # trackers of the lower gradient and Hessian at the current lambda; lambda steps after (LibAUC order)
-        v = self._track("v", users, self._grad_lam(h, lam, w), None, self.user_tracker)
+        grad = self._grad_lam(h, lam, w)
+        step = self._track("v", users, grad, None, self.user_tracker) if self.lambda_step == "moving_average" else grad
         s = self._track("s", users, self._hess_lam(h, lam, w), None, self.user_tracker).clamp_min(self.tau2)
         self.tables["s"].index_copy_(0, users, s)
-        self.tables["lam"].index_copy_(0, users, lam - self.eta0 * v)
+        self.tables["lam"].index_copy_(0, users, lam - self.eta0 * step)
         self.tables["user_seen"].index_fill_(0, users, True)
         return self._reduce(self._topk_terms(scores, g_hat, u, lam, s, w, batch), batch)
 

@@ -19,15 +19,9 @@ Methods (:data:`METHODS`):
 ``ranknet`` ...   the baseline losses of :mod:`mbbo.ranking.baselines` (``BASELINE_LOSSES``) on gains
 ================  ===========================================================================================
 
-Defaults (:class:`TrainerConfig`): the settings of the committed ML-100K experiment
-(``experiments/ndcg_ml100k.py``, ``docs/results_ndcg.md``), chosen on the dev split: Adam lr 5e-3, eta0 = 1 and
-tau1 = 0.1 for the top-K thresholds. The papers' values (``ndcg.md`` sections 1.3, 1.4), tuned for ML-20M with
-541 Adam steps per epoch against ML-100K's 4, leave K-SONG below the popularity ranker in a 30-epoch ML-100K run;
-they are one ``--set lr=4e-4 eta0=0.01 tau1=1e-3`` away. The rest follows the papers: L2 weight decay 1e-7 on
-non-bias parameters, batch 256 users, 10 positives + 300 negatives, lr x0.25 halfway through ``epochs``
-(epoch 60 of 120), K = 20 for the top-K methods (K/N ~ 1.2% on ML-100K, as K = 300 on ML-20M; ``ndcg.md``
-section 5), gamma0 0.1, gamma1 0.9, tau2 1e-4, psi = 2 sigmoid(2 t), 'theo', BSVRB eta1 0.2 (the ML-20M log),
-gamma_{v,z,s} 0.9, beta_{v,z,s} 0.005, gamma_m 0.01.
+Hyper-parameters: one dataclass per method (:mod:`mbbo.ranking.configs`, :data:`METHOD_CONFIGS`), with the shared
+training settings in :class:`~mbbo.ranking.configs.TrainingConfig`; the defaults are the settings of the committed
+ML-100K experiment (``experiments/ndcg_ml100k.py``, ``docs/results_ndcg.md``), their sources in that module.
 
 Determinism: every random draw (epoch order, positives, negatives, dropout masks) comes from the trainer's
 ``torch.Generator`` (dropout through a forked global stream seeded from it), and :meth:`state_dict` holds the
@@ -40,143 +34,29 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mbbo.data.movielens import RankingSplit
-from mbbo.ranking.metrics import ideal_dcg
-from mbbo.ranking.objectives import (
-    BSVRBNDCGObjective,
-    KSONGObjective,
-    SONGObjective,
+from mbbo.ranking.configs import (
+    BASELINE_METHODS,
+    METHOD_CONFIGS,
+    METHODS,
+    TOPK_METHODS,
+    BaselineConfig,
+    BSVRBConfig,
+    ObjectiveConfig,
+    TrainingConfig,
+    method_config,
 )
+from mbbo.ranking.metrics import ideal_dcg
+from mbbo.ranking.objectives import BSVRBNDCGObjective, SONGObjective
 from mbbo.ranking.sampler import ListBatch, ListwiseSampler
 from mbbo.steps import Adam, AdamState
-from mbbo.validation import check_choice, check_int, check_nonnegative, check_positive, check_unit
 
-__all__ = ["BASELINE_METHODS", "METHODS", "TOPK_METHODS", "RankingTrainer", "TrainerConfig"]
-
-BASELINE_METHODS = ("ranknet", "listnet", "listmle", "lambdarank", "approxndcg", "neuralndcg")
-TOPK_METHODS = ("ksong", "bsvrb_ndcg")
-METHODS = ("song", *TOPK_METHODS, *BASELINE_METHODS)
-
-
-@dataclass
-class TrainerConfig:
-    """Hyper-parameters of :class:`RankingTrainer` (defaults and sources in the module docstring).
-
-    Attributes:
-        method: one of :data:`METHODS`.
-        lr, weight_decay, betas, adam_eps: Adam (weight decay is coupled L2 on non-bias parameters only).
-        batch_size, num_pos, num_neg, few_positives: the list sampler.
-        epochs: planned length of the run (sets "halfway" for the learning-rate decay).
-        lr_decay: factor applied at each epoch of ``lr_decay_epochs`` (0-based epoch index at which the decayed
-            rate starts); ``lr_decay_epochs=None`` means ``(epochs // 2,)``, ``()`` disables the decay.
-        topk: K; ``None`` picks 20 for ``ksong``/``bsvrb_ndcg`` and -1 (full list) for ``song``. For ``song`` a
-            K >= 1 only truncates the normaliser (``Z_q^K``); for ``bsvrb_ndcg`` -1 is the full-list objective.
-        gamma0: SONG/K-SONG moving-average weight of ``u``.
-        gamma1, eta0, tau1, tau2, psi_scale, psi_alpha, topk_version, topk_eps: the top-K lower problem.
-        margin, list_weighting, init: see :mod:`mbbo.ranking.objectives`.
-        eta1, gamma_v, beta_v, gamma_z, beta_z, gamma_s, beta_s, gamma_m: BSVRB.
-        baseline: keyword hyper-parameters of the baseline loss (``mbbo.ranking.baselines.BASELINE_PARAMS``).
-        seed: seed of the trainer's generator.
-    """
-
-    method: str = "song"
-    lr: float = 5e-3  # papers: 4e-4 (ML-20M)
-    weight_decay: float = 1e-7
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    batch_size: int = 256
-    num_pos: int = 10
-    num_neg: int = 300
-    few_positives: str = "replace"
-    epochs: int = 120
-    lr_decay: float = 0.25
-    lr_decay_epochs: tuple[int, ...] | None = None
-    topk: int | None = None
-    gamma0: float = 0.1
-    gamma1: float = 0.9
-    eta0: float = 1.0  # papers: 0.01
-    tau1: float = 0.1  # papers: 1e-3
-    tau2: float = 1e-4
-    psi_scale: float = 2.0
-    psi_alpha: float = 2.0
-    topk_version: str = "theo"
-    topk_eps: float = 0.0
-    margin: float = 1.0
-    list_weighting: str = "uniform"
-    init: str = "first_sample"
-    eta1: float = 0.2
-    gamma_v: float = 0.9
-    beta_v: float = 0.005
-    gamma_z: float = 0.9
-    beta_z: float = 0.005
-    gamma_s: float = 0.9
-    beta_s: float = 0.005
-    gamma_m: float = 0.01
-    baseline: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-
-    def resolved_topk(self) -> int:
-        """K after the method-dependent default."""
-        if self.topk is not None:
-            return self.topk
-        return 20 if self.method in TOPK_METHODS else -1
-
-    def decay_epochs(self) -> tuple[int, ...]:
-        """0-based epochs at which the learning rate is multiplied by ``lr_decay``."""
-        return (self.epochs // 2,) if self.lr_decay_epochs is None else tuple(self.lr_decay_epochs)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad hyper-parameter, its value and the allowed range."""
-        check_choice("method", self.method, METHODS)
-        check_positive("lr", self.lr)
-        check_nonnegative("weight_decay", self.weight_decay)
-        if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
-        check_nonnegative("adam_eps", self.adam_eps)
-        check_int("batch_size", self.batch_size, 1)
-        check_int("num_pos", self.num_pos, 1)
-        check_int("num_neg", self.num_neg, 1)
-        check_choice("few_positives", self.few_positives, ("replace", "mask"))
-        check_int("epochs", self.epochs, 1)
-        check_unit("lr_decay", self.lr_decay)
-        for e in self.decay_epochs():
-            check_int("lr_decay_epochs", e, 0)
-        k = self.resolved_topk()
-        if self.method in TOPK_METHODS or k != -1:
-            allow_full = self.method in ("song", "bsvrb_ndcg")
-            if not (allow_full and k == -1):  # -1: the whole list
-                check_int("topk", k, 1)
-        check_unit("gamma0", self.gamma0)
-        check_unit("gamma1", self.gamma1)
-        check_nonnegative("eta0", self.eta0)
-        check_positive("tau1", self.tau1)
-        check_positive("tau2", self.tau2)
-        check_positive("psi_scale", self.psi_scale)
-        check_positive("psi_alpha", self.psi_alpha)
-        check_choice("topk_version", self.topk_version, ("theo", "prac"))
-        if not (isinstance(self.topk_eps, int | float) and 0.0 <= self.topk_eps < 1.0):
-            raise ValueError(f"topk_eps={self.topk_eps!r} must be in [0, 1)")
-        check_positive("margin", self.margin)
-        check_choice("list_weighting", self.list_weighting, ("uniform", "importance"))
-        check_choice("init", self.init, ("first_sample", "zero"))
-        check_positive("eta1", self.eta1)
-        for name in ("gamma_v", "gamma_z", "gamma_s"):
-            check_unit(name, getattr(self, name))
-        for name in ("beta_v", "beta_z", "beta_s", "gamma_m"):
-            check_nonnegative(name, getattr(self, name))
-        if not isinstance(self.baseline, Mapping):
-            raise ValueError(f"baseline={self.baseline!r} must be a mapping of baseline hyper-parameters")
-        if self.baseline and self.method not in BASELINE_METHODS:
-            raise ValueError(f"baseline={dict(self.baseline)!r} is only for the methods {BASELINE_METHODS}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an integer")
-
+__all__ = ["BASELINE_METHODS", "METHODS", "METHOD_CONFIGS", "TOPK_METHODS", "RankingTrainer", "method_config"]
 
 class RankingTrainer:
     """One method trained on one :class:`~mbbo.data.movielens.RankingSplit` (see the module docstring).
@@ -185,7 +65,8 @@ class RankingTrainer:
         model: a scorer ``model(users (B,), items (B, L)) -> (B, L)`` (e.g. a warm-started
             :class:`~mbbo.ranking.neumf.NeuMF`), trained in place.
         split: the data (lists are sampled from ``split.train`` on ``split``'s device).
-        config: a :class:`TrainerConfig`; keyword ``overrides`` replace its fields.
+        config: the method's config (:data:`METHOD_CONFIGS`, e.g. ``method_config("ksong", eta0=0.5)``), which
+            names the method; keyword ``overrides`` replace its fields.
 
     Attributes:
         iteration: number of steps done.
@@ -193,10 +74,11 @@ class RankingTrainer:
         last_loss: surrogate loss of the last step (the current-model loss for BSVRB); None before the first.
     """
 
-    def __init__(
-        self, model: nn.Module, split: RankingSplit, config: TrainerConfig | None = None, **overrides: Any
-    ) -> None:
-        config = dataclasses.replace(config or TrainerConfig(), **overrides)
+    def __init__(self, model: nn.Module, split: RankingSplit, config: TrainingConfig, **overrides: Any) -> None:
+        if type(config) not in METHOD_CONFIGS.values():
+            raise ValueError(f"config={type(config).__name__} must be one of the method configs "
+                             f"{sorted(c.__name__ for c in METHOD_CONFIGS.values())}")
+        config = dataclasses.replace(config, **overrides)
         config.validate()
         self.config = config
         self.model = model
@@ -212,7 +94,7 @@ class RankingTrainer:
         self._decay = [not n.endswith("bias") for n in self._names]
         self.adam = Adam(lr=self.lr_at, betas=tuple(config.betas), eps=config.adam_eps)  # type: ignore[arg-type]
         self.adam_state: AdamState = self.adam.init([p.detach() for p in self._params()])
-        self.topk = config.resolved_topk()
+        self.topk = config.topk if isinstance(config, ObjectiveConfig) else -1
         self.objective: SONGObjective | None = None
         self._baseline_loss: Any = None
         self._build_loss()
@@ -227,32 +109,20 @@ class RankingTrainer:
     def _build_loss(self) -> None:
         c, split = self.config, self.split
         n_pairs, n_users, n_items = split.train.nnz, split.n_users, split.n_items
-        if self.method in BASELINE_METHODS:
+        if isinstance(c, BaselineConfig):
             from mbbo.ranking.baselines import make_baseline_loss  # lazy: the module is optional for the others
 
             self._baseline_loss = make_baseline_loss(self.method, **dict(c.baseline))
             return
+        assert isinstance(c, ObjectiveConfig)
         k = self.topk
         if k != -1 and k >= n_items:
             raise ValueError(f"topk={k} must be < the number of items {n_items}")
         z = ideal_dcg(split.train, None if k == -1 else k, dtype=torch.float64)
         # users without training items never appear in a batch; keep their Z at 1 so the table is finite
         z = torch.where(z > 0, z, torch.ones_like(z)).to(self.device, self.dtype)
-        common = {"margin": c.margin, "list_weighting": c.list_weighting, "init": c.init,
-                  "dtype": self.dtype, "device": self.device}
-        topk_common = {"eta0": c.eta0, "tau1": c.tau1, "tau2": c.tau2, "psi_scale": c.psi_scale,
-                       "psi_alpha": c.psi_alpha, "version": c.topk_version, "topk_eps": c.topk_eps}
-        if self.method == "song":
-            self.objective = SONGObjective(n_pairs, n_users, n_items, z, gamma0=c.gamma0, **common)
-        elif self.method == "ksong":
-            self.objective = KSONGObjective(
-                n_pairs, n_users, n_items, z, topk=k, gamma0=c.gamma0, gamma1=c.gamma1, **topk_common, **common
-            )
-        else:
-            self.objective = BSVRBNDCGObjective(
-                n_pairs, n_users, n_items, z, topk=k, eta1=c.eta1, gamma_v=c.gamma_v, beta_v=c.beta_v,
-                gamma_z=c.gamma_z, beta_z=c.beta_z, gamma_s=c.gamma_s, beta_s=c.beta_s, **topk_common, **common,
-            )
+        self.objective = c.objective_class(n_pairs, n_users, n_items, z, **c.objective_kwargs(), dtype=self.dtype,
+                                           device=self.device)
 
     # --- schedule -----------------------------------------------------------------------------------------
     def iterations_per_epoch(self) -> int:
@@ -336,7 +206,8 @@ class RankingTrainer:
             loss, loss_prev = self.objective(scores, batch, scores_prev)
             loss.backward()
             self.counts["backward"] += 1
-            if loss_prev is not None and prev is not None and self.config.gamma_m > 0:
+            gamma_m = self.config.gamma_m if isinstance(self.config, BSVRBConfig) else 0.0
+            if loss_prev is not None and prev is not None and gamma_m > 0:
                 names = self._names
                 grads = torch.autograd.grad(loss_prev, [prev[n] for n in names], allow_unused=True)
                 self.counts["backward"] += 1
@@ -346,9 +217,9 @@ class RankingTrainer:
                     if g is None:
                         continue
                     if p.grad is None:
-                        p.grad = -self.config.gamma_m * g
+                        p.grad = -gamma_m * g
                     else:
-                        p.grad.sub_(g, alpha=self.config.gamma_m)
+                        p.grad.sub_(g, alpha=gamma_m)
             self._prev = {
                 n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in self.model.named_parameters()
             }

@@ -12,8 +12,9 @@ Warm-up on ML-100K. The papers' warm-up is 20 epochs of Adam at lr 1e-3 (``pretr
 541 steps per epoch and ML-100K 4: 20 epochs are 80 Adam steps, and that warm start ranks below popularity
 (test NDCG@10 0.045-0.057 against 0.066). The defaults here are 40 epochs at lr 5e-3 (160 steps), measured at
 test NDCG@10 0.087-0.090 (seeds 0-2) before the head reset (``experiments/results/ndcg_ml100k_table.md``); set
-``warmup_epochs=20, warmup_lr=1e-3`` for the papers' schedule. The trainer's own defaults are the papers' (lr 4e-4,
-eta0 0.01, tau1 1e-3); the ML-100K experiment overrides lr, eta0 and tau1 (see its docstring for why).
+``warmup_epochs=20, warmup_lr=1e-3`` for the papers' schedule. The methods' defaults (:mod:`mbbo.ranking.configs`)
+are the ML-100K experiment's settings (lr 5e-3, eta0 1, tau1 0.1; the papers' 4e-4, 0.01, 1e-3 are one ``--set``
+away; the experiment's docstring says why).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import torch
 from mbbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mbbo.data.errors import DataError
 from mbbo.data.movielens import RankingSplit, load_movielens, read_ratings, split_leave_last
+from mbbo.ranking.configs import METHOD_CONFIGS, METHODS, TrainingConfig, method_config
 from mbbo.ranking.metrics import evaluate_split
 from mbbo.ranking.neumf import NeuMF
-from mbbo.ranking.trainer import METHODS, RankingTrainer, TrainerConfig
+from mbbo.ranking.trainer import RankingTrainer
 from mbbo.ranking.warmup import warmup
 from mbbo.tasks.block_eval import check_eval_blocks, evaluation_blocks
 
@@ -338,7 +340,7 @@ class NDCGTask:
 def build(
     method: str,
     settings: NDCGSettings | Mapping[str, Any] | None = None,
-    config: TrainerConfig | None = None,
+    config: TrainingConfig | None = None,
     **hparams: Any,
 ) -> tuple[RankingTrainer, NDCGTask]:
     """``(trainer, task)`` for ``mbbo run --task ndcg --algorithm <method>``.
@@ -346,8 +348,9 @@ def build(
     Args:
         method: one of :data:`~mbbo.ranking.trainer.METHODS`.
         settings: :class:`NDCGSettings` or a mapping of its fields (data, warm-up, evaluation, seed).
-        config: trainer hyper-parameters (:class:`~mbbo.ranking.trainer.TrainerConfig`); ``hparams`` override its
-            fields. The trainer's seed is ``settings.seed`` unless ``seed`` is given in ``hparams``.
+        config: the method's hyper-parameters (its class in :data:`~mbbo.ranking.configs.METHOD_CONFIGS`; default:
+            its defaults); ``hparams`` override its fields. The trainer's seed is ``settings.seed`` unless ``seed``
+            is given in ``hparams``.
 
     Raises:
         ValueError: an unknown method, setting or hyper-parameter, or a value out of range (the message names it).
@@ -355,13 +358,11 @@ def build(
     if method not in METHODS:
         raise ValueError(f"method={method!r} must be one of {METHODS}")
     s = _as_settings(settings)
-    known = {f.name for f in dataclasses.fields(TrainerConfig)}
-    unknown = sorted(set(hparams) - known)
-    if unknown:
-        raise ValueError(f"unknown trainer hyper-parameter(s) {unknown}; valid: {sorted(known - {'method'})}")
-    base = config or TrainerConfig()
-    cfg = dataclasses.replace(base, method=method, **{"seed": s.seed, **hparams})
-    cfg.validate()
+    if config is not None and type(config) is not METHOD_CONFIGS[method]:
+        raise ValueError(f"config is a {type(config).__name__}; method {method!r} takes a "
+                         f"{METHOD_CONFIGS[method].__name__}")
+    base = {} if config is None else {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    cfg = method_config(method, **{**base, "seed": s.seed, **hparams})
     split = load_split(s)
     task = NDCGTask(split, s, cfg.batch_size)
     model = task.make_model()
@@ -395,9 +396,7 @@ def _build_for_cli(settings: NDCGSettings, dtype: torch.dtype, device: torch.dev
 
 def _make_trainer(name: str, task: NDCGTask, evaluator: Any, seed: int, hyper: dict[str, Any]) -> RankingTrainer:
     """The method's trainer on the task's warm start; `--seed` seeds the trainer, `data_seed` the warm start."""
-    config = dataclasses.replace(TrainerConfig(), **{**hyper, "method": name, "seed": seed})
-    config.validate()
-    trainer = RankingTrainer(task.make_model(), task.split, config)
+    trainer = RankingTrainer(task.make_model(), task.split, method_config(name, **{**hyper, "seed": seed}))
     task._ipe = trainer.iterations_per_epoch()  # the epoch length follows the trainer's batch size
     return trainer
 
@@ -415,7 +414,7 @@ def _register() -> None:
         aliases={"data_seed": "seed"},
         dataset_setting="dataset",
         data_dir_setting="data_path",
-        methods=dict.fromkeys(METHODS, TrainerConfig),
+        methods=dict(METHOD_CONFIGS),
         make_method=_make_trainer,
     ))
 

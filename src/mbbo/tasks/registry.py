@@ -11,13 +11,12 @@ A :class:`TaskSpec` knows
   :class:`TaskAdapter` that the runner evaluates (`iterations_per_epoch()` bound to the algorithm's block batch,
   `evaluate(algorithm)`).
 
-Registered tasks (:data:`TASKS`, name -> spec; :func:`register_task` adds more):
-
-- `hyperparam`: T1, multi-block hyper-parameter optimisation with robust losses on a LIBSVM binary set or the
-  embedded `breast_cancer`; T2 (imbalanced, noisy labels) is the same task with `remove_positive_fraction` /
-  `flip_probability` (and `num_blocks=1` for the single-model formulation).
-- `quadratic`: T3, the multi-block quadratic with closed forms; metrics `grad_norm` = ||grad F(x)||,
-  `objective` = F(x) and `lower_error` = mean_i ||y_i - y_i*(x)||.
+This module holds only the registry (:data:`TASKS`, name -> spec; :func:`register_task`); each task lives in its
+own module, which registers its spec when imported. Importing the package :mod:`mbbo.tasks` (which any
+``import mbbo.tasks.registry`` does first) imports every task module, so :data:`TASKS` is complete: `hyperparam`
+(T1/T2, :mod:`mbbo.tasks.hyperparam`), `quadratic` (T3, :mod:`mbbo.tasks.quadratic`), the constrained tasks
+(:mod:`mbbo.tasks.constrained_tasks`), `federated` (:mod:`mbbo.tasks.federated`), `ndcg` (:mod:`mbbo.tasks.ndcg`)
+and the zoo tasks (:mod:`mbbo.tasks.zoo_tasks`). The task modules import this module, never the reverse.
 
 How fit is decided (in this order): the name must be a registered algorithm; a spec may restrict itself to
 an allow-list of base names (`algorithms`, `re_<name>` fits when `<name>` does); a single-block algorithm
@@ -34,37 +33,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
 
 from mbbo.algorithms.registry import ALGORITHMS, RESTART_PREFIX, algorithm_names
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.config import coerce_value, field_types
 from mbbo.problem import MultiBlockProblem
-from mbbo.tasks.block_eval import (
-    block_chunks,
-    check_eval_blocks,
-    evaluation_blocks,
-    gather_block_rows,
-    lower_rows,
-    mean_and_sem,
-    owned_blocks,
-)
-from mbbo.tasks.hyperparam import HyperparamSettings, HyperparamTask
-from mbbo.tasks.quadratic import MultiBlockQuadratic
-from mbbo.tasks.quadratic_seeded import SeededQuadratic
 
 __all__ = [
     "TASKS",
     "BuiltTask",
     "IncompatibleAlgorithmError",
-    "QuadraticEvaluator",
-    "QuadraticSettings",
     "TaskAdapter",
     "TaskSpec",
     "algorithm_class",
@@ -349,133 +332,6 @@ class TaskSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# hyperparam (T1 / T2)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _build_hyperparam(settings: HyperparamSettings, dtype: torch.dtype, device: torch.device
-                      ) -> tuple[MultiBlockProblem, HyperparamTask]:
-    """Load the data and build the T1/T2 problem."""
-    task = HyperparamTask.load(settings, dtype=dtype, device=device)
-    return task.problem(), task
-
-
-# ---------------------------------------------------------------------------------------------------------
-# quadratic (T3, multi-block)
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class QuadraticSettings:
-    """Settings of the multi-block quadratic task (see :mod:`mbbo.tasks.quadratic`).
-
-    Attributes:
-        num_blocks, dim_x, dim_y: m, d_x and d_y.
-        mu, L: spectrum range of the lower Hessians A_i (defaults in [0.25, 0.5]: the algorithms' default lower
-            step sizes, up to 1, are then stable with MSVR's gamma = 1).
-        interpolating: every block's hypergradient vanishes at one common x*.
-        noise: per-sample standard deviation of the gradient noise.
-        hessian_noise: per-sample standard deviation of the lower Hessian scale.
-        batch_size: samples per sampled block.
-        data_seed: seed of the random instance.
-        form: "dense" (stored coefficient matrices, m (2 d_y^2 + d_x^2 + 2 d_x d_y) numbers) or "seeded"
-            (`mbbo.tasks.quadratic_seeded`: structured coefficients generated per block from the seed when the
-            block is sampled; memory O(1) per block, for large m).
-        eval_blocks: blocks the metrics average over: None (all, in chunks), "auto" (all up to 1000, else a
-            seeded subset of 1000) or K (a seeded subset of K); see `mbbo.tasks.block_eval`.
-    """
-
-    num_blocks: int = 10
-    dim_x: int = 10
-    dim_y: int = 5
-    mu: float = 0.25
-    L: float = 0.5
-    interpolating: bool = False
-    noise: float = 0.1
-    hessian_noise: float = 0.0
-    batch_size: int = 1
-    data_seed: int = 0
-    form: str = "dense"
-    eval_blocks: int | str | None = "auto"
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-        if self.form not in ("dense", "seeded"):
-            raise ValueError(f"form must be 'dense' or 'seeded', got {self.form!r}")
-        check_eval_blocks(self.eval_blocks)
-        if self.form == "seeded" and self.interpolating:
-            raise ValueError("interpolating=True needs form='dense' (the seeded form has no common minimiser)")
-        for name in ("num_blocks", "dim_x", "dim_y", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (math.isfinite(self.mu) and math.isfinite(self.L) and 0 < self.mu <= self.L):
-            raise ValueError(f"need 0 < mu <= L (finite), got mu={self.mu!r}, L={self.L!r}")
-        for name in ("noise", "hessian_noise"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-@dataclass
-class QuadraticEvaluator:
-    """Closed-form metrics of the multi-block quadratic; one epoch is one pass over the blocks.
-
-    Metrics average over the evaluated blocks (all, or the seeded subset of `eval_blocks`), in chunks of
-    `chunk` blocks: `grad_norm` = ||mean_i grad F_i(x)||, `objective` = mean_i F_i(x), `lower_error` =
-    mean_i ||y_i - y_i*(x)||, with the standard errors `objective_sem` and `lower_error_sem` (0 for all blocks).
-    """
-
-    quadratic: MultiBlockQuadratic | SeededQuadratic
-    eval_blocks: int | str | None = None
-    seed: int = 0
-    chunk: int = 4096
-
-    def __post_init__(self) -> None:
-        self.blocks = evaluation_blocks(self.quadratic.num_blocks, self.eval_blocks, self.seed)
-
-    def iterations_per_epoch(self, block_batch: int) -> int:
-        """ceil(m / B): an epoch samples as many blocks as there are."""
-        return max(1, math.ceil(self.quadratic.num_blocks / block_batch))
-
-    @torch.no_grad()
-    def evaluate(self, algorithm: Any) -> dict[str, float]:
-        q, m = self.quadratic, self.quadratic.num_blocks
-        dtype = q.A.dtype if isinstance(q, MultiBlockQuadratic) else q.dtype
-        x: Tensor = algorithm.x.to(dtype)
-        grad_sum, values, errors = torch.zeros_like(x), [], []
-        for blocks in block_chunks(self.blocks, m, self.chunk):
-            mine = owned_blocks(algorithm, blocks)  # block-sharded: this process's blocks, gathered next
-            grad, value, y_star = q.block_metrics(x, mine)
-            y = lower_rows(algorithm, mine).to(dtype).reshape(len(mine), -1)
-            grad, value, error = gather_block_rows(algorithm, blocks,
-                                                   [grad, value, torch.linalg.vector_norm(y - y_star, dim=-1)])
-            grad_sum += grad.sum(0)
-            values.append(value)
-            errors.append(error)
-        value_all, error_all = torch.cat(values), torch.cat(errors)
-        objective, objective_sem = mean_and_sem(value_all, m)
-        lower_error, lower_error_sem = mean_and_sem(error_all, m)
-        return {"grad_norm": float(torch.linalg.vector_norm(grad_sum / value_all.shape[0])),
-                "objective": objective, "objective_sem": objective_sem,
-                "lower_error": lower_error, "lower_error_sem": lower_error_sem}
-
-
-def _build_quadratic(settings: QuadraticSettings, dtype: torch.dtype, device: torch.device
-                     ) -> tuple[MultiBlockProblem, QuadraticEvaluator]:
-    """Draw the instance (or set up the seeded one) and build its stochastic problem."""
-    s = settings
-    quadratic: MultiBlockQuadratic | SeededQuadratic
-    if s.form == "seeded":
-        quadratic = SeededQuadratic(s.num_blocks, s.dim_x, s.dim_y, seed=s.data_seed, mu=s.mu, L=s.L, dtype=dtype)
-    else:
-        quadratic = MultiBlockQuadratic.random(s.num_blocks, s.dim_x, s.dim_y, seed=s.data_seed, mu=s.mu, L=s.L,
-                                               interpolating=s.interpolating, dtype=dtype)
-    problem = quadratic.problem(noise=s.noise, hessian_noise=s.hessian_noise, batch_size=s.batch_size)
-    return problem, QuadraticEvaluator(quadratic, s.eval_blocks, s.data_seed)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------------------------------------
 
@@ -514,45 +370,3 @@ def get_task(name: str) -> TaskSpec:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown task {name!r}{hint} Known: {', '.join(task_names())}")
     return TASKS[name]
-
-
-register_task(TaskSpec(
-    name="hyperparam",
-    description=("T1/T2: multi-block hyper-parameter optimisation with robust losses (one weight per training "
-                 "sample shared by m logistic models with loss temperatures); T2 via remove_positive_fraction / "
-                 "flip_probability"),
-    settings_cls=HyperparamSettings,
-    builder=_build_hyperparam,
-    metrics=("val_loss", "test_loss", "test_accuracy", "best_block", "mean_weight"),
-    aliases={"data_seed": "seed"},
-    dataset_setting="dataset",
-    data_dir_setting="data_dir",
-    # the authors' code (BSVRB_ICML2023 HO/main.py), which the seed paper's curves come from; rows are
-    # reshuffled by the task's row_sampling setting. v1's hypergradient uses the previous Hessian estimate as in
-    # that code and the paper's section 4.1; its guard stays the eigenvalue floor (a deliberate fix). tau and
-    # tau_v stay unset: the authors' values at m / B = 10, scaled for larger m / B (`lower_lr_scaling`), which
-    # the delayed update's dc_i ~ m / B needs as much as the lazy replay does
-    algorithm_defaults={"*": {"block_sampling": "reshuffle", "estimator_init": "uniform"},
-                        "bsvrb_v1": {"hessian_timing": "previous"},
-                        "bsvrb_v2": {"lower_update": "delayed"}},
-    distributed=True,
-    sharded=True,
-))
-
-register_task(TaskSpec(
-    name="quadratic",
-    description="T3: multi-block quadratic bilevel problem with closed-form hypergradient (stochastic oracles)",
-    settings_cls=QuadraticSettings,
-    builder=_build_quadratic,
-    metrics=("grad_norm", "objective", "lower_error"),
-    finite_sum=False,
-    devices=("cpu",),
-    distributed=True,
-    sharded=True,
-))
-
-# tasks defined in their own modules register themselves on import (kept last: they import this module)
-import mbbo.tasks.constrained_tasks  # noqa: E402
-import mbbo.tasks.federated  # noqa: E402
-import mbbo.tasks.ndcg  # noqa: E402
-import mbbo.tasks.zoo_tasks  # noqa: E402, F401
