@@ -191,7 +191,8 @@ def _write_page(lines: list[tuple[str, str, dict[str, Any]]], toys: dict[str, An
     for key, rec in toys.items():
         task, method = key.split("/")
         other = ", ".join(f"{k} {v:.3g}" for k, v in rec.items()
-                          if k in ("fraction_found", "objective_gap", "lower_error", "violation"))
+                          if k in ("fraction_found", "basin_fraction", "found_in_basin", "objective_gap", "lower_error",
+                                   "violation"))
         toy_rows.append(f"| {task} | {method} | {rec['iteration']} | {rec['distance']:.4g} | {other} |")
     text = PAGE.read_text(encoding="utf-8") if PAGE.exists() else ""
     start, end = "<!-- table:start -->", "<!-- table:end -->"

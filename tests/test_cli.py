@@ -382,6 +382,7 @@ def test_list_prints_registered_names(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["list", "datasets"]) == 0
     only = capsys.readouterr().out
     assert "breast_cancer" in only and "Tasks" not in only
+    assert "diabetes" in only and "fourclass" in only and "svm_slack" in only
 
 
 def test_run_help_names_the_settings_and_where_to_look(capsys: pytest.CaptureFixture[str]) -> None:

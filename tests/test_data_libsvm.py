@@ -14,8 +14,10 @@ import pytest
 from mbbo.data.errors import DataError
 from mbbo.data.libsvm import (
     LIBSVM_BINARY,
+    LIBSVM_SINGLE,
     BinaryDataset,
     available_datasets,
+    available_single_datasets,
     load_binary_dataset,
     load_breast_cancer_dataset,
     load_libsvm_file,
@@ -305,3 +307,9 @@ def test_available_datasets() -> None:
     assert set(listed) == {"breast_cancer", "a8a", "w8a"}
     assert all(text and "\n" not in text for text in listed.values())
     assert "22,696" in listed["a8a"] and "300 features" in listed["w8a"]
+
+
+def test_available_single_datasets_lists_every_single_file_set() -> None:
+    listed = available_single_datasets()
+    assert set(listed) == set(LIBSVM_SINGLE) == {"diabetes", "fourclass"}
+    assert "768 rows" in listed["diabetes"] and "862 rows" in listed["fourclass"]

@@ -264,7 +264,7 @@ def test_psi_grad_reference_form_omits_alpha():
     torch.testing.assert_close(psi_grad(t, 2.0, 3.0), 2.0 * 3.0 * s * (1 - s))
     torch.testing.assert_close(psi_grad(t, 2.0, 3.0, "reference"), 2.0 * s * (1 - s))
     assert psi_grad(t, 2.0, 3.0, "reference")[0].item() == pytest.approx(0.5)  # 2 * 1/2 * 1/2
-    with pytest.raises(ValueError, match="psi_derivative must be one of .*, got 'x'"):
+    with pytest.raises(ValueError, match=r"psi_derivative must be one of .*, got 'x'"):
         psi_grad(t, form="x")  # type: ignore[arg-type]
 
 

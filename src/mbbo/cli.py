@@ -53,7 +53,7 @@ from mbbo.algorithms.restart import Restarted
 from mbbo.checkpoint import CheckpointError
 from mbbo.compilation import COMPILE_CHOICES
 from mbbo.config import apply_overrides, coerce_fields, coerce_value, load_config
-from mbbo.data.libsvm import available_datasets
+from mbbo.data.libsvm import available_datasets, available_single_datasets
 from mbbo.distributed import (
     BlockShard,
     DistributedError,
@@ -648,7 +648,10 @@ def _list_algorithms() -> list[str]:
 def _list_datasets() -> list[str]:
     """Lines describing every known data set."""
     lines = ["Data sets (mbbo run --dataset NAME; any LIBSVM pair NAME, NAME.t in --data-dir also works):"]
-    for name, description in sorted(available_datasets().items()):
+    described = dict(sorted(available_datasets().items()))
+    described.update({name: f"{text} (task svm_slack, which splits it)"
+                      for name, text in sorted(available_single_datasets().items())})
+    for name, description in described.items():
         lines.append(f"  {name}")
         lines.append(textwrap.fill(description, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return lines

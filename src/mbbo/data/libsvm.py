@@ -36,6 +36,7 @@ __all__ = [
     "LibsvmFile",
     "LibsvmSpec",
     "available_datasets",
+    "available_single_datasets",
     "load_binary_dataset",
     "load_breast_cancer_dataset",
     "load_libsvm_file",
@@ -114,6 +115,10 @@ LIBSVM_SINGLE: dict[str, tuple[LibsvmFile, int]] = {
                             "e4c45e3a45cfce99fbc897edb76b0c74fbece588b953f5c3b1297bf28c52d6b0"), 8),
     "fourclass": (LibsvmFile("fourclass", _LIBSVM_URL + "fourclass_scale",
                              "6f5a73e857c0f4af2ca06e81d48c1be91fa566fbafaeaf6eb6c355f29fef4618"), 2),
+}
+_SINGLE_DESCRIPTIONS = {
+    "diabetes": "Pima Indians diabetes (LIBSVM diabetes_scale): 8 features, 768 rows in one file",
+    "fourclass": "two-dimensional four-cluster classes (LIBSVM fourclass_scale): 2 features, 862 rows in one file",
 }
 
 
@@ -419,6 +424,12 @@ def available_datasets() -> dict[str, str]:
     described = {name: description for name, (description, _) in _EMBEDDED.items()}
     described.update({name: spec.description for name, spec in LIBSVM_BINARY.items()})
     return described
+
+
+def available_single_datasets() -> dict[str, str]:
+    """Names accepted by `load_single_libsvm` (the sets that a task splits itself, e.g. `svm_slack`), with a
+    description."""
+    return {name: f"{_SINGLE_DESCRIPTIONS[name]}; downloaded once and cached" for name in LIBSVM_SINGLE}
 
 
 def load_binary_dataset(

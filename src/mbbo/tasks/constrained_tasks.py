@@ -39,7 +39,9 @@ from mbbo.tasks.registry import TaskSpec, register_task
 from mbbo.validation import check_int
 
 __all__ = ["CONSTRAINED_ALGORITHMS", "CoupledToySettings", "SFLCBToySettings", "SVMSlackSettings",
-           "build_svm_slack", "build_toy_coupled", "build_toy_sflcb", "expand_quadratic", "svm_split"]
+           "build_svm_slack", "build_toy_coupled", "build_toy_sflcb", "expand_quadratic", "sflcb_toy_answer",
+           "sflcb_toy_basin", "sflcb_toy_upper",
+           "svm_split"]
 
 CONSTRAINED_ALGORITHMS = ("sflcb", "blocc", "lv_hba", "penalty")
 _REASON = "its lower level is constrained, h(x, y) <= 0: the unconstrained methods would ignore h"
@@ -174,6 +176,22 @@ def sflcb_toy_answer() -> tuple[float, float]:
     return float(grid[best]), float(values[best])
 
 
+def sflcb_toy_basin() -> tuple[float, float]:
+    """The open interval of starts from which gradient flow on the hyper-objective F(x) = f(x, x) reaches the grid
+    minimiser: F is nonconvex on [0, 3] (local minima near 0.149, 0.986, 2.020, 2.991), so a first-order method
+    started outside this interval stops at another local minimum. Its ends are the grid's local maxima of F next to
+    the minimiser (or the ends of [0, 3])."""
+    grid = torch.linspace(0.0, 3.0, TOY_GRID_POINTS, dtype=torch.float64)
+    values = sflcb_toy_upper(grid, grid)
+    best = int(values.argmin())
+    rising = torch.diff(values) > 0  # rising[i]: F increases from grid[i] to grid[i + 1]
+    rises_before = torch.nonzero(rising[:best]).flatten()
+    falls_after = torch.nonzero(~rising[best:]).flatten()
+    left = int(rises_before[-1]) + 1 if len(rises_before) else 0
+    right = best + int(falls_after[0]) if len(falls_after) else len(grid) - 1
+    return float(grid[left]), float(grid[right])
+
+
 @dataclass
 class SFLCBToySettings:
     """Settings of `toy_sflcb`: the number of independent random starts solved at once (the problem is the sum
@@ -193,18 +211,25 @@ FOUND_TOLERANCE = 1e-2
 @dataclass
 class SFLCBToyEvaluator(FullBatchEvaluator):
     """Per start i: |x_i - x_grid|; reported: `distance` (mean over starts), `fraction_found` (share of starts
-    within 1e-2 of x_grid), `objective_gap` (mean f(x_i, x_i) - f(x_grid, x_grid)), `violation`."""
+    within 1e-2 of x_grid), `basin_fraction` (share of starts x0_i inside `sflcb_toy_basin()`, what exact
+    hypergradient flow would find), `found_in_basin` (share of those starts within 1e-2; NaN-free: 0 when no start
+    is in the basin), `objective_gap` (mean f(x_i, x_i) - f(x_grid, x_grid)), `violation`."""
 
     problem: ConstrainedProblem
     x_grid: float
     f_grid: float
+    in_basin: Tensor  # bool per start: x0_i inside the grid minimiser's basin
 
     @torch.no_grad()
     def evaluate(self, algorithm: Any) -> dict[str, float]:
         x = algorithm.x.to(torch.float64)
         model = next(iter(_models(algorithm).values()))
         dist = (x - self.x_grid).abs()
-        return {"distance": float(dist.mean()), "fraction_found": float((dist < FOUND_TOLERANCE).double().mean()),
+        found = dist < FOUND_TOLERANCE
+        basin = self.in_basin.to(found.device)
+        return {"distance": float(dist.mean()), "fraction_found": float(found.double().mean()),
+                "basin_fraction": float(basin.double().mean()),
+                "found_in_basin": float(found[basin].double().mean()) if bool(basin.any()) else 0.0,
                 "objective_gap": float(sflcb_toy_upper(x, x).mean()) - self.f_grid,
                 "violation": violation(self.problem.h(algorithm.x, model))}
 
@@ -223,7 +248,9 @@ def build_toy_sflcb(settings: SFLCBToySettings, dtype: torch.dtype = torch.float
         constraint=LinearConstraint(-eye, eye, torch.zeros(n, dtype=dtype, device=device)),
         x_set=Box(0.0, 3.0), name="toy_sflcb")
     x_grid, f_grid = sflcb_toy_answer()
-    return problem, SFLCBToyEvaluator(problem, x_grid, f_grid)
+    low, high = sflcb_toy_basin()
+    x0 = start[0].to(torch.float64)
+    return problem, SFLCBToyEvaluator(problem, x_grid, f_grid, (x0 > low) & (x0 < high))
 
 
 # ---------------------------------------------------------------------------------------------------------
