@@ -290,7 +290,11 @@ def finished_run(args: dict[str, Any], method: str, seed: int, epochs: int) -> d
         previous = json.loads(done.read_text())
     except json.JSONDecodeError:
         return None
-    return previous if previous.get("key") == _run_key(args, method, seed, epochs) else None
+    key = previous.get("key")
+    if isinstance(key, dict) and "data" in key:  # the same file through another path (a symlink) is the same data
+        key = {**key, "data": os.path.realpath(key["data"])}
+    wanted = _run_key(args, method, seed, epochs)
+    return previous if key == {**wanted, "data": os.path.realpath(wanted["data"])} else None
 
 
 def run_job(args: dict[str, Any], method: str, seed: int, epochs: int) -> dict[str, Any]:

@@ -181,3 +181,23 @@ def test_task_defaults_are_the_committed_experiments_settings():
         config = METHOD_CONFIGS[method]()
         assert (config.eta0, config.tau1, config.topk) == (committed["eta0"], committed["tau1"], committed["topk"])
     assert (settings.warmup_epochs, settings.warmup_lr) == (committed["warmup_epochs"], committed["warmup_lr"])
+
+
+def test_finished_run_is_found_through_another_path_to_the_same_data(scripts, tmp_path):
+    """A run recorded with the data's path through a symlink is reused; another file or setting is not."""
+    main, _ = scripts
+    real = tmp_path / "data" / "u.data"
+    real.parent.mkdir()
+    real.write_text("1\t1\t5\t0\n")
+    (tmp_path / "link").symlink_to(real.parent)
+    args = {"work_dir": str(tmp_path / "work"), "lr": 5e-3, "eta0": 1.0, "tau1": 0.1, "warmup_epochs": 40,
+            "warmup_lr": 5e-3, "data": str(tmp_path / "link" / "u.data"), "overrides": {}}
+    run_dir = tmp_path / "work" / "song_seed0"
+    run_dir.mkdir(parents=True)
+    key = main._run_key({**args, "data": str(real)}, "song", 0, 120)
+    (run_dir / "result.json").write_text(json.dumps({"key": key, "test": {}}))
+    assert main.finished_run(args, "song", 0, 120) is not None
+    assert main.finished_run(args, "song", 0, 60) is None
+    other = tmp_path / "data" / "other.data"
+    other.write_text("")
+    assert main.finished_run({**args, "data": str(other)}, "song", 0, 120) is None
