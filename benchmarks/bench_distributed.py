@@ -6,8 +6,10 @@ blocks, B = 100 sampled blocks, b = 64 rows, float32. Each configuration runs in
 127.0.0.1 for R = 2) with `torch.set_num_threads(1)` each; after `--warmup` iterations, `--iterations` iterations
 are timed between two barriers: wall time, and the CPU time of the slowest rank (what the processes compute,
 whatever share of the shared cores the machine grants them). R = 1 is also timed at B = 25 and 50 to fit the
-compute model. Rounds alternate R = 1 and R = 2 (one spawn each), and the median over `--repeats` rounds is
-reported with the machine's load (`uptime`) before and after.
+compute model. Both oracle modes are measured (`--modes`): eager, and compiled (`compile=True`: torch.compile'd
+oracles, compiled during the warm-up, from the persistent cache after the first round; a sharded rank's
+oracles take a symbolic block dimension). Rounds alternate the modes and R = 1 / R = 2 (one spawn each), and the
+median over `--repeats` rounds is reported with the machine's load (`uptime`) before and after.
 
 Model of R processes (specs/distributed.md section 1): one iteration costs
 
@@ -20,7 +22,7 @@ network assumptions are stated in the results: within a node (R <= 8) alpha = 10
 alpha = 50 us and 12.5 GB/s. Evaluated at R = 8, 64, 512 and plotted against R for B in {10^2, 10^3, 10^4}
 (m = 10^6: the iteration cost does not depend on m, only memory does).
 
-    python benchmarks/bench_distributed.py [--iterations 50] [--repeats 2] [--num-blocks 10000]
+    python benchmarks/bench_distributed.py [--iterations 50] [--repeats 2] [--num-blocks 10000] [--modes eager compiled]
 
 Writes benchmarks/results/distributed.json, distributed.md and distributed_model.png (atomic writes).
 """
@@ -47,6 +49,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "libsvm"
 NETWORKS = {"intra-node (R <= 8)": (10e-6, 25e9), "inter-node (R > 8)": (50e-6, 12.5e9)}
 MODEL_R = (8, 64, 512)
 MODEL_B = (100, 1000, 10000)
+MODES = ("eager", "compiled")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -81,8 +84,8 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
     hyper = spec.hyper_defaults("bsvrb_v2", ["block_sampling", "estimator_init", "lower_update"])
     results = {}
     for B in config["B"]:
-        alg = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=B, **hyper)
-        for _ in range(config["warmup"]):
+        alg = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=B, compile=config["compile"], **hyper)
+        for _ in range(config["warmup"]):  # also compiles (a rank's first two block counts with --compile)
             alg.step()
         shard = problem.shard
         sent0, coll0 = shard.bytes_sent, shard.collectives
@@ -146,6 +149,26 @@ def model_time(B: int, R: int, c0: float, c1: float, bytes_per_block: float) -> 
             + (R - 1) / R * B * bytes_per_block / bandwidth)
 
 
+def fit_mode(r1: dict[str, float], r2: dict[str, float], batches: list[int], B: int, gathered: float
+             ) -> dict[str, Any]:
+    """Least squares of R = 1 CPU seconds = c0 + c1 * B over `batches` (CPU time: what the process computes,
+    not what the loaded machine grants it), bytes per block, and the model's predictions."""
+    xs = torch.tensor([float(bb) for bb in batches], dtype=torch.float64)
+    ys = torch.tensor([r1[f"R=1,B={bb}"] for bb in batches], dtype=torch.float64) / 1e3
+    design = torch.stack([torch.ones_like(xs), xs], dim=1)
+    c0, c1 = (float(v) for v in torch.linalg.lstsq(design, ys.unsqueeze(1)).solution.squeeze(1))
+    # rank 0's buffer is padded to the larger rank's count of blocks: bytes per block from E[max] at R = 2
+    bytes_per_block = gathered / expected_max_owned(B, 2)
+    loopback = r2[f"R=2,B={B}"] / 1e3 - (c0 + c1 * expected_max_owned(B, 2))
+    model = {f"B={b}": {f"R={r}": {"ms_per_iteration": 1e3 * model_time(b, r, c0, c1, bytes_per_block),
+                                   "speedup": model_time(b, 1, c0, c1, bytes_per_block)
+                                   / model_time(b, r, c0, c1, bytes_per_block)}
+                        for r in (1, 2, *MODEL_R) if r <= b}
+             for b in MODEL_B}
+    return {"c0_ms": 1e3 * c0, "c1_ms_per_block": 1e3 * c1, "bytes_per_block": bytes_per_block,
+            "wall_minus_cpu_model_ms_R2": 1e3 * loopback, "model": model}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iterations", type=int, default=50)
@@ -154,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-blocks", type=int, default=10_000)
     p.add_argument("--block-batch", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="eager oracles and/or torch.compile'd ones (compile=True; compilation in the warm-up)")
     p.add_argument("--out", type=Path, default=RESULTS / "distributed")
     args = p.parse_args(argv)
     base = {"m": args.num_blocks, "b": args.batch_size, "iterations": args.iterations, "warmup": args.warmup}
@@ -161,58 +186,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {1: [B // 4, B // 2, B], 2: [B]}
     load_before = uptime()
     started = time.perf_counter()
-    times: dict[str, dict[str, list[float]]] = {}
-    extra: dict[str, dict[str, Any]] = {}
+    times: dict[str, dict[str, dict[str, list[float]]]] = {mode: {} for mode in args.modes}
+    extra: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in args.modes}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
-            for r, batches in runs.items():
-                for bb, got in measure(r, {**base, "B": batches}, Path(tmp)).items():
-                    key = f"R={r},B={bb}"
-                    for kind in ("ms_per_iteration", "cpu_ms_per_iteration"):
-                        times.setdefault(kind, {}).setdefault(key, []).append(got[kind])
-                    extra[key] = got
-                    print(f"R={r} B={bb}: {got['ms_per_iteration']:.1f} ms/iteration (wall), "
-                          f"{got['cpu_ms_per_iteration']:.1f} ms CPU (slowest rank)", flush=True)
+            for mode in args.modes:
+                for r, batches in runs.items():
+                    config = {**base, "B": batches, "compile": mode == "compiled"}
+                    for bb, got in measure(r, config, Path(tmp)).items():
+                        key = f"R={r},B={bb}"
+                        for kind in ("ms_per_iteration", "cpu_ms_per_iteration"):
+                            times[mode].setdefault(kind, {}).setdefault(key, []).append(got[kind])
+                        extra[mode][key] = got
+                        print(f"{mode} R={r} B={bb}: {got['ms_per_iteration']:.1f} ms/iteration (wall), "
+                              f"{got['cpu_ms_per_iteration']:.1f} ms CPU (slowest rank)", flush=True)
     load_after = uptime()
-    median = {k: statistics.median(v) for k, v in times["ms_per_iteration"].items()}
-    cpu = {k: statistics.median(v) for k, v in times["cpu_ms_per_iteration"].items()}
-    t1, t2 = median[f"R=1,B={B}"], median[f"R=2,B={B}"]
-    # compute model from R = 1 at B/4, B/2, B (CPU time: what the process computes, not what the loaded machine
-    # grants it): least squares of seconds = c0 + c1 * B
-    xs = torch.tensor([float(bb) for bb in runs[1]], dtype=torch.float64)
-    ys = torch.tensor([cpu[f"R=1,B={bb}"] for bb in runs[1]], dtype=torch.float64) / 1e3
-    design = torch.stack([torch.ones_like(xs), xs], dim=1)
-    c0, c1 = (float(v) for v in torch.linalg.lstsq(design, ys.unsqueeze(1)).solution.squeeze(1))
-    gathered = extra[f"R=2,B={B}"]["buffer_bytes_per_iteration"]
-    # rank 0's buffer is padded to the larger rank's count of blocks: bytes per block from E[max] at R = 2
-    bytes_per_block = gathered / expected_max_owned(B, 2)
-    loopback = t2 / 1e3 - (c0 + c1 * expected_max_owned(B, 2))
-    model = {f"B={b}": {f"R={r}": {"ms_per_iteration": 1e3 * model_time(b, r, c0, c1, bytes_per_block),
-                                   "speedup": model_time(b, 1, c0, c1, bytes_per_block)
-                                   / model_time(b, r, c0, c1, bytes_per_block)}
-                        for r in (1, 2, *MODEL_R) if r <= b}
-             for b in MODEL_B}
+    modes: dict[str, Any] = {}
+    for mode in args.modes:
+        median = {k: statistics.median(v) for k, v in times[mode]["ms_per_iteration"].items()}
+        cpu = {k: statistics.median(v) for k, v in times[mode]["cpu_ms_per_iteration"].items()}
+        gathered = extra[mode][f"R=2,B={B}"]["buffer_bytes_per_iteration"]
+        fit = fit_mode(cpu, median, runs[1], B, gathered)
+        modes[mode] = {
+            "ms_per_iteration": median, "cpu_ms_per_iteration": cpu, "all": times[mode],
+            "speedup_R2": median[f"R=1,B={B}"] / median[f"R=2,B={B}"],
+            "speedup_R2_cpu": cpu[f"R=1,B={B}"] / cpu[f"R=2,B={B}"],
+            "gather_buffer_bytes_per_rank_per_iteration": gathered,
+            "collectives_per_iteration": extra[mode][f"R=2,B={B}"]["collectives_per_iteration"],
+            "x_numel": extra[mode][f"R=2,B={B}"]["x_numel"],
+            "fit": {k: v for k, v in fit.items() if k != "model"}, "model": fit["model"]}
     result = {
         "setting": {"task": "hyperparam a8a (T1, task defaults)", "algorithm": "bsvrb_v2", "dtype": "float32",
                     "num_blocks": args.num_blocks, "block_batch": B, "batch_size": args.batch_size,
                     "threads_per_process": 1, "iterations": args.iterations, "warmup": args.warmup,
                     "repeats": args.repeats, "torch": torch.__version__, "cpus": os.cpu_count()},
         "load_before": load_before, "load_after": load_after, "seconds": time.perf_counter() - started,
-        "ms_per_iteration": median, "cpu_ms_per_iteration": cpu, "all": times, "speedup_R2": t1 / t2,
-        "speedup_R2_cpu": cpu[f"R=1,B={B}"] / cpu[f"R=2,B={B}"],
-        "gather_buffer_bytes_per_rank_per_iteration": gathered,
-        "bytes_received_per_rank_per_iteration_R2": gathered,  # (R - 1) buffers of the others
-        "collectives_per_iteration": extra[f"R=2,B={B}"]["collectives_per_iteration"],
-        "x_numel": extra[f"R=2,B={B}"]["x_numel"],
-        "fit": {"c0_ms": 1e3 * c0, "c1_ms_per_block": 1e3 * c1, "bytes_per_block": bytes_per_block,
-                "wall_minus_cpu_model_ms_R2": 1e3 * loopback},
+        "modes": modes,
         "networks": {k: {"latency_us": a * 1e6, "bandwidth_GBps": bw / 1e9} for k, (a, bw) in NETWORKS.items()},
-        "model": model,
         "gpu": "no GPU / NCCL machine was available: no R = 1 ... 8 GPU measurement",
     }
     atomic_write(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     atomic_write(args.out.with_suffix(".md"), report(result))
-    plot(result, c0, c1, bytes_per_block, args.out.parent / f"{args.out.name}_model.png")
+    plot(result, args.out.parent / f"{args.out.name}_model.png")
     print(report(result))
     return result
 
@@ -221,29 +236,34 @@ def report(r: dict[str, Any]) -> str:
     s = r["setting"]
     lines = [f"# Block-sharded BSVRB_v2 on T1 (a8a, m = {s['num_blocks']}, B = {s['block_batch']}, "
              f"b = {s['batch_size']}, float32, 1 thread per process)", "",
-             f"load before: `{r['load_before']}`", f"load after: `{r['load_after']}`", "",
-             "| configuration | wall ms / iteration (median; repeats) | CPU ms / iteration, slowest rank |",
-             "|---|---|---|"]
-    for k, v in r["ms_per_iteration"].items():
-        walls = ", ".join(f"{t:.1f}" for t in r["all"]["ms_per_iteration"][k])
-        lines.append(f"| {k} | {v:.1f} ({walls}) | {r['cpu_ms_per_iteration'][k]:.1f} |")
-    f = r["fit"]
-    lines += ["", f"speed-up at R = 2: {r['speedup_R2']:.2f} (wall), {r['speedup_R2_cpu']:.2f} (CPU time of the "
-              "slowest rank)", "",
-              f"gather buffer per rank and iteration: {r['gather_buffer_bytes_per_rank_per_iteration']:.0f} bytes "
-              f"({r['collectives_per_iteration']:.0f} collective per iteration; x has {r['x_numel']} entries)", "",
-              f"fit: c0 = {f['c0_ms']:.2f} ms, c1 = {f['c1_ms_per_block']:.3f} ms per block, "
-              f"{f['bytes_per_block']:.0f} bytes per block; R = 2 wall time minus the CPU model: "
-              f"{f['wall_minus_cpu_model_ms_R2']:.2f} ms", "",
-              "| B | " + " | ".join(f"R = {x}" for x in (2, *MODEL_R)) + " |", "|---|" + "---|" * (1 + len(MODEL_R))]
-    for b, row in r["model"].items():
-        cells = [f"{row[f'R={x}']['speedup']:.1f}" if f"R={x}" in row else "-" for x in (2, *MODEL_R)]
-        lines.append(f"| {b[2:]} | " + " | ".join(cells) + " |")
-    lines += ["", r["gpu"], ""]
+             f"load before: `{r['load_before']}`", f"load after: `{r['load_after']}`", ""]
+    for mode, m in r["modes"].items():
+        lines += [f"## {mode} oracles", "",
+                  "| configuration | wall ms / iteration (median; repeats) | CPU ms / iteration, slowest rank |",
+                  "|---|---|---|"]
+        for k, v in m["ms_per_iteration"].items():
+            walls = ", ".join(f"{t:.1f}" for t in m["all"]["ms_per_iteration"][k])
+            lines.append(f"| {k} | {v:.1f} ({walls}) | {m['cpu_ms_per_iteration'][k]:.1f} |")
+        f = m["fit"]
+        lines += ["", f"speed-up at R = 2: {m['speedup_R2']:.2f} (wall), {m['speedup_R2_cpu']:.2f} (CPU time of "
+                  "the slowest rank)", "",
+                  f"gather buffer per rank and iteration: {m['gather_buffer_bytes_per_rank_per_iteration']:.0f} "
+                  f"bytes ({m['collectives_per_iteration']:.0f} collective per iteration; x has {m['x_numel']} "
+                  "entries)", "",
+                  f"fit: c0 = {f['c0_ms']:.2f} ms, c1 = {f['c1_ms_per_block']:.3f} ms per block, "
+                  f"{f['bytes_per_block']:.0f} bytes per block; R = 2 wall time minus the CPU model: "
+                  f"{f['wall_minus_cpu_model_ms_R2']:.2f} ms", "",
+                  "| B | " + " | ".join(f"R = {x}" for x in (2, *MODEL_R)) + " |",
+                  "|---|" + "---|" * (1 + len(MODEL_R))]
+        for b, row in m["model"].items():
+            cells = [f"{row[f'R={x}']['speedup']:.1f}" if f"R={x}" in row else "-" for x in (2, *MODEL_R)]
+            lines.append(f"| {b[2:]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [r["gpu"], ""]
     return "\n".join(lines)
 
 
-def plot(r: dict[str, Any], c0: float, c1: float, bytes_per_block: float, path: Path) -> None:
+def plot(r: dict[str, Any], path: Path) -> None:
     import io
 
     import matplotlib
@@ -252,17 +272,20 @@ def plot(r: dict[str, Any], c0: float, c1: float, bytes_per_block: float, path: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for b in MODEL_B:
-        rs = [x for x in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if x <= b]
-        ax.plot(rs, [model_time(b, 1, c0, c1, bytes_per_block) / model_time(b, x, c0, c1, bytes_per_block)
-                     for x in rs], marker="o", label=f"B = {b}")
+    for mode, style in zip(r["modes"], ("-", "--"), strict=False):
+        f = r["modes"][mode]["fit"]
+        c0, c1, bpb = f["c0_ms"] / 1e3, f["c1_ms_per_block"] / 1e3, f["bytes_per_block"]
+        for b in MODEL_B:
+            rs = [x for x in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if x <= b]
+            ax.plot(rs, [model_time(b, 1, c0, c1, bpb) / model_time(b, x, c0, c1, bpb) for x in rs], marker="o",
+                    linestyle=style, label=f"B = {b}, {mode}")
     ax.plot([1, 512], [1, 512], color="grey", linestyle=":", label="linear")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("processes R")
     ax.set_ylabel("predicted speed-up T(1) / T(R)")
     ax.set_title("T1 model, m = 1e6 (fitted on this machine)")
-    ax.legend()
+    ax.legend(fontsize=7)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)

@@ -12,7 +12,7 @@ import torch
 from mbbo.cli import main
 from mbbo.compilation import (
     AUTO_MIN_EAGER_SECONDS,
-    _signature,
+    TimedCompiled,
     compile_cache_dir,
     enable_persistent_cache,
     should_compile,
@@ -38,12 +38,32 @@ def test_should_compile_when_the_eager_remainder_repays_it() -> None:
     assert not should_compile(1.0, 0)
 
 
-def test_signature_tells_shapes_dtypes_and_values_apart() -> None:
-    a = torch.zeros(2, 3)
-    assert _signature((a, {"k": torch.ones(2, 3)}, 1)) == _signature((a + 1, {"k": a}, 1))
-    assert _signature((a,)) != _signature((torch.zeros(3, 2),))
-    assert _signature((a,)) != _signature((a.double(),))
-    assert _signature((a, 1)) != _signature((a, 2))
+@pytest.mark.slow
+def test_timed_compiled_times_the_calls_that_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Static shapes: each new shape compiles (timed), a repeated one does not; automatic dynamic shapes (the
+    block-sharded oracles): the second shape compiles a symbolic graph that a third shape reuses."""
+    monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    enable_persistent_cache()
+
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        return (a * 3).cos().sum(0)
+
+    static = TimedCompiled(fn)
+    assert torch.allclose(static(torch.ones(3, 2)), fn(torch.ones(3, 2)))
+    first = static.seconds
+    assert first > 0 and static.compilations == 1
+    static(torch.zeros(3, 2))
+    assert static.seconds == first and static.compilations == 1
+    static(torch.zeros(4, 2))
+    assert static.seconds > first and static.compilations == 2
+    def other(a: torch.Tensor) -> torch.Tensor:  # Dynamo caches per code object: a function of its own
+        return (a * 2).sin().sum(0)
+
+    dynamic = TimedCompiled(other, dynamic=None)
+    for n in (3, 4, 5, 7):
+        assert torch.allclose(dynamic(torch.full((n, 2), 0.5)), other(torch.full((n, 2), 0.5)))
+    assert dynamic.compilations == 2  # 3 (static), then 4 with a symbolic first dimension, reused by 5 and 7
 
 
 def test_persistent_cache_lives_under_the_mbbo_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -183,6 +183,21 @@ def _t1_args(data: Path, out: Path, iterations: int, checkpoint_every: bool = Tr
 
 
 @pytest.mark.slow
+def test_two_compiled_processes_equal_one_compiled_process_on_t1(tmp_path: Path, shared_data: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled oracles (`compile=True`): a rank's block count changes from one iteration to the next (0 to 3
+    of the 3 sampled blocks here), which the sharded oracles compile once with a symbolic block dimension
+    instead of once per count; the trajectory equals the compiled 1-process one to 1e-12 (float64; the
+    generated kernels differ with the shapes, so not bit for bit)."""
+    monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))  # the spawned ranks inherit it
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    label, task, settings, algorithm, hyper = T1_CASES[0]
+    case = (f"{label}-compiled", task, settings, algorithm, {**hyper, "compile": True})
+    monkeypatch.setitem(globals(), "NOT_BITWISE", NOT_BITWISE | {case[0]})
+    _check_equal([case], tmp_path, str(shared_data / "libsvm"))
+
+
+@pytest.mark.slow
 def test_nproc_and_torchrun_write_the_metrics_of_one_process_and_resume_bit_identically(
         tmp_path: Path, shared_data: Path) -> None:
     """`mbbo run --nproc 2` and `torchrun --nproc-per-node 2 -m mbbo run` (T1, BSVRB_v2 with the task's
@@ -195,6 +210,9 @@ def test_nproc_and_torchrun_write_the_metrics_of_one_process_and_resume_bit_iden
     two = _mbbo([*_t1_args(shared_data, tmp_path / "two", 9), "--nproc", "2"])
     assert two.returncode == 0, two.stderr
     assert _without_time(tmp_path / "two" / "metrics.jsonl") == until_9
+    # --compile auto (the default) on 2 processes: both ranks take rank 0's timing, decided at the budget's end
+    choice = json.loads((tmp_path / "two" / "config.json").read_text())["compile_choice"]
+    assert choice["compiled"] is False and choice["decided_at_iteration"] == 9
     assert not (tmp_path / "two" / "rank1" / "metrics.jsonl").exists()
     assert sorted(p.name for p in (tmp_path / "two" / "rank1").glob("shard-*.pt")) == ["shard-000000006.pt",
                                                                                       "shard-000000009.pt"]
@@ -213,8 +231,8 @@ def test_nproc_and_torchrun_write_the_metrics_of_one_process_and_resume_bit_iden
 
 def _quadratic_args(out: Path, iterations: int) -> list[str]:
     return ["run", "--task", "quadratic", "--algorithm", "bsvrb_v1", "--iterations", str(iterations),
-            "--eval-every", "40", "--checkpoint-every", "40", "--no-progress", "--out", str(out), "--set",
-            "num_blocks=8", "block_batch=4", "dim_x=3", "dim_y=2"]
+            "--eval-every", "40", "--checkpoint-every", "40", "--no-progress", "--compile", "no", "--out", str(out),
+            "--set", "num_blocks=8", "block_batch=4", "dim_x=3", "dim_y=2"]
 
 
 @pytest.mark.slow

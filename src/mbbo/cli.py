@@ -518,8 +518,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            checkpoint_seconds=options.checkpoint_seconds,
                            divergence_factor=options.divergence_factor,
                            progress=not args.no_progress, overwrite=args.overwrite,
-                           # a timed choice could differ between ranks: multi-process runs compile only when asked
-                           compile_auto=options.compile == "auto" and world == 1)
+                           # a sharded run's ranks follow rank 0's timed choice (broadcast by the runner)
+                           compile_auto=options.compile == "auto" and (world == 1 or group is not None))
     # a rank > 0 of a sharded run has no checkpoint.pt of its own (rank 0 holds the manifest)
     _check_out_dir(experiment.out_dir, args.resume and (group is None or rank == 0), args.overwrite)
     if isinstance(options.threads, bool) or options.threads < 1:

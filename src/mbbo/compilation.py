@@ -7,12 +7,14 @@
   variable is already set to another folder than torch's default. A second process compiling the same
   oracles on the same shapes then loads the compiled code instead of generating it again (Dynamo still traces
   the Python code, which is what remains of the compile time on a warm cache).
-* Compile time. `TimedCompiled` wraps one `torch.compile`d function and times its first call for each input
-  signature (the shapes, dtypes and devices of the tensor leaves and the values of the other leaves: with
-  `dynamic=False` a new signature is a new compilation). That first call is compilation plus one execution
-  (milliseconds against seconds); it is added to `seconds`, which the runner reports as `compile_time` and
-  subtracts from the run's `time`. Recompilations triggered by other guards (rare here: the oracles are pure
-  functions of their tensors) would stay in `time`.
+* Compile time. `TimedCompiled` wraps one `torch.compile`d function and times every call during which Dynamo
+  produced a new graph (its `unique_graphs` counter moved): a first compilation, a recompilation for a new input
+  signature, or one triggered by another guard. Such a call is compilation plus one execution (milliseconds
+  against seconds); it is added to `seconds`, which the runner reports as `compile_time` and subtracts from the
+  run's `time`. `dynamic=False` (one process) specialises each compilation on the shapes; a block-sharded
+  process (`mbbo.distributed`) holds a different number of the sampled blocks at every iteration, so its
+  oracles use automatic dynamic shapes (`dynamic=None`: the second block count seen recompiles once with a
+  symbolic block dimension, and later counts reuse it) instead of one compilation per count.
 * `auto`. `should_compile(eager_seconds_per_iteration, remaining_iterations)`: compile when the estimated eager
   time of the rest of the run exceeds `AUTO_MIN_EAGER_SECONDS` = `AUTO_COMPILE_SECONDS / AUTO_SAVED_FRACTION`
   (60 s): compilation is budgeted at 30 s (issue 11's target for a fresh cache; measured for BSVRB_v2 on T1 in
@@ -30,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from mbbo.data.cache import cache_dir
 
 __all__ = ["AUTO_COMPILE_SECONDS", "AUTO_MIN_EAGER_SECONDS", "AUTO_SAVED_FRACTION", "COMPILE_CHOICES",
-           "TimedCompiled", "compile_cache_dir", "enable_persistent_cache", "should_compile"]
+           "TimedCompiled", "compile_cache_dir", "enable_persistent_cache", "graphs_compiled", "should_compile"]
 
 COMPILE_CHOICES = ("auto", "yes", "no")
 #: Expected cost of compiling the oracles of one algorithm on a fresh cache (seconds).
@@ -68,28 +69,28 @@ def enable_persistent_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """What a `dynamic=False` compilation is specialised on: tensor shapes, dtypes, devices; other values."""
-    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
-                 for a in tree_leaves(args))
+def graphs_compiled() -> int:
+    """Graphs Dynamo has compiled so far in this process (its `unique_graphs` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class TimedCompiled:
-    """`torch.compile(fn, dynamic=False)` whose first call per input signature is timed into `seconds`."""
+    """`torch.compile(fn, dynamic=dynamic)` whose calls that compile are timed into `seconds`."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = torch.compile(fn, dynamic=False)
+    def __init__(self, fn: Callable[..., Any], *, dynamic: bool | None = False) -> None:
+        self.fn = torch.compile(fn, dynamic=dynamic)
         self.seconds = 0.0
-        self.signatures: set[tuple[Any, ...]] = set()
+        self.compilations = 0
 
     def __call__(self, *args: Any) -> Any:
-        key = _signature(args)
-        if key in self.signatures:
-            return self.fn(*args)
+        before = graphs_compiled()
         start = time.perf_counter()
         out = self.fn(*args)
-        self.seconds += time.perf_counter() - start
-        self.signatures.add(key)
+        if graphs_compiled() != before:
+            self.seconds += time.perf_counter() - start
+            self.compilations += 1
         return out
 
 

@@ -280,35 +280,40 @@ class BlockShard:
         tails = [tuple(t.shape[1:]) for t in mine]
         all_tails = [tails] * self.world_size if uniform else self._exchange_shapes(tails)
         device = mine[0].device if mine else blocks.device
-        # byte sizes of each rank's parts (padded to nmax rows)
+        # byte sizes of each rank's parts (padded to nmax rows); every rank's buffer has the largest total
         sizes = [[nmax * _numel(tail) * t.element_size() for tail, t in zip(rank_tails, mine, strict=True)]
                  for rank_tails in all_tails]
         total = max(sum(s) for s in sizes)
-        buffer = torch.zeros(total, dtype=torch.uint8, device=device)
-        offset = 0
-        for t, size in zip(mine, sizes[self.rank], strict=True):
-            rows = torch.zeros((nmax, *t.shape[1:]), dtype=t.dtype, device=device)
-            rows[: t.shape[0]] = t
-            buffer[offset: offset + size] = _as_bytes(rows)
-            offset += size
+        pieces = []
+        for t in mine:
+            if t.shape[0] < nmax:  # zero rows up to nmax
+                t = torch.cat([t, t.new_zeros((nmax - t.shape[0], *t.shape[1:]))])
+            pieces.append(_as_bytes(t))
+        pieces.append(torch.zeros(total - sum(sizes[self.rank]), dtype=torch.uint8, device=device))
+        buffer = torch.cat(pieces)
         received = [torch.empty_like(buffer) for _ in range(self.world_size)]
         dist.all_gather(received, buffer)
         self.collectives += 1
         self.bytes_sent += total
-        positions = [(owners == q).nonzero().squeeze(-1).to(device) for q in range(self.world_size)]
+        # the received rows come grouped by owner; `order` puts them back in the order of `blocks`
+        order = torch.argsort(owners, stable=True).to(device)
         out = []
         for k, (t, d) in enumerate(parts):
             tail = tuple(max(all_tails[q][k][j] for q in range(self.world_size)) for j in range(len(tails[k])))
-            full = torch.zeros((blocks.shape[0], *tail), dtype=t.dtype, device=device)
+            grouped = []
             for q in range(self.world_size):
                 if counts[q] == 0:
                     continue
                 start = sum(sizes[q][:k])
                 rows = _from_bytes(received[q][start: start + sizes[q][k]], t.dtype, (nmax, *all_tails[q][k]))
-                if tuple(rows.shape[1:]) == tail:
-                    full[positions[q]] = rows[: counts[q]]
-                else:  # pad the last dimension with zeros
-                    full[positions[q], ..., : rows.shape[-1]] = rows[: counts[q]]
+                rows = rows[: counts[q]]
+                if tuple(rows.shape[1:]) != tail:  # pad the last dimension with zeros
+                    rows = torch.nn.functional.pad(rows, (0, tail[-1] - rows.shape[-1])) if rows.dtype != torch.bool \
+                        else torch.cat([rows, rows.new_zeros((*rows.shape[:-1], tail[-1] - rows.shape[-1]))], -1)
+                grouped.append(rows)
+            full = torch.empty((blocks.shape[0], *tail), dtype=t.dtype, device=device)
+            if grouped:
+                full[order] = torch.cat(grouped)
             out.append(full.movedim(0, d))
         return out
 

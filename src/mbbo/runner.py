@@ -168,7 +168,8 @@ class RunConfig:
         compile_auto: after `AUTO_PROBE_ITERATIONS` timed eager iterations (not counting the first one of the
             process), compile the algorithm's oracles (`algorithm.oracles.use_compiled()`) when
             `mbbo.compilation.should_compile` says that the rest of the run repays it; the choice and its
-            inputs are recorded in `config.json` under `compile_choice`.
+            inputs are recorded in `config.json` under `compile_choice`. In a multi-process run every rank
+            decides on rank 0's timing (broadcast), so that all ranks choose alike.
     """
 
     out_dir: Path
@@ -531,6 +532,8 @@ class _Run:
         self.compile_decided = True
         timed = self.probe[1:] or self.probe
         per_iteration = sum(timed) / len(timed)
+        if self.group is not None:  # the ranks' timings differ: all follow rank 0's
+            per_iteration = float(self.group.broadcast(per_iteration))  # type: ignore[arg-type]
         remaining = self.total - self.iteration
         oracles = getattr(self.algorithm, "oracles", None)
         compilable = callable(getattr(oracles, "use_compiled", None))
