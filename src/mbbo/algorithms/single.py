@@ -53,6 +53,12 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
     def lower_variables(self) -> Tensor:
         return self.y.unsqueeze(0)
 
+    def advance(self, x_new: Tensor) -> None:
+        """x_prev <- x, x <- x_new, iteration += 1: ends an iteration."""
+        self.x_prev = self.x
+        self.x = x_new
+        self.iteration += 1
+
     # --- sampling --------------------------------------------------------------------------------------
     def lower_batch(self, batch_size: int | None = None, stream: str = "lower") -> Batch:
         return self.lower_sampler.sample(self.block, self.generators[stream], batch_size)
