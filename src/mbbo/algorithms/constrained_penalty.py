@@ -74,10 +74,6 @@ class PenaltyMethod(SingleBlockAlgorithm):
     constrained_only: ClassVar[bool] = True  # fits constrained tasks only (task registry)
     Config = PenaltyConfig
     problem: ConstrainedProblem
-    z: Tensor
-    lam: float
-    mu_y: Tensor
-    mu_z: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:

@@ -190,8 +190,6 @@ class F2SA(SingleBlockAlgorithm):
 
     name = "f2sa"
     Config = F2SAConfig
-    z: Tensor
-    lam: float
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -218,8 +216,6 @@ class F2SAProjected(SingleBlockAlgorithm):
     State = F2SA.State
     name = "f2sa_projected"
     Config = F2SAProjectedConfig
-    z: Tensor
-    lam: float
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:

@@ -144,10 +144,6 @@ class MRBO(SingleBlockAlgorithm):
 
     name = "mrbo"
     Config = MRBOConfig
-    y_prev: Tensor
-    d_y: Tensor
-    d_x: Tensor
-    fresh: bool
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -183,10 +179,6 @@ class SUSTAIN(SingleBlockAlgorithm):
     State = MRBO.State
     name = "sustain"
     Config = SUSTAINConfig
-    y_prev: Tensor
-    d_y: Tensor
-    d_x: Tensor
-    fresh: bool
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -242,10 +234,6 @@ class VRBO(SingleBlockAlgorithm):
     Config = VRBOConfig
     #: whether the algorithm needs samplers over stored rows (static fit checks)
     needs_finite_sum: ClassVar[str | None] = "by default"
-    d_y: Tensor
-    d_x: Tensor
-    y_prev: Tensor
-    since_refresh: int
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:

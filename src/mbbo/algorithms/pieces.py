@@ -8,8 +8,6 @@ lives in the algorithm's declared `State`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -47,7 +45,7 @@ def implicit_oracle_calls(alg: SingleBlockAlgorithm, **counts: int) -> dict[str,
     return {**counts, "grad_x_f": int(alg.problem.upper_depends_on_x)}
 
 
-def two_points(current: Any, previous: Any, fresh: bool) -> Any:
+def two_points(current: Tensor, previous: Tensor, fresh: bool) -> Tensor:
     """(current,) stacked alone when `fresh` (no previous point yet), else (current, previous) stacked: the
     points of a STORM / SARAH difference evaluated on the same samples in one call."""
     return current.unsqueeze(0) if fresh else torch.stack([current, previous])

@@ -18,7 +18,9 @@ use a ridge written as a norm (not strongly convex); that is the task's concern,
 
 Reusable pieces: :class:`mbbo.inner_solvers.LowerSGD` and :func:`epoch_sgd` (lower-level solvers on g(x, .)),
 :meth:`SingleBlockAlgorithm.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
-samples). The step rules' states (`mbbo.steps`) are fields of each algorithm's `State`, saved generically.
+samples), and the functions below that two methods share (BO-REP / SLIP: `linsys_momentum_step`; AccBO / VR-AdamBO:
+`accelerated_lower_and_hypergradients`): each class derives directly from `SingleBlockAlgorithm`. The step rules'
+states (`mbbo.steps`) are fields of each algorithm's `State`, saved generically.
 """
 
 from __future__ import annotations
@@ -148,9 +150,6 @@ class BOREP(SingleBlockAlgorithm):
 
     name = "bo_rep"
     Config = BOREPConfig
-    z: Tensor
-    m: Tensor
-    rule_state: CountState
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -233,9 +232,6 @@ class SLIP(SingleBlockAlgorithm):
     State = BOREP.State
     name = "slip"
     Config = SLIPConfig
-    z: Tensor
-    m: Tensor
-    rule_state: CountState
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -312,6 +308,14 @@ class AccBOConfig(Hyper):
         return Neumann(self.neumann_terms, self.neumann_lr, random_truncation=True, scale_by_q=self.neumann_unbiased)
 
 
+def start_accelerated(alg: AccBO | VRAdamBO, rule_state: Any) -> None:
+    """The lower rule's state at y, y_hat_prev <- y, m <- 0, the upper rule's initial state."""
+    alg.lower_state = alg.config.lower_rule().init(alg.y)
+    alg.y_hat_prev = alg.y.clone()
+    alg.m = torch.zeros_like(alg.x)
+    alg.rule_state = rule_state
+
+
 def nesterov_lower_update(alg: AccBO | VRAdamBO, n_steps: int) -> None:
     """n_steps of the config's `lower_rule` on g(x, .) (fresh mini-batches), moving y and the averaged y_hat."""
     rule, grad = alg.config.lower_rule(), alg.lower_grad_fn(alg.x)
@@ -372,19 +376,11 @@ class AccBO(SingleBlockAlgorithm):
 
     name = "accbo"
     Config = AccBOConfig
-    lower_state: NesterovState
-    y_hat_prev: Tensor
-    m: Tensor
-    rule_state: Any
-    fresh: bool
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        self.lower_state = self.config.lower_rule().init(self.y)
-        self.y_hat_prev = self.y.clone()
-        self.m = torch.zeros_like(self.x)
-        self.rule_state = CountState(0)
+        start_accelerated(self, CountState(0))
 
     @property
     def y_hat(self) -> Tensor:
@@ -437,19 +433,11 @@ class VRAdamBO(SingleBlockAlgorithm):
     State = AccBO.State
     name = "vr_adambo"
     Config = VRAdamBOConfig
-    lower_state: NesterovState
-    y_hat_prev: Tensor
-    m: Tensor
-    rule_state: AdamState
-    fresh: bool
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        self.lower_state = self.config.lower_rule().init(self.y)
-        self.y_hat_prev = self.y.clone()
-        self.m = torch.zeros_like(self.x)
-        self.rule_state = self.init_adam()
+        start_accelerated(self, self.init_adam())
 
     def init_adam(self) -> AdamState:
         return AdamState(0, [torch.zeros_like(self.x)], [torch.zeros_like(self.x)])
