@@ -130,7 +130,7 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
         """j -> an HVP operator on a fresh lower mini-batch (independent Neumann terms)."""
         return lambda j: self.hvp_operator(x, y, self.lower_batch(batch_size, stream))
 
-    # --- pieces shared by the unbounded-smoothness family (BO-REP, SLIP, AccBO, AdamBO, Ada-BiO) -----------
+    # --- pieces shared by several methods (lower loops, Neumann hypergradients) --------------------------------
     def _batch_size(self) -> int | None:
         """The config's `batch_size` (None: the samplers'), for methods that have one."""
         return getattr(self.config, "batch_size", None)
