@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from constrained_helpers import inactive_problem
+from mbbo.algorithms.constrained_base import exact_lower
 from mbbo.algorithms.registry import ALGORITHMS, make_algorithm
 from mbbo.cli import main
 from mbbo.constrained import Box, ConstrainedProblem, ConstraintOracles, LinearConstraint, violation
@@ -66,7 +67,7 @@ def test_warm_start_qp_dual_satisfies_kkt() -> None:
     positive = (problem.linear.G_y[:, -1] < 0).nonzero().flatten()[:3]  # three rows with label +1
     x = torch.full_like(problem.x0, 1.5)
     x[positive] = 0.5  # they need a margin of 0.5: b = 0.5, w = 0 is feasible, so some constraints bind
-    result = algo.exact_lower(x, torch.zeros(problem.dim_y, dtype=F64))
+    result = exact_lower(algo, x, torch.zeros(problem.dim_y, dtype=F64))
     y, mu = result.solution, result.multipliers
     P = torch.diag(torch.cat([torch.ones(problem.dim_y - 1, dtype=F64), torch.tensor([0.01], dtype=F64)]))
     G, c = problem.lower_halfspaces(x)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mbbo.algorithms.classic import BSA, TTSA
+from mbbo.algorithms.pieces import random_neumann
 from mbbo.algorithms.registry import make_algorithm
 from mbbo.linsolve import Neumann
 from mbbo.tasks.benchopt_quadratic import BenchoptQuadratic
@@ -80,7 +81,7 @@ def test_random_truncation_is_unbiased_for_the_truncated_series() -> None:
     torch.testing.assert_close(values.mean(0), Neumann(Q, eta).truncated_series(lambda v: A @ v, b))
     hits = torch.zeros(Q)
     for _ in range(60):  # P(some q never drawn) = 4 (3/4)^60 < 1e-7
-        v = alg.random_neumann(alg.x, alg.y, b)
+        v = random_neumann(alg, alg.x, alg.y, b, Q, eta)
         match = (v - values).norm(dim=1) < 1e-13
         assert int(match.sum()) == 1
         hits += match

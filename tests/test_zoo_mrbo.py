@@ -71,7 +71,7 @@ def test_vrbo_spider_follows_the_x_step_with_full_batches() -> None:
 def test_vrbo_refresh_period_and_large_batch_refresh() -> None:
     _, pb = benchopt_problem(**SMALL)
     alg = VRBO(pb, neumann_terms=2, lower_steps=2, period_frac=0.5)  # int((40 + 30) * 0.5 / 8) = 4
-    assert alg.refresh_period() == 4
+    assert alg.refresh.period(alg) == 4
     noisy = MultiBlockQuadratic.random(1, 3, 4, seed=0).problem(noise=0.1, batch_size=4)
     with pytest.raises(ValueError, match="refresh_batch_size"):
         VRBO(noisy)

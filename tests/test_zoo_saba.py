@@ -77,7 +77,7 @@ def test_srba_recursion_is_exact_on_full_batches_between_refreshes() -> None:
 def test_srba_refreshes_every_period() -> None:
     _, pb = benchopt_problem(**SMALL)
     alg = SRBA(pb)  # benchopt's rule: int((40 + 30) * 0.5 / 8) = 4
-    assert alg.refresh_period() == 4
+    assert alg.refresh.period(alg) == 4
     for _ in range(8):
         alg.step()
     # refreshes at t = 0 and 4 count one call each, the 6 other steps two (current and previous point)

@@ -90,7 +90,7 @@ def test_warm_start_schedules_and_restart_wrapper() -> None:
     # without warm start the lower loop restarts from y0, with the step lower_lr / (k+1)^1 at k = 1
     A, C, a = quad.A[0], quad.C[0], quad.a[0]
     torch.testing.assert_close(cold.y, y0 - 0.05 * (A @ y0 + C.T @ x1 + a), rtol=0, atol=1e-14)
-    assert cold.current_lr == pytest.approx(0.1 / 3**0.5)
+    assert cold.config.lr_at(cold.iteration) == pytest.approx(0.1 / 3**0.5)
     warm = StocBiO(pb, lower_steps=1)
     warm.step()
     y1 = warm.y.clone()

@@ -16,7 +16,9 @@ It is deliberately plain (no variance reduction, no schedules): what matters is 
    the iteration counter and y come from the bases). `state_dict()` / `load_state_dict()` are derived from it;
    each field is also an attribute (`self.v`).
 3. `step()`: one iteration, a short wiring of the shared pieces (oracles of `SingleBlockAlgorithm`, the lower
-   SGD of `mbbo.inner_solvers`), ending with the iteration counter.
+   SGD of `mbbo.inner_solvers`), ending with `advance` (x_prev, x and the iteration counter).
+   The class derives directly from `SingleBlockAlgorithm`: algorithms never subclass one another
+   (tests/test_flat_hierarchy.py); what several of them share is a function or a small object they call.
 4. `oracle_calls_per_step()`: the oracle calls of one iteration, checked by the contract suite.
 
 It is registered by the tests only (`register_algorithm(TemplateAID)`), not in the library's list.
@@ -79,8 +81,7 @@ class TemplateAID(SingleBlockAlgorithm):
         _, hv, jv = self.lower_products(x, y, self.v, self.lower_batch(bs))
         gx_f, gy_f = self.upper_grads(x, y, self.upper_batch(bs))
         self.y, self.v = y, self.v - cfg.linsys_lr * (hv - gy_f)
-        self.x_prev, self.x = x, x - cfg.lr * (gx_f - jv)
-        self.iteration += 1
+        self.advance(x - cfg.lr * (gx_f - jv))  # x_prev <- x, x <- the new x, iteration += 1
 
     def restart(self) -> None:
         """Nothing to re-initialise for `Restarted` (y and v carry over)."""

@@ -45,7 +45,9 @@ from torch import Tensor
 
 from mbbo import inner_solvers
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.stocbio import ZooAlgorithm, ZooConfig
+from mbbo.algorithms.pieces import fresh_hvps, implicit_oracle_calls, lower_loop, lower_start
+from mbbo.algorithms.single import SingleBlockAlgorithm
+from mbbo.algorithms.stocbio import ZooConfig
 from mbbo.linsolve import ConjugateGradient, FixedPoint, LinearSolver, Neumann, SGDQuadratic
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.state import UNSET
@@ -81,11 +83,11 @@ class AIDBiOConfig(ZooConfig):
         return FixedPoint(self.linsys_steps, self.linsys_lr)
 
 
-class AIDBiO(ZooAlgorithm):
+class AIDBiO(SingleBlockAlgorithm):
     """AID-BiO with a choice of linear solver; N-Q-loop / N-loop / Q-loop / no-loop by the choice of N, Q."""
 
     @dataclass
-    class State(ZooAlgorithm.State):
+    class State(SingleBlockAlgorithm.State):
         v: Tensor = UNSET  # the linear-system solution (warm start of the next solve)
 
     name = "aid_bio"
@@ -98,33 +100,40 @@ class AIDBiO(ZooAlgorithm):
         self.v = torch.zeros_like(self.y)
 
     def step(self) -> None:
-        cfg, x = self.config, self.x
-        self.y = self.lower_sgd(x, self.lower_start())
+        cfg, x, k = self.config, self.x, self.iteration
+        self.y = lower_loop(self, x, lower_start(self), cfg.lower_steps, cfg.lower_lr_at(k))
         gx_f, gy_f = self.upper_grads(x, self.y, self.upper_batch())
         solver = cfg.solver()
         if cfg.linsys_solver in ("sgd", "neumann"):
-            hvps: Any = self.neumann_hvps(x, self.y)  # a fresh batch per step / term
+            hvps: Any = fresh_hvps(self, x, self.y)  # a fresh batch per step / term
         else:
             hvps = self.hvp_operator(x, self.y, self.lower_batch(stream="extra"))  # one fixed matrix
         v0 = self.v if cfg.warm_start_v and solver.supports_warm_start else None
         self.v = solver.solve(hvps, gy_f, v0=v0).v
-        self.upper_step(gx_f - self.cross(x, self.y, self.v, self.lower_batch()))
+        self.advance(x - cfg.lr_at(k) * (gx_f - self.cross(x, self.y, self.v, self.lower_batch())))
+
+    def restart(self) -> None:
+        """Used by `Restarted` at a stage start: v stays the warm start of the next solve."""
 
 
-class ITDBiO(ZooAlgorithm):
+class ITDBiO(SingleBlockAlgorithm):
     """ITD-BiO: reverse-mode differentiation through N unrolled lower SGD steps from a constant warm start."""
 
     name = "itd_bio"
     Config = ZooConfig
 
     def step(self) -> None:
-        lower = [self.lower_batch() for _ in range(self.config.lower_steps)]
-        h, self.y = self.unrolled_hypergradient(self.x, self.lower_start(), lower, self.upper_batch())
-        self.upper_step(h)
+        cfg, k = self.config, self.iteration
+        lower = [self.lower_batch() for _ in range(cfg.lower_steps)]
+        h, self.y = self.unrolled_hypergradient(self.x, lower_start(self), lower, self.upper_batch())
+        self.advance(self.x - cfg.lr_at(k) * h)
+
+    def restart(self) -> None:
+        """Used by `Restarted` at a stage start: no estimator to reset."""
 
     def oracle_calls_per_step(self) -> dict[str, int] | None:
         n = self.config.lower_steps
-        return {"grad_y_g": n, "hvp": n, "cross": n, "grad_y_f": 1, "grad_x_f": int(self.problem.upper_depends_on_x)}
+        return implicit_oracle_calls(self, grad_y_g=n, hvp=n, cross=n, grad_y_f=1)
 
     def unrolled_hypergradient(self, x: Tensor, y0: Tensor, lower_batches: list[Batch], upper_batch: Batch,
                                lr: float | None = None) -> tuple[Tensor, Tensor]:
@@ -135,7 +144,7 @@ class ITDBiO(ZooAlgorithm):
         n = len(lower_batches)
         h, y_last = inner_solvers.unrolled_hypergradient(
             partial(_lower_on, self, lower_batches), partial(_upper_on, self, upper_batch), x, y0, n,
-            self.current_lower_lr if lr is None else lr)
+            self.config.lower_lr_at(self.iteration) if lr is None else lr)
         counts = self.oracles.counts
         counts["grad_y_g"] += n
         counts["hvp"] += n
@@ -154,7 +163,7 @@ def _upper_on(alg: ITDBiO, batch: Batch, x: Tensor, y: Tensor) -> Tensor:
     return alg.upper_value(x, y, batch)
 
 
-class FOITDBiO(ZooAlgorithm):
+class FOITDBiO(SingleBlockAlgorithm):
     """First-order ITD-BiO: N lower SGD steps (no graph), then h = grad_x f(x, y^N)."""
 
     name = "fo_itd_bio"
@@ -169,6 +178,10 @@ class FOITDBiO(ZooAlgorithm):
         return reason
 
     def step(self) -> None:
-        self.y = self.lower_sgd(self.x, self.lower_start())
-        gx_f, _ = self.upper_grads(self.x, self.y, self.upper_batch())
-        self.upper_step(gx_f)
+        cfg, x, k = self.config, self.x, self.iteration
+        self.y = lower_loop(self, x, lower_start(self), cfg.lower_steps, cfg.lower_lr_at(k))
+        gx_f, _ = self.upper_grads(x, self.y, self.upper_batch())
+        self.advance(x - cfg.lr_at(k) * gx_f)
+
+    def restart(self) -> None:
+        """Used by `Restarted` at a stage start: no estimator to reset."""

@@ -43,10 +43,13 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig
+from mbbo.algorithms.pieces import fresh_hvps, lower_loop, lower_start
+from mbbo.algorithms.single import SingleBlockAlgorithm
+from mbbo.algorithms.stocbio import StepConfig, ZooConfig
 from mbbo.linsolve import SGDQuadratic
 from mbbo.problem import MultiBlockProblem
 from mbbo.state import UNSET
+from mbbo.steps import scheduled
 from mbbo.trackers import STORM
 from mbbo.validation import check_int, check_nonnegative, check_positive, check_unit
 
@@ -64,11 +67,11 @@ class AmIGOConfig(ZooConfig):
         check_positive("linsys_lr", self.linsys_lr)
 
 
-class AmIGO(ZooAlgorithm):
+class AmIGO(SingleBlockAlgorithm):
     """AmIGO: warm-started SGD loops on y and on the quadratic of v, then an SGD step on x."""
 
     @dataclass
-    class State(ZooAlgorithm.State):
+    class State(SingleBlockAlgorithm.State):
         v: Tensor = UNSET  # the linear-system variable (warm start of the v-loop)
 
     name = "amigo"
@@ -81,12 +84,15 @@ class AmIGO(ZooAlgorithm):
         self.v = torch.zeros_like(self.y)
 
     def step(self) -> None:
-        cfg, x = self.config, self.x
-        self.y = self.lower_sgd(x, self.lower_start())
+        cfg, x, k = self.config, self.x, self.iteration
+        self.y = lower_loop(self, x, lower_start(self), cfg.lower_steps, cfg.lower_lr_at(k))
         gx_f, gy_f = self.upper_grads(x, self.y, self.upper_batch())
         solver = SGDQuadratic(cfg.linsys_steps, cfg.linsys_lr)
-        self.v = solver.solve(self.neumann_hvps(x, self.y), gy_f, v0=self.v).v
-        self.upper_step(gx_f - self.cross(x, self.y, self.v, self.lower_batch()))
+        self.v = solver.solve(fresh_hvps(self, x, self.y), gy_f, v0=self.v).v
+        self.advance(x - cfg.lr_at(k) * (gx_f - self.cross(x, self.y, self.v, self.lower_batch())))
+
+    def restart(self) -> None:
+        """Used by `Restarted` at a stage start: v stays the warm start of the v-loop."""
 
 
 @dataclass
@@ -109,12 +115,12 @@ class FSLAConfig(StepConfig):
         check_nonnegative("momentum_exponent", self.momentum_exponent)
 
 
-class FSLA(ZooAlgorithm):
+class FSLA(SingleBlockAlgorithm):
     """FSLA: one step on y and on v per iteration, STORM momentum on the hypergradient (two points, same
     samples), SGD on x."""
 
     @dataclass
-    class State(ZooAlgorithm.State):
+    class State(SingleBlockAlgorithm.State):
         v: Tensor = UNSET  # the linear-system variable
         d: Tensor = UNSET  # STORM estimate of the hypergradient
         fresh: bool = True  # no previous point yet: d starts at the first hypergradient
@@ -132,11 +138,11 @@ class FSLA(ZooAlgorithm):
         self.d = torch.zeros_like(self.x)
 
     def step(self) -> None:
-        cfg, x, y, v = self.config, self.x, self.y, self.v
-        y_new = y - self.current_lower_lr * self.grad_y_g(x, y, self.lower_batch())
+        cfg, x, y, v, k = self.config, self.x, self.y, self.v, self.iteration
+        y_new = y - cfg.lower_lr_at(k) * self.grad_y_g(x, y, self.lower_batch())
         hv = self.hvp(x, y_new, v, self.lower_batch())
         _, gy_f = self.upper_grads(x, y_new, self.upper_batch())
-        v_new = v - self.scheduled(cfg.linsys_lr, cfg.linsys_lr_exponent) * (hv - gy_f)
+        v_new = v - scheduled(cfg.linsys_lr, cfg.linsys_lr_exponent, k) * (hv - gy_f)
         upper, lower = self.upper_batch(), self.lower_batch()
         if self.fresh:
             gx_f, _ = self.upper_grads(x, y_new, upper)
@@ -145,11 +151,10 @@ class FSLA(ZooAlgorithm):
             xs, ys = torch.stack([x, self.x_prev]), torch.stack([y_new, y])
             gx_f, _ = self.upper_grads(xs, ys, upper)
             h = gx_f - self.cross(xs, ys, torch.stack([v_new, v]), lower)
-            rho = self.scheduled(cfg.momentum, cfg.momentum_exponent)
-            self.d = STORM(rho).update(self.d, h[0], h[1])
+            self.d = STORM(scheduled(cfg.momentum, cfg.momentum_exponent, k)).update(self.d, h[0], h[1])
         self.fresh = False
         self.y, self.v = y_new, v_new
-        self.upper_step(self.d)
+        self.advance(x - cfg.lr_at(k) * self.d)
 
     def restart(self) -> None:
         """A stage start re-initialises the momentum (d = h at the next step); y and v are carried over."""

@@ -20,13 +20,20 @@ Defaults: the authors' SVM harness (gamma 12, eta 0.01, T = Ty = 20, eta1 1e-3 f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
+from mbbo.algorithms.constrained_base import (
+    all_finite,
+    constrained_misfit,
+    counted_constraint_oracles,
+    grads_f,
+    grads_g,
+)
+from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.saddle import max_min_loop
 from mbbo.state import UNSET
@@ -58,22 +65,25 @@ class BLOCCConfig(Hyper):
         check_int("inner_steps", self.inner_steps, 1)
 
 
-class BLOCC(ConstrainedAlgorithm):
+class BLOCC(SingleBlockAlgorithm):
     """BLOCC (Jiang et al., NeurIPS 2024): max-min inner loops for L_g and L_F, then a Danskin upper step."""
 
     @dataclass
-    class State(ConstrainedAlgorithm.State):
+    class State(SingleBlockAlgorithm.State):
         y_g: Tensor = UNSET  # the lower problem's primal-dual iterates
         mu_g: Tensor = UNSET
         y_F: Tensor = UNSET  # the penalised problem's primal-dual iterates
         mu_F: Tensor = UNSET
 
     name = "blocc"
+    constrained_only: ClassVar[bool] = True  # fits constrained tasks only (task registry)
     Config = BLOCCConfig
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.h_oracles = counted_constraint_oracles(self)
+        self.x = self.problem.project_x(self.x)
         y = self.problem.project_y(self.y)
         mu = torch.full((self.problem.num_constraints,), self.config.mu_floor, dtype=y.dtype, device=y.device)
         self.y_g, self.mu_g, self.y_F, self.mu_F = y, mu, y.clone(), mu.clone()
@@ -87,7 +97,7 @@ class BLOCC(ConstrainedAlgorithm):
             hy = self.h_oracles.y_product(x, y_, mu_)
             if gamma_f is None:
                 return gy + hy
-            _, fy = self.grads_f(x, y_)
+            _, fy = grads_f(self, x, y_)
             return fy + gamma_f * gy + hy
 
         y, mu, _ = max_min_loop(y, mu, grad_y, lambda y_: self.h_oracles.value(x, y_), rounds=cfg.rounds,
@@ -99,14 +109,24 @@ class BLOCC(ConstrainedAlgorithm):
         cfg, x = self.config, self.x
         self.y_g, self.mu_g = self._inner(x, self.y_g, self.mu_g, None, cfg.lr_y_g)
         self.y_F, self.mu_F = self._inner(x, self.y_F, self.mu_F, cfg.gamma, cfg.lr_y_F)
-        fx, _ = self.grads_f(x, self.y_F)
-        gx, _ = self.grads_g(x, torch.stack([self.y_F, self.y_g]))
+        fx, _ = grads_f(self, x, self.y_F)
+        gx, _ = grads_g(self, x, torch.stack([self.y_F, self.y_g]))
         _, hx_F, _ = self.h_oracles.products(x, self.y_F, self.mu_F)
         _, hx_g, _ = self.h_oracles.products(x, self.y_g, self.mu_g)
         direction = fx + hx_F - cfg.gamma * hx_g + cfg.gamma * (gx[0] - gx[1])
         self.x_prev = x
         self.x = self.problem.project_x(x - cfg.lr * direction)
         self.iteration += 1
+
+    @classmethod
+    def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
+        return constrained_misfit(problem, super().unsuitable_for(problem))
+
+    def lower_variables(self) -> Tensor:
+        return self.y_F.unsqueeze(0)
+
+    def is_finite(self) -> bool:
+        return all_finite(self.state_tensors())
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"y_F": self.y_F, "y_g": self.y_g}

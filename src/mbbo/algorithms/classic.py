@@ -36,7 +36,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mbbo.algorithms.stocbio import StepConfig, ZooAlgorithm, ZooConfig
+from mbbo.algorithms.pieces import lower_loop, lower_start, random_neumann
+from mbbo.algorithms.single import SingleBlockAlgorithm
+from mbbo.algorithms.stocbio import StepConfig, ZooConfig
 from mbbo.problem import MultiBlockProblem
 from mbbo.validation import check_int, check_positive
 
@@ -74,29 +76,35 @@ class TTSAConfig(StepConfig):
         _check_neumann(self)
 
 
-class BSA(ZooAlgorithm):
+class BSA(SingleBlockAlgorithm):
     """BSA: warm-started lower SGD loop, randomly truncated Neumann hypergradient, decaying steps."""
 
     name = "bsa"
     Config = BSAConfig
 
     def step(self) -> None:
-        x = self.x
-        self.y = self.lower_sgd(x, self.lower_start())
+        cfg, x, k = self.config, self.x, self.iteration
+        self.y = lower_loop(self, x, lower_start(self), cfg.lower_steps, cfg.lower_lr_at(k))
         gx_f, gy_f = self.upper_grads(x, self.y, self.upper_batch())
-        v = self.random_neumann(x, self.y, gy_f)
-        self.upper_step(gx_f - self.cross(x, self.y, v, self.lower_batch()))
+        v = random_neumann(self, x, self.y, gy_f, cfg.linsys_steps, cfg.linsys_lr)
+        self.advance(x - cfg.lr_at(k) * (gx_f - self.cross(x, self.y, v, self.lower_batch())))
+
+    def restart(self) -> None:
+        """Used by `Restarted` at a stage start: no estimator to reset."""
 
 
-class TTSA(ZooAlgorithm):
+class TTSA(SingleBlockAlgorithm):
     """TTSA: one lower SGD step and one upper step per iteration on two time scales."""
 
     name = "ttsa"
     Config = TTSAConfig
 
     def step(self) -> None:
-        x, batch = self.x, self.lower_batch()
-        self.y = self.y - self.current_lower_lr * self.grad_y_g(x, self.y, batch)
+        cfg, x, k, batch = self.config, self.x, self.iteration, self.lower_batch()
+        self.y = self.y - cfg.lower_lr_at(k) * self.grad_y_g(x, self.y, batch)
         gx_f, gy_f = self.upper_grads(x, self.y, self.upper_batch())
-        v = self.random_neumann(x, self.y, gy_f)
-        self.upper_step(gx_f - self.cross(x, self.y, v, batch))
+        v = random_neumann(self, x, self.y, gy_f, cfg.linsys_steps, cfg.linsys_lr)
+        self.advance(x - cfg.lr_at(k) * (gx_f - self.cross(x, self.y, v, batch)))
+
+    def restart(self) -> None:
+        """Used by `Restarted` at a stage start: no estimator to reset."""

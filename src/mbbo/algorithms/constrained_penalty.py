@@ -23,14 +23,21 @@ step sizes (F2SA's), and T = 10. `lower_variables()` is z (the estimate of y*(x)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.constrained_base import ConstrainedMixin, not_constrained_reason
-from mbbo.algorithms.f2sa import F2SAProjected, F2SAProjectedConfig
+from mbbo.algorithms.constrained_base import constrained_misfit, counted_constraint_oracles
+from mbbo.algorithms.f2sa import (
+    F2SA,
+    F2SAProjectedConfig,
+    penalty_direction,
+    penalty_lower_loop,
+    start_penalty_iterates,
+)
+from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.constrained import ConstrainedProblem
 from mbbo.penalty import Projection
 from mbbo.problem import MultiBlockProblem
@@ -55,22 +62,25 @@ class PenaltyConfig(F2SAProjectedConfig):
         super(F2SAProjectedConfig, self).validate(problem)
 
 
-class PenaltyMethod(ConstrainedMixin, F2SAProjected):
+class PenaltyMethod(SingleBlockAlgorithm):
     """Penalty method (Kwon et al., ICLR 2024) as projected F2SA onto the coupled lower set [template]."""
 
     @dataclass
-    class State(F2SAProjected.State):
+    class State(F2SA.State):
         mu_y: Tensor = UNSET  # multiplier estimates of the projections of y and z
         mu_z: Tensor = UNSET
 
     name = "penalty"
+    constrained_only: ClassVar[bool] = True  # fits constrained tasks only (task registry)
     Config = PenaltyConfig
+    problem: ConstrainedProblem
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        self._init_constraints()
-        pb: ConstrainedProblem = self.problem
+        start_penalty_iterates(self, None)
+        self.h_oracles = counted_constraint_oracles(self)
+        pb = self.problem
         self.x = pb.project_x(self.x)
         self.y = pb.project_lower(self.x, self.y).solution
         self.z = self.y.clone()
@@ -80,14 +90,8 @@ class PenaltyMethod(ConstrainedMixin, F2SAProjected):
 
     @classmethod
     def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
-        reason = not_constrained_reason(problem) or super().unsuitable_for(problem)
-        if reason is None and isinstance(problem, ConstrainedProblem) and problem.linear is None:
-            return "its projections onto {y : h(x, y) <= 0} need a linear constraint (LinearConstraint)"
-        return reason
-
-    @property
-    def projection(self) -> Projection | None:
-        return None  # the set depends on x: see project_lower
+        return constrained_misfit(problem, super().unsuitable_for(problem), "its projections onto "
+                                  "{y : h(x, y) <= 0} need a linear constraint (LinearConstraint)")
 
     def project_lower(self, x: Tensor, y: Tensor, z: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
         """Projections onto S(x) and the multiplier estimates nu / step (module docstring)."""
@@ -97,15 +101,27 @@ class PenaltyMethod(ConstrainedMixin, F2SAProjected):
         self.mu_z = proj_z.multipliers[:k] / gamma
         return proj_y.solution, proj_z.solution
 
-    def penalty_direction(self, x: Tensor, y: Tensor, z: Tensor, lam: float) -> Tensor:
-        direction = super().penalty_direction(x, y, z, lam)
-        _, hx_y, _ = self.h_oracles.products(x, y, self.mu_y)
-        _, hx_z, _ = self.h_oracles.products(x, z, self.mu_z)
-        return direction + hx_y - lam * hx_z
-
     def step(self) -> None:
-        super().step()
-        self.x = self.problem.project_x(self.x)
+        """F2SA's iteration with the projections onto S(x), Danskin's multiplier terms h_x^T mu in the x direction
+        and the projection of x onto X."""
+        cfg, k, lam, x = self.config, self.iteration, self.lam, self.x
+        alpha, gamma, beta = cfg.step_sizes(k)
+        self.y, self.z = penalty_lower_loop(self, x, self.y, self.z, lam, alpha, gamma,
+                                            lambda x_, y, z: self.project_lower(x_, y, z, alpha, gamma))
+        _, hx_y, _ = self.h_oracles.products(x, self.y, self.mu_y)
+        _, hx_z, _ = self.h_oracles.products(x, self.z, self.mu_z)
+        direction = penalty_direction(self, x, self.y, self.z, lam) + hx_y - lam * hx_z
+        self.advance(self.problem.project_x(x - beta * direction))
+        self.lam = cfg.schedule().advance(lam, k)
+
+    def restart(self) -> None:
+        """For `Restarted`: nothing to re-initialise (no estimator); y, z, lambda and the schedules carry over."""
+
+    def lower_variables(self) -> Tensor:
+        return self.z.unsqueeze(0)
+
+    def is_finite(self) -> bool:
+        return super().is_finite() and bool(torch.isfinite(self.y).all())
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"z": self.z, "y": self.y}

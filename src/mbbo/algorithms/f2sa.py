@@ -36,6 +36,7 @@ n_inner_steps 10). Oracles per iteration: 2T grad_y g, T grad f (y-part used), t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,14 @@ from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
 from mbbo.algorithms.single import SingleBlockAlgorithm
-from mbbo.penalty import SCHEDULES, Projection, as_projection, make_penalty_schedule, penalty_gradient
+from mbbo.penalty import (
+    SCHEDULES,
+    PenaltySchedule,
+    Projection,
+    as_projection,
+    make_penalty_schedule,
+    penalty_gradient,
+)
 from mbbo.problem import MultiBlockProblem
 from mbbo.state import UNSET
 from mbbo.steps import InversePower
@@ -92,6 +100,16 @@ class F2SAConfig(Hyper):
         check_flag("shared_x_sample", self.shared_x_sample)
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
+    def schedule(self) -> PenaltySchedule:
+        """The penalty multipliers lambda_k (`mbbo.penalty.make_penalty_schedule`)."""
+        return make_penalty_schedule(self.lambda_schedule, self.lambda0, self.delta_lambda, self.lambda_power)
+
+    def step_sizes(self, k: int) -> tuple[float, float, float]:
+        """(alpha_k for y, gamma_k for z, beta_k for x)."""
+        lower = self.lr if self.lower_lr is None else self.lower_lr
+        return (InversePower(self.lr, self.y_exponent)(k), InversePower(lower, self.z_exponent)(k),
+                InversePower(self.lr / self.outer_ratio, self.x_exponent)(k))
+
 
 @dataclass
 class F2SAProjectedConfig(F2SAConfig):
@@ -110,6 +128,58 @@ class F2SAProjectedConfig(F2SAConfig):
             raise ValueError(f"projection: {err}") from None
 
 
+LowerProjection = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""(x, y, z) -> (Pi(y), Pi(z)): the projection of the two lower iterates after each inner step."""
+
+
+def penalty_lower_loop(alg: SingleBlockAlgorithm, x: Tensor, y: Tensor, z: Tensor, lam: float, alpha: float,
+                       gamma: float, project: LowerProjection | None = None) -> tuple[Tensor, Tensor]:
+    """The config's `n_inner_steps` of y <- Pi(y - alpha (grad_y F + lam grad_y G)), z <- Pi(z - gamma grad_y G), each
+    on fresh mini-batches (module docstring); `project=None`: no projection."""
+    bs = alg.config.batch_size
+    for _ in range(alg.config.n_inner_steps):
+        gy_g = alg.grad_y_g(x, y, alg.lower_batch(bs))
+        _, gy_f = alg.upper_grads(x, y, alg.upper_batch(bs))
+        gz_g = alg.grad_y_g(x, z, alg.lower_batch(bs))
+        y, z = y - alpha * (gy_f + lam * gy_g), z - gamma * gz_g
+        if project is not None:
+            y, z = project(x, y, z)
+    return y, z
+
+
+def penalty_direction(alg: SingleBlockAlgorithm, x: Tensor, y: Tensor, z: Tensor, lam: float) -> Tensor:
+    """grad_x F(x, y) + lam (grad_x G(x, y) - grad_x G(x, z)) on fresh mini-batches (one lower batch for both
+    points when the config's `shared_x_sample`)."""
+    bs = alg.config.batch_size
+    gx_f, _ = alg.upper_grads(x, y, alg.upper_batch(bs))
+    if alg.config.shared_x_sample:
+        gx_g, _ = alg.lower_grads(torch.stack([x, x]), torch.stack([y, z]), alg.lower_batch(bs))
+        gx_g_y, gx_g_z = gx_g[0], gx_g[1]
+    else:
+        gx_g_y, _ = alg.lower_grads(x, y, alg.lower_batch(bs))
+        gx_g_z, _ = alg.lower_grads(x, z, alg.lower_batch(bs))
+    return penalty_gradient(gx_f, gx_g_y, gx_g_z, lam)
+
+
+def start_penalty_iterates(alg: F2SA | F2SAProjected, projection: Projection | None) -> None:
+    """y <- Pi_Y(y0) (when `projection` is given), z <- y, lambda <- lambda_0."""
+    if projection is not None:
+        alg.y = projection(alg.y)
+    alg.z = alg.y.clone()
+    alg.lam = alg.config.schedule().value(0)
+
+
+def f2sa_step(alg: F2SA | F2SAProjected, projection: Projection | None) -> None:
+    """One F2SA iteration (module docstring): the inner loop (projected on Y when `projection` is given), the
+    penalty step on x, lambda_{k+1} = schedule(lambda_k, k)."""
+    cfg, k, lam, x = alg.config, alg.iteration, alg.lam, alg.x
+    alpha, gamma, beta = cfg.step_sizes(k)
+    project = None if projection is None else (lambda _, y, z: (projection(y), projection(z)))
+    alg.y, alg.z = penalty_lower_loop(alg, x, alg.y, alg.z, lam, alpha, gamma, project)
+    alg.advance(x - beta * penalty_direction(alg, x, alg.y, alg.z, lam))
+    alg.lam = cfg.schedule().advance(lam, k)
+
+
 class F2SA(SingleBlockAlgorithm):
     """F2SA (Kwon, Kwon, Wright, Nowak, ICML 2023): fully first-order penalty method (module docstring)."""
 
@@ -124,68 +194,14 @@ class F2SA(SingleBlockAlgorithm):
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        proj = self.projection
-        if proj is not None:
-            self.y = proj(self.y)
-        self.z = self.y.clone()
-        self.lam = self.schedule.value(0)
-
-    # --- configuration --------------------------------------------------------------------------------
-    @property
-    def projection(self) -> Projection | None:
-        return None
-
-    @property
-    def schedule(self):
-        cfg = self.config
-        return make_penalty_schedule(cfg.lambda_schedule, cfg.lambda0, cfg.delta_lambda, cfg.lambda_power)
-
-    def step_sizes(self, k: int) -> tuple[float, float, float]:
-        """(alpha_k for y, gamma_k for z, beta_k for x)."""
-        cfg = self.config
-        lower = cfg.lr if cfg.lower_lr is None else cfg.lower_lr
-        return (InversePower(cfg.lr, cfg.y_exponent)(k), InversePower(lower, cfg.z_exponent)(k),
-                InversePower(cfg.lr / cfg.outer_ratio, cfg.x_exponent)(k))
-
-    # --- the iteration --------------------------------------------------------------------------------
-    def penalty_direction(self, x: Tensor, y: Tensor, z: Tensor, lam: float) -> Tensor:
-        """grad_x F(x, y) + lam (grad_x G(x, y) - grad_x G(x, z)) on fresh mini-batches (one lower batch for both
-        points when `shared_x_sample`)."""
-        bs = self.config.batch_size
-        gx_f, _ = self.upper_grads(x, y, self.upper_batch(bs))
-        if self.config.shared_x_sample:
-            gx_g, _ = self.lower_grads(torch.stack([x, x]), torch.stack([y, z]), self.lower_batch(bs))
-            gx_g_y, gx_g_z = gx_g[0], gx_g[1]
-        else:
-            gx_g_y, _ = self.lower_grads(x, y, self.lower_batch(bs))
-            gx_g_z, _ = self.lower_grads(x, z, self.lower_batch(bs))
-        return penalty_gradient(gx_f, gx_g_y, gx_g_z, lam)
+        start_penalty_iterates(self, None)
 
     def step(self) -> None:
-        cfg, k, lam = self.config, self.iteration, self.lam
-        alpha, gamma, beta = self.step_sizes(k)
-        x, y, z = self.x, self.y, self.z
-        for _ in range(cfg.n_inner_steps):
-            gy_g = self.grad_y_g(x, y, self.lower_batch(cfg.batch_size))
-            _, gy_f = self.upper_grads(x, y, self.upper_batch(cfg.batch_size))
-            gz_g = self.grad_y_g(x, z, self.lower_batch(cfg.batch_size))
-            y, z = self.project_lower(x, y - alpha * (gy_f + lam * gy_g), z - gamma * gz_g, alpha, gamma)
-        direction = self.penalty_direction(x, y, z, lam)
-        self.y, self.z = y, z
-        self.x_prev = x
-        self.x = x - beta * direction
-        self.lam = self.schedule.advance(lam, k)
-        self.iteration += 1
-
-    def project_lower(self, x: Tensor, y: Tensor, z: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
-        """Pi_Y of the y and z steps (identity without a projection); (x, step sizes) for x-dependent sets."""
-        proj = self.projection
-        return (proj(y), proj(z)) if proj is not None else (y, z)
+        f2sa_step(self, None)
 
     def restart(self) -> None:
         """For `Restarted`: nothing to re-initialise (no estimator); y, z, lambda and the schedules carry over."""
 
-    # --- state ----------------------------------------------------------------------------------------
     def lower_variables(self) -> Tensor:
         return self.z.unsqueeze(0)
 
@@ -193,13 +209,32 @@ class F2SA(SingleBlockAlgorithm):
         return super().is_finite() and bool(torch.isfinite(self.y).all())
 
 
-class F2SAProjected(F2SA):
+class F2SAProjected(SingleBlockAlgorithm):
     """Projected F2SA (Kwon, Kwon, Wright, Nowak, ICLR 2024): F2SA with projections Pi_Y onto the lower-level
     constraint set on the y and z steps (and on the initial point); the upper direction is unchanged (Danskin)."""
 
+    State = F2SA.State
     name = "f2sa_projected"
     Config = F2SAProjectedConfig
 
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        start_penalty_iterates(self, self.projection)
+
     @property
-    def projection(self) -> Projection | None:
+    def projection(self) -> Projection:
+        """Pi_Y, from the config's `projection` (a callable or a ball radius)."""
         return as_projection(self.config.projection)
+
+    def step(self) -> None:
+        f2sa_step(self, self.projection)
+
+    def restart(self) -> None:
+        """For `Restarted`: nothing to re-initialise (no estimator); y, z, lambda and the schedules carry over."""
+
+    def lower_variables(self) -> Tensor:
+        return self.z.unsqueeze(0)
+
+    def is_finite(self) -> bool:
+        return super().is_finite() and bool(torch.isfinite(self.y).all())

@@ -28,14 +28,20 @@ c_k = 0.025 (k+1)^0.3, 1,500 iterations. z_max (the code's bound u) is not given
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
-from mbbo.constrained import ConstrainedProblem
+from mbbo.algorithms.constrained_base import (
+    all_finite,
+    constrained_misfit,
+    counted_constraint_oracles,
+    grads_f,
+    grads_g,
+)
+from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.state import UNSET
 from mbbo.validation import check_positive, check_real
@@ -65,43 +71,39 @@ class LVHBAConfig(Hyper):
         check_real("p", self.p, 0.0, 0.5, low_open=True)
 
 
-class LVHBA(ConstrainedAlgorithm):
+class LVHBA(SingleBlockAlgorithm):
     """LV-HBA (Yao et al., ICLR 2024) with the public code's defects fixed (module docstring)."""
 
     @dataclass
-    class State(ConstrainedAlgorithm.State):
+    class State(SingleBlockAlgorithm.State):
         theta: Tensor = UNSET  # the proximal lower variable
         lam: Tensor = UNSET  # the constraint multipliers
         z: Tensor = UNSET  # the multipliers' proximal copy
 
     name = "lv_hba"
+    constrained_only: ClassVar[bool] = True  # fits constrained tasks only (task registry)
     Config = LVHBAConfig
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.h_oracles = counted_constraint_oracles(self)
+        self.x = self.problem.project_x(self.x)
         self.x, self.y = self.problem.project_joint(self.x, self.y)
         self.theta = self.y.clone()
         k = self.problem.num_constraints
         self.lam = torch.zeros(k, dtype=self.y.dtype, device=self.y.device)
         self.z = torch.zeros_like(self.lam)
 
-    @classmethod
-    def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
-        reason = super().unsuitable_for(problem)
-        if reason is None and isinstance(problem, ConstrainedProblem) and problem.linear is None:
-            return "its joint projection onto {h(x, y) <= 0} needs a linear constraint (LinearConstraint)"
-        return reason
-
     def step(self) -> None:
         cfg, x, y, k = self.config, self.x, self.y, self.iteration
-        _, gy_theta = self.grads_g(x, self.theta.unsqueeze(0))
+        _, gy_theta = grads_g(self, x, self.theta.unsqueeze(0))
         h_theta, _, hy_theta = self.h_oracles.products(x, self.theta, self.lam)
         theta = self.theta - cfg.eta * (gy_theta[0] + hy_theta + (self.theta - y) / cfg.gamma1)
         lam = (self.lam + cfg.eta * (h_theta - (self.lam - self.z) / cfg.gamma2)).clamp_min(0.0)
         c_k = cfg.c * (k + 1) ** cfg.p
-        fx, fy = self.grads_f(x, y)
-        gx, gy = self.grads_g(x, torch.stack([y, theta]))
+        fx, fy = grads_f(self, x, y)
+        gx, gy = grads_g(self, x, torch.stack([y, theta]))
         _, hx_theta, _ = self.h_oracles.products(x, theta, lam)
         d_x = fx / c_k + gx[0] - gx[1] - hx_theta
         d_y = fy / c_k + gy[0] - (y - theta) / cfg.gamma1
@@ -110,6 +112,14 @@ class LVHBA(ConstrainedAlgorithm):
         self.z = (self.z + cfg.beta * (lam - self.z) / cfg.gamma2).clamp(0.0, cfg.z_max)
         self.theta, self.lam = theta, lam
         self.iteration += 1
+
+    @classmethod
+    def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
+        return constrained_misfit(problem, super().unsuitable_for(problem), "its joint projection onto "
+                                  "{h(x, y) <= 0} needs a linear constraint (LinearConstraint)")
+
+    def is_finite(self) -> bool:
+        return all_finite(self.state_tensors())
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"y": self.y, "theta": self.theta}

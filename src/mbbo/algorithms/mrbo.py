@@ -40,13 +40,15 @@ corrects the x step, which is not reproduced. Constant steps; period = int((n_in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.saba import FullPassAccess, validate_refresh
+from mbbo.algorithms.pieces import two_points
+from mbbo.algorithms.saba import FullPassRefresh, validate_refresh
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.linsolve import HVPFactory, Neumann
 from mbbo.problem import Batch, MultiBlockProblem
@@ -54,7 +56,6 @@ from mbbo.state import UNSET
 from mbbo.steps import scheduled
 from mbbo.trackers import STORM
 from mbbo.validation import check_int, check_nonnegative, check_optional, check_positive, check_unit
-from mbbo.variance_reduction import SARAH
 
 
 @dataclass
@@ -87,36 +88,55 @@ class MRBOConfig(Hyper):
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class _NeumannHypergradient(SingleBlockAlgorithm):
-    """Hypergradient estimates with a Neumann solve, at one or two stacked points on shared batches."""
-
-    random_truncation = False
-
-    @property
-    def neumann(self) -> Neumann:
-        cfg = self.config
-        return Neumann(n_terms=cfg.neumann_terms, eta=cfg.neumann_lr, random_truncation=self.random_truncation)
-
-    def hvp_on(self, xs: Tensor, ys: Tensor, batch: Batch) -> Any:
-        """v (P, d_y) -> (grad_yy g(x_p, y_p; batch)) v_p for stacked points (P, d_x), (P, d_y)."""
-        return lambda v: self.hvp(xs, ys, v, batch)
-
-    def hypergradients(self, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch) -> tuple[Tensor, Tensor]:
-        """(grad_y g, h) at stacked points (P, d): one batch B for grad_y g and the cross term, B' for grad f,
-        fresh batches (stream "extra") for the Neumann terms, all shared by the P points."""
-        bs = self.config.batch_size
-        gx_f, gy_f = self.upper_grads(xs, ys, upper)
-        source = HVPFactory(lambda j: self.hvp_on(xs, ys, self.lower_batch(bs, stream="extra")))
-        w = self.neumann.solve(source, gy_f, generator=self.generators["extra"]).v
-        return self.grad_y_g(xs, ys, lower), gx_f - self.cross(xs, ys, w, lower)
+def shared_sample_hypergradients(alg: SingleBlockAlgorithm, xs: Tensor, ys: Tensor, lower: Batch, upper: Batch,
+                                 solver: Neumann) -> tuple[Tensor, Tensor]:
+    """(grad_y g, h) at stacked points (P, d): one batch B for grad_y g and the cross term, B' for grad f, fresh
+    batches (stream "extra") for the Neumann terms (and one truncation level), all shared by the P points."""
+    bs = alg.config.batch_size
+    gx_f, gy_f = alg.upper_grads(xs, ys, upper)
+    source = HVPFactory(lambda j: partial(alg.hvp, xs, ys, batch=alg.lower_batch(bs, stream="extra")))
+    w = solver.solve(source, gy_f, generator=alg.generators["extra"]).v
+    return alg.grad_y_g(xs, ys, lower), gx_f - alg.cross(xs, ys, w, lower)
 
 
-class MRBO(_NeumannHypergradient):
+def neumann_solver(cfg: MRBOConfig | VRBOConfig, random_truncation: bool = False) -> Neumann:
+    """The config's Neumann series (`neumann_terms`, `neumann_lr`)."""
+    return Neumann(n_terms=cfg.neumann_terms, eta=cfg.neumann_lr, random_truncation=random_truncation)
+
+
+def double_momentum_step(alg: MRBO | SUSTAIN, solver: Neumann) -> None:
+    """One MRBO / SUSTAIN iteration (module docstring): STORM on grad_y g and on the hypergradient, both points
+    on the same samples, then the y and x steps."""
+    cfg, t = alg.config, alg.iteration
+    lower, upper = alg.lower_batch(cfg.batch_size), alg.upper_batch(cfg.batch_size)
+    xs, ys = two_points(alg.x, alg.x_prev, alg.fresh), two_points(alg.y, alg.y_prev, alg.fresh)
+    gy, h = shared_sample_hypergradients(alg, xs, ys, lower, upper, solver)
+    if alg.fresh:
+        alg.d_y, alg.d_x = gy[0], h[0]
+    else:
+        storm = STORM(scheduled(cfg.eta, cfg.eta_exponent, t))
+        alg.d_y = storm.update(alg.d_y, gy[0], gy[1])
+        alg.d_x = storm.update(alg.d_x, h[0], h[1])
+    alg.fresh = False
+    alg.y_prev = alg.y
+    alg.y = alg.y - scheduled(cfg.lower_lr, cfg.lower_lr_exponent, t) * alg.d_y
+    alg.advance(alg.x - scheduled(cfg.lr, cfg.lr_exponent, t) * alg.d_x)
+
+
+def start_double_momentum(alg: MRBO | SUSTAIN) -> None:
+    """y_prev <- y, zero estimates; the first iteration starts them at its own samples."""
+    alg.y_prev = alg.y.clone()
+    alg.d_y = torch.zeros_like(alg.y)
+    alg.d_x = torch.zeros_like(alg.x)
+    alg.fresh = True
+
+
+class MRBO(SingleBlockAlgorithm):
     """MRBO: STORM momentum on grad_y g and on the Neumann hypergradient (see module doc). Per iteration, at two
     points: 1 grad_y g, 1 grad f, Q HVPs, 1 cross product."""
 
     @dataclass
-    class State(_NeumannHypergradient.State):
+    class State(SingleBlockAlgorithm.State):
         y_prev: Tensor = UNSET  # y of the previous iteration (STORM's second point)
         d_y: Tensor = UNSET  # STORM estimates of grad_y g and of the hypergradient
         d_x: Tensor = UNSET
@@ -128,38 +148,16 @@ class MRBO(_NeumannHypergradient):
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        self.y_prev = self.y.clone()
-        self.d_y = torch.zeros_like(self.y)
-        self.d_x = torch.zeros_like(self.x)
-        self.fresh = True
+        start_double_momentum(self)
 
     def step(self) -> None:
-        cfg, t = self.config, self.iteration
-        lower, upper = self.lower_batch(cfg.batch_size), self.upper_batch(cfg.batch_size)
-        if self.fresh:
-            xs, ys = self.x.unsqueeze(0), self.y.unsqueeze(0)
-        else:
-            xs, ys = torch.stack([self.x, self.x_prev]), torch.stack([self.y, self.y_prev])
-        gy, h = self.hypergradients(xs, ys, lower, upper)
-        if self.fresh:
-            self.d_y, self.d_x = gy[0], h[0]
-        else:
-            storm = STORM(scheduled(cfg.eta, cfg.eta_exponent, t))
-            self.d_y = storm.update(self.d_y, gy[0], gy[1])
-            self.d_x = storm.update(self.d_x, h[0], h[1])
-        self.fresh = False
-        self.x_prev, self.y_prev = self.x, self.y
-        self.y = self.y - scheduled(cfg.lower_lr, cfg.lower_lr_exponent, t) * self.d_y
-        self.x = self.x - scheduled(cfg.lr, cfg.lr_exponent, t) * self.d_x
-        self.iteration += 1
+        double_momentum_step(self, neumann_solver(self.config))
 
     def restart(self) -> None:
         """The next iteration starts the momentum afresh from its own estimates."""
         self.fresh = True
 
     def oracle_calls_per_step(self) -> dict[str, int] | None:
-        if self.random_truncation:
-            return None  # SUSTAIN: as many HVPs as the random truncation level
         upper_x = int(self.problem.upper_depends_on_x)
         return {"grad_y_g": 2, "hvp": 2 * self.config.neumann_terms, "cross": 2, "grad_y_f": 2, "grad_x_f": 2 * upper_x}
 
@@ -174,13 +172,25 @@ class SUSTAINConfig(MRBOConfig):
     lr: float = 0.1
 
 
-class SUSTAIN(MRBO):
+class SUSTAIN(SingleBlockAlgorithm):
     """SUSTAIN: MRBO's double momentum with the randomly truncated Neumann estimator (one truncation level q
-    and the same q batches for both points)."""
+    and the same q batches for both points). Its HVP count per iteration is the random truncation level."""
 
+    State = MRBO.State
     name = "sustain"
     Config = SUSTAINConfig
-    random_truncation = True
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        start_double_momentum(self)
+
+    def step(self) -> None:
+        double_momentum_step(self, neumann_solver(self.config, random_truncation=True))
+
+    def restart(self) -> None:
+        """The next iteration starts the momentum afresh from its own estimates."""
+        self.fresh = True
 
 
 @dataclass
@@ -209,12 +219,12 @@ class VRBOConfig(Hyper):
         validate_refresh(self, problem)
 
 
-class VRBO(FullPassAccess, _NeumannHypergradient):
+class VRBO(SingleBlockAlgorithm):
     """VRBO: SPIDER estimates of grad_y g and of the hypergradient, refreshed by full passes every `period`
     outer iterations; one `step()` = one x step followed by `lower_steps` y steps (see module doc)."""
 
     @dataclass
-    class State(_NeumannHypergradient.State):
+    class State(SingleBlockAlgorithm.State):
         d_y: Tensor = UNSET  # SARAH estimates of grad_y g and of the hypergradient
         d_x: Tensor = UNSET
         y_prev: Tensor = UNSET
@@ -222,11 +232,13 @@ class VRBO(FullPassAccess, _NeumannHypergradient):
 
     name = "vrbo"
     Config = VRBOConfig
+    #: whether the algorithm needs samplers over stored rows (static fit checks)
+    needs_finite_sum: ClassVar[str | None] = "by default"
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        self._setup_rows()
+        self.refresh = FullPassRefresh(problem)
         self.d_y = torch.zeros_like(self.y)
         self.d_x = torch.zeros_like(self.x)
         self.y_prev = self.y.clone()
@@ -235,32 +247,29 @@ class VRBO(FullPassAccess, _NeumannHypergradient):
     def full_estimates(self) -> tuple[Tensor, Tensor]:
         """(grad_y g, h) at (x, y) on the refresh data: full passes (or one large batch per level), with a
         Neumann series on the full-data Hessian."""
-        lower, upper = self.refresh_evaluators()
+        lower, upper = self.refresh.evaluators(self)
         x, y = self.x, self.y
         gx_f, gy_f = upper(lambda b: self.upper_grads(x, y, b))
-        w = self.neumann.solve(lambda v: lower(lambda b: self.hvp(x, y, v, b)), gy_f).v
+        w = neumann_solver(self.config).solve(lambda v: lower(lambda b: self.hvp(x, y, v, b)), gy_f).v
         return lower(lambda b: self.grad_y_g(x, y, b)), gx_f - lower(lambda b: self.cross(x, y, w, b))
 
     def step(self) -> None:
         cfg = self.config
-        sarah = self.sarah
+        sarah, solver = self.refresh.sarah(self), neumann_solver(cfg)
         if sarah.refresh_due(self.since_refresh):
             self.d_y, self.d_x = self.full_estimates()
             self.x_prev, self.y_prev = self.x, self.y
         self.x = self.x - cfg.lr * self.d_x
         for _ in range(cfg.lower_steps):
             xs, ys = torch.stack([self.x, self.x_prev]), torch.stack([self.y, self.y_prev])
-            gy, h = self.hypergradients(xs, ys, self.lower_batch(cfg.batch_size), self.upper_batch(cfg.batch_size))
+            gy, h = shared_sample_hypergradients(self, xs, ys, self.lower_batch(cfg.batch_size),
+                                                 self.upper_batch(cfg.batch_size), solver)
             self.d_y = sarah.update(self.d_y, gy[0], gy[1])
             self.d_x = sarah.update(self.d_x, h[0], h[1])
             self.x_prev, self.y_prev = self.x, self.y
             self.y = self.y - cfg.lower_lr * self.d_y
         self.since_refresh += 1
         self.iteration += 1
-
-    @property
-    def sarah(self) -> SARAH:
-        return SARAH(self.refresh_period())
 
     def restart(self) -> None:
         """The next iteration refreshes the estimates."""

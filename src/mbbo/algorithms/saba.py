@@ -47,7 +47,8 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.soba import SOBA, SOBAConfig
+from mbbo.algorithms.single import SingleBlockAlgorithm
+from mbbo.algorithms.soba import SOBA, SOBAConfig, soba_directions, soba_move, soba_oracle_calls
 from mbbo.problem import Batch, MultiBlockProblem
 from mbbo.state import UNSET
 from mbbo.validation import check_choice, check_int, check_optional, check_positive
@@ -78,44 +79,43 @@ def sampler_batch_size(sampler: Any, batch_size: int | None) -> int:
     return int(own) if own is not None else FiniteSumRows(sampler).n_rows
 
 
-class FullPassAccess:
-    """Mixin for single-block algorithms that refresh estimators with full passes (SRBA, VRBO).
+class FullPassRefresh:
+    """The data of the periodic refreshes of SRBA and VRBO (a building block each of them holds as `refresh`).
 
-    ``refresh_batch_size=None``: exact full passes over the rows of finite-sum samplers (chunked by
+    ``refresh_batch_size=None`` (config): exact full passes over the rows of finite-sum samplers (chunked by
     ``full_batch_chunk``); otherwise one large fresh mini-batch per refresh and level, used for every lower
     (resp. upper) quantity of that refresh.
     """
 
-    config: Any
-    problem: MultiBlockProblem
-    #: "always" or "by default": whether the algorithm needs samplers over stored rows (static fit checks)
-    needs_finite_sum: ClassVar[str | None] = "by default"
+    def __init__(self, problem: MultiBlockProblem) -> None:
+        finite = finite_sum_reason(problem) is None
+        self.lower_rows = FiniteSumRows(problem.lower_sampler) if finite else None
+        self.upper_rows = FiniteSumRows(problem.upper_sampler) if finite else None
 
-    def _setup_rows(self) -> None:
-        pb = self.problem
-        finite = finite_sum_reason(pb) is None
-        self.lower_rows = FiniteSumRows(pb.lower_sampler) if finite else None
-        self.upper_rows = FiniteSumRows(pb.upper_sampler) if finite else None
-
-    def refresh_evaluators(self) -> tuple[Any, Any]:
+    def evaluators(self, alg: SingleBlockAlgorithm) -> tuple[Any, Any]:
         """(lower, upper): functions fn -> fn evaluated on the refresh data of that level."""
-        cfg = self.config
+        cfg = alg.config
         if cfg.refresh_batch_size is not None:
-            lower = self.lower_batch(cfg.refresh_batch_size)  # type: ignore[attr-defined]
-            upper = self.upper_batch(cfg.refresh_batch_size)  # type: ignore[attr-defined]
+            lower = alg.lower_batch(cfg.refresh_batch_size)
+            upper = alg.upper_batch(cfg.refresh_batch_size)
             return (lambda fn: fn(lower)), (lambda fn: fn(upper))
         assert self.lower_rows is not None and self.upper_rows is not None
         lower_rows, upper_rows = self.lower_rows, self.upper_rows
         return ((lambda fn: lower_rows.full_pass(fn, cfg.full_batch_chunk)),
                 (lambda fn: upper_rows.full_pass(fn, cfg.full_batch_chunk)))
 
-    def refresh_period(self) -> int:
-        cfg, pb = self.config, self.problem
+    def period(self, alg: SingleBlockAlgorithm) -> int:
+        """Iterations between refreshes: the config's `period`, else benchopt's rule from the data sizes."""
+        cfg = alg.config
         if cfg.period is not None:
             return int(cfg.period)
         assert self.lower_rows is not None and self.upper_rows is not None
-        b = sampler_batch_size(pb.lower_sampler, cfg.batch_size)
+        b = sampler_batch_size(alg.problem.lower_sampler, cfg.batch_size)
         return benchopt_period(self.lower_rows.n_rows, self.upper_rows.n_rows, cfg.period_frac, b)
+
+    def sarah(self, alg: SingleBlockAlgorithm) -> SARAH:
+        """The SARAH / SPIDER estimator with this period."""
+        return SARAH(self.period(alg))
 
 
 def validate_refresh(cfg: Any, problem: MultiBlockProblem) -> None:
@@ -164,7 +164,7 @@ class SABAConfig(SOBAConfig):
                                      "draws distinct rows)")
 
 
-class SABA(SOBA):
+class SABA(SingleBlockAlgorithm):
     """SABA: SOBA with SAGA on all five oracles (see module doc). Per iteration: one lower mini-batch (grad_y g,
     H v, J v from one graph) and one upper mini-batch (grad f), like SOBA; memory O(slots x (2 d_y + d_x))
     for the lower level and O(slots x (d_y + d_x)) for the upper level."""
@@ -178,7 +178,9 @@ class SABA(SOBA):
 
     name = "saba"
     Config = SABAConfig
+    #: "always" or "by default": whether the algorithm needs samplers over stored rows (static fit checks)
     needs_finite_sum: ClassVar[str | None] = "always"
+    v: Tensor
     FIXED = ("memory", "init_memory", "batch_size")
 
     @classmethod
@@ -188,6 +190,7 @@ class SABA(SOBA):
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.v = torch.zeros_like(self.y)
         cfg, pb = self.config, problem
         self.lower_rows, self.upper_rows = FiniteSumRows(pb.lower_sampler), FiniteSumRows(pb.upper_sampler)
         self.lower_size = sampler_batch_size(pb.lower_sampler, cfg.batch_size)
@@ -284,7 +287,7 @@ class SABA(SOBA):
         d_upper = self.upper_table.update(slots, self._upper_values(batch, b), p)
         d_gy, d_hv, d_jv = d_lower[:dy], d_lower[dy:2 * dy], d_lower[2 * dy:]
         d_fy, d_fx = d_upper[:dy], d_upper[dy:]
-        self.move(d_gy, d_hv, d_fy, d_fx - d_jv)
+        soba_move(self, d_gy, d_hv, d_fy, d_fx - d_jv)
 
     def restart(self) -> None:
         """Re-initialises the SAGA memories (zero, or a full pass at the current point)."""
@@ -295,6 +298,12 @@ class SABA(SOBA):
         if fixed:
             raise ValueError(f"{fixed} fix the SAGA memory layout and cannot change after construction")
         super().set_hyper(**changes)
+
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        return soba_oracle_calls(self)
+
+    def linear_system_variables(self) -> Tensor:
+        return self.v.unsqueeze(0)
 
 
 # --- SRBA -------------------------------------------------------------------------------------------------
@@ -318,7 +327,7 @@ class SRBAConfig(SOBAConfig):
         validate_refresh(self, problem)
 
 
-class SRBA(FullPassAccess, SOBA):
+class SRBA(SingleBlockAlgorithm):
     """SRBA: SARAH estimates of the SOBA directions with a periodic full refresh (see module doc). Per
     non-refresh iteration: one lower and one upper mini-batch, each evaluated at two points in one call."""
 
@@ -333,11 +342,15 @@ class SRBA(FullPassAccess, SOBA):
 
     name = "srba"
     Config = SRBAConfig
+    #: whether the algorithm needs samplers over stored rows (static fit checks)
+    needs_finite_sum: ClassVar[str | None] = "by default"
+    v: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        self._setup_rows()
+        self.v = torch.zeros_like(self.y)
+        self.refresh = FullPassRefresh(problem)
         self.d_y = torch.zeros_like(self.y)
         self.d_v = torch.zeros_like(self.y)
         self.d_x = torch.zeros_like(self.x)
@@ -345,14 +358,10 @@ class SRBA(FullPassAccess, SOBA):
         self.v_prev = self.v.clone()
         self.since_refresh = 0
 
-    @property
-    def sarah(self) -> SARAH:
-        return SARAH(self.refresh_period())
-
     def step(self) -> None:
-        sarah = self.sarah
+        sarah = self.refresh.sarah(self)
         if sarah.refresh_due(self.since_refresh):
-            lower, upper = self.refresh_evaluators()
+            lower, upper = self.refresh.evaluators(self)
             gy, hv, jv = lower(lambda b: self.lower_products(self.x, self.y, self.v, b))
             gx_f, gy_f = upper(lambda b: self.upper_grads(self.x, self.y, b))
             self.d_y, self.d_v, self.d_x = gy, hv - gy_f, gx_f - jv
@@ -360,14 +369,14 @@ class SRBA(FullPassAccess, SOBA):
             bs = self.config.batch_size
             xs, ys, vs = (torch.stack(p) for p in ((self.x, self.x_prev), (self.y, self.y_prev),
                                                    (self.v, self.v_prev)))
-            gy, hv, jv, gx_f, gy_f = self.soba_directions(xs, ys, vs, self.lower_batch(bs), self.upper_batch(bs))
+            gy, hv, jv, gx_f, gy_f = soba_directions(self, xs, ys, vs, self.lower_batch(bs), self.upper_batch(bs))
             dv, dx = hv - gy_f, gx_f - jv
             self.d_y = sarah.update(self.d_y, gy[0], gy[1])
             self.d_v = sarah.update(self.d_v, dv[0], dv[1])
             self.d_x = sarah.update(self.d_x, dx[0], dx[1])
         self.y_prev, self.v_prev = self.y, self.v
-        # v_step(H v, b) moves along H v - b: passing (d_v, 0) moves along d_v
-        self.move(self.d_y, self.d_v, torch.zeros_like(self.d_v), self.d_x)
+        # soba_move(..., H v, b, ...) moves v along H v - b: passing (d_v, 0) moves it along d_v
+        soba_move(self, self.d_y, self.d_v, torch.zeros_like(self.d_v), self.d_x)
         self.since_refresh += 1
 
     def restart(self) -> None:
@@ -376,3 +385,6 @@ class SRBA(FullPassAccess, SOBA):
 
     def oracle_calls_per_step(self) -> dict[str, int] | None:
         return None  # a refresh iteration makes a full pass, the others two points
+
+    def linear_system_variables(self) -> Tensor:
+        return self.v.unsqueeze(0)

@@ -31,13 +31,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
-from mbbo.algorithms.constrained_base import ConstrainedAlgorithm
+from mbbo.algorithms.constrained_base import (
+    all_finite,
+    constrained_misfit,
+    counted_constraint_oracles,
+    exact_lower,
+    grads_f,
+    grads_g,
+)
+from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.problem import MultiBlockProblem
 from mbbo.saddle import ORDERINGS, SaddleBlock, descent_ascent_step, nonpositive
 from mbbo.state import UNSET
@@ -70,11 +78,11 @@ class SFLCBConfig(Hyper):
         check_flag("warm_start", self.warm_start)
 
 
-class SFLCB(ConstrainedAlgorithm):
+class SFLCB(SingleBlockAlgorithm):
     """SFLCB (Shen et al., NeurIPS 2025): single-loop descent-ascent on the saddle function K (module docstring)."""
 
     @dataclass
-    class State(ConstrainedAlgorithm.State):
+    class State(SingleBlockAlgorithm.State):
         z: Tensor = UNSET  # the lower variables of the value-function copy
         alpha: Tensor = UNSET  # slack variables of the two lower problems
         beta: Tensor = UNSET
@@ -82,14 +90,17 @@ class SFLCB(ConstrainedAlgorithm):
         v: Tensor = UNSET
 
     name = "sflcb"
+    constrained_only: ClassVar[bool] = True  # fits constrained tasks only (task registry)
     Config = SFLCBConfig
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.h_oracles = counted_constraint_oracles(self)
+        self.x = self.problem.project_x(self.x)
         x, y = self.x, self.problem.project_y(self.y)
         if self.config.warm_start:
-            exact = self.exact_lower(x, y)
+            exact = exact_lower(self, x, y)
             y = exact.solution
             mult = exact.multipliers[:self.problem.num_constraints]
             slack = self.h_oracles.value(x, y)
@@ -117,8 +128,8 @@ class SFLCB(ConstrainedAlgorithm):
         w_z = p["v"] + cfg.rho2 * (hz - p["beta"])
         _, hx_y, hy_y = self.h_oracles.products(x, y, w_y)
         _, hx_z, hy_z = self.h_oracles.products(x, z, w_z)
-        fx, fy = self.grads_f(x, y)
-        gx, gy = self.grads_g(x, torch.stack([y, z]))
+        fx, fy = grads_f(self, x, y)
+        gx, gy = grads_g(self, x, torch.stack([y, z]))
         grads.update({
             "x": cfg.delta * fx + gx[0] - gx[1] + hx_y - hx_z,
             "y": cfg.delta * fy + gy[0] + hy_y,
@@ -138,6 +149,16 @@ class SFLCB(ConstrainedAlgorithm):
 
     def point(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in VARIABLES}
+
+    @classmethod
+    def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:
+        return constrained_misfit(problem, super().unsuitable_for(problem))
+
+    def lower_variables(self) -> Tensor:
+        return self.z.unsqueeze(0)
+
+    def is_finite(self) -> bool:
+        return all_finite(self.state_tensors())
 
     def reported_models(self) -> dict[str, Tensor]:
         return {"z": self.z, "y": self.y}

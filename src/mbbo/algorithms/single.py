@@ -53,6 +53,12 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
     def lower_variables(self) -> Tensor:
         return self.y.unsqueeze(0)
 
+    def advance(self, x_new: Tensor) -> None:
+        """x_prev <- x, x <- x_new, iteration += 1: ends an iteration."""
+        self.x_prev = self.x
+        self.x = x_new
+        self.iteration += 1
+
     # --- sampling --------------------------------------------------------------------------------------
     def lower_batch(self, batch_size: int | None = None, stream: str = "lower") -> Batch:
         return self.lower_sampler.sample(self.block, self.generators[stream], batch_size)
@@ -124,7 +130,7 @@ class SingleBlockAlgorithm(BilevelAlgorithm):
         """j -> an HVP operator on a fresh lower mini-batch (independent Neumann terms)."""
         return lambda j: self.hvp_operator(x, y, self.lower_batch(batch_size, stream))
 
-    # --- pieces shared by the unbounded-smoothness family (BO-REP, SLIP, AccBO, AdamBO, Ada-BiO) -----------
+    # --- pieces shared by several methods (lower loops, Neumann hypergradients) --------------------------------
     def _batch_size(self) -> int | None:
         """The config's `batch_size` (None: the samplers'), for methods that have one."""
         return getattr(self.config, "batch_size", None)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.pieces import implicit_oracle_calls
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.linsolve import SGDQuadratic
 from mbbo.problem import MultiBlockProblem
@@ -37,8 +38,6 @@ from mbbo.state import UNSET
 from mbbo.steps import scheduled
 from mbbo.trackers import EMA
 from mbbo.validation import check_int, check_nonnegative, check_optional, check_positive, check_unit
-
-# --- SOBA -------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -66,6 +65,40 @@ class SOBAConfig(Hyper):
         check_optional(check_positive, "v_radius", self.v_radius)
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
+    def step_sizes(self, t: int) -> tuple[float, float, float]:
+        """(rho_t, rho_v,t, gamma_t) at iteration t."""
+        return (scheduled(self.lower_lr, self.lower_lr_exponent, t),
+                scheduled(self.linsys_lr, self.linsys_lr_exponent, t), scheduled(self.lr, self.lr_exponent, t))
+
+
+# the pieces of the family (SOBA, MA-SOBA, SABA, SRBA) ------------------------------------------------------
+
+
+def soba_directions(alg: SingleBlockAlgorithm, x: Tensor, y: Tensor, v: Tensor, lower: Any, upper: Any
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_y g, H v, J v, grad_x f, grad_y f) at one point (d,) or stacked points (P, d)."""
+    gy, hv, jv = alg.lower_products(x, y, v, lower)
+    gx_f, gy_f = alg.upper_grads(x, y, upper)
+    return gy, hv, jv, gx_f, gy_f
+
+
+def soba_move(alg: SingleBlockAlgorithm, d_y: Tensor, hv: Tensor, gy_f: Tensor, d_x: Tensor) -> None:
+    """y, v, x updated simultaneously from the old point: y - rho d_y, one (projected, radius `v_radius`) step
+    v - rho_v (H v - grad_y f) on the quadratic of v (alg.v), x - gamma d_x; ends the iteration."""
+    cfg = alg.config
+    rho, rho_v, gamma = cfg.step_sizes(alg.iteration)
+    alg.y = alg.y - rho * d_y
+    alg.v = SGDQuadratic(n_steps=1, lr=rho_v, radius=cfg.v_radius).solve(lambda _: hv, gy_f, v0=alg.v).v
+    alg.advance(alg.x - gamma * d_x)
+
+
+def soba_oracle_calls(alg: SingleBlockAlgorithm) -> dict[str, int]:
+    """One lower mini-batch (grad_y g, H v, J v from one graph) and one upper mini-batch per iteration."""
+    return implicit_oracle_calls(alg, grad_y_g=1, hvp=1, cross=1, grad_y_f=1)
+
+
+# --- SOBA -------------------------------------------------------------------------------------------------
+
 
 class SOBA(SingleBlockAlgorithm):
     """SOBA: one step on y, one SGD step on the quadratic of v, one step on x per iteration (see module doc).
@@ -79,54 +112,24 @@ class SOBA(SingleBlockAlgorithm):
 
     name = "soba"
     Config = SOBAConfig
+    v: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         self.v = torch.zeros_like(self.y)
 
-    # steps shared by the family ------------------------------------------------------------------------
-    def step_sizes(self) -> tuple[float, float, float]:
-        """(rho_t, rho_v,t, gamma_t) at the current iteration."""
-        cfg, t = self.config, self.iteration
-        return (scheduled(cfg.lower_lr, cfg.lower_lr_exponent, t), scheduled(cfg.linsys_lr, cfg.linsys_lr_exponent, t),
-                scheduled(cfg.lr, cfg.lr_exponent, t))
-
-    def v_step(self, hv: Tensor, gy_f: Tensor, lr: float) -> Tensor:
-        """One (projected) step on 1/2 v^T H v - grad_y f^T v with the given H v: v - lr (H v - grad_y f)."""
-        return SGDQuadratic(n_steps=1, lr=lr, radius=self.config.v_radius).solve(lambda _: hv, gy_f, v0=self.v).v
-
-    def soba_directions(self, x: Tensor, y: Tensor, v: Tensor, lower: Any, upper: Any
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(grad_y g, H v, J v, grad_x f, grad_y f) at one point (d,) or stacked points (P, d)."""
-        gy, hv, jv = self.lower_products(x, y, v, lower)
-        gx_f, gy_f = self.upper_grads(x, y, upper)
-        return gy, hv, jv, gx_f, gy_f
-
-    def move(self, d_y: Tensor, hv: Tensor, gy_f: Tensor, d_x: Tensor) -> None:
-        """y, v, x updated simultaneously from the old point along (d_y, H v - grad_y f, d_x)."""
-        rho, rho_v, gamma = self.step_sizes()
-        self.y = self.y - rho * d_y
-        self.v = self.v_step(hv, gy_f, rho_v)
-        self.x_prev = self.x
-        self.x = self.x - gamma * d_x
-        self.iteration += 1
-
-    def upper_direction(self, d_x: Tensor) -> Tensor:
-        return d_x
-
-    # the iteration --------------------------------------------------------------------------------------
     def step(self) -> None:
         bs = self.config.batch_size
-        gy, hv, jv, gx_f, gy_f = self.soba_directions(self.x, self.y, self.v, self.lower_batch(bs),
-                                                      self.upper_batch(bs))
-        self.move(gy, hv, gy_f, self.upper_direction(gx_f - jv))
+        gy, hv, jv, gx_f, gy_f = soba_directions(self, self.x, self.y, self.v, self.lower_batch(bs),
+                                                 self.upper_batch(bs))
+        soba_move(self, gy, hv, gy_f, gx_f - jv)
 
     def restart(self) -> None:
         """Nothing to re-initialise (y and v carry over)."""
 
     def oracle_calls_per_step(self) -> dict[str, int] | None:
-        return {"grad_y_g": 1, "hvp": 1, "cross": 1, "grad_y_f": 1, "grad_x_f": int(self.problem.upper_depends_on_x)}
+        return soba_oracle_calls(self)
 
     def linear_system_variables(self) -> Tensor:
         return self.v.unsqueeze(0)
@@ -148,7 +151,7 @@ class MASOBAConfig(SOBAConfig):
         check_unit("theta", self.theta)
 
 
-class MASOBA(SOBA):
+class MASOBA(SingleBlockAlgorithm):
     """MA-SOBA (Chen, Xu & Zhang 2023, "Optimal algorithms for stochastic bilevel optimization under relaxed
     smoothness conditions"): SOBA with a moving average h of the hypergradient estimate driving x."""
 
@@ -158,16 +161,28 @@ class MASOBA(SOBA):
 
     name = "ma_soba"
     Config = MASOBAConfig
+    v: Tensor
+    h: Tensor
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.v = torch.zeros_like(self.y)
         self.h = torch.zeros_like(self.x)
 
-    def upper_direction(self, d_x: Tensor) -> Tensor:
-        self.h = EMA(self.config.theta).update(self.h, d_x)
-        return self.h
+    def step(self) -> None:
+        bs = self.config.batch_size
+        gy, hv, jv, gx_f, gy_f = soba_directions(self, self.x, self.y, self.v, self.lower_batch(bs),
+                                                 self.upper_batch(bs))
+        self.h = EMA(self.config.theta).update(self.h, gx_f - jv)
+        soba_move(self, gy, hv, gy_f, self.h)
 
     def restart(self) -> None:
         """Empties the moving average."""
         self.h = torch.zeros_like(self.x)
+
+    def oracle_calls_per_step(self) -> dict[str, int] | None:
+        return soba_oracle_calls(self)
+
+    def linear_system_variables(self) -> Tensor:
+        return self.v.unsqueeze(0)

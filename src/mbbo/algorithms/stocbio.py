@@ -1,5 +1,6 @@
 """stocBiO (Ji, Yang & Liang, "Bilevel Optimization: Convergence Analysis and Enhanced Design", ICML 2021), and
-the small base shared by the double-loop members of the single-block zoo (AID/ITD-BiO, BSA, TTSA, AmIGO, FSLA).
+the step-size configurations shared by the double-loop members of the single-block zoo (AID/ITD-BiO, BSA, TTSA,
+AmIGO, FSLA); their shared loops are in `mbbo.algorithms.pieces`.
 
 stocBiO, iteration k (Algorithm 1 of the paper, Algorithm 2 for the Neumann estimate)::
 
@@ -25,17 +26,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.pieces import fresh_hvps, implicit_oracle_calls, lower_loop, lower_start
 from mbbo.algorithms.single import SingleBlockAlgorithm
-from mbbo.inner_solvers import LowerSGD
-from mbbo.linsolve import HVPFactory, Neumann
+from mbbo.linsolve import Neumann
 from mbbo.problem import MultiBlockProblem
 from mbbo.steps import scheduled
 from mbbo.validation import check_flag, check_int, check_nonnegative, check_positive
 
-# --- the shared base --------------------------------------------------------------------------------------
+# --- the shared configurations ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -55,6 +54,14 @@ class StepConfig(Hyper):
         check_nonnegative("lr_exponent", self.lr_exponent)
         check_nonnegative("lower_lr_exponent", self.lower_lr_exponent)
 
+    def lr_at(self, k: int) -> float:
+        """The upper step lr / (k + 1)^lr_exponent at outer iteration k (`mbbo.steps.scheduled`)."""
+        return scheduled(self.lr, self.lr_exponent, k)
+
+    def lower_lr_at(self, k: int) -> float:
+        """The lower step lower_lr / (k + 1)^lower_lr_exponent at outer iteration k."""
+        return scheduled(self.lower_lr, self.lower_lr_exponent, k)
+
 
 @dataclass
 class ZooConfig(StepConfig):
@@ -68,56 +75,6 @@ class ZooConfig(StepConfig):
         super().validate(problem)
         check_int("lower_steps", self.lower_steps, 1)
         check_flag("warm_start", self.warm_start)
-
-
-class ZooAlgorithm(SingleBlockAlgorithm):
-    """Helpers of the single-block zoo: schedules, the warm-started lower loop, the upper step, restarts.
-
-    Subclasses implement `step()` from these pieces and the oracles of `SingleBlockAlgorithm`, and declare
-    their state beyond x, x_prev and y by extending `State`.
-    """
-
-    def scheduled(self, value: float, exponent: float) -> float:
-        """value / (k + 1)^exponent at the current outer iteration k (`mbbo.steps.scheduled`)."""
-        return scheduled(value, exponent, self.iteration)
-
-    @property
-    def current_lr(self) -> float:
-        return self.scheduled(self.config.lr, self.config.lr_exponent)
-
-    @property
-    def current_lower_lr(self) -> float:
-        return self.scheduled(self.config.lower_lr, self.config.lower_lr_exponent)
-
-    def lower_start(self) -> Tensor:
-        """The start of this iteration's lower loop: the last lower iterate (warm start) or y0."""
-        return self.y if self.config.warm_start else self.problem.y0[0].clone()
-
-    def lower_sgd(self, x: Tensor, y0: Tensor, n_steps: int | None = None, lr: float | None = None) -> Tensor:
-        """n_steps SGD steps on g(x, .) from y0, each on a fresh lower batch (defaults: the config's)."""
-        solver = LowerSGD(self.config.lower_steps if n_steps is None else n_steps,
-                          self.current_lower_lr if lr is None else lr)
-        return solver.run(lambda y: self.grad_y_g(x, y, self.lower_batch()), y0)
-
-    def neumann_hvps(self, x: Tensor, y: Tensor) -> HVPFactory:
-        """HVPs at (x, y), one independent lower batch (stream "extra") per term / step."""
-        return HVPFactory(self.hvp_source(x, y))
-
-    def random_neumann(self, x: Tensor, y: Tensor, b: Tensor) -> Tensor:
-        """Randomly truncated Neumann estimate of (grad_yy g(x, y))^{-1} b, fresh batches per factor (BSA, TTSA;
-        the config's linsys_steps and linsys_lr)."""
-        cfg = self.config
-        solver = Neumann(cfg.linsys_steps, cfg.linsys_lr, random_truncation=True)
-        return solver.solve(self.neumann_hvps(x, y), b, generator=self.generators["extra"]).v
-
-    def upper_step(self, direction: Tensor) -> None:
-        """x <- x - lr_k * direction; ends the iteration."""
-        self.x_prev = self.x
-        self.x = self.x - self.current_lr * direction
-        self.iteration += 1
-
-    def restart(self) -> None:
-        """Used by `Restarted` at a stage start; the double-loop methods keep no estimator to reset."""
 
 
 # --- stocBiO ------------------------------------------------------------------------------------------------
@@ -136,7 +93,7 @@ class StocBiOConfig(ZooConfig):
         check_positive("linsys_lr", self.linsys_lr)
 
 
-class StocBiO(ZooAlgorithm):
+class StocBiO(SingleBlockAlgorithm):
     """stocBiO: warm-started SGD on the lower level, Neumann series with independent HVP batches, SGD on x."""
 
     name = "stocbio"
@@ -144,12 +101,14 @@ class StocBiO(ZooAlgorithm):
 
     def oracle_calls_per_step(self) -> dict[str, int] | None:
         cfg = self.config
-        return {"grad_y_g": cfg.lower_steps, "hvp": cfg.linsys_steps, "cross": 1, "grad_y_f": 1,
-                "grad_x_f": int(self.problem.upper_depends_on_x)}
+        return implicit_oracle_calls(self, grad_y_g=cfg.lower_steps, hvp=cfg.linsys_steps, cross=1, grad_y_f=1)
 
     def step(self) -> None:
-        cfg, x = self.config, self.x
-        self.y = self.lower_sgd(x, self.lower_start())
+        cfg, x, k = self.config, self.x, self.iteration
+        self.y = lower_loop(self, x, lower_start(self), cfg.lower_steps, cfg.lower_lr_at(k))
         gx_f, gy_f = self.upper_grads(x, self.y, self.upper_batch())
-        v = Neumann(cfg.linsys_steps, cfg.linsys_lr).solve(self.neumann_hvps(x, self.y), gy_f).v
-        self.upper_step(gx_f - self.cross(x, self.y, v, self.lower_batch()))
+        v = Neumann(cfg.linsys_steps, cfg.linsys_lr).solve(fresh_hvps(self, x, self.y), gy_f).v
+        self.advance(x - cfg.lr_at(k) * (gx_f - self.cross(x, self.y, v, self.lower_batch())))
+
+    def restart(self) -> None:
+        """Used by `Restarted` at a stage start: no estimator to reset."""

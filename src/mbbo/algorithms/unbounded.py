@@ -18,7 +18,9 @@ use a ridge written as a norm (not strongly convex); that is the task's concern,
 
 Reusable pieces: :class:`mbbo.inner_solvers.LowerSGD` and :func:`epoch_sgd` (lower-level solvers on g(x, .)),
 :meth:`SingleBlockAlgorithm.neumann_hypergradient` (Neumann hypergradient at one or several stacked points with shared
-samples). The step rules' states (`mbbo.steps`) are fields of each algorithm's `State`, saved generically.
+samples), and the functions below that two methods share (BO-REP / SLIP: `linsys_momentum_step`; AccBO / VR-AdamBO:
+`accelerated_lower_and_hypergradients`): each class derives directly from `SingleBlockAlgorithm`. The step rules'
+states (`mbbo.steps`) are fields of each algorithm's `State`, saved generically.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mbbo.algorithms.base import Hyper
+from mbbo.algorithms.pieces import two_points
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.inner_solvers import LowerSGD
 from mbbo.linsolve import Neumann
@@ -108,6 +111,24 @@ class BOREPConfig(Hyper):
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
+def start_normalized_momentum(alg: BOREP | SLIP) -> None:
+    """m <- 0 and a fresh upper step-rule state (at the start and at a restart)."""
+    alg.m = torch.zeros_like(alg.x)
+    alg.rule_state = CountState(0)
+
+
+def linsys_momentum_step(alg: BOREP | SLIP, gx_f: Tensor, gy_f: Tensor, hz: Tensor, jz: Tensor,
+                         rule: Normalized | Clipped | SGD) -> None:
+    """z <- Pi_{||z|| <= z_radius}(z - nu (H z - grad_y F)), m <- beta m + (1 - beta)(grad_x F - J z), x <- x +
+    rule(m); ends the iteration (BO-REP and SLIP)."""
+    cfg = alg.config
+    z = alg.z - cfg.linsys_lr * (hz - gy_f)
+    alg.z = z if cfg.z_radius is None else project_ball(z, cfg.z_radius)
+    alg.m = EMA(1.0 - cfg.beta).update(alg.m, gx_f - jz)
+    update, alg.rule_state = rule.update(alg.m, alg.rule_state)
+    alg.advance(alg.x + update)
+
+
 class BOREP(SingleBlockAlgorithm):
     """BO-REP (Hao, Gong, Liu, "Bilevel optimization under unbounded smoothness: a new algorithm and convergence
     analysis", ICLR 2024)::
@@ -134,11 +155,7 @@ class BOREP(SingleBlockAlgorithm):
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         self.z = torch.zeros_like(self.y)
-        self.m = torch.zeros_like(self.x)
-        self.rule_state = CountState(0)
-
-    def upper_rule(self) -> Normalized | Clipped | SGD:
-        return Normalized(self.config.lr)
+        start_normalized_momentum(self)
 
     def refine(self) -> None:
         """Initialisation refinement at x_0 (first iteration)."""
@@ -150,39 +167,20 @@ class BOREP(SingleBlockAlgorithm):
         else:
             self.y = epoch_sgd(grad, self.y, cfg.refine_epochs, cfg.refine_steps, lr, cfg.refine_radius)
 
-    def lower_update(self) -> None:
-        cfg = self.config
-        if self.iteration % cfg.interval == 0:
-            self.y = LowerSGD(cfg.lower_steps, cfg.lower_lr).run(self.lower_grad_fn(self.x), self.y)
-
-    def products(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(grad_x F, grad_y F, H z, J z) at (x_t, y_t, z_t)."""
-        bs = self.config.batch_size
-        gx_f, gy_f = self.upper_grads(self.x, self.y, self.upper_batch(bs))
-        lower = self.lower_batch(bs)
-        return gx_f, gy_f, self.hvp(self.x, self.y, self.z, lower), self.cross(self.x, self.y, self.z, lower)
-
     def step(self) -> None:
+        cfg, bs = self.config, self.config.batch_size
         if self.iteration == 0:
             self.refine()
-        self.lower_update()
-        gx_f, gy_f, hz, jz = self.products()
-        self._upper_and_linsys(gx_f, gy_f, hz, jz)
-
-    def _upper_and_linsys(self, gx_f: Tensor, gy_f: Tensor, hz: Tensor, jz: Tensor) -> None:
-        cfg = self.config
-        z = self.z - cfg.linsys_lr * (hz - gy_f)
-        self.z = z if cfg.z_radius is None else project_ball(z, cfg.z_radius)
-        self.m = EMA(1.0 - cfg.beta).update(self.m, gx_f - jz)
-        update, self.rule_state = self.upper_rule().update(self.m, self.rule_state)
-        self.x_prev = self.x
-        self.x = self.x + update
-        self.iteration += 1
+        if self.iteration % cfg.interval == 0:  # the periodic lower update
+            self.y = LowerSGD(cfg.lower_steps, cfg.lower_lr).run(self.lower_grad_fn(self.x), self.y)
+        gx_f, gy_f = self.upper_grads(self.x, self.y, self.upper_batch(bs))
+        lower = self.lower_batch(bs)
+        hz, jz = self.hvp(self.x, self.y, self.z, lower), self.cross(self.x, self.y, self.z, lower)
+        linsys_momentum_step(self, gx_f, gy_f, hz, jz, Normalized(cfg.lr))
 
     def restart(self) -> None:
         """Re-initialises the momentum (for `Restarted`); y, z and x are carried over."""
-        self.m = torch.zeros_like(self.x)
-        self.rule_state = CountState(0)
+        start_normalized_momentum(self)
 
 
 STEP_RULES = ("normalized", "clipped", "sgd")
@@ -218,7 +216,7 @@ class SLIPConfig(Hyper):
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
 
-class SLIP(BOREP):
+class SLIP(SingleBlockAlgorithm):
     """SLIP (Gong, Hao, Liu, "A nearly optimal single loop algorithm for stochastic bilevel optimization under
     unbounded smoothness", ICML 2024): BO-REP with the lower level updated every iteration, simultaneously::
 
@@ -231,8 +229,15 @@ class SLIP(BOREP):
     grad_y G, H_t z_t and J_t z_t come from one graph on one lower mini-batch (`lower_products`).
     """
 
+    State = BOREP.State
     name = "slip"
     Config = SLIPConfig
+
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        self.z = torch.zeros_like(self.y)
+        start_normalized_momentum(self)
 
     def upper_rule(self) -> Normalized | Clipped | SGD:
         cfg = self.config
@@ -240,17 +245,18 @@ class SLIP(BOREP):
             return Clipped(cfg.lr, cfg.clip)
         return SGD(cfg.lr) if cfg.step_rule == "sgd" else Normalized(cfg.lr)
 
-    def refine(self) -> None:
-        self.y = LowerSGD(self.config.warm_start_steps, self.config.lower_lr).run(self.lower_grad_fn(self.x), self.y)
-
     def step(self) -> None:
         cfg = self.config
-        if self.iteration == 0:
-            self.refine()
+        if self.iteration == 0:  # the warm start
+            self.y = LowerSGD(cfg.warm_start_steps, cfg.lower_lr).run(self.lower_grad_fn(self.x), self.y)
         gx_f, gy_f = self.upper_grads(self.x, self.y, self.upper_batch(cfg.batch_size))
         gy_g, hz, jz = self.lower_products(self.x, self.y, self.z, self.lower_batch(cfg.batch_size))
         self.y = self.y - cfg.lower_lr * gy_g
-        self._upper_and_linsys(gx_f, gy_f, hz, jz)
+        linsys_momentum_step(self, gx_f, gy_f, hz, jz, self.upper_rule())
+
+    def restart(self) -> None:
+        """Re-initialises the momentum (for `Restarted`); y, z and x are carried over."""
+        start_normalized_momentum(self)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,6 +299,55 @@ class AccBOConfig(Hyper):
         check_flag("neumann_unbiased", self.neumann_unbiased)
         check_optional(check_int, "batch_size", self.batch_size, 1)
 
+    def lower_rule(self) -> NesterovAveraged:
+        """The lower level's Nesterov steps with averaging."""
+        return NesterovAveraged(self.lower_lr, self.nesterov_momentum, self.averaging)
+
+    def neumann(self) -> Neumann:
+        """The randomly truncated Neumann series of the hypergradient."""
+        return Neumann(self.neumann_terms, self.neumann_lr, random_truncation=True, scale_by_q=self.neumann_unbiased)
+
+
+def start_accelerated(alg: AccBO | VRAdamBO, rule_state: Any) -> None:
+    """The lower rule's state at y, y_hat_prev <- y, m <- 0, the upper rule's initial state."""
+    alg.lower_state = alg.config.lower_rule().init(alg.y)
+    alg.y_hat_prev = alg.y.clone()
+    alg.m = torch.zeros_like(alg.x)
+    alg.rule_state = rule_state
+
+
+def nesterov_lower_update(alg: AccBO | VRAdamBO, n_steps: int) -> None:
+    """n_steps of the config's `lower_rule` on g(x, .) (fresh mini-batches), moving y and the averaged y_hat."""
+    rule, grad = alg.config.lower_rule(), alg.lower_grad_fn(alg.x)
+    for _ in range(n_steps):
+        g = grad(rule.extrapolate(alg.y, alg.lower_state))
+        alg.y, alg.lower_state = rule.update(g, alg.lower_state, alg.y)
+
+
+def two_point_hypergradients(alg: AccBO | VRAdamBO) -> Tensor:
+    """h(x_t, yhat_{t+1}; xi_t) and, after the first iteration, h(x_{t-1}, yhat_t; xi_t), on the same sample:
+    (P, d_x)."""
+    xs, ys = two_points(alg.x, alg.x_prev, alg.fresh), two_points(alg.y_hat, alg.y_hat_prev, alg.fresh)
+    return alg.neumann_hypergradient(xs, ys, alg.config.neumann())
+
+
+def accelerated_lower_and_hypergradients(alg: AccBO | VRAdamBO) -> tuple[Tensor, Tensor]:
+    """The lower level of AccBO / VR-AdamBO (warm start at the first iteration, `lower_steps` Nesterov steps every
+    `interval` iterations), then the two-point hypergradients: (h, y_hat at which h was evaluated)."""
+    cfg = alg.config
+    if alg.iteration == 0 and cfg.warm_start_steps:
+        nesterov_lower_update(alg, cfg.warm_start_steps)
+    if alg.iteration % cfg.interval == 0:
+        nesterov_lower_update(alg, cfg.lower_steps)
+    return two_point_hypergradients(alg), alg.y_hat
+
+
+def end_accelerated_step(alg: AccBO | VRAdamBO, x_new: Tensor, y_hat: Tensor) -> None:
+    """x <- x_new, the averaged iterate becomes the previous point; ends the iteration."""
+    alg.advance(x_new)
+    alg.y_hat_prev = y_hat
+    alg.fresh = False
+
 
 class AccBO(SingleBlockAlgorithm):
     """AccBO (Gong, Hao, Liu, "An accelerated algorithm for stochastic bilevel optimization under unbounded
@@ -325,66 +380,24 @@ class AccBO(SingleBlockAlgorithm):
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
-        self.lower_state = self.lower_rule().init(self.y)
-        self.y_hat_prev = self.y.clone()
-        self.m = torch.zeros_like(self.x)
-        self.rule_state: Any = self.init_upper_state()
-
-    def lower_rule(self) -> NesterovAveraged:
-        cfg = self.config
-        return NesterovAveraged(cfg.lower_lr, cfg.nesterov_momentum, cfg.averaging)
-
-    def neumann(self) -> Neumann:
-        cfg = self.config
-        return Neumann(cfg.neumann_terms, cfg.neumann_lr, random_truncation=True, scale_by_q=cfg.neumann_unbiased)
+        start_accelerated(self, CountState(0))
 
     @property
     def y_hat(self) -> Tensor:
         """The averaged lower sequence, at which the hypergradient is evaluated."""
         return self.lower_state.average
 
-    def lower_update(self, n_steps: int) -> None:
-        rule, grad = self.lower_rule(), self.lower_grad_fn(self.x)
-        for _ in range(n_steps):
-            g = grad(rule.extrapolate(self.y, self.lower_state))
-            self.y, self.lower_state = rule.update(g, self.lower_state, self.y)
-
-    def two_point_hypergradients(self) -> Tensor:
-        """h(x_t, yhat_{t+1}; xi_t) and, after the first iteration, h(x_{t-1}, yhat_t; xi_t): (P, d_x)."""
-        if self.fresh:
-            xs, ys = self.x.unsqueeze(0), self.y_hat.unsqueeze(0)
-        else:
-            xs, ys = torch.stack([self.x, self.x_prev]), torch.stack([self.y_hat, self.y_hat_prev])
-        return self.neumann_hypergradient(xs, ys, self.neumann())
-
     def step(self) -> None:
         cfg = self.config
-        if self.iteration == 0 and cfg.warm_start_steps:
-            self.lower_update(cfg.warm_start_steps)
-        if self.iteration % cfg.interval == 0:
-            self.lower_update(cfg.lower_steps)
-        h = self.two_point_hypergradients()
-        y_hat = self.y_hat
-        self.upper_update(h)
-        self.y_hat_prev = y_hat
-        self.fresh = False
-        self.iteration += 1
+        h, y_hat = accelerated_lower_and_hypergradients(self)
+        self.m = h[0] if self.fresh else STORM(1.0 - cfg.beta).update(self.m, h[0], h[-1])
+        update, self.rule_state = Normalized(cfg.lr).update(self.m, self.rule_state)
+        end_accelerated_step(self, self.x + update, y_hat)
 
     def restart(self) -> None:
         """Re-initialises the momentum from the next hypergradient (for `Restarted`)."""
         self.fresh = True
-        self.rule_state = self.init_upper_state()
-
-    # --- upper level (overridden by VR-AdamBO) ------------------------------------------------------
-    def init_upper_state(self) -> Any:
-        return CountState(0)
-
-    def upper_update(self, h: Tensor) -> None:
-        cfg = self.config
-        self.m = h[0] if self.fresh else STORM(1.0 - cfg.beta).update(self.m, h[0], h[-1])
-        update, self.rule_state = Normalized(cfg.lr).update(self.m, self.rule_state)
-        self.x_prev = self.x
-        self.x = self.x + update
+        self.rule_state = CountState(0)
 
 
 @dataclass
@@ -403,7 +416,7 @@ class VRAdamBOConfig(AccBOConfig):
         Adam(self.lr, betas, self.eps, self.weight_decay)  # validates betas, eps, weight_decay
 
 
-class VRAdamBO(AccBO):
+class VRAdamBO(SingleBlockAlgorithm):
     """VR-AdamBO (Gong, Hao, Liu 2025, arXiv 2503.03908), the variance-reduced AdamBO. [paper, partly
     unverified: no public code was found; a public review of the paper describes it as AccBO with an Adam-type
     upper update instead of normalised momentum, which is what is implemented]::
@@ -413,17 +426,30 @@ class VRAdamBO(AccBO):
         s_t = beta2 s_{t-1} + (1 - beta2) g_t^2
         x_{t+1} = x_t - lr m_t / (sqrt(s_t / (1 - beta2^{t+1})) + eps)
 
-    The first moment needs no bias correction (it starts at g_0); the second moment is corrected as in Adam.
+    AccBO's lower level and two-point hypergradients (`accelerated_lower_and_hypergradients`). The first moment
+    needs no bias correction (it starts at g_0); the second moment is corrected as in Adam.
     """
 
+    State = AccBO.State
     name = "vr_adambo"
     Config = VRAdamBOConfig
 
-    def init_upper_state(self) -> Any:
+    def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
+                 compile: bool = False, **overrides: Any) -> None:
+        super().__init__(problem, config, seed=seed, compile=compile, **overrides)
+        start_accelerated(self, self.init_adam())
+
+    def init_adam(self) -> AdamState:
         return AdamState(0, [torch.zeros_like(self.x)], [torch.zeros_like(self.x)])
 
-    def upper_update(self, h: Tensor) -> None:
+    @property
+    def y_hat(self) -> Tensor:
+        """The averaged lower sequence, at which the hypergradient is evaluated."""
+        return self.lower_state.average
+
+    def step(self) -> None:
         cfg = self.config
+        h, y_hat = accelerated_lower_and_hypergradients(self)
         beta1, beta2 = cfg.betas
         g_new = h[0] + cfg.weight_decay * self.x
         if self.fresh:
@@ -436,8 +462,12 @@ class VRAdamBO(AccBO):
         denom = (s / (1.0 - beta2**t)).sqrt() + cfg.eps
         self.m = m
         self.rule_state = AdamState(t, [m.clone()], [s])
-        self.x_prev = self.x
-        self.x = self.x - cfg.lr * m / denom
+        end_accelerated_step(self, self.x - cfg.lr * m / denom, y_hat)
+
+    def restart(self) -> None:
+        """Re-initialises the momentum from the next hypergradient and Adam's moments (for `Restarted`)."""
+        self.fresh = True
+        self.rule_state = self.init_adam()
 
 
 # ----------------------------------------------------------------------------------------------------------
