@@ -295,6 +295,8 @@ class BlockShard:
         dist.all_gather(received, buffer)
         self.collectives += 1
         self.bytes_sent += total
+        if uniform:
+            return self._reorder_uniform(parts, received, counts, nmax, sizes[self.rank], owners, device)
         # the received rows come grouped by owner; `order` puts them back in the order of `blocks`
         order = torch.argsort(owners, stable=True).to(device)
         out = []
@@ -308,13 +310,33 @@ class BlockShard:
                 rows = _from_bytes(received[q][start: start + sizes[q][k]], t.dtype, (nmax, *all_tails[q][k]))
                 rows = rows[: counts[q]]
                 if tuple(rows.shape[1:]) != tail:  # pad the last dimension with zeros
-                    rows = torch.nn.functional.pad(rows, (0, tail[-1] - rows.shape[-1])) if rows.dtype != torch.bool \
-                        else torch.cat([rows, rows.new_zeros((*rows.shape[:-1], tail[-1] - rows.shape[-1]))], -1)
+                    rows = torch.cat([rows, rows.new_zeros((*rows.shape[:-1], tail[-1] - rows.shape[-1]))], -1)
                 grouped.append(rows)
             full = torch.empty((blocks.shape[0], *tail), dtype=t.dtype, device=device)
             if grouped:
                 full[order] = torch.cat(grouped)
             out.append(full.movedim(0, d))
+        return out
+
+    def _reorder_uniform(self, parts: Sequence[tuple[Tensor, int]], received: list[Tensor], counts: list[int],
+                         nmax: int, sizes: list[int], owners: Tensor, device: torch.device) -> list[Tensor]:
+        """`gather`'s rows back in the order of the blocks when every rank's parts have the same shapes: the
+        buffers stacked, each part viewed as (R * nmax, ...) and indexed once. Block k, the j-th of owner q,
+        sits at row q * nmax + j."""
+        stacked = torch.stack(received)
+        order = torch.argsort(owners, stable=True)
+        starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+        grouped_rows = torch.arange(owners.shape[0]) - starts[owners[order]] + owners[order] * nmax
+        rows = torch.empty_like(grouped_rows)
+        rows[order] = grouped_rows
+        rows = rows.to(device)
+        out, offset = [], 0
+        for (t, d), size in zip(parts, sizes, strict=True):
+            tail = tuple(t.movedim(d, 0).shape[1:])
+            typed = _from_bytes(stacked[:, offset: offset + size].contiguous().reshape(-1), t.dtype,
+                                (self.world_size * nmax, *tail))
+            out.append(typed.index_select(0, rows).movedim(0, d))
+            offset += size
         return out
 
     def _exchange_shapes(self, tails: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
