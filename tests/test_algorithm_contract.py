@@ -3,6 +3,7 @@
 - save -> load -> step is bit-identical to stepping on (the declared `State` is complete);
 - the same seed gives the same trajectory;
 - every bad hyper-parameter (generated from the `Config` field types) is rejected with a message naming it;
+- zero in a numeric field is rejected naming it, or the steps stay finite with it;
 - a few steps keep everything finite;
 - the oracle counters never decrease, grow at every step, and grow as `oracle_calls_per_step()` declares.
 
@@ -301,3 +302,37 @@ def test_restarted_save_load_step_is_bit_identical(name: str) -> None:
     assert_same(resumed.state_dict(), reference.state_dict())
     with pytest.raises(ValueError, match="state format 1"):
         resumed.load_state_dict({"inner": reference.inner.state_dict(), "stage": 1})
+
+
+def _zero_cases() -> list[tuple[str, str, Any]]:
+    cases = []
+    for name in NAMES:
+        config_cls = CLASSES[name].Config
+        hints = typing.get_type_hints(config_cls)
+        for f in dataclasses.fields(config_cls):
+            allowed = _allowed(hints[f.name])
+            if object in allowed or not allowed & {int, float}:
+                continue
+            cases.append((name, f.name, 0.0 if float in allowed else 0))
+    return cases
+
+
+ZERO_CASES = _zero_cases()
+
+
+@pytest.mark.parametrize(("name", "field", "zero"), ZERO_CASES, ids=[f"{n}-{f}" for n, f, _ in ZERO_CASES])
+def test_zero_is_rejected_naming_it_or_keeps_the_steps_finite(name: str, field: str, zero: Any) -> None:
+    """Zero, the boundary of every numeric field: either the Config rejects it with the field's name (a step
+    size, a count, a radius, a regularisation that must be positive), or the algorithm takes its steps with
+    everything finite (zero is a meaningful value: no momentum, no decay, ...)."""
+    problem = fitting_problem(name)
+    hyper = {**small_hyper(name, problem), field: zero}
+    try:
+        algorithm = CLASSES[name](problem, seed=0, **hyper)
+    except (ValueError, TypeError) as error:
+        assert field in str(error), str(error)
+        return
+    for _ in range(STEPS_BEFORE_SAVE):
+        algorithm.step()
+        assert algorithm.is_finite(), f"{name} with {field}={zero!r} was accepted but is not finite"
+        assert all(bool(torch.isfinite(t).all()) for t in algorithm.state_tensors() if t.is_floating_point())
