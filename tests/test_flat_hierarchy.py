@@ -14,7 +14,7 @@ from mbbo.algorithms.single import SingleBlockAlgorithm
 
 BASES = (BilevelAlgorithm, SingleBlockAlgorithm, MultiBlockAlgorithm)
 # the blockwise methods, being flattened separately
-NOT_YET_FLAT = {"bsvrb_v1", "bsvrb_v2", "ma_v1", "ma_v2", "rsvrb"}
+NOT_YET_FLAT: set[str] = set()
 CLASSES = {**{n: c for n, c in ALGORITHMS.items() if n not in NOT_YET_FLAT}, TemplateAID.name: TemplateAID}
 
 
