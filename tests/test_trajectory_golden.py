@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from mbbo.algorithms.registry import ALGORITHMS, make_algorithm
+from mbbo.algorithms.registry import ALGORITHMS, make_algorithm, restartable
 from mbbo.problem import MultiBlockProblem
 from mbbo.tasks.registry import get_task
 
@@ -125,9 +125,6 @@ def trajectory(case: str, restarted: bool) -> list[torch.Tensor]:
     assert problem.x0.dtype == torch.float64
     if restarted:
         hyper["stage_length"] = 2
-        config = ALGORITHMS[name].Config(**options)
-        if name in NAMES and getattr(config, "lower_lr", 0.0) is None:  # F2SA's "None: lr" cannot be divided
-            hyper["lower_lr"] = config.lr
     algorithm = make_algorithm(("re_" if restarted else "") + name, problem, seed=7, **hyper)
     out = []
     for _ in range(STEPS):
@@ -159,8 +156,8 @@ def _key(case: str, restarted: bool) -> str:
 
 
 def _restartable(case: str) -> bool:
-    """Whether the algorithm has a `restart` (the constrained methods have none)."""
-    return hasattr(ALGORITHMS[CASES[case][0]], "restart")
+    """Whether the algorithm has a `re_` variant (the constrained methods have none)."""
+    return restartable(ALGORITHMS[CASES[case][0]])
 
 
 KEYS = [(c, r) for c in sorted(CASES) for r in (False, True) if not r or _restartable(c)]
