@@ -79,19 +79,19 @@ def is_delayed(alg: MultiBlockAlgorithm) -> bool:
     return alg.config.lower_update == "delayed"
 
 
-def table_step(alg: MultiBlockAlgorithm, name: str, moving_average: bool) -> float:
+def table_step(alg: MultiBlockAlgorithm, name: str, *, moving_average: bool) -> float:
     """The step size (named `name`) by which a lower table moves its blocks: 0 for the eager moving-average method,
     which moves only the sampled blocks, at write time (`moved_rows`)."""
     return 0.0 if moving_average and not is_delayed(alg) else alg.hyper(name)
 
 
-def lower_table(alg: MultiBlockAlgorithm, values: Tensor, directions: Tensor, step: str, moving_average: bool,
+def lower_table(alg: MultiBlockAlgorithm, values: Tensor, directions: Tensor, step: str, *, moving_average: bool,
                 radius: float | None = None) -> LowerTable:
     """The table of lower (or linear-system) variables moved along `directions` by the step size named `step`:
     `DelayedBlocks` (`lower_update="delayed"`) or `MovingBlocks` (lazy or eager); takes both tensors over."""
     if is_delayed(alg):
         return DelayedBlocks(values, directions, alg.hyper(step), radius=radius, start=alg.iteration, copy=False)
-    table = MovingBlocks(values, directions, table_step(alg, step, moving_average), radius=radius,
+    table = MovingBlocks(values, directions, table_step(alg, step, moving_average=moving_average), radius=radius,
                          lazy=alg.config.lazy, copy=False)
     table.stamps.fill_(alg.iteration)
     return table
@@ -116,13 +116,7 @@ def track(tracker: Tracker, u: Tensor, values: Tensor) -> Tensor:
     return tracker.update(u, values[0], values[-1])
 
 
-def lower_tracker(alg: MultiBlockAlgorithm, moving_average: bool) -> MSVR | EMA:
-    """MSVR of the per-block estimators (BSVRB), or their EMA (the moving-average method), weight `alpha`."""
-    cfg = alg.config
-    return EMA(cfg.alpha) if moving_average else cfg.msvr(alg.problem.num_blocks)
-
-
-def moved_rows(alg: MultiBlockAlgorithm, rows: Tensor, direction: Tensor, step: str, moving_average: bool,
+def moved_rows(alg: MultiBlockAlgorithm, rows: Tensor, direction: Tensor, step: str, *, moving_average: bool,
                radius: float | None = None) -> Tensor:
     """The rows to write back: under the eager moving-average method, moved by one (projected) step along the
     fresh estimate; otherwise as read (the table moves them)."""
@@ -202,7 +196,7 @@ def solve_hessians(alg: MultiBlockAlgorithm, factors: Tensor, rhs: Tensor) -> Te
     return torch.linalg.solve(factors, rhs)
 
 
-def initialise_hessian_estimates(alg: MultiBlockAlgorithm, y: Tensor, how: str, moving_average: bool) -> None:
+def initialise_hessian_estimates(alg: MultiBlockAlgorithm, y: Tensor, how: str, *, moving_average: bool) -> None:
     """s_i and H_i of all blocks (`initial_estimators`: grad_y g_i and the guarded grad_yy g_i at (x, y_i), or
     filled, guarded under eigen_floor only as the authors apply their Frobenius guard after updates); the lower
     table from y (cloned)."""
@@ -225,7 +219,7 @@ def initialise_hessian_estimates(alg: MultiBlockAlgorithm, y: Tensor, how: str, 
         alg.hessian_stamps = torch.full((alg.hessians.shape[0],), alg.iteration - 1, dtype=torch.long,
                                         device=alg.hessians.device)
     # y may be the problem's y0 (the table is written in place); the estimator tables are fresh
-    alg.y = lower_table(alg, y.clone(), tables["s"], "lower_lr", moving_average)
+    alg.y = lower_table(alg, y.clone(), tables["s"], "lower_lr", moving_average=moving_average)
 
 
 def hessian_hypergradients(alg: MultiBlockAlgorithm, draw: BlockDraw, tracker: MSVR | EMA) -> tuple[Tensor, Tensor]:
@@ -268,7 +262,7 @@ def hessian_tensors(alg: MultiBlockAlgorithm) -> tuple[Tensor, ...]:
 # --- BSVRB_v2 / ma_v2: Hessian-vector products ---------------------------------------------------------------
 
 
-def initialise_linear_systems(alg: MultiBlockAlgorithm, y: Tensor, how: str, moving_average: bool) -> None:
+def initialise_linear_systems(alg: MultiBlockAlgorithm, y: Tensor, how: str, *, moving_average: bool) -> None:
     """s_i, u_i and v_i of all blocks (`initial_estimators`: grad_y g_i and u_i = (grad_yy g_i) v_i - grad_y f_i
     at (x, y_i), v_i = 0 at start and carried over on restarts; or filled, v_i too (U[0, 1) as the authors, or
     0)); the tables of v (along u) and of y (cloned, along s)."""
@@ -285,11 +279,12 @@ def initialise_linear_systems(alg: MultiBlockAlgorithm, y: Tensor, how: str, mov
         return {"s": s0, "u": u0, "v": v0}
 
     tables = initial_estimators(alg, how, rows, filled)
-    alg.v = lower_table(alg, tables["v"], tables["u"], "linsys_lr", moving_average, alg.config.v_radius)
-    alg.y = lower_table(alg, y.clone(), tables["s"], "lower_lr", moving_average)
+    alg.v = lower_table(alg, tables["v"], tables["u"], "linsys_lr", moving_average=moving_average,
+                        radius=alg.config.v_radius)
+    alg.y = lower_table(alg, y.clone(), tables["s"], "lower_lr", moving_average=moving_average)
 
 
-def linear_system_hypergradients(alg: MultiBlockAlgorithm, draw: BlockDraw, tracker: MSVR | EMA,
+def linear_system_hypergradients(alg: MultiBlockAlgorithm, draw: BlockDraw, tracker: MSVR | EMA, *,
                                  moving_average: bool) -> tuple[Tensor, Tensor]:
     """(G per point (P, d_x), the new s_i): s_i and the residual estimates u_i of (grad_yy g_i) v = grad_y f_i
     tracked on the sampled blocks (their v_i written back, `moved_rows`), G = (1/B) sum_i grad_x f_i -
@@ -301,5 +296,6 @@ def linear_system_hypergradients(alg: MultiBlockAlgorithm, draw: BlockDraw, trac
     gx_f, gy_f = alg.oracles.upper_grads(xs, ys, draw.upper, blocks)
     s_new = track(tracker, alg.y.direction(blocks, t), gy)
     u_new = track(tracker, alg.v.direction(blocks, t), hv - gy_f)
-    alg.v.write(blocks, moved_rows(alg, v_cur, u_new, "linsys_lr", moving_average, alg.config.v_radius), u_new, t)
+    v_new = moved_rows(alg, v_cur, u_new, "linsys_lr", moving_average=moving_average, radius=alg.config.v_radius)
+    alg.v.write(blocks, v_new, u_new, t)
     return reduced_hypergradient(alg, draw, gx_f, cross), s_new

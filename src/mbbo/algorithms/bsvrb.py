@@ -56,7 +56,6 @@ from mbbo.algorithms.blockwise import (
     initialise_linear_systems,
     is_delayed,
     linear_system_hypergradients,
-    lower_tracker,
     moved_rows,
     start_blockwise,
     table_step,
@@ -168,22 +167,23 @@ class BSVRBv1(MultiBlockAlgorithm):
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         start_blockwise(self)
-        initialise_hessian_estimates(self, self.shard.table(problem.y0), self.config.estimator_init, False)
+        y0 = self.shard.table(problem.y0)
+        initialise_hessian_estimates(self, y0, self.config.estimator_init, moving_average=False)
 
     def step(self) -> None:
         draw = draw_blocks(self, two=not self.fresh)
-        grads, s_new = hessian_hypergradients(self, draw, lower_tracker(self, False))
+        grads, s_new = hessian_hypergradients(self, draw, self.config.msvr(self.problem.num_blocks))
         self.y.write(draw.blocks, draw.y, s_new, self.iteration)
         end_iteration(self, draw, (self.y,), grads, STORM(self.config.beta))
 
     def restart(self) -> None:
         """Re-initialises the estimators from a mini-batch at the current point (lower variables carried over),
         whatever `estimator_init` was."""
-        initialise_hessian_estimates(self, self.lower_variables(), "first_batch", False)
+        initialise_hessian_estimates(self, self.lower_variables(), "first_batch", moving_average=False)
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.y.step = table_step(self, "lower_lr", False)
+        self.y.step = self.hyper("lower_lr")
 
     def is_finite(self) -> bool:
         """NaN/inf guard of one step, O(B): x, z, the block rows and Hessian estimates this step wrote."""
@@ -218,22 +218,24 @@ class BSVRBv2(MultiBlockAlgorithm):
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         start_blockwise(self)
-        initialise_linear_systems(self, self.shard.table(problem.y0), self.config.estimator_init, False)
+        y0 = self.shard.table(problem.y0)
+        initialise_linear_systems(self, y0, self.config.estimator_init, moving_average=False)
 
     def step(self) -> None:
         draw = draw_blocks(self, two=not self.fresh)
-        grads, s_new = linear_system_hypergradients(self, draw, lower_tracker(self, False), False)
+        msvr = self.config.msvr(self.problem.num_blocks)
+        grads, s_new = linear_system_hypergradients(self, draw, msvr, moving_average=False)
         self.y.write(draw.blocks, draw.y, s_new, self.iteration)
         end_iteration(self, draw, (self.y, self.v), grads, STORM(self.config.beta))
 
     def restart(self) -> None:
         """Re-initialises the estimators from a mini-batch at the current point (lower and linear-system variables
         carried over), whatever `estimator_init` was."""
-        initialise_linear_systems(self, self.lower_variables(), "first_batch", False)
+        initialise_linear_systems(self, self.lower_variables(), "first_batch", moving_average=False)
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.y.step, self.v.step = table_step(self, "lower_lr", False), table_step(self, "linsys_lr", False)
+        self.y.step, self.v.step = self.hyper("lower_lr"), self.hyper("linsys_lr")
 
     def is_finite(self) -> bool:
         """NaN/inf guard of one step, O(B): x, z and the block rows this step wrote."""
@@ -279,7 +281,8 @@ class MovingAverageV1(MultiBlockAlgorithm):
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         start_blockwise(self)
-        initialise_hessian_estimates(self, self.shard.table(problem.y0), self.config.estimator_init, True)
+        y0 = self.shard.table(problem.y0)
+        initialise_hessian_estimates(self, y0, self.config.estimator_init, moving_average=True)
 
     @property
     def accumulates_lower_steps(self) -> bool:  # type: ignore[override]
@@ -288,17 +291,18 @@ class MovingAverageV1(MultiBlockAlgorithm):
 
     def step(self) -> None:
         draw = draw_blocks(self, two=False)
-        grads, s_new = hessian_hypergradients(self, draw, lower_tracker(self, True))
-        self.y.write(draw.blocks, moved_rows(self, draw.y, s_new, "lower_lr", True), s_new, self.iteration)
+        grads, s_new = hessian_hypergradients(self, draw, EMA(self.config.alpha))
+        y_new = moved_rows(self, draw.y, s_new, "lower_lr", moving_average=True)
+        self.y.write(draw.blocks, y_new, s_new, self.iteration)
         end_iteration(self, draw, (self.y,), grads, EMA(self.config.beta))
 
     def restart(self) -> None:
         """Re-initialises the estimators from a mini-batch at the current point (lower variables carried over)."""
-        initialise_hessian_estimates(self, self.lower_variables(), "first_batch", True)
+        initialise_hessian_estimates(self, self.lower_variables(), "first_batch", moving_average=True)
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.y.step = table_step(self, "lower_lr", True)
+        self.y.step = table_step(self, "lower_lr", moving_average=True)
 
     def is_finite(self) -> bool:
         """NaN/inf guard of one step, O(B): x, z, the block rows and Hessian estimates this step wrote."""
@@ -331,7 +335,8 @@ class MovingAverageV2(MultiBlockAlgorithm):
                  compile: bool = False, **overrides: Any) -> None:
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         start_blockwise(self)
-        initialise_linear_systems(self, self.shard.table(problem.y0), self.config.estimator_init, True)
+        y0 = self.shard.table(problem.y0)
+        initialise_linear_systems(self, y0, self.config.estimator_init, moving_average=True)
 
     @property
     def accumulates_lower_steps(self) -> bool:  # type: ignore[override]
@@ -340,18 +345,20 @@ class MovingAverageV2(MultiBlockAlgorithm):
 
     def step(self) -> None:
         draw = draw_blocks(self, two=False)
-        grads, s_new = linear_system_hypergradients(self, draw, lower_tracker(self, True), True)
-        self.y.write(draw.blocks, moved_rows(self, draw.y, s_new, "lower_lr", True), s_new, self.iteration)
+        grads, s_new = linear_system_hypergradients(self, draw, EMA(self.config.alpha), moving_average=True)
+        y_new = moved_rows(self, draw.y, s_new, "lower_lr", moving_average=True)
+        self.y.write(draw.blocks, y_new, s_new, self.iteration)
         end_iteration(self, draw, (self.y, self.v), grads, EMA(self.config.beta))
 
     def restart(self) -> None:
         """Re-initialises the estimators from a mini-batch at the current point (lower and linear-system variables
         carried over)."""
-        initialise_linear_systems(self, self.lower_variables(), "first_batch", True)
+        initialise_linear_systems(self, self.lower_variables(), "first_batch", moving_average=True)
 
     def set_hyper(self, **changes: Any) -> None:
         super().set_hyper(**changes)
-        self.y.step, self.v.step = table_step(self, "lower_lr", True), table_step(self, "linsys_lr", True)
+        self.y.step = table_step(self, "lower_lr", moving_average=True)
+        self.v.step = table_step(self, "linsys_lr", moving_average=True)
 
     def is_finite(self) -> bool:
         """NaN/inf guard of one step, O(B): x, z and the block rows this step wrote."""
