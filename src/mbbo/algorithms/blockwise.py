@@ -3,9 +3,10 @@ small functions of (algorithm, ...) that each method's `step()`, `__init__` and 
 method inherits behaviour from another one or from a family base (each derives directly from `MultiBlockAlgorithm`).
 
 Each takes the algorithm for its configuration, random streams, counted oracles and block shard; state lives in the
-algorithm's declared `State` (`BlockwiseState` and the version's estimator tables). `moving_average=True` selects
-the moving-average method's forms: EMA trackers at one point, and under `lower_update="eager"` only the sampled
-blocks move (by one step, at write time), so the tables move no block on their own.
+algorithm's declared `State` (`BlockwiseState` and the version's estimator tables). The trackers (MSVR / STORM for
+BSVRB, EMA for the moving-average method) are chosen by each method's `step()`; `moving_average=True` selects the
+moving-average method's lower moves: under `lower_update="eager"` only the sampled blocks move (by one step, at
+write time, `moved_rows`), so its tables move no block on their own.
 """
 
 from __future__ import annotations
