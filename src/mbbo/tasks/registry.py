@@ -250,15 +250,14 @@ class TaskSpec:
         With the built `problem`, the algorithm's `unsuitable_for(problem)` is consulted too.
 
         Raises:
-            ValueError: the algorithm name is not registered.
+            ValueError: the algorithm name is not registered, or names the restarted variant of an algorithm without
+                `restart()` (`mbbo.algorithms.registry.split_name`).
         """
-        cls, restarted = self.algorithm_class(algorithm)
+        cls, _ = self.algorithm_class(algorithm)
         if self.methods is not None:
             return None
         settings = self.settings_cls() if settings is None else settings
         base = cls.name
-        if restarted and not callable(getattr(cls, "restart", None)):
-            return f"{base} has no restart() method, so it cannot be restarted ({algorithm})"
         if self.algorithms is not None and base not in self.algorithms:
             reason = f" ({self.algorithms_reason})" if self.algorithms_reason else ""
             return f"task {self.name!r} accepts only {', '.join(self.algorithms)}{reason}"
