@@ -5,7 +5,9 @@
 - every bad hyper-parameter (generated from the `Config` field types) is rejected with a message naming it;
 - zero in a numeric field is rejected naming it, or the steps stay finite with it;
 - a few steps keep everything finite;
-- the oracle counters never decrease, grow at every step, and grow as `oracle_calls_per_step()` declares.
+- the oracle counters never decrease, grow at every step, and grow as `oracle_calls_per_step()` declares;
+- every restarted variant (`re_<name>`, default configuration) steps across stage boundaries with its step sizes
+  decayed; an algorithm without `restart()` has no `re_` variant.
 
 A new algorithm is covered as soon as it is registered (`mbbo.algorithms.register_algorithm`).
 """
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from mbbo.algorithms import ALGORITHMS, register_algorithm
+from mbbo.algorithms import ALGORITHMS, algorithm_names, make_algorithm, register_algorithm
 from mbbo.algorithms._template import TemplateAID
 from mbbo.algorithms.base import BilevelAlgorithm, MultiBlockAlgorithm
 from mbbo.problem import MultiBlockProblem
@@ -159,6 +161,34 @@ def test_oracle_counters_grow_as_declared(name: str) -> None:
             grown = {kind: now.get(kind, 0) - previous.get(kind, 0) for kind in set(now) | set(declared)}
             assert {kd: n for kd, n in grown.items() if n} == {kd: n for kd, n in declared.items() if n}, k
         previous = now
+
+
+RESTARTED = sorted(n for n in algorithm_names() if n.startswith("re_"))
+
+
+@pytest.mark.parametrize("name", RESTARTED)
+def test_restarted_variant_steps_across_stage_boundaries(name: str) -> None:
+    """`re_<name>` with the default configuration (stages of 1, then 2 steps): each stage boundary decays the step
+    sizes in use (defaults resolved) and restarts; everything stays finite."""
+    base = name.removeprefix("re_")
+    problem = fitting_problem(base)
+    algorithm = make_algorithm(name, problem, seed=0, stage_length=1, **small_hyper(base, problem))
+    initial = {k: algorithm.inner.hyper(k) for k in algorithm.decayed}
+    for _ in range(3):
+        algorithm.step()
+        assert algorithm.is_finite()
+    assert algorithm.stage == 2 and algorithm.iteration == 3
+    for k, value in initial.items():
+        assert algorithm.inner.hyper(k) == pytest.approx(value / algorithm.decay**2, rel=1e-12), k
+
+
+def test_no_restarted_variant_without_restart() -> None:
+    unrestartable = sorted(n for n, c in ALGORITHMS.items() if not hasattr(c, "restart"))
+    assert unrestartable, "every algorithm restarts: drop this test's premise"
+    for name in unrestartable:
+        assert f"re_{name}" not in algorithm_names()
+        with pytest.raises(ValueError, match=rf"{name} has no restarted variant .*restartable algorithms: .*bsvrb_v1"):
+            make_algorithm(f"re_{name}", fitting_problem(name))
 
 
 # --- bad hyper-parameters, generated from the Config field types -------------------------------------------

@@ -234,5 +234,5 @@ def test_non_finite_initial_values_and_shape_mismatch_raise(quad: MultiBlockQuad
 
 def test_theory_gamma_option(quad: MultiBlockQuadratic) -> None:
     alg = BSVRBv2(quad.problem(), block_batch=5, gamma="theory", alpha=0.5)
-    tracker = alg.lower_tracker
+    tracker = alg.config.msvr(alg.problem.num_blocks)  # the lower tracker its step uses
     assert tracker.gamma == pytest.approx((20 - 5) / (5 * 0.5) + 0.5)

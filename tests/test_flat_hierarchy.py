@@ -13,9 +13,7 @@ from mbbo.algorithms.base import BilevelAlgorithm, MultiBlockAlgorithm
 from mbbo.algorithms.single import SingleBlockAlgorithm
 
 BASES = (BilevelAlgorithm, SingleBlockAlgorithm, MultiBlockAlgorithm)
-# the blockwise methods, being flattened separately
-NOT_YET_FLAT = {"bsvrb_v1", "bsvrb_v2", "ma_v1", "ma_v2", "rsvrb"}
-CLASSES = {**{n: c for n, c in ALGORITHMS.items() if n not in NOT_YET_FLAT}, TemplateAID.name: TemplateAID}
+CLASSES = {**ALGORITHMS, TemplateAID.name: TemplateAID}
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))

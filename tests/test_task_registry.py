@@ -180,7 +180,8 @@ def test_restarted_variant_needs_restart_method(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(algorithm_registry.ALGORITHMS, "norestart", NoRestart)
     spec = get_task("quadratic")
     assert spec.misfit("norestart") is None
-    assert "has no restart() method" in spec.misfit("re_norestart")
+    with pytest.raises(ValueError, match=r"norestart has no restarted variant 're_norestart'.*restartable algorithms"):
+        spec.misfit("re_norestart")
 
 
 def test_allow_list_misfit_says_why() -> None:

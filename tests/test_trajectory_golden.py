@@ -1,11 +1,13 @@
-"""Golden trajectories of the single-block algorithms: a refactor must not change any iterate.
+"""Golden trajectories of the algorithms: a refactor must not change any iterate.
 
-For every registered single-block algorithm (and a few option variants that take other code paths), the tiny
+For every registered algorithm (and option variants that take other code paths), the tiny
 problem and the cheap hyper-parameters of the contract suite (`test_algorithm_contract.build`) are run for
 `STEPS` steps, plain and, where the algorithm has a `restart`, restarted (`re_<name>`, stage length 2: exercises
 `restart` and `set_hyper`), in float64;
 x and `lower_variables()` after every step must equal the stored values to 1e-12 (they are compared
 bit for bit first; the tolerance only absorbs a different summation order, should one appear).
+The blockwise methods (BSVRB_v1/v2, the moving-average method, RSVRB) also run on a small T1 (hyperparam,
+m = 6, sparse x; x and y compared through `digest`; skipped when the shared data is absent).
 
 The values live in `tests/data/trajectory_golden.pt`. Regenerate them (only when a trajectory is meant to change,
 and say why in the commit) with
@@ -15,6 +17,7 @@ and say why in the commit) with
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,16 +25,19 @@ from typing import Any
 import pytest
 import torch
 
-from mbbo.algorithms.registry import ALGORITHMS, make_algorithm
+from mbbo.algorithms.registry import ALGORITHMS, make_algorithm, restartable
+from mbbo.problem import MultiBlockProblem
+from mbbo.tasks.registry import get_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import SHARED_DATA
 from test_algorithm_contract import fitting_problem, small_hyper
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "trajectory_golden.pt"
 STEPS = 5
 TOLERANCE = 1e-12
 
-# the single-block algorithms (the multi-block ones are covered by their own equivalence tests)
+# the single-block algorithms
 NAMES = ("accbo", "ada_bio", "adambo", "aid_bio", "amigo", "blocc", "bo_rep", "bsa", "f2sa", "f2sa_projected",
          "fo_itd_bio", "fsla", "itd_bio", "lv_hba", "ma_soba", "mrbo", "penalty", "saba", "sflcb", "slip", "soba",
          "srba", "stocbio", "sustain", "ttsa", "vr_adambo", "vrbo")
@@ -55,26 +61,84 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ada_bio[consecutive]": ("ada_bio", {"variance_estimate": "consecutive"}),
     "sflcb[gauss_seidel,cold]": ("sflcb", {"ordering": "gauss_seidel", "warm_start": False}),
 }
-CASES: dict[str, tuple[str, dict[str, Any]]] = {**{n: (n, {}) for n in NAMES}, **VARIANTS}
+# the blockwise multi-block methods: the options that take other code paths (block sampling, lower-update
+# form, lazy or eager tables, estimator initialisation, v1's Hessian guard and timing), on the tiny m = 4 problem
+UNIFORM, RESHUFFLE = {"block_sampling": "uniform"}, {"block_sampling": "reshuffle"}
+DELAYED, EAGER = {"lower_update": "delayed"}, {"lower_update": "eager", "lazy": False}
+FROBENIUS_PREVIOUS = {"hessian_guard": "frobenius_rescale", "hessian_timing": "previous"}
+BLOCKWISE: dict[str, tuple[str, dict[str, Any]]] = {
+    "bsvrb_v1": ("bsvrb_v1", {}),
+    "bsvrb_v1[reshuffle,delayed,uniform]": ("bsvrb_v1", {**RESHUFFLE, **DELAYED, "estimator_init": "uniform"}),
+    "bsvrb_v1[eager,zeros]": ("bsvrb_v1", {**EAGER, "estimator_init": "zeros"}),
+    "bsvrb_v1[frobenius,previous]": ("bsvrb_v1", FROBENIUS_PREVIOUS),
+    "bsvrb_v1[frobenius,previous,delayed,uniform]": ("bsvrb_v1", {**FROBENIUS_PREVIOUS, **DELAYED,
+                                                                  "estimator_init": "uniform"}),
+    "bsvrb_v1[previous,eager,reshuffle]": ("bsvrb_v1", {"hessian_timing": "previous", **EAGER, **RESHUFFLE}),
+    "bsvrb_v2": ("bsvrb_v2", {}),
+    "bsvrb_v2[reshuffle,delayed,uniform]": ("bsvrb_v2", {**RESHUFFLE, **DELAYED, "estimator_init": "uniform"}),
+    "bsvrb_v2[eager,zeros]": ("bsvrb_v2", {**EAGER, "estimator_init": "zeros"}),
+    "bsvrb_v2[delayed,zeros,theory]": ("bsvrb_v2", {**DELAYED, "estimator_init": "zeros", "gamma": "theory",
+                                                    "alpha": 0.5}),
+    "ma_v1": ("ma_v1", {}),
+    "ma_v1[reshuffle,delayed]": ("ma_v1", {**RESHUFFLE, **DELAYED}),
+    "ma_v1[eager,uniform]": ("ma_v1", {**EAGER, "estimator_init": "uniform"}),
+    "ma_v1[frobenius,previous,reshuffle]": ("ma_v1", {**FROBENIUS_PREVIOUS, **RESHUFFLE}),
+    "ma_v2": ("ma_v2", {}),
+    "ma_v2[delayed,uniform]": ("ma_v2", {**DELAYED, "estimator_init": "uniform"}),
+    "ma_v2[eager,zeros,reshuffle]": ("ma_v2", {**EAGER, "estimator_init": "zeros", **RESHUFFLE}),
+    "rsvrb": ("rsvrb", {}),
+    "rsvrb[reshuffle,uniform]": ("rsvrb", {**RESHUFFLE, "estimator_init": "uniform"}),
+    "rsvrb[zeros]": ("rsvrb", {**UNIFORM, "estimator_init": "zeros"}),
+}
+# ... and on a small T1 (hyperparam: sparse x, grad_x f absent), as tests/test_distributed.py builds it
+T1 = {"num_blocks": 6, "batch_size": 4, "eval_blocks": None}
+T1_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "bsvrb_v1[t1]": ("bsvrb_v1", {"block_batch": 3}),
+    "bsvrb_v1[t1,previous,uniform]": ("bsvrb_v1", {"block_batch": 4, "hessian_timing": "previous",
+                                                   "estimator_init": "uniform"}),
+    "bsvrb_v2[t1,delayed,reshuffle,uniform]": ("bsvrb_v2", {"block_batch": 3, **RESHUFFLE, **DELAYED,
+                                                            "estimator_init": "uniform"}),
+    "ma_v1[t1]": ("ma_v1", {"block_batch": 3}),
+    "ma_v2[t1,eager]": ("ma_v2", {"block_batch": 3, **EAGER}),
+    "rsvrb[t1,reshuffle,uniform]": ("rsvrb", {"block_batch": 3, **RESHUFFLE, "estimator_init": "uniform"}),
+    "rsvrb[t1]": ("rsvrb", {"block_batch": 3}),
+}
+CASES: dict[str, tuple[str, dict[str, Any]]] = {**{n: (n, {}) for n in NAMES}, **VARIANTS, **BLOCKWISE, **T1_CASES}
+
+
+@functools.cache
+def t1_problem(block_batch: int) -> MultiBlockProblem:
+    spec = get_task("hyperparam")
+    problem, _ = spec.build(spec.make_settings({**T1, "data_dir": str(SHARED_DATA / "libsvm")}),
+                            block_batch=block_batch)
+    return problem
 
 
 def trajectory(case: str, restarted: bool) -> list[torch.Tensor]:
     """[x_1, y_1, ..., x_STEPS, y_STEPS] (y: `lower_variables()`, flattened), float64."""
     name, options = CASES[case]
-    problem = fitting_problem(name)
+    if case in T1_CASES:
+        problem, hyper = t1_problem(options["block_batch"]), dict(options)
+    else:
+        problem = fitting_problem(name)
+        hyper = {**small_hyper(name, problem), **options}
     assert problem.x0.dtype == torch.float64
-    hyper = {**small_hyper(name, problem), **options}
     if restarted:
         hyper["stage_length"] = 2
-        config = ALGORITHMS[name].Config(**options)
-        if getattr(config, "lower_lr", 0.0) is None:  # F2SA's "None: lr" cannot be divided by a restart
-            hyper["lower_lr"] = config.lr
     algorithm = make_algorithm(("re_" if restarted else "") + name, problem, seed=7, **hyper)
     out = []
     for _ in range(STEPS):
         algorithm.step()
-        out += [algorithm.x.flatten().clone(), algorithm.lower_variables().flatten().clone()]
+        x, y = algorithm.x.flatten().clone(), algorithm.lower_variables().flatten().clone()
+        out += [digest(x), digest(y)] if case in T1_CASES else [x, y]
     return out
+
+
+def digest(x: torch.Tensor) -> torch.Tensor:
+    """A long x or y (T1: x has one entry per data row) as stored: its first 32 entries, its sum and 16 fixed random
+    projections (a changed entry changes them; the file stays small)."""
+    directions = torch.randn(16, x.numel(), generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    return torch.cat([x[:32], x.sum().reshape(1), directions @ x])
 
 
 def stored(values: list[torch.Tensor]) -> torch.Tensor:
@@ -92,8 +156,8 @@ def _key(case: str, restarted: bool) -> str:
 
 
 def _restartable(case: str) -> bool:
-    """Whether the algorithm has a `restart` (the constrained methods have none)."""
-    return hasattr(ALGORITHMS[CASES[case][0]], "restart")
+    """Whether the algorithm has a `re_` variant (the constrained methods have none)."""
+    return restartable(ALGORITHMS[CASES[case][0]])
 
 
 KEYS = [(c, r) for c in sorted(CASES) for r in (False, True) if not r or _restartable(c)]
@@ -106,6 +170,8 @@ def golden() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("case", "restarted"), KEYS, ids=[_key(c, r) for c, r in KEYS])
 def test_trajectory_matches_golden(case: str, restarted: bool, golden: dict[str, torch.Tensor]) -> None:
+    if case in T1_CASES and not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
     expected = golden[_key(case, restarted)]
     got = trajectory(case, restarted)
     assert len(got) == len(expected)

@@ -48,6 +48,11 @@ class Hyper:
                              f"known: {[f.name for f in fields(self)]}")
         return type(self)(**{**asdict(self), **changes})
 
+    def in_use(self, name: str) -> Any:
+        """The value of hyper-parameter `name` in use: as configured; a Config whose default None stands for another
+        value (F2SA's `lower_lr`: None = `lr`) resolves it here, so that a restart decays the value in use."""
+        return getattr(self, name)
+
 
 @dataclass
 class MultiBlockConfig(Hyper):
@@ -225,8 +230,8 @@ class BilevelAlgorithm:
         return tables
 
     def hyper(self, name: str) -> Any:
-        """The value of hyper-parameter `name` in use (resolved defaults included)."""
-        return getattr(self.config, name)
+        """The value of hyper-parameter `name` in use (resolved defaults included: `Hyper.in_use`)."""
+        return self.config.in_use(name)
 
     @classmethod
     def unsuitable_for(cls, problem: MultiBlockProblem) -> str | None:

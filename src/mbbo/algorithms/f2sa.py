@@ -104,10 +104,15 @@ class F2SAConfig(Hyper):
         """The penalty multipliers lambda_k (`mbbo.penalty.make_penalty_schedule`)."""
         return make_penalty_schedule(self.lambda_schedule, self.lambda0, self.delta_lambda, self.lambda_power)
 
+    def in_use(self, name: str) -> Any:
+        """`lower_lr` None is `lr`."""
+        if name == "lower_lr" and self.lower_lr is None:
+            return self.lr
+        return super().in_use(name)
+
     def step_sizes(self, k: int) -> tuple[float, float, float]:
         """(alpha_k for y, gamma_k for z, beta_k for x)."""
-        lower = self.lr if self.lower_lr is None else self.lower_lr
-        return (InversePower(self.lr, self.y_exponent)(k), InversePower(lower, self.z_exponent)(k),
+        return (InversePower(self.lr, self.y_exponent)(k), InversePower(self.in_use("lower_lr"), self.z_exponent)(k),
                 InversePower(self.lr / self.outer_ratio, self.x_exponent)(k))
 
 

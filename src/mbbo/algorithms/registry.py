@@ -65,22 +65,49 @@ _collect()
 RESTART_OPTIONS = ("stage_length", "decay", "growth", "output")
 
 
+def restartable(cls: type[BilevelAlgorithm]) -> bool:
+    """Whether `re_<name>` exists for the algorithm: it has a `restart()` (re-initialising its estimators at the
+    current point between the stages of `Restarted`).
+
+    The constrained methods (SFLCB, BLOCC, LV-HBA) have none, so no `re_` variant: they are deterministic
+    primal-dual / value-function methods with no variance-reduced estimator to re-initialise, their multipliers and
+    slacks are the state their convergence rests on (resetting them would discard progress), and their step
+    sizes are not the ones `Restarted` decays; a restarted variant would be a step-size schedule under another
+    name, with no analysis behind it."""
+    return callable(getattr(cls, "restart", None))
+
+
 def algorithm_names() -> list[str]:
-    """Every registered name, restarted variants included (re_<name>)."""
-    return sorted(ALGORITHMS) + sorted(RESTART_PREFIX + n for n in ALGORITHMS)
+    """Every registered name, and the restarted variants (re_<name>) of the `restartable` ones."""
+    return sorted(ALGORITHMS) + sorted(RESTART_PREFIX + n for n, c in ALGORITHMS.items() if restartable(c))
+
+
+def split_name(name: str) -> tuple[str, bool]:
+    """(registered name, restarted) of an algorithm name (`re_<name>` is the restarted `<name>`).
+
+    Raises:
+        ValueError: unknown name (with close matches and the known names), or `re_<name>` of an algorithm that is
+            not `restartable` (naming the ones that are).
+    """
+    base = name[len(RESTART_PREFIX):] if name.startswith(RESTART_PREFIX) else name
+    if base not in ALGORITHMS:
+        close = difflib.get_close_matches(name, algorithm_names(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown algorithm {name!r}{hint} Known: {', '.join(algorithm_names())}")
+    if base != name and not restartable(ALGORITHMS[base]):
+        supported = sorted(n for n, c in ALGORITHMS.items() if restartable(c))
+        raise ValueError(f"{base} has no restarted variant {name!r} (it has no restart(): nothing to re-initialise "
+                         f"between stages); restartable algorithms: {', '.join(supported)}")
+    return base, base != name
 
 
 def make_algorithm(name: str, problem: MultiBlockProblem, *, seed: int = 0, **hyper: Any
                    ) -> BilevelAlgorithm | Restarted:
     """Builds an algorithm by name; `re_<name>` wraps it in `Restarted` (options: stage_length, decay,
-    growth, output). Unknown names raise ValueError listing the known ones."""
-    base = name[len(RESTART_PREFIX):] if name.startswith(RESTART_PREFIX) else name
-    if base not in ALGORITHMS:
-        close = difflib.get_close_matches(name, algorithm_names(), n=3)
-        hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(f"unknown algorithm {name!r}{hint} Known: {algorithm_names()}")
+    growth, output). Unknown names raise ValueError listing the known ones (`split_name`)."""
+    base, restarted = split_name(name)
     restart = {k: hyper.pop(k) for k in RESTART_OPTIONS if k in hyper}
-    if restart and base == name:
+    if restart and not restarted:
         raise ValueError(f"options {sorted(restart)} apply only to restarted algorithms (re_{name})")
     algorithm = ALGORITHMS[base](problem, seed=seed, **hyper)
-    return Restarted(algorithm, **restart) if base != name else algorithm
+    return Restarted(algorithm, **restart) if restarted else algorithm

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from mbbo.algorithms.registry import ALGORITHMS, RESTART_PREFIX, algorithm_names
+from mbbo.algorithms.registry import ALGORITHMS, RESTART_PREFIX, algorithm_names, split_name
 from mbbo.algorithms.single import SingleBlockAlgorithm
 from mbbo.config import coerce_value, field_types
 from mbbo.problem import MultiBlockProblem
@@ -66,14 +66,11 @@ def algorithm_class(name: str) -> tuple[type, bool]:
     """`(class, restarted)` of a registered algorithm name (`re_<name>` is the restarted `<name>`).
 
     Raises:
-        ValueError: unknown name (with close matches and the list of known names).
+        ValueError: unknown name (with close matches and the list of known names), or a restarted variant of an
+            algorithm without `restart` (`mbbo.algorithms.registry.split_name`).
     """
-    base = name[len(RESTART_PREFIX):] if name.startswith(RESTART_PREFIX) else name
-    if base not in ALGORITHMS:
-        close = difflib.get_close_matches(name, algorithm_names(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown algorithm {name!r}{hint} Known: {', '.join(algorithm_names())}")
-    return ALGORITHMS[base], base != name
+    base, restarted = split_name(name)
+    return ALGORITHMS[base], restarted
 
 
 def is_single_block(cls: type) -> bool:
@@ -253,15 +250,14 @@ class TaskSpec:
         With the built `problem`, the algorithm's `unsuitable_for(problem)` is consulted too.
 
         Raises:
-            ValueError: the algorithm name is not registered.
+            ValueError: the algorithm name is not registered, or names the restarted variant of an algorithm without
+                `restart()` (`mbbo.algorithms.registry.split_name`).
         """
-        cls, restarted = self.algorithm_class(algorithm)
+        cls, _ = self.algorithm_class(algorithm)
         if self.methods is not None:
             return None
         settings = self.settings_cls() if settings is None else settings
         base = cls.name
-        if restarted and not callable(getattr(cls, "restart", None)):
-            return f"{base} has no restart() method, so it cannot be restarted ({algorithm})"
         if self.algorithms is not None and base not in self.algorithms:
             reason = f" ({self.algorithms_reason})" if self.algorithms_reason else ""
             return f"task {self.name!r} accepts only {', '.join(self.algorithms)}{reason}"
