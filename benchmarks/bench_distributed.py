@@ -88,7 +88,7 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
         for _ in range(config["warmup"]):  # also compiles (a rank's first two block counts with --compile)
             alg.step()
         shard = problem.shard
-        sent0, coll0 = shard.bytes_sent, shard.collectives
+        sent0, coll0, gather0 = shard.bytes_sent, shard.collectives, shard.gather_seconds
         if world > 1:
             dist.barrier()
         start, cpu = time.perf_counter(), time.process_time()
@@ -101,7 +101,14 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
         n = config["iterations"]
         results[B] = {"ms_per_iteration": 1e3 * seconds / n, "cpu_ms_per_iteration": 1e3 * cpu / n,
                       "buffer_bytes_per_iteration": (shard.bytes_sent - sent0) / n,
-                      "collectives_per_iteration": (shard.collectives - coll0) / n, "x_numel": problem.dim_x}
+                      "collectives_per_iteration": (shard.collectives - coll0) / n, "x_numel": problem.dim_x,
+                      "gather_ms_per_iteration": 1e3 * (shard.gather_seconds - gather0) / n}
+    if world > 1:  # the loopback round trip: one barrier
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(200):
+            dist.barrier()
+        results["barrier_ms"] = 1e3 * (time.perf_counter() - start) / 200
     torch.save(results, f"{out}.{rank}")
     if world > 1:
         dist.destroy_process_group()
@@ -126,6 +133,8 @@ def measure(world: int, config: dict[str, Any], tmp: Path) -> dict[int, dict[str
                 "cpu_ms_per_iteration": max(r[B]["cpu_ms_per_iteration"] for r in ranks),
                 "buffer_bytes_per_iteration": ranks[0][B]["buffer_bytes_per_iteration"],
                 "collectives_per_iteration": ranks[0][B]["collectives_per_iteration"],
+                "gather_ms_per_iteration": max(r[B]["gather_ms_per_iteration"] for r in ranks),
+                "barrier_ms": ranks[0].get("barrier_ms"),
                 "x_numel": ranks[0][B]["x_numel"]} for B in config["B"]}
 
 
@@ -188,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     times: dict[str, dict[str, dict[str, list[float]]]] = {mode: {} for mode in args.modes}
     extra: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in args.modes}
+    gathers: dict[str, list[float]] = {mode: [] for mode in args.modes}
+    barriers: dict[str, list[float]] = {mode: [] for mode in args.modes}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for mode in args.modes:
@@ -198,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         for kind in ("ms_per_iteration", "cpu_ms_per_iteration"):
                             times[mode].setdefault(kind, {}).setdefault(key, []).append(got[kind])
                         extra[mode][key] = got
+                        if r == 2:
+                            gathers[mode].append(got["gather_ms_per_iteration"])
+                            barriers[mode].append(got["barrier_ms"])
                         print(f"{mode} R={r} B={bb}: {got['ms_per_iteration']:.1f} ms/iteration (wall), "
                               f"{got['cpu_ms_per_iteration']:.1f} ms CPU (slowest rank)", flush=True)
     load_after = uptime()
@@ -213,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "speedup_R2_cpu": cpu[f"R=1,B={B}"] / cpu[f"R=2,B={B}"],
             "gather_buffer_bytes_per_rank_per_iteration": gathered,
             "collectives_per_iteration": extra[mode][f"R=2,B={B}"]["collectives_per_iteration"],
+            "gather_ms_per_iteration_R2": statistics.median(gathers[mode]),
+            "barrier_ms_R2": statistics.median(barriers[mode]),
             "x_numel": extra[mode][f"R=2,B={B}"]["x_numel"],
             "fit": {k: v for k, v in fit.items() if k != "model"}, "model": fit["model"]}
     result = {
@@ -250,6 +266,9 @@ def report(r: dict[str, Any]) -> str:
                   f"gather buffer per rank and iteration: {m['gather_buffer_bytes_per_rank_per_iteration']:.0f} "
                   f"bytes ({m['collectives_per_iteration']:.0f} collective per iteration; x has {m['x_numel']} "
                   "entries)", "",
+                  f"R = 2: {m['gather_ms_per_iteration_R2']:.2f} ms per iteration in the gather (slowest rank: "
+                  f"packing, all_gather, reordering); one barrier (loopback round trip) {m['barrier_ms_R2']:.2f} ms",
+                  "",
                   f"fit: c0 = {f['c0_ms']:.2f} ms, c1 = {f['c1_ms_per_block']:.3f} ms per block, "
                   f"{f['bytes_per_block']:.0f} bytes per block; R = 2 wall time minus the CPU model: "
                   f"{f['wall_minus_cpu_model_ms_R2']:.2f} ms", "",

@@ -75,7 +75,7 @@ def _trajectory(case: tuple[str, str, dict[str, Any], str, dict[str, Any]], data
     inner = getattr(alg, "inner", alg)
     rows = torch.arange(problem.shard.num_local)
     return {"xs": torch.stack(xs), "ids": problem.shard.global_ids(rows), "y": inner.lower_variables(),
-            "counts": alg.oracle_counts()}
+            "counts": alg.oracle_counts(), "gather_seconds": problem.shard.gather_seconds}
 
 
 def _worker(rank: int, port: int, out: str, cases: list[Any], data_dir: str | None) -> None:
@@ -116,6 +116,7 @@ def _check_equal(cases: list[Any], tmp_path: Path, data_dir: str | None) -> None
                 assert torch.equal(got["xs"], single["xs"]), (label, r, (got["xs"] - single["xs"]).abs().max())
                 assert torch.equal(got["y"], single["y"][got["ids"]]), (label, r)
             assert got["counts"] == single["counts"], label
+            assert got["gather_seconds"] > 0 and single["gather_seconds"] == 0  # timed only when communicating
         assert sorted(torch.cat([ranks[r][label]["ids"] for r in range(2)]).tolist()) == list(
             range(single["y"].shape[0]))
 

@@ -26,6 +26,7 @@ import datetime
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -204,6 +205,7 @@ class BlockShard:
         self.world_size = world_size
         self.bytes_sent = 0  # bytes this rank contributed to gathers (its padded buffer, once per gather)
         self.collectives = 0
+        self.gather_seconds = 0.0  # wall time spent in `gather` (packing, the collective, reordering)
 
     @classmethod
     def from_process_group(cls, num_blocks: int) -> BlockShard:
@@ -269,6 +271,13 @@ class BlockShard:
         """
         if not self.distributed:
             return [t for t, _ in parts]
+        start = time.perf_counter()
+        try:
+            return self._gather(parts, blocks, uniform)
+        finally:
+            self.gather_seconds += time.perf_counter() - start
+
+    def _gather(self, parts: Sequence[tuple[Tensor, int]], blocks: Tensor, uniform: bool) -> list[Tensor]:
         owners = self.owners(blocks).cpu()
         counts = torch.bincount(owners, minlength=self.world_size).tolist()
         nmax = max(counts)
