@@ -276,6 +276,42 @@ def test_a_rank_killed_mid_run_stops_the_others_and_leaves_a_usable_checkpoint_s
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_both_ranks_with_a_checkpoint_set(tmp_path: Path) -> None:
+    """`mbbo run --nproc 2` and SIGTERM to the launcher: it forwards the signal, the ranks agree on one iteration
+    (a multiple of STOP_POLL_ITERATIONS), write the checkpoint set there and exit 143 with the resume command;
+    resuming with 2 processes gives the metrics of an uninterrupted 1-process run."""
+    from mbbo.runner import STOP_POLL_ITERATIONS
+
+    out = tmp_path / "stopped"
+    launcher = subprocess.Popen([sys.executable, "-m", "mbbo", *_quadratic_args(out, 10**6), "--nproc", "2"],
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert time.monotonic() < deadline, "no evaluation within 120 s"
+            assert launcher.poll() is None, launcher.communicate()
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM after iteration" in err and "--resume --nproc 2" in err, err
+    manifest = torch.load(out / "checkpoint.pt", weights_only=True)
+    stopped = manifest["distributed"]["iteration"]
+    assert stopped % STOP_POLL_ITERATIONS == 0 and stopped >= 40
+    assert (out / f"shard-{stopped:09d}.pt").exists() and (out / "rank1" / f"shard-{stopped:09d}.pt").exists()
+    until = stopped + 40
+    resumed = _mbbo([*_quadratic_args(out, until), "--resume", "--nproc", "2"])
+    assert resumed.returncode == 0, resumed.stderr
+    one = _mbbo(_quadratic_args(tmp_path / "one", until))
+    assert one.returncode == 0, one.stderr
+    assert _without_time(out / "metrics.jsonl") == _without_time(tmp_path / "one" / "metrics.jsonl")
+
+
+@pytest.mark.slow
 def test_start_up_errors_of_multi_process_runs(tmp_path: Path) -> None:
     """Too many processes for the block batch, an unreachable rendezvous, a rank that fails at start-up (the
     other exits within the timeout): clear errors (too many for the blocks: `BlockShard`'s test)."""

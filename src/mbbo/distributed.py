@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -110,6 +112,12 @@ class RankGroup:
     def barrier(self) -> None:
         dist.barrier()
 
+    def max_signal(self, signum: int | None) -> int | None:
+        """The largest signal number any rank holds (None when none does): one all_reduce."""
+        flag = torch.tensor([signum or 0], dtype=torch.long, device=_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
     def broadcast(self, value: object) -> object:
         """Rank 0's `value`, on every rank."""
         box = [value]
@@ -159,14 +167,35 @@ def _worker(rank: int, argv: list[str], world_size: int, port: int) -> None:
 
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Runs ``mbbo`` with ``argv`` in ``nproc`` spawned processes; returns the exit status (0 when all
-    succeed). A failing rank is reported as ``mbbo: error: rank R ...`` and the others are stopped."""
+    succeed). A failing rank is reported as ``mbbo: error: rank R ...`` and the others are stopped.
+
+    Signals: SIGTERM to this launcher is forwarded to every rank, which then write a checkpoint set at the same
+    iteration and exit with 128 + 15 (`mbbo.runner`); Ctrl-C in a terminal reaches every rank itself, so the
+    launcher ignores SIGINT and waits for them.
+    """
     if nproc < 2:
         raise ValueError(f"nproc must be an integer >= 2 for a multi-process run, got {nproc!r}")
     args = strip_nproc(argv)
+    context = mp.start_processes(_worker, args=(args, nproc, free_port()), nprocs=nproc, join=False,
+                                 start_method="spawn")
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        if signum == signal.SIGTERM:
+            for process in context.processes:
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        mp.start_processes(_worker, args=(args, nproc, free_port()), nprocs=nproc, join=True,
-                           start_method="spawn")
+        while not context.join(timeout=1):
+            pass
     except mp.ProcessExitedException as exc:
+        if received and exc.exit_code == 128 + received[0]:  # the ranks stopped on the signal, as asked
+            return exc.exit_code
         how = (f"was killed by signal {exc.signal_name}" if exc.signal_name
                else f"exited with status {exc.exit_code}")
         print(f"mbbo: error: rank {exc.error_index} {how}; the other ranks were stopped", file=sys.stderr)
@@ -176,6 +205,9 @@ def launch(argv: Sequence[str], nproc: int) -> int:
         print(f"mbbo: error: rank {exc.error_index} failed: {last}; the other ranks were stopped",
               file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -37,7 +37,9 @@ last checkpoint set.
 Guards: a non-finite state (NaN/inf) or a finite but exploding one (the norm of the iterate `x`, or a loss
 metric: `*loss`, `objective`, `value`, larger than `divergence_factor` times its initial magnitude, floored at
 1) stops the run with :class:`DivergenceError`, keeping the last good checkpoint. SIGINT and SIGTERM write a
-checkpoint at the end of the current step and raise :class:`RunInterrupted`.
+checkpoint at the end of the current step and raise :class:`RunInterrupted`. In a multi-process run the ranks
+agree every `STOP_POLL_ITERATIONS` iterations (one small all_reduce) whether any of them got a signal, and then all
+write the checkpoint set of the same iteration.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ CHECKPOINT_BUDGET = 0.02
 #: Configuration keys that may change when a run is resumed.
 RESUMABLE_CHANGES = frozenset({"threads", "compile", "compile_choice", "torch_version", "mbbo_version"})
 RESERVED_KEYS = ("iteration", "epoch", "time", "compile_time", "oracle_calls")
+#: multi-process runs: iterations between two agreements on a pending SIGINT/SIGTERM (one all_reduce each)
+STOP_POLL_ITERATIONS = 10
 #: `compile_auto`: timed eager iterations (after the first one of the process) before deciding.
 AUTO_PROBE_ITERATIONS = 10
 RUNNER_KEY = "runner"
@@ -551,16 +555,30 @@ class _Run:
         """Checkpoint the last completed step (unless done already) and raise RunInterrupted."""
         if self.last_checkpoint != self.iteration:
             self.save(self.checked_state())
+        resume = "--resume"
+        if self.group is not None:
+            self.group.barrier()  # rank 0's manifest is on disk before any rank exits
+            resume += f" --nproc {self.group.world_size}"
         name = signal.Signals(signum).name
         raise RunInterrupted(signum, self.iteration, (
             f"stopped by {name} after iteration {self.iteration}; checkpoint written to "
-            f"{self.out_dir / CHECKPOINT_FILE}. Continue with: mbbo run --out {self.out_dir} --resume"))
+            f"{self.out_dir / CHECKPOINT_FILE}. Continue with: mbbo run --out {self.out_dir} {resume}"))
+
+    def pending_signal(self) -> int | None:
+        """The signal to stop on before the next step: this process's; in a multi-process run, the largest any
+        rank got, agreed every `STOP_POLL_ITERATIONS` iterations (all ranks stop at the same iteration)."""
+        if self.group is None:
+            return self.stop_signal
+        if self.iteration % STOP_POLL_ITERATIONS:
+            return None
+        return self.group.max_signal(self.stop_signal)
 
     def loop(self) -> None:
         """Step until `total` iterations (stopping cleanly on a signal), updating the progress bar."""
         while self.iteration < self.total:
-            if self.stop_signal is not None:
-                self.stop(self.stop_signal)
+            signum = self.pending_signal()
+            if signum is not None:
+                self.stop(signum)
             self.step()
             self.after_step()
             if self.bar is not None:
@@ -569,7 +587,7 @@ class _Run:
     @contextlib.contextmanager
     def signals_stop_cleanly(self) -> Iterator[None]:
         """SIGINT/SIGTERM set a flag that the loop reads between steps; a second signal stops at once."""
-        if threading.current_thread() is not threading.main_thread() or self.group is not None:
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
 
