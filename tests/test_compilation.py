@@ -40,8 +40,9 @@ def test_should_compile_when_the_eager_remainder_repays_it() -> None:
 
 @pytest.mark.slow
 def test_timed_compiled_times_the_calls_that_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Static shapes: each new shape compiles (timed), a repeated one does not; automatic dynamic shapes (the
-    block-sharded oracles): the second shape compiles a symbolic graph that a third shape reuses."""
+    """Static shapes: a shape's first call runs eagerly, its second compiles (timed), later ones reuse it;
+    automatic dynamic shapes (the block-sharded oracles): compiled from the first call, and the second shape
+    compiles a symbolic graph that a third shape reuses."""
     monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     enable_persistent_cache()
@@ -51,12 +52,17 @@ def test_timed_compiled_times_the_calls_that_compile(tmp_path: Path, monkeypatch
 
     static = TimedCompiled(fn)
     assert torch.allclose(static(torch.ones(3, 2)), fn(torch.ones(3, 2)))
+    assert static.seconds == 0 and static.compilations == 0  # a one-off shape is not compiled
+    assert torch.allclose(static(torch.zeros(3, 2)), fn(torch.zeros(3, 2)))
     first = static.seconds
     assert first > 0 and static.compilations == 1
-    static(torch.zeros(3, 2))
+    static(torch.ones(3, 2))
     assert static.seconds == first and static.compilations == 1
     static(torch.zeros(4, 2))
+    assert static.compilations == 1  # (4, 2) seen once
+    static(torch.zeros(4, 2))
     assert static.seconds > first and static.compilations == 2
+
     def other(a: torch.Tensor) -> torch.Tensor:  # Dynamo caches per code object: a function of its own
         return (a * 2).sin().sum(0)
 
@@ -122,3 +128,33 @@ def test_compiled_run_equals_eager_and_keeps_compile_time_out_of_time(tmp_path: 
     last = _records(compiled)[-1]
     assert last["compile_time"] > 0.5 and last["time"] < 0.2 * last["compile_time"]
     assert (tmp_path / "cache" / "torch_compile").is_dir()
+
+
+@pytest.mark.slow
+def test_compiled_oracles_skip_the_initialisation_and_one_off_shapes(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """BSVRB_v2 with first-batch estimators: the initialisation runs eagerly (`Oracles.eager`), the one-point
+    first iteration is a shape seen once, so the first compilation happens at the third step, the second one at
+    two points; later steps compile nothing."""
+    monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from mbbo.algorithms.registry import make_algorithm
+    from mbbo.tasks.registry import get_task
+
+    spec = get_task("quadratic")
+    problem, _ = spec.build(spec.make_settings({"num_blocks": 4, "dim_x": 3, "dim_y": 2, "batch_size": 2}),
+                            block_batch=2)
+    algorithm = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=2, compile=True)
+    oracles = algorithm.oracles
+    assert oracles.compiled and oracles.compile_seconds == 0.0
+    algorithm.step()  # one point
+    algorithm.step()  # two points, first time
+    assert oracles.compile_seconds == 0.0
+    algorithm.step()
+    compiled = oracles.compile_seconds
+    assert compiled > 0
+    with oracles.eager():
+        assert oracles._vmapped is oracles._eager
+    assert oracles._vmapped is not oracles._eager
+    algorithm.step()
+    assert oracles.compile_seconds == compiled

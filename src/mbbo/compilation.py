@@ -11,7 +11,10 @@
   produced a new graph (its `unique_graphs` counter moved): a first compilation, a recompilation for a new input
   signature, or one triggered by another guard. Such a call is compilation plus one execution (milliseconds
   against seconds); it is added to `seconds`, which the runner reports as `compile_time` and subtracts from the
-  run's `time`. `dynamic=False` (one process) specialises each compilation on the shapes; a block-sharded
+  run's `time`. A shape is compiled when it comes a second time (its first call runs eagerly), so one-off shapes
+  such as a one-point first iteration are not compiled (the estimator initialisation, whose chunks may repeat a
+  shape, runs eagerly: `Oracles.eager`). `dynamic=False` (one process) specialises each compilation on the
+  shapes; a block-sharded
   process (`mbbo.distributed`) holds a different number of the sampled blocks at every iteration, so its
   oracles use automatic dynamic shapes (`dynamic=None`: the second block count seen recompiles once with a
   symbolic block dimension, and later counts reuse it) instead of one compilation per count.
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from mbbo.data.cache import cache_dir
 
@@ -76,15 +80,35 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What a `dynamic=False` compilation is specialised on: tensor shapes, dtypes, devices; other values."""
+    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                 for a in tree_leaves(args))
+
+
 class TimedCompiled:
-    """`torch.compile(fn, dynamic=dynamic)` whose calls that compile are timed into `seconds`."""
+    """`torch.compile(fn, dynamic=dynamic)` whose calls that compile are timed into `seconds`.
+
+    With `dynamic=False` an input signature (`_signature`) is compiled only when it comes a second time: its
+    first call runs `fn` eagerly. One-off shapes (estimator initialisation, the one-point first iteration) then
+    cost no compilation, and a run compiles only the shapes it repeats. With automatic dynamic shapes
+    (`dynamic=None`, block-sharded ranks) every call goes to the compiled function.
+    """
 
     def __init__(self, fn: Callable[..., Any], *, dynamic: bool | None = False) -> None:
+        self.eager = fn
         self.fn = torch.compile(fn, dynamic=dynamic)
+        self.static = dynamic is False
+        self.seen: set[tuple[Any, ...]] = set()
         self.seconds = 0.0
         self.compilations = 0
 
     def __call__(self, *args: Any) -> Any:
+        if self.static:
+            key = _signature(args)
+            if key not in self.seen:
+                self.seen.add(key)
+                return self.eager(*args)
         before = graphs_compiled()
         start = time.perf_counter()
         out = self.fn(*args)

@@ -16,7 +16,9 @@ gradients in x come as `XGrad(values (P, B, b), index (B, b))` instead of dense 
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +144,16 @@ class Oracles:
         dynamic = None if self.problem.shard.distributed else False
         self._vmapped = {name: TimedCompiled(fn, dynamic=dynamic) for name, fn in self._eager.items()}
         self.compiled = True
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Within the block, eager oracles even when compiled (one-off work such as the estimators'
+        initialisation, whose shapes the run does not repeat: compiling them would cost more than it saves)."""
+        compiled, self._vmapped = self._vmapped, self._eager
+        try:
+            yield
+        finally:
+            self._vmapped = compiled
 
     @property
     def compile_seconds(self) -> float:

@@ -210,7 +210,7 @@ class BilevelAlgorithm:
         `initial=True`: a reshuffling row sampler's epochs are left alone). O(m) once,
         with a bounded working set (initialising every block's estimators at m = 10^6 fits memory): the first
         chunk has INIT_CHUNK_BLOCKS blocks, the next ones as many as fit INIT_CHUNK_ELEMENTS elements of
-        mini-batches and rows (measured on the first chunk)."""
+        mini-batches and rows (measured on the first chunk). The oracles run eagerly here even when compiled."""
         m, device = self.problem.num_blocks, self.x.device
         tables: dict[str, Tensor] = {}
         start, chunk = 0, INIT_CHUNK_BLOCKS
@@ -218,7 +218,8 @@ class BilevelAlgorithm:
             blocks = torch.arange(start, min(start + chunk, m), device=device)
             lower, upper = self.sample_batches(blocks, batch_size, initial=True)
             local = self.shard.local(blocks)  # the table rows of the blocks this process owns
-            new = rows(local, lower, upper)
+            with self.oracles.eager():  # one-off shapes: not worth compiling
+                new = rows(local, lower, upper)
             for name, value in new.items():
                 if name not in tables:
                     tables[name] = value.new_empty((self.shard.num_local, *value.shape[1:]))
