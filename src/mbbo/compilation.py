@@ -21,7 +21,7 @@
 * `auto`. `should_compile(eager_seconds_per_iteration, remaining_iterations)`: compile when the estimated eager
   time of the rest of the run exceeds `AUTO_MIN_EAGER_SECONDS` = `AUTO_COMPILE_SECONDS / AUTO_SAVED_FRACTION`
   (60 s): compilation is budgeted at 30 s (issue 11's target for a fresh cache; measured for BSVRB_v2 on T1 in
-  benchmarks/results/compile_cache_bsvrb_v2.md: 55 CPU seconds fresh, 12.5 warm) and compiled oracles save about
+  benchmarks/results/compile_cache_bsvrb_v2.md: 29 s fresh, 5.3 s warm in wall time) and compiled oracles save about
   half of an iteration (2x measured on T1), so compilation is repaid only when the eager remainder is longer
   than 60 s.
 """
