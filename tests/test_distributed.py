@@ -236,6 +236,16 @@ def _quadratic_args(out: Path, iterations: int) -> list[str]:
             "--set", "num_blocks=8", "block_batch=4", "dim_x=3", "dim_y=2"]
 
 
+def _resume_equals_one_process(out: Path, one: Path, until: int) -> None:
+    """Resuming the quadratic run in `out` with 2 processes up to `until` writes the metrics of an uninterrupted
+    1-process run (into `one`)."""
+    resumed = _mbbo([*_quadratic_args(out, until), "--resume", "--nproc", "2"])
+    assert resumed.returncode == 0, resumed.stderr
+    single = _mbbo(_quadratic_args(one, until))
+    assert single.returncode == 0, single.stderr
+    assert _without_time(out / "metrics.jsonl") == _without_time(one / "metrics.jsonl")
+
+
 @pytest.mark.slow
 def test_a_rank_killed_mid_run_stops_the_others_and_leaves_a_usable_checkpoint_set(tmp_path: Path) -> None:
     """torchrun-style launch by hand; kill -9 of rank 1 once a checkpoint set exists: rank 0 exits with an error
@@ -267,12 +277,7 @@ def test_a_rank_killed_mid_run_stops_the_others_and_leaves_a_usable_checkpoint_s
             p.communicate()
     manifest = torch.load(out / "checkpoint.pt", weights_only=True)
     assert manifest["distributed"]["world_size"] == 2
-    until = manifest["distributed"]["iteration"] + 40
-    resumed = _mbbo([*_quadratic_args(out, until), "--resume", "--nproc", "2"])
-    assert resumed.returncode == 0, resumed.stderr
-    one = _mbbo(_quadratic_args(tmp_path / "one", until))
-    assert one.returncode == 0, one.stderr
-    assert _without_time(out / "metrics.jsonl") == _without_time(tmp_path / "one" / "metrics.jsonl")
+    _resume_equals_one_process(out, tmp_path / "one", manifest["distributed"]["iteration"] + 40)
 
 
 @pytest.mark.slow
@@ -303,12 +308,7 @@ def test_sigterm_to_the_launcher_stops_both_ranks_with_a_checkpoint_set(tmp_path
     stopped = manifest["distributed"]["iteration"]
     assert stopped % STOP_POLL_ITERATIONS == 0 and stopped >= 40
     assert (out / f"shard-{stopped:09d}.pt").exists() and (out / "rank1" / f"shard-{stopped:09d}.pt").exists()
-    until = stopped + 40
-    resumed = _mbbo([*_quadratic_args(out, until), "--resume", "--nproc", "2"])
-    assert resumed.returncode == 0, resumed.stderr
-    one = _mbbo(_quadratic_args(tmp_path / "one", until))
-    assert one.returncode == 0, one.stderr
-    assert _without_time(out / "metrics.jsonl") == _without_time(tmp_path / "one" / "metrics.jsonl")
+    _resume_equals_one_process(out, tmp_path / "one", stopped + 40)
 
 
 @pytest.mark.slow
