@@ -1,10 +1,10 @@
-"""Compile time of the oracles on a fresh and on a warm persistent cache (issue 11 targets: <= 30 s and <= 5 s).
+"""Compile time on a fresh and on a warm persistent cache (issue 11 targets: <= 30 s and <= 5 s).
 
 Two fresh interpreters, one after the other, each builds the T1 task (a8a, m = 100, B = 10, b = 32, float64,
 one thread), makes the algorithm with `compile=True` and steps it `--steps` times; the first uses an empty
 `MBBO_CACHE` folder (so an empty `<cache>/torch_compile`, see `mbbo.compilation`), the second the same folder,
-now filled by the first. Reported per process: `Oracles.compile_seconds` (the first call of each compiled
-oracle per input signature: what the runner reports as `compile_time`), the wall time of the first three steps
+now filled by the first. Reported per process: `BilevelAlgorithm.compile_seconds` (the calls that compiled: BSVRB_v2's
+whole update, one graph per input signature, what the runner reports as `compile_time`), the wall time of the first three steps
 (iteration 0 evaluates at one point and iteration 1 at two, both shapes seen for the first time and run eagerly;
 iteration 2 compiles the two-point shape), the CPU seconds of the process and of its finished
 children (Inductor's compile workers) up to there (less sensitive to the machine's load than wall time), the
@@ -63,7 +63,7 @@ def child(algorithm: str, data_dir: str, steps: int) -> dict[str, Any]:
 
     hits = {key: int(counters["inductor"][key]) for key in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
     hits |= {key: int(counters["aot_autograd"][key]) for key in ("autograd_cache_hit", "autograd_cache_miss")}
-    return {"compile_seconds": alg.oracles.compile_seconds, "first_steps_s": firsts,
+    return {"compile_seconds": alg.compile_seconds, "first_steps_s": firsts,
             "cpu_seconds_until_steady": cpu_until_steady,
             "steady_ms_per_iteration": 1e3 * steady, "cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
             "cache_counters": hits, "compile_phases": compile_times(repr="str", aggregate=True)}

@@ -296,7 +296,7 @@ def time_interleaved(problem: Any, entries: list[tuple[str, bool]], *, seed: int
         algs[key] = alg
         out[key] = {"chunk": chunk, "iterations_per_call": per_call, "first_step_s": first, "rounds_ms": [],
                     "rounds_cpu_ms": []}
-        compile_s = getattr(getattr(alg, "oracles", None), "compile_seconds", None)
+        compile_s = getattr(alg, "compile_seconds", None)
         if compile_s:
             out[key]["compile_s"] = compile_s
         log(f"  {key}: first step {first:.2f} s, ~{per / per_call * 1e3:.3f} ms/it, chunk {chunk} x {per_call}")

@@ -130,31 +130,104 @@ def test_compiled_run_equals_eager_and_keeps_compile_time_out_of_time(tmp_path: 
     assert (tmp_path / "cache" / "torch_compile").is_dir()
 
 
-@pytest.mark.slow
-def test_compiled_oracles_skip_the_initialisation_and_one_off_shapes(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """BSVRB_v2 with first-batch estimators: the initialisation runs eagerly (`Oracles.eager`), the one-point
-    first iteration is a shape seen once, so the first compilation happens at the third step, the second one at
-    two points; later steps compile nothing."""
-    monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    from mbbo.algorithms.registry import make_algorithm
+def _quadratic(num_blocks: int = 4, block_batch: int = 2) -> Any:
     from mbbo.tasks.registry import get_task
 
     spec = get_task("quadratic")
-    problem, _ = spec.build(spec.make_settings({"num_blocks": 4, "dim_x": 3, "dim_y": 2, "batch_size": 2}),
-                            block_batch=2)
-    algorithm = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=2, compile=True)
+    problem, _ = spec.build(spec.make_settings({"num_blocks": num_blocks, "dim_x": 3, "dim_y": 2, "batch_size": 2}),
+                            block_batch=block_batch)
+    return problem
+
+
+@pytest.mark.slow
+def test_compiled_oracles_skip_the_initialisation_and_one_off_shapes(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """BSVRB_v1 (compiled oracle by oracle) with first-batch estimators: the initialisation runs eagerly
+    (`Oracles.eager`), the one-point first iteration is a shape seen once, so the first compilation happens at
+    the third step, the second one at two points; later steps compile nothing."""
+    monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from mbbo.algorithms.registry import make_algorithm
+
+    algorithm = make_algorithm("bsvrb_v1", _quadratic(), seed=0, block_batch=2, compile=True)
     oracles = algorithm.oracles
-    assert oracles.compiled and oracles.compile_seconds == 0.0
+    assert oracles.compiled and algorithm.compiled and algorithm.compile_seconds == 0.0
+    assert algorithm.compiled_updates is None  # no whole update: each oracle is compiled
     algorithm.step()  # one point
     algorithm.step()  # two points, first time
-    assert oracles.compile_seconds == 0.0
+    assert algorithm.compile_seconds == 0.0
     algorithm.step()
-    compiled = oracles.compile_seconds
-    assert compiled > 0
+    compiled = algorithm.compile_seconds
+    assert compiled > 0 and compiled == oracles.compile_seconds
     with oracles.eager():
         assert oracles._vmapped is oracles._eager
     assert oracles._vmapped is not oracles._eager
     algorithm.step()
-    assert oracles.compile_seconds == compiled
+    assert algorithm.compile_seconds == compiled
+
+
+def _t1(name: str, **hyper: Any) -> tuple[Any, Any]:
+    """The same T1 run (6 blocks of breast_cancer), eager and compiled."""
+    from mbbo.algorithms.registry import make_algorithm
+    from mbbo.tasks.hyperparam import load_task
+
+    problem = load_task("breast_cancer", num_blocks=6, dtype=torch.float64, row_sampling="replacement").problem()
+    return (make_algorithm(name, problem, seed=1, block_batch=3, **hyper),
+            make_algorithm(name, problem, seed=1, block_batch=3, compile=True, **hyper))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "hyper"), [
+    ("bsvrb_v2", {}),
+    ("bsvrb_v2", {"v_radius": 0.3, "estimator_init": "uniform"}),  # projected replays of v; a two-point start
+    ("ma_v2", {}),
+])
+def test_whole_update_is_one_graph_and_equals_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                                                   hyper: dict[str, Any]) -> None:
+    """BSVRB_v2 and ma_v2 on T1 (sparse x, per-block constants), float64: under compile=True the whole update of
+    an iteration (oracles, trackers, hypergradient, upper step) is one graph, compiled once (no graph break, no
+    recompilation), and the trajectory and the oracle counts equal the eager ones (to 1e-10; counts exactly)."""
+    from mbbo.compilation import graphs_compiled
+
+    monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch._dynamo.reset()
+    eager, compiled = _t1(name, **hyper)
+    assert compiled.compiled and not compiled.oracles.compiled  # the update is compiled, not each oracle
+    graphs = graphs_compiled()
+    for it in range(12):
+        eager.step()
+        compiled.step()
+        for got, want in ((compiled.x, eager.x), (compiled.z, eager.z),
+                          (compiled.lower_variables(), eager.lower_variables()),
+                          (compiled.linear_system_variables(), eager.linear_system_variables())):
+            assert float((got - want).abs().max()) <= 1e-10, f"iteration {it}"
+        assert dict(compiled.oracles.counts) == dict(eager.oracles.counts), f"iteration {it}"
+    assert graphs_compiled() - graphs == 1
+    (update,) = compiled.compiled_updates.values()
+    assert update.compilations == 1 and compiled.compile_seconds == update.seconds > 0
+    if "v_radius" in hyper:  # the replayed projections ran (eagerly, in the table reads)
+        assert float(compiled.linear_system_variables().norm(dim=1).max()) >= 0.3 * (1 - 1e-12)
+
+
+def test_use_compiled_chooses_the_whole_update_or_each_oracle() -> None:
+    """`use_compiled` mid-run: the whole update for BSVRB_v2 in one process, each oracle for BSVRB_v1 and for a
+    block-sharded process (whose update calls a collective between its oracles); twice is once."""
+    from mbbo.algorithms.registry import make_algorithm
+    from mbbo.distributed import BlockShard
+
+    problem = _quadratic()
+    v2 = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=2)
+    assert not v2.compiled and v2.compile_seconds == 0.0
+    v2.step()
+    v2.use_compiled()
+    updates = v2.compiled_updates
+    v2.use_compiled()
+    assert v2.compiled_updates is updates == {} and not v2.oracles.compiled
+    v1 = make_algorithm("bsvrb_v1", problem, seed=0, block_batch=2)
+    v1.use_compiled()
+    assert v1.oracles.compiled and v1.compiled_updates is None
+    problem.shard = BlockShard(problem.num_blocks, rank=0, world_size=2)  # rank 0 of 2 (nothing communicated yet)
+    sharded = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=2)
+    sharded.use_compiled()
+    assert sharded.oracles.compiled and sharded.compiled_updates is None

@@ -28,11 +28,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -40,7 +42,8 @@ from torch.utils._pytree import tree_leaves
 from mbbo.data.cache import cache_dir
 
 __all__ = ["AUTO_COMPILE_SECONDS", "AUTO_MIN_EAGER_SECONDS", "AUTO_SAVED_FRACTION", "COMPILE_CHOICES",
-           "TimedCompiled", "compile_cache_dir", "enable_persistent_cache", "graphs_compiled", "should_compile"]
+           "Counted", "TimedCompiled", "compile_cache_dir", "enable_persistent_cache", "graphs_compiled",
+           "should_compile"]
 
 COMPILE_CHOICES = ("auto", "yes", "no")
 #: Expected cost of compiling the oracles of one algorithm on a fresh cache (seconds).
@@ -86,6 +89,14 @@ def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
                  for a in tree_leaves(args))
 
 
+class Counted(Protocol):
+    """What keeps oracle counters (`mbbo.oracles.Oracles`): `counts`, and `counting`, which a compiled graph
+    must see False (its Python counting would be baked in as constants)."""
+
+    counts: Counter[str]
+    counting: bool
+
+
 class TimedCompiled:
     """`torch.compile(fn, dynamic=dynamic)` whose calls that compile are timed into `seconds`.
 
@@ -93,29 +104,56 @@ class TimedCompiled:
     first call runs `fn` eagerly. One-off shapes (estimator initialisation, the one-point first iteration) then
     cost no compilation, and a run compiles only the shapes it repeats. With automatic dynamic shapes
     (`dynamic=None`, block-sharded ranks) every call goes to the compiled function.
+
+    `counted` (static shapes only): `fn` calls counted oracles, as a whole iteration's update does. Their counts
+    depend only on the input signature, so the eager first call of a signature records what it counted, and
+    each compiled call runs with `counted.counting` off and adds that record.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, dynamic: bool | None = False) -> None:
+    def __init__(self, fn: Callable[..., Any], *, dynamic: bool | None = False, counted: Counted | None = None
+                 ) -> None:
+        if counted is not None and dynamic is not False:
+            raise ValueError("counted oracles need static shapes (dynamic=False): their counts are replayed per "
+                             "input signature")
         self.eager = fn
         self.fn = torch.compile(fn, dynamic=dynamic)
         self.static = dynamic is False
-        self.seen: set[tuple[Any, ...]] = set()
+        self.counted = counted
+        self.seen: dict[tuple[Any, ...], Counter[str]] = {}  # signatures called so far, with their counts
         self.seconds = 0.0
         self.compilations = 0
 
     def __call__(self, *args: Any) -> Any:
+        counts: Counter[str] = Counter()
         if self.static:
             key = _signature(args)
             if key not in self.seen:
-                self.seen.add(key)
-                return self.eager(*args)
+                before = Counter(self.counted.counts) if self.counted is not None else Counter()
+                out = self.eager(*args)
+                self.seen[key] = Counter(self.counted.counts) - before if self.counted is not None else Counter()
+                return out
+            counts = self.seen[key]
         before = graphs_compiled()
         start = time.perf_counter()
-        out = self.fn(*args)
+        with self._uncounted():
+            out = self.fn(*args)
         if graphs_compiled() != before:
             self.seconds += time.perf_counter() - start
             self.compilations += 1
+        if self.counted is not None:
+            self.counted.counts.update(counts)
         return out
+
+    @contextlib.contextmanager
+    def _uncounted(self) -> Iterator[None]:
+        if self.counted is None:
+            yield
+            return
+        self.counted.counting = False
+        try:
+            yield
+        finally:
+            self.counted.counting = True
 
 
 def should_compile(eager_seconds_per_iteration: float, remaining_iterations: int) -> bool:

@@ -79,6 +79,7 @@ class Oracles:
         self._gathered: Batch = {}
         self._gathered_for: Tensor | None = None
         self.counts: Counter[str] = Counter({k: 0 for k in ORACLE_KINDS})
+        self.counting = True  # off while a compiled update runs (`mbbo.compilation.TimedCompiled` adds its counts)
         pb = problem
 
         def g(x: Tensor, y: Tensor, batch: Batch, block: Tensor) -> Tensor:
@@ -170,6 +171,15 @@ class Oracles:
         x_dim_blocks = 1 if self.problem.sparse_x else None
         return vmap(over_points, in_dims=(x_dim_blocks, *([1] * n_vec), 0, 0), out_dims=1)
 
+    def with_block_data(self, batch: Batch, blocks: Tensor) -> Batch:
+        """`batch` with the constants of the blocks at table rows `blocks` (`MultiBlockProblem.with_block_data`;
+        the oracles then take it as is). For a batch that several oracles share, and for a compiled update,
+        which cannot hold `_block_data`'s cache test."""
+        return {**batch, **self._block_data(self.problem.shard.global_ids(blocks))}
+
+    def _has_block_data(self, batch: Batch) -> bool:
+        return all(k in batch for k in self.problem.block_data)
+
     def _block_data(self, blocks: Tensor) -> Batch:
         """The sampled blocks' constants, gathered once per block sample (several oracles share it)."""
         if self._gathered_for is None or not (blocks is self._gathered_for or (
@@ -185,7 +195,8 @@ class Oracles:
         if blocks.shape[0] == 0:
             return self._call_empty(name, x, *args, batch=batch, blocks=blocks)
         blocks = shard.global_ids(blocks)
-        batch = {**batch, **self._block_data(blocks)}
+        if not self._has_block_data(batch):
+            batch = {**batch, **self._block_data(blocks)}
         # sharded: always vmapped, so that a block's result does not depend on how many blocks a process holds
         if args[0].shape[0] == 1 and blocks.shape[0] == 1 and not self.compiled and not shard.distributed:
             # one point, one block (single-block methods): call the function itself, no vmap overhead
@@ -217,6 +228,8 @@ class Oracles:
         return XGrad(values, batch["index"] if self.problem.sparse_x else None)
 
     def _count(self, n: int, *kinds: str) -> None:
+        if not self.counting:
+            return
         for kind in kinds:
             self.counts[kind] += n
 

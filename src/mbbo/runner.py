@@ -170,7 +170,7 @@ class RunConfig:
         progress: show a tqdm progress bar (it also hides itself when stderr is not a terminal).
         overwrite: allow a fresh run (`resume=False`) into a directory that already holds a run.
         compile_auto: after `AUTO_PROBE_ITERATIONS` timed eager iterations (not counting the first one of the
-            process), compile the algorithm's oracles (`algorithm.oracles.use_compiled()`) when
+            process), compile the algorithm (`algorithm.use_compiled()`: its whole update or its oracles) when
             `mbbo.compilation.should_compile` says that the rest of the run repays it; the choice and its
             inputs are recorded in `config.json` under `compile_choice`. In a multi-process run every rank
             decides on rank 0's timing (broadcast), so that all ranks choose alike.
@@ -539,11 +539,11 @@ class _Run:
         if self.group is not None:  # the ranks' timings differ: all follow rank 0's
             per_iteration = float(self.group.broadcast(per_iteration))  # type: ignore[arg-type]
         remaining = self.total - self.iteration
-        oracles = getattr(self.algorithm, "oracles", None)
-        compilable = callable(getattr(oracles, "use_compiled", None))
+        use_compiled = getattr(self.algorithm, "use_compiled", None)
+        compilable = callable(use_compiled)
         chosen = compilable and should_compile(per_iteration, remaining)
         if chosen:
-            oracles.use_compiled()  # type: ignore[union-attr]
+            use_compiled()  # type: ignore[misc]
         self.resolved["compile_choice"] = {
             "compiled": chosen, "decided_at_iteration": self.iteration, "remaining_iterations": remaining,
             "eager_ms_per_iteration": 1e3 * per_iteration, "compilable": compilable,
@@ -606,8 +606,9 @@ class _Run:
 
 
 def _compile_seconds(algorithm: SteppableAlgorithm) -> float:
-    """Compilation seconds so far of the algorithm's oracles (`Oracles.compile_seconds`), 0 without them."""
-    return float(getattr(getattr(algorithm, "oracles", None), "compile_seconds", 0.0))
+    """Compilation seconds so far of the algorithm (`BilevelAlgorithm.compile_seconds`: its oracles and whole
+    updates), 0 for an algorithm that does not compile."""
+    return float(getattr(algorithm, "compile_seconds", 0.0))
 
 
 def _write_config(state: _Run) -> None:

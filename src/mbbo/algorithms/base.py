@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from mbbo.blocks import BLOCK_SAMPLING, DelayedBlocks, MovingBlocks
+from mbbo.compilation import TimedCompiled, enable_persistent_cache
 from mbbo.oracles import Oracles, XGrad
 from mbbo.problem import Batch, MultiBlockProblem, RowSampler
 from mbbo.state import (
@@ -25,6 +26,7 @@ from mbbo.state import (
 from mbbo.steps import LOWER_LR_SCALINGS, revisit_scaled_step
 from mbbo.validation import check_choice, check_int, check_optional, check_positive, check_unit
 
+T = TypeVar("T")
 STREAMS = ("blocks", "lower", "upper", "extra")
 # the stream of `filled` (estimators initialised "uniform"), seeded apart from the others
 INIT_STREAM, INIT_SEED_OFFSET = "init", 99
@@ -130,6 +132,10 @@ class BilevelAlgorithm:
     restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
     # True for the methods whose per-block tables and hypergradient go through `self.shard`
     shardable: ClassVar[bool] = False
+    # True for the methods whose iteration is sampling, then one pure update (`run_update`), then table writes:
+    # compile=True compiles that update as one graph (oracles, trackers, hypergradient, upper step) in a
+    # 1-process run, instead of each oracle
+    compiles_whole_update: ClassVar[bool] = False
     state: State
     iteration: int
     x: Tensor
@@ -148,7 +154,10 @@ class BilevelAlgorithm:
         config.validate(problem)
         self.config = config
         self.problem = problem
-        self.oracles = Oracles(problem, compile=compile)
+        self.oracles = Oracles(problem)
+        self.compiled_updates: dict[Callable[..., Any], TimedCompiled] | None = None  # compiled, by update
+        if compile:
+            self.use_compiled()
         device = problem.x0.device
         self.generators = {s: torch.Generator(device=device) for s in (*STREAMS, INIT_STREAM)}
         for i, s in enumerate(STREAMS):
@@ -165,6 +174,42 @@ class BilevelAlgorithm:
         if self.shard.distributed and not self.shardable:
             raise ValueError(f"{self.name} does not run block-sharded over several processes; the methods that do: "
                              "bsvrb_v1, bsvrb_v2, ma_v1, ma_v2, rsvrb and their re_<name> variants")
+
+    # --- compilation ---------------------------------------------------------------------------------
+    def use_compiled(self) -> None:
+        """Compile from now on (at any point of a run; same values): the whole update of `run_update` as one
+        graph where the method has one (`compiles_whole_update`) and the run has one process, else each oracle
+        (`Oracles.use_compiled`; a block-sharded update calls a collective between its oracles)."""
+        if self.compiles_whole_update and not self.problem.shard.distributed:
+            if self.compiled_updates is None:
+                enable_persistent_cache()
+                self.compiled_updates = {}
+        else:
+            self.oracles.use_compiled()
+
+    @property
+    def compiled(self) -> bool:
+        return self.compiled_updates is not None or self.oracles.compiled
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent in calls that compiled (the oracles' and the whole updates', `TimedCompiled`)."""
+        updates = self.compiled_updates or {}
+        return self.oracles.compile_seconds + sum(fn.seconds for fn in updates.values())
+
+    def run_update(self, update: Callable[..., T], *args: Any) -> T:
+        """`update(self, *args)`: the pure part of an iteration (it reads the algorithm, writes nothing, and
+        returns what the iteration then stores). Compiled as one graph under `use_compiled` (`TimedCompiled`
+        with static shapes: a signature's first call runs eagerly; the oracle counts are replayed)."""
+        if self.compiled_updates is None:
+            return update(self, *args)
+        compiled = self.compiled_updates.get(update)
+        if compiled is None:
+            def bound(*a: Any) -> T:
+                return update(self, *a)
+
+            compiled = self.compiled_updates[update] = TimedCompiled(bound, counted=self.oracles)
+        return compiled(*args)
 
     # --- sampling -----------------------------------------------------------------------------------
     def sample_batches(self, blocks: Tensor, batch_size: int | None = None, *, initial: bool = False

@@ -107,6 +107,7 @@ def draw_blocks(alg: MultiBlockAlgorithm, two: bool) -> BlockDraw:
     sampled = alg.block_sampler.sample(alg.generators["blocks"], alg.x.device)
     lower, upper = alg.sample_batches(sampled)
     blocks = alg.shard.local(sampled)
+    lower, upper = alg.oracles.with_block_data(lower, blocks), alg.oracles.with_block_data(upper, blocks)
     y_cur, y_prev = alg.y.read(blocks, alg.iteration)
     return BlockDraw(sampled, blocks, lower, upper, y_cur, two_points(alg.x, alg.x_prev, not two),
                      two_points(y_cur, y_prev, not two))
@@ -136,17 +137,29 @@ def reduced_hypergradient(alg: MultiBlockAlgorithm, draw: BlockDraw, gx_f: XGrad
     return g if gx_f is None else g + gx_f.block_mean(alg.problem.dim_x)
 
 
-def end_iteration(alg: MultiBlockAlgorithm, draw: BlockDraw, tables: tuple[LowerTable, ...], grads: Tensor,
-                  upper: STORM | EMA) -> None:
-    """Closes the tables' iteration, z <- upper(z; G_t, G_{t-1}) (G_t alone right after an initialisation from
-    mini-batches), x <- x - lr z; ends the iteration."""
+def upper_step(alg: MultiBlockAlgorithm, grads: Tensor, upper: STORM | EMA) -> tuple[Tensor, Tensor]:
+    """(z, x) after z <- upper(z; G_t, G_{t-1}) (G_t alone right after an initialisation from mini-batches) and
+    x <- x - lr z; writes nothing."""
+    z = grads[0] if alg.fresh else track(upper, alg.z, grads)
+    return z, alg.x - alg.config.lr * z
+
+
+def close_iteration(alg: MultiBlockAlgorithm, draw: BlockDraw, tables: tuple[LowerTable, ...], z: Tensor,
+                    x: Tensor) -> None:
+    """Closes the tables' iteration, stores z and x (`upper_step`); ends the iteration."""
     for table in tables:
         table.end_iteration(draw.blocks, alg.iteration)
-    alg.z = grads[0] if alg.fresh else track(upper, alg.z, grads)
+    alg.z = z
     alg.fresh = False
     alg.x_prev = alg.x
-    alg.x = alg.x - alg.config.lr * alg.z
+    alg.x = x
     alg.iteration += 1
+
+
+def end_iteration(alg: MultiBlockAlgorithm, draw: BlockDraw, tables: tuple[LowerTable, ...], grads: Tensor,
+                  upper: STORM | EMA) -> None:
+    """`upper_step`, then `close_iteration`."""
+    close_iteration(alg, draw, tables, *upper_step(alg, grads, upper))
 
 
 # --- guards, costs -------------------------------------------------------------------------------------------
@@ -285,18 +298,45 @@ def initialise_linear_systems(alg: MultiBlockAlgorithm, y: Tensor, how: str, *, 
     alg.y = lower_table(alg, y.clone(), tables["s"], "lower_lr", moving_average=moving_average)
 
 
-def linear_system_hypergradients(alg: MultiBlockAlgorithm, draw: BlockDraw, tracker: MSVR | EMA, *,
-                                 moving_average: bool) -> tuple[Tensor, Tensor]:
-    """(G per point (P, d_x), the new s_i): s_i and the residual estimates u_i of (grad_yy g_i) v = grad_y f_i
-    tracked on the sampled blocks (their v_i written back, `moved_rows`), G = (1/B) sum_i grad_x f_i -
-    (grad_xy g_i) v_i."""
-    blocks, xs, ys, t = draw.blocks, draw.xs, draw.ys, alg.iteration
-    v_cur, v_prev = alg.v.read(blocks, t)
-    vs = torch.stack([v_cur, v_prev])[: xs.shape[0]]
-    gy, hv, cross = alg.oracles.lower_products(xs, ys, vs, draw.lower, blocks)
-    gx_f, gy_f = alg.oracles.upper_grads(xs, ys, draw.upper, blocks)
-    s_new = track(tracker, alg.y.direction(blocks, t), gy)
-    u_new = track(tracker, alg.v.direction(blocks, t), hv - gy_f)
-    v_new = moved_rows(alg, v_cur, u_new, "linsys_lr", moving_average=moving_average, radius=alg.config.v_radius)
-    alg.v.write(blocks, v_new, u_new, t)
-    return reduced_hypergradient(alg, draw, gx_f, cross), s_new
+class LinearSystemUpdate(NamedTuple):
+    """What one iteration of BSVRB_v2 / ma_v2 stores: the sampled blocks' rows of y (with their new s_i) and of v
+    (with their new u_i), z and x."""
+
+    y: Tensor
+    s: Tensor
+    v: Tensor
+    u: Tensor
+    z: Tensor
+    x: Tensor
+
+
+def linear_system_update(alg: MultiBlockAlgorithm, draw: BlockDraw, v: tuple[Tensor, Tensor], s: Tensor, u: Tensor,
+                         tracker: MSVR | EMA, upper: STORM | EMA, moving_average: bool) -> LinearSystemUpdate:
+    """The pure part of a BSVRB_v2 / ma_v2 iteration (`MultiBlockAlgorithm.run_update`: one compiled graph under
+    compile=True), from the sampled blocks' v_i (now and before) and estimators s_i, u_i as read: s_i and the
+    residual estimates u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows to write back (`moved_rows`),
+    G = (1/B) sum_i grad_x f_i - (grad_xy g_i) v_i, and `upper_step`."""
+    xs, ys = draw.xs, draw.ys
+    vs = torch.stack(v)[: xs.shape[0]]
+    gy, hv, cross = alg.oracles.lower_products(xs, ys, vs, draw.lower, draw.blocks)
+    gx_f, gy_f = alg.oracles.upper_grads(xs, ys, draw.upper, draw.blocks)
+    s_new = track(tracker, s, gy)
+    u_new = track(tracker, u, hv - gy_f)
+    v_new = moved_rows(alg, v[0], u_new, "linsys_lr", moving_average=moving_average, radius=alg.config.v_radius)
+    y_new = moved_rows(alg, draw.y, s_new, "lower_lr", moving_average=moving_average)
+    z, x = upper_step(alg, reduced_hypergradient(alg, draw, gx_f, cross), upper)
+    return LinearSystemUpdate(y_new, s_new, v_new, u_new, z, x)
+
+
+def linear_system_step(alg: MultiBlockAlgorithm, tracker: MSVR | EMA, upper: STORM | EMA, *, moving_average: bool,
+                       two: bool) -> None:
+    """One BSVRB_v2 / ma_v2 iteration: `draw_blocks` and the table reads (eager: sampling, and lazy reads that may
+    replay projected paths), `linear_system_update`, then the table writes and `close_iteration`."""
+    draw = draw_blocks(alg, two)
+    t = alg.iteration
+    read = alg.v.read(draw.blocks, t)
+    new = alg.run_update(linear_system_update, draw, read, alg.y.direction(draw.blocks, t),
+                         alg.v.direction(draw.blocks, t), tracker, upper, moving_average)
+    alg.v.write(draw.blocks, new.v, new.u, t)
+    alg.y.write(draw.blocks, new.y, new.s, t)
+    close_iteration(alg, draw, (alg.y, alg.v), new.z, new.x)

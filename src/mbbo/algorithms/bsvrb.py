@@ -55,7 +55,7 @@ from mbbo.algorithms.blockwise import (
     initialise_hessian_estimates,
     initialise_linear_systems,
     is_delayed,
-    linear_system_hypergradients,
+    linear_system_step,
     moved_rows,
     start_blockwise,
     table_step,
@@ -213,6 +213,7 @@ class BSVRBv2(MultiBlockAlgorithm):
     name = "bsvrb_v2"
     Config = BSVRBv2Config
     shardable = True
+    compiles_whole_update = True
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -222,11 +223,8 @@ class BSVRBv2(MultiBlockAlgorithm):
         initialise_linear_systems(self, y0, self.config.estimator_init, moving_average=False)
 
     def step(self) -> None:
-        draw = draw_blocks(self, two=not self.fresh)
-        msvr = self.config.msvr(self.problem.num_blocks)
-        grads, s_new = linear_system_hypergradients(self, draw, msvr, moving_average=False)
-        self.y.write(draw.blocks, draw.y, s_new, self.iteration)
-        end_iteration(self, draw, (self.y, self.v), grads, STORM(self.config.beta))
+        linear_system_step(self, self.config.msvr(self.problem.num_blocks), STORM(self.config.beta),
+                           moving_average=False, two=not self.fresh)
 
     def restart(self) -> None:
         """Re-initialises the estimators from a mini-batch at the current point (lower and linear-system variables
@@ -330,6 +328,7 @@ class MovingAverageV2(MultiBlockAlgorithm):
     name = "ma_v2"
     Config = MAv2Config
     shardable = True
+    compiles_whole_update = True
 
     def __init__(self, problem: MultiBlockProblem, config: Hyper | None = None, *, seed: int = 0,
                  compile: bool = False, **overrides: Any) -> None:
@@ -344,11 +343,7 @@ class MovingAverageV2(MultiBlockAlgorithm):
         return is_delayed(self)
 
     def step(self) -> None:
-        draw = draw_blocks(self, two=False)
-        grads, s_new = linear_system_hypergradients(self, draw, EMA(self.config.alpha), moving_average=True)
-        y_new = moved_rows(self, draw.y, s_new, "lower_lr", moving_average=True)
-        self.y.write(draw.blocks, y_new, s_new, self.iteration)
-        end_iteration(self, draw, (self.y, self.v), grads, EMA(self.config.beta))
+        linear_system_step(self, EMA(self.config.alpha), EMA(self.config.beta), moving_average=True, two=False)
 
     def restart(self) -> None:
         """Re-initialises the estimators from a mini-batch at the current point (lower and linear-system variables
