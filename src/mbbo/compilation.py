@@ -121,7 +121,8 @@ class TimedCompiled:
         self.counted = counted
         self.seen: dict[tuple[Any, ...], Counter[str]] = {}  # signatures called so far, with their counts
         self.seconds = 0.0
-        self.compilations = 0
+        self.compilations = 0  # calls that compiled
+        self.graphs = 0  # graphs they compiled (more than one per call: graph breaks)
 
     def __call__(self, *args: Any) -> Any:
         counts: Counter[str] = Counter()
@@ -140,6 +141,7 @@ class TimedCompiled:
         if graphs_compiled() != before:
             self.seconds += time.perf_counter() - start
             self.compilations += 1
+            self.graphs += graphs_compiled() - before
         if self.counted is not None:
             self.counted.counts.update(counts)
         return out

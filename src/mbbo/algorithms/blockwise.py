@@ -11,6 +11,7 @@ write time, `moved_rows`), so its tables move no block on their own.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from mbbo.algorithms.base import MultiBlockAlgorithm
 from mbbo.algorithms.pieces import two_points
-from mbbo.blocks import BlockSampler, DelayedBlocks, MovingBlocks
+from mbbo.blocks import BlockSampler, DelayedBlocks, MovingBlocks, exact_read
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch
 from mbbo.projections import cholesky_solve, floor_and_factor, frobenius_rescale, project_ball
@@ -41,16 +42,24 @@ class BlockwiseState(MultiBlockAlgorithm.State):
     block_sampler: BlockSampler = UNSET
 
 
-class BlockDraw(NamedTuple):
-    """One iteration's samples and the points its estimators are evaluated at."""
+class BlockSample(NamedTuple):
+    """One iteration's samples: blocks and a lower and an upper mini-batch for each (with the blocks' constants)."""
 
     sampled: Tensor  # the B sampled blocks (global ids)
     blocks: Tensor  # their table rows on this process (all of them in a 1-process run)
     lower: Batch
     upper: Batch
+
+
+class BlockDraw(NamedTuple):
+    """One iteration's samples (`BlockSample`'s fields) and the points its estimators are evaluated at."""
+
+    sampled: Tensor
+    blocks: Tensor
+    lower: Batch
+    upper: Batch
     y: Tensor  # the sampled blocks' current lower variables, (B, d_y)
-    xs: Tensor  # x_t (and x_{t-1}), (P, d_x)
-    ys: Tensor  # y_t (and y_{t-1}) of the sampled blocks, (P, B, d_y)
+    ys: Tensor  # y_t (and y_{t-1}) of the sampled blocks, (P, B, d_y); x at the same points: `x_points`
 
 
 # --- construction, restarts ----------------------------------------------------------------------------------
@@ -101,16 +110,26 @@ def lower_table(alg: MultiBlockAlgorithm, values: Tensor, directions: Tensor, st
 # --- the iteration -------------------------------------------------------------------------------------------
 
 
-def draw_blocks(alg: MultiBlockAlgorithm, two: bool) -> BlockDraw:
-    """Samples B blocks and a lower and an upper mini-batch for each; reads their lower variables at the current
-    (and, `two`, the previous) point."""
+def sample_blocks(alg: MultiBlockAlgorithm) -> BlockSample:
+    """Samples B blocks and a lower and an upper mini-batch for each, with the blocks' constants."""
     sampled = alg.block_sampler.sample(alg.generators["blocks"], alg.x.device)
     lower, upper = alg.sample_batches(sampled)
     blocks = alg.shard.local(sampled)
-    lower, upper = alg.oracles.with_block_data(lower, blocks), alg.oracles.with_block_data(upper, blocks)
-    y_cur, y_prev = alg.y.read(blocks, alg.iteration)
-    return BlockDraw(sampled, blocks, lower, upper, y_cur, two_points(alg.x, alg.x_prev, not two),
-                     two_points(y_cur, y_prev, not two))
+    return BlockSample(sampled, blocks, alg.oracles.with_block_data(lower, blocks),
+                       alg.oracles.with_block_data(upper, blocks))
+
+
+def draw_blocks(alg: MultiBlockAlgorithm, two: bool) -> BlockDraw:
+    """`sample_blocks`, and the sampled blocks' lower variables at the current (and, `two`, the previous) point."""
+    sample = sample_blocks(alg)
+    y_cur, y_prev = alg.y.read(sample.blocks, alg.iteration)
+    return BlockDraw(*sample, y_cur, two_points(y_cur, y_prev, not two))
+
+
+def x_points(alg: MultiBlockAlgorithm, two: bool) -> Tensor:
+    """x_t (and, `two`, x_{t-1}) stacked, (P, d_x): inside the update, where a compiled graph gathers the batch rows
+    of both without copying d_x-vectors."""
+    return two_points(alg.x, alg.x_prev, not two)
 
 
 def track(tracker: Tracker, u: Tensor, values: Tensor) -> Tensor:
@@ -128,7 +147,8 @@ def moved_rows(alg: MultiBlockAlgorithm, rows: Tensor, direction: Tensor, step: 
     return moved if radius is None else project_ball(moved, radius)
 
 
-def reduced_hypergradient(alg: MultiBlockAlgorithm, draw: BlockDraw, gx_f: XGrad | None, cross: XGrad) -> Tensor:
+def reduced_hypergradient(alg: MultiBlockAlgorithm, draw: BlockSample | BlockDraw, gx_f: XGrad | None,
+                          cross: XGrad) -> Tensor:
     """(1/B) sum_i grad_x f_i - cross_i over the sampled blocks, per point: (P, d_x) (the blocks of other processes
     gathered first when blocks are sharded: `gather_xgrads`)."""
     cross_all, gx_f = alg.gather_xgrads([cross, gx_f], draw.sampled)
@@ -144,7 +164,7 @@ def upper_step(alg: MultiBlockAlgorithm, grads: Tensor, upper: STORM | EMA) -> t
     return z, alg.x - alg.config.lr * z
 
 
-def close_iteration(alg: MultiBlockAlgorithm, draw: BlockDraw, tables: tuple[LowerTable, ...], z: Tensor,
+def close_iteration(alg: MultiBlockAlgorithm, draw: BlockSample | BlockDraw, tables: tuple[LowerTable, ...], z: Tensor,
                     x: Tensor) -> None:
     """Closes the tables' iteration, stores z and x (`upper_step`); ends the iteration."""
     for table in tables:
@@ -240,7 +260,7 @@ def hessian_hypergradients(alg: MultiBlockAlgorithm, draw: BlockDraw, tracker: M
     """(G per point (P, d_x), the new s_i): s_i and H_i tracked on the sampled blocks (H_i guarded and stored),
     G = (1/B) sum_i grad_x f_i - (grad_xy g_i) H_i^{-1} grad_y f_i by linear solves, with the H_i of
     `hessian_timing`."""
-    blocks, xs, ys, t = draw.blocks, draw.xs, draw.ys, alg.iteration
+    blocks, xs, ys, t = draw.blocks, x_points(alg, draw.ys.shape[0] > 1), draw.ys, alg.iteration
     gy, hess = alg.oracles.lower_hessian(xs, ys, draw.lower, blocks)
     gx_f, gy_f = alg.oracles.upper_grads(xs, ys, draw.upper, blocks)
     s_new = track(tracker, alg.y.direction(blocks, t), gy)
@@ -298,9 +318,34 @@ def initialise_linear_systems(alg: MultiBlockAlgorithm, y: Tensor, how: str, *, 
     alg.y = lower_table(alg, y.clone(), tables["s"], "lower_lr", moving_average=moving_average)
 
 
+class LinearSystemRows(NamedTuple):
+    """What an iteration of BSVRB_v2 / ma_v2 reads from its tables for the sampled blocks."""
+
+    y: tuple[Tensor, Tensor]  # y_i now and at the previous iteration
+    v: tuple[Tensor, Tensor]  # v_i now and at the previous iteration
+    s: Tensor  # the lower-gradient estimators s_i
+    u: Tensor  # the residual estimators u_i
+    exact: Tensor  # 0-d bool: False when a traced read is not exact (a projected path too long to replay)
+
+
+def linear_system_rows(alg: MultiBlockAlgorithm, blocks: Tensor, t: int | Tensor, *, traced: bool
+                       ) -> LinearSystemRows:
+    """The rows of `blocks` at iteration t: `read` (eager: exact), or `traced_read` (branch-free, inside a compiled
+    update: exact unless `exact` says otherwise)."""
+    if traced:
+        y_cur, y_prev, y_exact = alg.y.traced_read(blocks, t)
+        v_cur, v_prev, v_exact = alg.v.traced_read(blocks, t)
+        exact = y_exact & v_exact
+    else:
+        (y_cur, y_prev), (v_cur, v_prev) = alg.y.read(blocks, t), alg.v.read(blocks, t)  # type: ignore[arg-type]
+        exact = exact_read(y_cur)
+    return LinearSystemRows((y_cur, y_prev), (v_cur, v_prev), alg.y.direction(blocks, t),  # type: ignore[arg-type]
+                            alg.v.direction(blocks, t), exact)  # type: ignore[arg-type]
+
+
 class LinearSystemUpdate(NamedTuple):
     """What one iteration of BSVRB_v2 / ma_v2 stores: the sampled blocks' rows of y (with their new s_i) and of v
-    (with their new u_i), z and x."""
+    (with their new u_i), z and x; `exact` as the rows it was computed from (`LinearSystemRows`)."""
 
     y: Tensor
     s: Tensor
@@ -308,35 +353,50 @@ class LinearSystemUpdate(NamedTuple):
     u: Tensor
     z: Tensor
     x: Tensor
+    exact: Tensor
 
 
-def linear_system_update(alg: MultiBlockAlgorithm, draw: BlockDraw, v: tuple[Tensor, Tensor], s: Tensor, u: Tensor,
-                         tracker: MSVR | EMA, upper: STORM | EMA, moving_average: bool) -> LinearSystemUpdate:
+def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, rows: LinearSystemRows | None, t: Tensor,
+                         two: bool, tracker: MSVR | EMA, upper: STORM | EMA, moving_average: bool
+                         ) -> LinearSystemUpdate:
     """The pure part of a BSVRB_v2 / ma_v2 iteration (`MultiBlockAlgorithm.run_update`: one compiled graph under
-    compile=True), from the sampled blocks' v_i (now and before) and estimators s_i, u_i as read: s_i and the
+    compile=True), from the sampled blocks' rows (`rows`; None: read here, `traced_read`): s_i and the
     residual estimates u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows to write back (`moved_rows`),
     G = (1/B) sum_i grad_x f_i - (grad_xy g_i) v_i, and `upper_step`."""
-    xs, ys = draw.xs, draw.ys
-    vs = torch.stack(v)[: xs.shape[0]]
-    gy, hv, cross = alg.oracles.lower_products(xs, ys, vs, draw.lower, draw.blocks)
-    gx_f, gy_f = alg.oracles.upper_grads(xs, ys, draw.upper, draw.blocks)
-    s_new = track(tracker, s, gy)
-    u_new = track(tracker, u, hv - gy_f)
-    v_new = moved_rows(alg, v[0], u_new, "linsys_lr", moving_average=moving_average, radius=alg.config.v_radius)
-    y_new = moved_rows(alg, draw.y, s_new, "lower_lr", moving_average=moving_average)
-    z, x = upper_step(alg, reduced_hypergradient(alg, draw, gx_f, cross), upper)
-    return LinearSystemUpdate(y_new, s_new, v_new, u_new, z, x)
+    if rows is None:
+        rows = linear_system_rows(alg, sample.blocks, t, traced=True)
+    xs, ys, vs = x_points(alg, two), two_points(*rows.y, not two), two_points(*rows.v, not two)
+    gy, hv, cross = alg.oracles.lower_products(xs, ys, vs, sample.lower, sample.blocks)
+    gx_f, gy_f = alg.oracles.upper_grads(xs, ys, sample.upper, sample.blocks)
+    s_new = track(tracker, rows.s, gy)
+    u_new = track(tracker, rows.u, hv - gy_f)
+    v_new = moved_rows(alg, rows.v[0], u_new, "linsys_lr", moving_average=moving_average,
+                       radius=alg.config.v_radius)
+    y_new = moved_rows(alg, rows.y[0], s_new, "lower_lr", moving_average=moving_average)
+    z, x = upper_step(alg, reduced_hypergradient(alg, sample, gx_f, cross), upper)
+    return LinearSystemUpdate(y_new, s_new, v_new, u_new, z, x, rows.exact)
 
 
 def linear_system_step(alg: MultiBlockAlgorithm, tracker: MSVR | EMA, upper: STORM | EMA, *, moving_average: bool,
                        two: bool) -> None:
-    """One BSVRB_v2 / ma_v2 iteration: `draw_blocks` and the table reads (eager: sampling, and lazy reads that may
-    replay projected paths), `linear_system_update`, then the table writes and `close_iteration`."""
-    draw = draw_blocks(alg, two)
+    """One BSVRB_v2 / ma_v2 iteration: `sample_blocks` (eager), `linear_system_update`, then the table writes and
+    `close_iteration`. Eagerly the rows are read first (`read`). A compiled update reads them in its graph
+    (`traced_read`); in the rare iteration where that is not exact (its result is then unused and its oracle
+    calls not counted), the rows are read eagerly and the update, compiled for given rows, runs again."""
+    sample = sample_blocks(alg)
     t = alg.iteration
-    read = alg.v.read(draw.blocks, t)
-    new = alg.run_update(linear_system_update, draw, read, alg.y.direction(draw.blocks, t),
-                         alg.v.direction(draw.blocks, t), tracker, upper, moving_average)
-    alg.v.write(draw.blocks, new.v, new.u, t)
-    alg.y.write(draw.blocks, new.y, new.s, t)
-    close_iteration(alg, draw, (alg.y, alg.v), new.z, new.x)
+    rest = (torch.tensor(t, device=alg.x.device), two, tracker, upper, moving_average)
+    if alg.compiled_updates is None:
+        new = alg.run_update(linear_system_update, sample,
+                             linear_system_rows(alg, sample.blocks, t, traced=False), *rest)
+    else:
+        counted = Counter(alg.oracles.counts)
+        new = alg.run_update(linear_system_update, sample, None, *rest)
+        if not bool(new.exact):
+            alg.oracles.counts.clear()
+            alg.oracles.counts.update(counted)
+            new = alg.run_update(linear_system_update, sample,
+                                 linear_system_rows(alg, sample.blocks, t, traced=False), *rest)
+    alg.v.write(sample.blocks, new.v, new.u, t)
+    alg.y.write(sample.blocks, new.y, new.s, t)
+    close_iteration(alg, sample, (alg.y, alg.v), new.z, new.x)
