@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -14,17 +15,22 @@ from mbbo.algorithms.blockwise import (
     blockwise_oracle_calls,
     blockwise_table_bytes,
     draw_blocks,
+    linear_system_rows,
+    linear_system_update,
     lower_table,
     moved_rows,
+    sample_blocks,
     table_step,
+    x_points,
 )
 from mbbo.algorithms.bsvrb import BSVRBv1, BSVRBv2, MovingAverageV1, MovingAverageV2
 from mbbo.algorithms.f2sa import F2SAConfig
 from mbbo.algorithms.registry import ALGORITHMS, restartable, split_name
 from mbbo.blocks import DelayedBlocks, MovingBlocks
+from mbbo.trackers import EMA, STORM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_algorithm_contract import build
+from test_algorithm_contract import assert_same, build
 
 
 def test_lower_tables_follow_the_lower_update_form() -> None:
@@ -54,10 +60,44 @@ def test_draw_blocks_reads_one_or_two_points() -> None:
     alg = build("bsvrb_v1")
     b, d_x, d_y = alg.config.block_batch, alg.problem.dim_x, alg.problem.dim_y
     one = draw_blocks(alg, two=False)
-    assert one.xs.shape == (1, d_x) and one.ys.shape == (1, b, d_y) and one.sampled.shape == (b,)
+    assert x_points(alg, two=False).shape == (1, d_x) and one.ys.shape == (1, b, d_y) and one.sampled.shape == (b,)
     assert torch.equal(one.y, alg.lower_variables()[one.blocks])
     two = draw_blocks(alg, two=True)
-    assert two.xs.shape == (2, d_x) and two.ys.shape == (2, b, d_y)
+    assert two.ys.shape == (2, b, d_y) and torch.equal(x_points(alg, two=True), torch.stack([alg.x, alg.x_prev]))
+
+
+def test_sample_blocks_attaches_the_block_constants_once() -> None:
+    """The batches carry the sampled blocks' constants (the oracles then take them as they are)."""
+    from mbbo.tasks.hyperparam import load_task
+
+    problem = load_task("breast_cancer", num_blocks=6, dtype=torch.float64, row_sampling="replacement").problem()
+    alg = BSVRBv2(problem, block_batch=3)
+    sample = sample_blocks(alg)
+    for batch in (sample.lower, sample.upper):
+        assert torch.equal(batch["temperature"], problem.block_data["temperature"][sample.sampled])
+    assert alg.oracles._has_block_data(sample.lower)
+
+
+@pytest.mark.parametrize("name", ["bsvrb_v2", "ma_v2"])
+def test_linear_system_update_is_pure_and_traced_rows_equal_read_rows(name: str) -> None:
+    """The update writes nothing (two calls give the same result; the state is untouched), and reading the rows
+    in it (`traced_read`, rows=None) gives what the exact eager read gives."""
+    alg = build(name, v_radius=0.05)  # a small ball: projected paths
+    for _ in range(3):
+        alg.step()
+    sample, t = sample_blocks(alg), alg.iteration
+    before = copy.deepcopy(alg.state_dict())
+    rest = (torch.tensor(t), not alg.fresh and name == "bsvrb_v2", alg.config.msvr(alg.problem.num_blocks)
+            if name == "bsvrb_v2" else EMA(alg.config.alpha), STORM(alg.config.beta) if name == "bsvrb_v2"
+            else EMA(alg.config.beta), name == "ma_v2")
+    exact = linear_system_update(alg, sample, linear_system_rows(alg, sample.blocks, t, traced=False), *rest)
+    traced = linear_system_update(alg, sample, None, *rest)
+    assert bool(traced.exact) and bool(exact.exact)
+    for got, want in zip(traced[:-1], exact[:-1], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    after = alg.state_dict()
+    after.pop("oracle_counts"), before.pop("oracle_counts")  # the two updates called oracles
+    assert_same(after, before)
 
 
 def test_costs_of_the_four_methods() -> None:

@@ -72,6 +72,36 @@ def test_timed_compiled_times_the_calls_that_compile(tmp_path: Path, monkeypatch
     assert dynamic.compilations == 2  # 3 (static), then 4 with a symbolic first dimension, reused by 5 and 7
 
 
+def test_timed_compiled_replays_the_counts_of_a_signature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`counted`: a signature's eager first call records what it counted; compiled calls run with counting off
+    (a graph cannot count) and add that record, so the counts are those of eager calls; one graph for all."""
+    from collections import Counter
+
+    monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    enable_persistent_cache()
+
+    class Counts:
+        def __init__(self) -> None:
+            self.counts: Counter[str] = Counter()
+            self.counting = True
+
+    owner = Counts()
+
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        if owner.counting:
+            owner.counts["rows"] += a.shape[0]
+        return (a * 5).exp().sum(0)
+
+    timed = TimedCompiled(fn, counted=owner)
+    for n in (3, 3, 3, 2, 2, 3):
+        torch.testing.assert_close(timed(torch.ones(n, 2)), (torch.ones(n, 2) * 5).exp().sum(0))
+    assert owner.counts["rows"] == 16 and owner.counting
+    assert timed.compilations == 2 and timed.graphs == 2  # (3, 2) and (2, 2), each at its second call
+    with pytest.raises(ValueError, match="static shapes"):
+        TimedCompiled(fn, dynamic=None, counted=owner)
+
+
 def test_persistent_cache_lives_under_the_mbbo_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MBBO_CACHE", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
