@@ -5,8 +5,8 @@ one thread), makes the algorithm with `compile=True` and steps it `--steps` time
 `MBBO_CACHE` folder (so an empty `<cache>/torch_compile`, see `mbbo.compilation`), the second the same folder,
 now filled by the first. Reported per process: `BilevelAlgorithm.compile_seconds` (the calls that compiled:
 BSVRB_v2's whole update, one graph per input signature, what the runner reports as `compile_time`), the wall time
-of the first three steps (iteration 0 evaluates at one point and iteration 1 at two, both shapes seen for the first time and run eagerly;
-iteration 2 compiles the two-point shape), the CPU seconds of the process and of its finished
+of the first three steps (iteration 0 evaluates at one point and iteration 1 at two, both shapes seen for the first
+time and run eagerly; iteration 2 compiles the two-point shape), the CPU seconds of the process and of its finished
 children (Inductor's compile workers) up to there (less sensitive to the machine's load than wall time), the
 FX graph cache hits and misses, the steady ms/iteration after them, and where the compile time goes (Dynamo's
 own per-phase timers, the profile of a miss).

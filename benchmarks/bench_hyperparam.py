@@ -67,7 +67,8 @@ ALGORITHMS = (*LIBRARY, HANDWRITTEN)
 #: Targets (specs: a8a, one thread): ms per iteration; RSVRB peak memory; generic BSVRB_v2 / hand-written.
 TARGET_MS = {"a8a": {"bsvrb_v2": 2.0, "bsvrb_v1": 3.0, "rsvrb": 10.0}}
 TARGET_PEAK_BYTES = {"a8a": {"rsvrb": 1e9}}
-TARGET_RATIO = 2.0
+#: Generic / hand-written BSVRB_v2 (issue 11): eager, and with compile=True (the whole update as one graph).
+TARGET_RATIOS = {"eager": 2.5, "compiled": 1.3}
 #: The authors' code on this kind of machine (specs/tasks.md, T1): ms per iteration and RSVRB's peak memory.
 AUTHORS_MS = {"a8a": {"bsvrb_v1": 560.0, "bsvrb_v2": 210.0, "rsvrb": 3900.0}}
 AUTHORS_PEAK_BYTES = {"a8a": {"rsvrb": 5.7e9}}
@@ -355,8 +356,9 @@ def _verdict(value: float, target: float) -> dict[str, Any]:
     return {"target": target, "factor": factor, "met": factor <= 1.0}
 
 
-def compare(result: dict[str, Any]) -> None:
+def compare(result: dict[str, Any], compiled: bool = False) -> None:
     """Adds target comparisons (factor = measured / target; <= 1 means met) in place."""
+    target_ratio = TARGET_RATIOS["compiled" if compiled else "eager"]
     ds = result["dataset"]
     algs = result["algorithms"]
     for name, rec in algs.items():
@@ -374,9 +376,9 @@ def compare(result: dict[str, Any]) -> None:
             rec["authors_peak_bytes"] = AUTHORS_PEAK_BYTES[ds][name]
     if HANDWRITTEN in algs and "bsvrb_v2" in algs:
         ratio = algs["bsvrb_v2"]["ms_per_iteration"] / algs[HANDWRITTEN]["ms_per_iteration"]
-        result["generic_over_handwritten"] = {"ratio": ratio, **_verdict(ratio, TARGET_RATIO)}
+        result["generic_over_handwritten"] = {"ratio": ratio, **_verdict(ratio, target_ratio)}
         ratio_cpu = algs["bsvrb_v2"]["cpu_ms_per_iteration"] / algs[HANDWRITTEN]["cpu_ms_per_iteration"]
-        result["generic_over_handwritten_cpu"] = {"ratio": ratio_cpu, **_verdict(ratio_cpu, TARGET_RATIO)}
+        result["generic_over_handwritten_cpu"] = {"ratio": ratio_cpu, **_verdict(ratio_cpu, target_ratio)}
 
 
 def _mb(value: float | None) -> str:
@@ -436,7 +438,7 @@ def markdown(report: dict[str, Any]) -> str:
         if ratio is not None:
             cpu = result["generic_over_handwritten_cpu"]
             lines += ["", f"Generic bsvrb_v2 / hand-written: **{ratio['ratio']:.2f}x** wall, {cpu['ratio']:.2f}x CPU "
-                      f"(target <= {TARGET_RATIO:g}x: {_factor(ratio)} wall, {_factor(cpu)} CPU)."]
+                      f"(target <= {ratio['target']:g}x: {_factor(ratio)} wall, {_factor(cpu)} CPU)."]
         diff = result.get("handwritten_vs_library_max_abs_diff")
         if diff is not None:
             lines.append("Hand-written vs library bsvrb_v2 after the same iterations, max |diff|: "
@@ -472,7 +474,7 @@ def print_table(report: dict[str, Any]) -> None:
         if ratio is not None:
             cpu = result["generic_over_handwritten_cpu"]
             print(f"generic bsvrb_v2 / hand-written = {ratio['ratio']:.2f}x wall, {cpu['ratio']:.2f}x CPU "
-                  f"(target <= {TARGET_RATIO:g}x): {_factor(ratio)} wall")
+                  f"(target <= {ratio['target']:g}x): {_factor(ratio)} wall")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -589,10 +591,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name in args.algorithms:
                 print(f"  memory {dataset} {name} ...", flush=True)
                 result["algorithms"][name]["memory"] = measure_memory(dataset, name, args)
-        compare(result)
+        compare(result, compiled=bool(args.compile))
         results.append(result)
     meta["finished"] = now()
-    report = {"meta": meta, "targets": {"ms": TARGET_MS, "peak_bytes": TARGET_PEAK_BYTES, "ratio": TARGET_RATIO},
+    report = {"meta": meta, "targets": {"ms": TARGET_MS, "peak_bytes": TARGET_PEAK_BYTES, "ratio": TARGET_RATIOS},
               "authors": {"ms": AUTHORS_MS, "peak_bytes": AUTHORS_PEAK_BYTES}, "datasets": results}
     out = Path(args.out)
     stem = "hyperparam_speed_compiled" if args.compile else "hyperparam_speed"
