@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -16,8 +15,7 @@ from mbbo.blocks import (
     DelayedBlocks,
     MovingBlocks,
     ball_path,
-    ball_paths,
-    sphere_steps,
+    replay_ball_paths,
 )
 from mbbo.projections import (
     eig_compose,
@@ -227,57 +225,34 @@ def test_ball_path_equals_projected_steps(k: int) -> None:
         torch.testing.assert_close(prev, path[k - 1], rtol=0, atol=1e-12)
 
 
-def test_ball_paths_equal_ball_path_row_by_row() -> None:
-    """The branch-free `ball_paths` (compiled updates) equals `ball_path` for every case: linear steps only, the
-    first projected step, steps on the sphere, the axis (beta = 0), no direction, k = 0, starts outside the
-    ball; the sphere recurrence itself (`sphere_steps`) bit for bit."""
-    gen = torch.Generator().manual_seed(0)
-    n, d, radius, step = 300, 5, 1.0, 0.3
-    start = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64))
-    start = start * torch.rand(n, 1, generator=gen, dtype=torch.float64)
-    start[250:] *= 4.0  # outside the ball
-    direction = torch.randn(n, d, generator=gen, dtype=torch.float64) * torch.rand(n, 1, generator=gen,
-                                                                                   dtype=torch.float64)
-    direction[0] = 0.0
-    start[1] = -0.5 * torch.nn.functional.normalize(direction[1], dim=0)  # on the axis of the direction
-    k = torch.randint(0, 90, (n,), generator=gen)
-    k[2] = 0
-    cur, prev = ball_paths(start, direction, step, radius, k)
-    for i in range(n):
-        want_cur, want_prev = ball_path(start[i], direction[i], step, radius, int(k[i]))
-        torch.testing.assert_close(cur[i], want_cur, rtol=0, atol=1e-12)
-        torch.testing.assert_close(prev[i], want_prev, rtol=0, atol=1e-12)
-    rho, a = torch.tensor([0.3, -2.0, 5.0], dtype=torch.float64), torch.tensor([0.1, 0.2, 0.05], dtype=torch.float64)
-    before, after = sphere_steps(rho, a, torch.tensor([0, 7, -1]))
-    r = -2.0
-    for _ in range(7):
-        r += 0.2 * math.sqrt(1.0 + r * r)
-    assert before[1].item() == r and after[1].item() == r + 0.2 * math.sqrt(1.0 + r * r)
-    assert before[0].item() == 0.3 and before[2].item() == 5.0  # no steps
-
-
 @pytest.mark.parametrize(("decay", "radius", "lazy"), [(1.0, None, True), (1.0, 0.8, True), (0.7, 0.8, True),
                                                         (1.0, 0.8, False)])
-def test_traced_read_equals_read(decay: float, radius: float | None, lazy: bool) -> None:
-    """`traced_read` (a compiled update's read, with a 0-d tensor t) gives `read`'s rows when it says they are
-    exact, which it does except for projected paths with a decay; `DelayedBlocks` likewise (always exact)."""
+def test_read_at_a_tensor_iteration_and_the_replay_operator(decay: float, radius: float | None, lazy: bool) -> None:
+    """`read` with t a 0-d tensor (a compiled update's read) equals `read` with the int t, bit for bit, for both
+    tables; the paths that leave the ball are replayed by `replay_ball_paths` exactly as `ball_path` does."""
     gen = torch.Generator().manual_seed(3)
     m, d, step = 9, 3, 0.4
     values = project_ball(torch.randn(m, d, generator=gen, dtype=torch.float64), 0.8)
     table = MovingBlocks(values, torch.randn(m, d, generator=gen, dtype=torch.float64), step, radius=radius,
                          decay=decay, lazy=lazy)
     delayed = DelayedBlocks(values, torch.randn(m, d, generator=gen, dtype=torch.float64), step, radius=radius)
-    inexact = 0
+    replayed = 0
     for t in range(30):
         blocks = torch.randperm(m, generator=gen)[:3]
         for tab in (table, delayed):
-            cur, prev, exact = tab.traced_read(blocks, torch.tensor(t))
-            want_cur, want_prev = tab.read(blocks, t)
-            if bool(exact):
-                torch.testing.assert_close(cur, want_cur, rtol=0, atol=1e-12)
-                torch.testing.assert_close(prev, want_prev, rtol=0, atol=1e-12)
-            else:
-                inexact += 1
-            tab.write(blocks, want_cur, torch.randn(3, d, generator=gen, dtype=torch.float64), t)
+            cur, prev = tab.read(blocks, t)
+            for got, want in zip(tab.read(blocks, torch.tensor(t)), (cur, prev), strict=True):
+                assert torch.equal(got, want)
+            tab.write(blocks, cur, torch.randn(3, d, generator=gen, dtype=torch.float64), t)
             tab.end_iteration(blocks, t)
-    assert (inexact > 0) == (decay != 1.0 and radius is not None and lazy)
+        if lazy and radius is not None and decay == 1.0:
+            start, direction, k, cur, prev = table._closed_form(blocks, t + 1)
+            got_cur, got_prev = replay_ball_paths(start, direction, k, cur, prev, step, radius)
+            for i in range(3):
+                want = ball_path(start[i], direction[i], step, radius, int(k[i]))
+                if float(cur[i].norm()) > radius:
+                    replayed += 1
+                    assert torch.equal(got_cur[i], want[0]) and torch.equal(got_prev[i], want[1])
+                else:  # inside: the closed form itself
+                    assert torch.equal(got_cur[i], cur[i]) and torch.equal(got_prev[i], prev[i])
+    assert (replayed > 0) == (lazy and radius is not None and decay == 1.0)

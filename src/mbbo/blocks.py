@@ -85,11 +85,6 @@ class BlockSampler(StateFields):
             drawn = torch.cat([drawn, more])
 
 
-def exact_read(like: Tensor) -> Tensor:
-    """The `exact` flag of a `traced_read` that is exact: a 0-d True on `like`'s device."""
-    return torch.ones((), dtype=torch.bool, device=like.device)
-
-
 def first_occurrences(values: Tensor) -> Tensor:
     """Boolean mask of the entries of a 1-d tensor that do not repeat an earlier entry (O(n log n))."""
     order = torch.sort(values, stable=True).indices
@@ -143,10 +138,8 @@ class MovingBlocks(StateFields):
         return w.view(-1, *([1] * (like.dim() - 1)))
 
     def _replay(self, start: Tensor, direction: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Exact k-fold projected steps for each row; returns (w after k steps, w after k-1 steps)."""
-        if self.decay == 1.0 and self.radius is not None:
-            rows = [ball_path(start[i], direction[i], self.step, self.radius, int(k[i])) for i in range(len(k))]
-            return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        """Exact k-fold projected steps with a decaying direction for each row, step by step; returns (w after
+        k steps, w after k-1 steps). (Without a decay: `ball_path_rows`.)"""
         cur, prev = start.clone(), start.clone()
         d = direction.clone()
         for j in range(1, int(k.max()) + 1):
@@ -174,51 +167,38 @@ class MovingBlocks(StateFields):
         k = t - self.stamps[blocks]
         return start, direction, k, *self._segment(start, direction, k)
 
-    def read(self, blocks: Tensor, t: int) -> tuple[Tensor, Tensor]:
-        """(w_i at iteration t, w_i at iteration t - 1) for the given blocks (before this iteration's move)."""
+    def read(self, blocks: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor]:
+        """(w_i at iteration t, w_i at iteration t - 1) for the given blocks (before this iteration's move). `t` may
+        be a 0-d tensor: in a compiled update the read is then part of the graph (the projected replays of
+        paths without a decay run in the opaque `replay_ball_paths`, under `torch.cond`; with a decay they break
+        the graph)."""
         if not self.lazy:
             return self.values[blocks], self.previous[blocks]  # type: ignore[index]
         start, direction, k, cur, prev = self._closed_form(blocks, t)
-        if self.radius is not None:
-            outside = self._outside(cur)
-            if bool(outside.any()):
-                rows = outside.nonzero().squeeze(-1)
-                c, p = self._replay(start[rows], direction[rows], k[rows])
-                cur, prev = cur.index_copy(0, rows, c), prev.index_copy(0, rows, p)
-        return cur, prev
-
-    def traced_read(self, blocks: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`read` with no data-dependent branch, for a compiled graph (`t` may be a 0-d tensor): (w_i now,
-        w_i before, exact), `exact` a 0-d bool tensor. The projected paths are replayed for all rows at once
-        (`ball_paths`, under `torch.cond`: only when a path left the ball) and equal `read`'s to rounding; with a
-        decay they are not (`_replay`'s loop is not traced): `exact` is then False when a path is projected,
-        and only `read` is exact."""
-        if not self.lazy:
-            cur = self.values[blocks]
-            return cur, self.previous[blocks], exact_read(cur)  # type: ignore[index]
-        start, direction, k, cur, prev = self._closed_form(blocks, t)
         if self.radius is None:
-            return cur, prev, exact_read(cur)
+            return cur, prev
+        if self.decay == 1.0 and torch.compiler.is_compiling():
+            # in a compiled update's graph: the replays (an opaque operator) run only when a path left the ball
+            step, radius = self.step, self.radius
+
+            def replayed(*rows: Tensor) -> tuple[Tensor, Tensor]:
+                return replay_ball_paths(*rows, step, radius)
+
+            def segments(start: Tensor, direction: Tensor, k: Tensor, cur: Tensor, prev: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+                return cur.clone(), prev.clone()
+
+            # (cur and prev are views of one tensor, and a branch's operands must not alias)
+            return torch.cond(self._outside(cur).any(), replayed, segments,
+                              (start, direction, k, cur.clone(), prev.clone()))
+        if self.decay == 1.0:
+            return ball_path_rows(start, direction, k, cur.clone(), prev.clone(), self.step, self.radius)
         outside = self._outside(cur)
-        if self.decay != 1.0:
-            return cur, prev, ~outside.any()
-        step, radius = self.step, self.radius
-
-        def replayed(start: Tensor, direction: Tensor, k: Tensor, cur: Tensor, prev: Tensor, outside: Tensor
-                     ) -> tuple[Tensor, Tensor]:
-            path_cur, path_prev = ball_paths(start, direction, step, radius, k)
-            rows = outside.unsqueeze(-1)
-            return torch.where(rows, path_cur, cur), torch.where(rows, path_prev, prev)
-
-        def segments(start: Tensor, direction: Tensor, k: Tensor, cur: Tensor, prev: Tensor, outside: Tensor
-                     ) -> tuple[Tensor, Tensor]:
-            return cur.clone(), prev.clone()
-
-        # a branch in the graph, so that the replays cost only when a path left the ball (the operands must not
-        # alias: cur and prev are views of one tensor)
-        cur, prev = torch.cond(outside.any(), replayed, segments,
-                               (start, direction, k, cur.clone(), prev.clone(), outside))
-        return cur, prev, exact_read(cur)
+        if bool(outside.any()):
+            rows = outside.nonzero().squeeze(-1)
+            c, p = self._replay(start[rows], direction[rows], k[rows])
+            cur, prev = cur.index_copy(0, rows, c), prev.index_copy(0, rows, p)
+        return cur, prev
 
     def direction(self, blocks: Tensor, t: int) -> Tensor:
         """d_i as it stands during iteration t before this iteration's write (decayed while unsampled)."""
@@ -304,10 +284,6 @@ class DelayedBlocks(StateFields):
         just_updated = (self.stamps[blocks] == t - 1).view(-1, *([1] * (cur.dim() - 1)))
         return cur, torch.where(just_updated, self.before[blocks], cur)
 
-    def traced_read(self, blocks: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`read`, which is branch-free here (see `MovingBlocks.traced_read`): always exact."""
-        cur, prev = self.read(blocks, t)
-        return cur, prev, exact_read(cur)
 
     def current(self, blocks: Tensor, t: int) -> Tensor:
         """The given blocks' stored values (unsampled blocks do not move)."""
@@ -403,82 +379,30 @@ def ball_path(start: Tensor, direction: Tensor, step: float, radius: float, k: i
     return on_sphere(rho), on_sphere(prev_rho)
 
 
-@torch.library.custom_op("mbbo::sphere_steps", mutates_args=())
-def sphere_steps(rho: Tensor, a: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    """(rho_n, rho_{n+1}) of rho <- rho + a sqrt(1 + rho^2) from rho_0 = `rho`, per row (rows with n < 0: unused
-    values). The recurrence of `ball_path` on the sphere, on Python floats as there (bit for bit), as one opaque
-    operator: a compiled graph calls it without a graph break, whatever the rows' step counts."""
-    before, after = [], []
-    for r, step, count in zip(rho.tolist(), a.tolist(), n.tolist(), strict=True):
-        for _ in range(max(count, 0)):
-            r += step * math.sqrt(1.0 + r * r)
-        before.append(r)
-        after.append(r + step * math.sqrt(1.0 + r * r))
-    return (torch.tensor(before, dtype=rho.dtype, device=rho.device),
-            torch.tensor(after, dtype=rho.dtype, device=rho.device))
+def ball_path_rows(start: Tensor, direction: Tensor, k: Tensor, cur: Tensor, prev: Tensor, step: float,
+                   radius: float) -> tuple[Tensor, Tensor]:
+    """(w_k, w_{k-1}) of k steps w <- Proj_{||w|| <= radius}(w - step d) per row, from the unprojected closed form
+    (`cur`, `prev` from `start`, `direction`, `k`): the rows whose end left the ball are replayed by `ball_path`
+    (written into `cur` and `prev`, which are returned), the others are left as they are."""
+    outside = torch.linalg.vector_norm(cur, dim=-1) > radius
+    if bool(outside.any()):
+        for i in outside.nonzero().squeeze(-1).tolist():
+            cur[i], prev[i] = ball_path(start[i], direction[i], step, radius, int(k[i]))
+    return cur, prev
 
 
-@sphere_steps.register_fake
-def _sphere_steps_shapes(rho: Tensor, a: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(rho), torch.empty_like(rho)
+@torch.library.custom_op("mbbo::replay_ball_paths", mutates_args=())
+def replay_ball_paths(start: Tensor, direction: Tensor, k: Tensor, cur: Tensor, prev: Tensor, step: float,
+                      radius: float) -> tuple[Tensor, Tensor]:
+    """`ball_path_rows` as one opaque operator, so that a compiled graph calls it without a graph break (it holds
+    the data-dependent branch and the rows' Python loops)."""
+    return ball_path_rows(start, direction, k, cur.clone(), prev.clone(), step, radius)  # outputs may not alias
 
 
-def ball_paths(start: Tensor, direction: Tensor, step: float, radius: float, k: Tensor
-               ) -> tuple[Tensor, Tensor]:
-    """`ball_path` for every row at once with no data-dependent branch (for a compiled graph): (w_k, w_{k-1}).
-    The same cases, selected by `torch.where`, in float64 (equal to `ball_path` to rounding); the recurrence on
-    the sphere runs in `sphere_steps` for the rows that reach it."""
-    w0, d = start.double(), direction.double()
-    kf = k.double()
-    dnorm = torch.linalg.vector_norm(d, dim=-1)
-    c = step * dnorm
-    e = d / torch.where(dnorm > 0, dnorm, 1.0).unsqueeze(-1)
-    alpha0 = (w0 * e).sum(-1)
-    perp = w0 - alpha0.unsqueeze(-1) * e
-    beta0 = torch.linalg.vector_norm(perp, dim=-1)
-    e2 = perp / torch.where(beta0 > 0, beta0, 1.0).unsqueeze(-1)  # 0 where beta0 = 0, as ball_path
-    r2 = radius * radius
-    safe_c = torch.where(c > 0, c, 1.0)
-    inside = ((alpha0 + (r2 - beta0 * beta0).clamp_min(0.0).sqrt()) / safe_c).floor().clamp_min(0.0)
-
-    def beyond(n: Tensor) -> Tensor:  # the floor's guard against rounding at the boundary
-        return (n > 0) & ((alpha0 - n * c) ** 2 + beta0 * beta0 > r2)
-
-    inside = inside - beyond(inside).double()
-    inside = inside - beyond(inside).double()
-    # still beyond after two corrections: no step of the segment is in the ball (a start outside it), where
-    # ball_path's loop ends at 0
-    inside = torch.where(beyond(inside), 0.0, inside)
-
-    def at(alpha: Tensor, beta: Tensor) -> Tensor:
-        return (alpha.unsqueeze(-1) * e + beta.unsqueeze(-1) * e2).to(start.dtype)
-
-    # the first projected step, inside + 1
-    alpha, beta = alpha0 - (inside + 1) * c, beta0
-    norm = torch.hypot(alpha, beta)
-    over, safe_norm = norm > radius, torch.where(norm > 0, norm, 1.0)
-    alpha = torch.where(over, alpha * radius / safe_norm, alpha)
-    beta = torch.where(over, beta * radius / safe_norm, beta)
-    # then rho = -alpha / beta moves on the sphere; the row needs rho after k - inside - 2 steps and one more
-    still = (k <= 0) | (c == 0)  # no move: the start
-    linear, first, axis = kf <= inside, kf == inside + 1, beta == 0
-    on_sphere = ~(still | linear | first | axis)
-    n = torch.where(on_sphere, kf - inside - 2, -1.0).long()
-    rho_prev, rho_cur = sphere_steps(-alpha / torch.where(axis, 1.0, beta), c / radius, n)
-
-    def sphere(r: Tensor) -> Tensor:
-        h = (1.0 + r * r).sqrt()
-        return at(-radius * r / h, radius / h)
-
-    pole = at(torch.full_like(alpha, -radius), torch.zeros_like(beta)).where(axis.unsqueeze(-1), sphere(rho_cur))
-    pole_prev = at(torch.full_like(alpha, -radius), torch.zeros_like(beta)).where(axis.unsqueeze(-1),
-                                                                                    sphere(rho_prev))
-    cur = torch.where(linear.unsqueeze(-1), at(alpha0 - kf * c, beta0),
-                      torch.where(first.unsqueeze(-1), at(alpha, beta), pole))
-    prev = torch.where(linear.unsqueeze(-1), at(alpha0 - (kf - 1) * c, beta0),
-                       torch.where(first.unsqueeze(-1), at(alpha0 - inside * c, beta0), pole_prev))
-    moved = ~still.unsqueeze(-1)
-    return torch.where(moved, cur, start), torch.where(moved, prev, start)
+@replay_ball_paths.register_fake
+def _replay_ball_paths_shapes(start: Tensor, direction: Tensor, k: Tensor, cur: Tensor, prev: Tensor, step: float,
+                              radius: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(cur), torch.empty_like(prev)
 
 
 class DecayingSparseRows(StateFields):

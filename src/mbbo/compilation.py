@@ -78,6 +78,10 @@ def enable_persistent_cache() -> Path:
 
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
+    # graphs with a torch.cond (`MovingBlocks.read` in a compiled update) are cacheable: its branches are
+    # subgraphs of the cached graph module (Inductor bypasses the cache for higher-order operators unless marked)
+    inductor_config.unsafe_marked_cacheable_functions = {
+        **inductor_config.unsafe_marked_cacheable_functions, "torch.ops.higher_order.cond": torch.__version__}
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 

@@ -11,7 +11,6 @@ write time, `moved_rows`), so its tables move no block on their own.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from mbbo.algorithms.base import MultiBlockAlgorithm
 from mbbo.algorithms.pieces import two_points
-from mbbo.blocks import BlockSampler, DelayedBlocks, MovingBlocks, exact_read
+from mbbo.blocks import BlockSampler, DelayedBlocks, MovingBlocks
 from mbbo.oracles import XGrad
 from mbbo.problem import Batch
 from mbbo.projections import cholesky_solve, floor_and_factor, frobenius_rescale, project_ball
@@ -325,27 +324,17 @@ class LinearSystemRows(NamedTuple):
     v: tuple[Tensor, Tensor]  # v_i now and at the previous iteration
     s: Tensor  # the lower-gradient estimators s_i
     u: Tensor  # the residual estimators u_i
-    exact: Tensor  # 0-d bool: False when a traced read is not exact (a projected path too long to replay)
 
 
-def linear_system_rows(alg: MultiBlockAlgorithm, blocks: Tensor, t: int | Tensor, *, traced: bool
-                       ) -> LinearSystemRows:
-    """The rows of `blocks` at iteration t: `read` (eager: exact), or `traced_read` (branch-free, inside a compiled
-    update: exact unless `exact` says otherwise)."""
-    if traced:
-        y_cur, y_prev, y_exact = alg.y.traced_read(blocks, t)
-        v_cur, v_prev, v_exact = alg.v.traced_read(blocks, t)
-        exact = y_exact & v_exact
-    else:
-        (y_cur, y_prev), (v_cur, v_prev) = alg.y.read(blocks, t), alg.v.read(blocks, t)  # type: ignore[arg-type]
-        exact = exact_read(y_cur)
-    return LinearSystemRows((y_cur, y_prev), (v_cur, v_prev), alg.y.direction(blocks, t),  # type: ignore[arg-type]
-                            alg.v.direction(blocks, t), exact)  # type: ignore[arg-type]
+def linear_system_rows(alg: MultiBlockAlgorithm, blocks: Tensor, t: int | Tensor) -> LinearSystemRows:
+    """The rows of `blocks` at iteration t (`t` a 0-d tensor inside a compiled update)."""
+    return LinearSystemRows(alg.y.read(blocks, t), alg.v.read(blocks, t), alg.y.direction(blocks, t),  # type: ignore[arg-type]
+                            alg.v.direction(blocks, t))  # type: ignore[arg-type]
 
 
 class LinearSystemUpdate(NamedTuple):
     """What one iteration of BSVRB_v2 / ma_v2 stores: the sampled blocks' rows of y (with their new s_i) and of v
-    (with their new u_i), z and x; `exact` as the rows it was computed from (`LinearSystemRows`)."""
+    (with their new u_i), z and x."""
 
     y: Tensor
     s: Tensor
@@ -353,18 +342,15 @@ class LinearSystemUpdate(NamedTuple):
     u: Tensor
     z: Tensor
     x: Tensor
-    exact: Tensor
 
 
-def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, rows: LinearSystemRows | None, t: Tensor,
-                         two: bool, tracker: MSVR | EMA, upper: STORM | EMA, moving_average: bool
-                         ) -> LinearSystemUpdate:
+def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, t: Tensor, two: bool, tracker: MSVR | EMA,
+                         upper: STORM | EMA, moving_average: bool) -> LinearSystemUpdate:
     """The pure part of a BSVRB_v2 / ma_v2 iteration (`MultiBlockAlgorithm.run_update`: one compiled graph under
-    compile=True), from the sampled blocks' rows (`rows`; None: read here, `traced_read`): s_i and the
-    residual estimates u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows to write back (`moved_rows`),
+    compile=True): the sampled blocks' rows read at iteration t (a 0-d tensor), s_i and the residual estimates
+    u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows to write back (`moved_rows`),
     G = (1/B) sum_i grad_x f_i - (grad_xy g_i) v_i, and `upper_step`."""
-    if rows is None:
-        rows = linear_system_rows(alg, sample.blocks, t, traced=True)
+    rows = linear_system_rows(alg, sample.blocks, t)
     xs, ys, vs = x_points(alg, two), two_points(*rows.y, not two), two_points(*rows.v, not two)
     gy, hv, cross = alg.oracles.lower_products(xs, ys, vs, sample.lower, sample.blocks)
     gx_f, gy_f = alg.oracles.upper_grads(xs, ys, sample.upper, sample.blocks)
@@ -374,29 +360,17 @@ def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, rows: Li
                        radius=alg.config.v_radius)
     y_new = moved_rows(alg, rows.y[0], s_new, "lower_lr", moving_average=moving_average)
     z, x = upper_step(alg, reduced_hypergradient(alg, sample, gx_f, cross), upper)
-    return LinearSystemUpdate(y_new, s_new, v_new, u_new, z, x, rows.exact)
+    return LinearSystemUpdate(y_new, s_new, v_new, u_new, z, x)
 
 
 def linear_system_step(alg: MultiBlockAlgorithm, tracker: MSVR | EMA, upper: STORM | EMA, *, moving_average: bool,
                        two: bool) -> None:
-    """One BSVRB_v2 / ma_v2 iteration: `sample_blocks` (eager), `linear_system_update`, then the table writes and
-    `close_iteration`. Eagerly the rows are read first (`read`). A compiled update reads them in its graph
-    (`traced_read`); in the rare iteration where that is not exact (its result is then unused and its oracle
-    calls not counted), the rows are read eagerly and the update, compiled for given rows, runs again."""
+    """One BSVRB_v2 / ma_v2 iteration: `sample_blocks` (eager), `linear_system_update` (compiled as one graph under
+    compile=True), then the table writes and `close_iteration`."""
     sample = sample_blocks(alg)
     t = alg.iteration
-    rest = (torch.tensor(t, device=alg.x.device), two, tracker, upper, moving_average)
-    if alg.compiled_updates is None:
-        new = alg.run_update(linear_system_update, sample,
-                             linear_system_rows(alg, sample.blocks, t, traced=False), *rest)
-    else:
-        counted = Counter(alg.oracles.counts)
-        new = alg.run_update(linear_system_update, sample, None, *rest)
-        if not bool(new.exact):
-            alg.oracles.counts.clear()
-            alg.oracles.counts.update(counted)
-            new = alg.run_update(linear_system_update, sample,
-                                 linear_system_rows(alg, sample.blocks, t, traced=False), *rest)
+    new = alg.run_update(linear_system_update, sample, torch.tensor(t, device=alg.x.device), two, tracker, upper,
+                         moving_average)
     alg.v.write(sample.blocks, new.v, new.u, t)
     alg.y.write(sample.blocks, new.y, new.s, t)
     close_iteration(alg, sample, (alg.y, alg.v), new.z, new.x)
