@@ -192,7 +192,7 @@ class MovingBlocks(StateFields):
             return torch.cond(self._outside(cur).any(), replayed, segments,
                               (start, direction, k, cur.clone(), prev.clone()))
         if self.decay == 1.0:
-            return ball_path_rows(start, direction, k, cur.clone(), prev.clone(), self.step, self.radius)
+            return ball_path_rows(start, direction, k, cur, prev, self.step, self.radius)
         outside = self._outside(cur)
         if bool(outside.any()):
             rows = outside.nonzero().squeeze(-1)
@@ -200,7 +200,7 @@ class MovingBlocks(StateFields):
             cur, prev = cur.index_copy(0, rows, c), prev.index_copy(0, rows, p)
         return cur, prev
 
-    def direction(self, blocks: Tensor, t: int) -> Tensor:
+    def direction(self, blocks: Tensor, t: int | Tensor) -> Tensor:
         """d_i as it stands during iteration t before this iteration's write (decayed while unsampled)."""
         if not self.lazy or self.decay == 1.0:
             return self.directions[blocks]
@@ -284,12 +284,11 @@ class DelayedBlocks(StateFields):
         just_updated = (self.stamps[blocks] == t - 1).view(-1, *([1] * (cur.dim() - 1)))
         return cur, torch.where(just_updated, self.before[blocks], cur)
 
-
     def current(self, blocks: Tensor, t: int) -> Tensor:
         """The given blocks' stored values (unsampled blocks do not move)."""
         return self.values[blocks]
 
-    def direction(self, blocks: Tensor, t: int) -> Tensor:
+    def direction(self, blocks: Tensor, t: int | Tensor) -> Tensor:
         return self.directions[blocks]
 
     def delays(self, blocks: Tensor, t: int) -> Tensor:

@@ -328,8 +328,8 @@ class LinearSystemRows(NamedTuple):
 
 def linear_system_rows(alg: MultiBlockAlgorithm, blocks: Tensor, t: int | Tensor) -> LinearSystemRows:
     """The rows of `blocks` at iteration t (`t` a 0-d tensor inside a compiled update)."""
-    return LinearSystemRows(alg.y.read(blocks, t), alg.v.read(blocks, t), alg.y.direction(blocks, t),  # type: ignore[arg-type]
-                            alg.v.direction(blocks, t))  # type: ignore[arg-type]
+    return LinearSystemRows(alg.y.read(blocks, t), alg.v.read(blocks, t), alg.y.direction(blocks, t),
+                            alg.v.direction(blocks, t))
 
 
 class LinearSystemUpdate(NamedTuple):
