@@ -110,7 +110,6 @@ def test_persistent_cache_lives_under_the_mbbo_cache(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
-    monkeypatch.setattr(inductor_config, "unsafe_marked_cacheable_functions", {})
     assert enable_persistent_cache() == compile_cache_dir() == tmp_path / "torch_compile"
     assert inductor_config.fx_graph_cache and functorch_config.enable_autograd_cache
     # graphs with a torch.cond (a compiled update's table reads) go to the cache too

@@ -132,9 +132,9 @@ class BilevelAlgorithm:
     restart_decayed: ClassVar[tuple[str, ...]] = ("lr", "lower_lr", "linsys_lr", "alpha", "beta")
     # True for the methods whose per-block tables and hypergradient go through `self.shard`
     shardable: ClassVar[bool] = False
-    # True for the methods whose iteration is sampling, then one pure update (`run_update`), then table writes:
-    # compile=True compiles that update as one graph (oracles, trackers, hypergradient, upper step) in a
-    # 1-process run, instead of each oracle
+    # True for the methods whose iteration is sampling, then one update (`run_update`), then bookkeeping:
+    # compile=True compiles that update as one graph (table reads and writes, oracles, trackers, hypergradient,
+    # upper step) in a 1-process run, instead of each oracle
     compiles_whole_update: ClassVar[bool] = False
     state: State
     iteration: int
@@ -198,9 +198,10 @@ class BilevelAlgorithm:
         return self.oracles.compile_seconds + sum(fn.seconds for fn in updates.values())
 
     def run_update(self, update: Callable[..., T], *args: Any) -> T:
-        """`update(self, *args)`: the pure part of an iteration (it reads the algorithm, writes nothing, and
-        returns what the iteration then stores). Compiled as one graph under `use_compiled` (`TimedCompiled`
-        with static shapes: a signature's first call runs eagerly; the oracle counts are replayed)."""
+        """`update(self, *args)`: an iteration between its sampling and its Python bookkeeping (it may write the
+        algorithm's tensors in place, e.g. table rows, but no Python attribute that changes at every iteration,
+        and returns the rest). Compiled as one graph under `use_compiled` (`TimedCompiled` with static shapes: a
+        signature's first call runs eagerly; the oracle counts are replayed)."""
         if self.compiled_updates is None:
             return update(self, *args)
         compiled = self.compiled_updates.get(update)

@@ -332,45 +332,29 @@ def linear_system_rows(alg: MultiBlockAlgorithm, blocks: Tensor, t: int | Tensor
                             alg.v.direction(blocks, t))
 
 
-class LinearSystemUpdate(NamedTuple):
-    """What one iteration of BSVRB_v2 / ma_v2 stores: the sampled blocks' rows of y (with their new s_i) and of v
-    (with their new u_i), z and x."""
-
-    y: Tensor
-    s: Tensor
-    v: Tensor
-    u: Tensor
-    z: Tensor
-    x: Tensor
-
-
 def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, t: Tensor, two: bool, tracker: MSVR | EMA,
-                         upper: STORM | EMA, moving_average: bool) -> LinearSystemUpdate:
-    """The pure part of a BSVRB_v2 / ma_v2 iteration (`MultiBlockAlgorithm.run_update`: one compiled graph under
-    compile=True): the sampled blocks' rows read at iteration t (a 0-d tensor), s_i and the residual estimates
-    u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows to write back (`moved_rows`),
-    G = (1/B) sum_i grad_x f_i - (grad_xy g_i) v_i, and `upper_step`."""
+                         upper: STORM | EMA, moving_average: bool) -> tuple[Tensor, Tensor]:
+    """A BSVRB_v2 / ma_v2 iteration between sampling and `close_iteration` (`MultiBlockAlgorithm.run_update`: one
+    compiled graph under compile=True): the sampled blocks' rows read at iteration t (a 0-d tensor), s_i and the
+    residual estimates u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows written back (`moved_rows`), then
+    G = (1/B) sum_i grad_x f_i - (grad_xy g_i) v_i and `upper_step`: returns (z, x)."""
     rows = linear_system_rows(alg, sample.blocks, t)
     xs, ys, vs = x_points(alg, two), two_points(*rows.y, not two), two_points(*rows.v, not two)
     gy, hv, cross = alg.oracles.lower_products(xs, ys, vs, sample.lower, sample.blocks)
     gx_f, gy_f = alg.oracles.upper_grads(xs, ys, sample.upper, sample.blocks)
     s_new = track(tracker, rows.s, gy)
     u_new = track(tracker, rows.u, hv - gy_f)
-    v_new = moved_rows(alg, rows.v[0], u_new, "linsys_lr", moving_average=moving_average,
-                       radius=alg.config.v_radius)
-    y_new = moved_rows(alg, rows.y[0], s_new, "lower_lr", moving_average=moving_average)
-    z, x = upper_step(alg, reduced_hypergradient(alg, sample, gx_f, cross), upper)
-    return LinearSystemUpdate(y_new, s_new, v_new, u_new, z, x)
+    alg.v.write(sample.blocks, moved_rows(alg, rows.v[0], u_new, "linsys_lr", moving_average=moving_average,
+                                          radius=alg.config.v_radius), u_new, t)
+    alg.y.write(sample.blocks, moved_rows(alg, rows.y[0], s_new, "lower_lr", moving_average=moving_average), s_new, t)
+    return upper_step(alg, reduced_hypergradient(alg, sample, gx_f, cross), upper)
 
 
 def linear_system_step(alg: MultiBlockAlgorithm, tracker: MSVR | EMA, upper: STORM | EMA, *, moving_average: bool,
                        two: bool) -> None:
     """One BSVRB_v2 / ma_v2 iteration: `sample_blocks` (eager), `linear_system_update` (compiled as one graph under
-    compile=True), then the table writes and `close_iteration`."""
+    compile=True), `close_iteration`."""
     sample = sample_blocks(alg)
-    t = alg.iteration
-    new = alg.run_update(linear_system_update, sample, torch.tensor(t, device=alg.x.device), two, tracker, upper,
-                         moving_average)
-    alg.v.write(sample.blocks, new.v, new.u, t)
-    alg.y.write(sample.blocks, new.y, new.s, t)
-    close_iteration(alg, sample, (alg.y, alg.v), new.z, new.x)
+    z, x = alg.run_update(linear_system_update, sample, torch.tensor(alg.iteration, device=alg.x.device), two,
+                          tracker, upper, moving_average)
+    close_iteration(alg, sample, (alg.y, alg.v), z, x)
