@@ -219,10 +219,10 @@ def _t1(name: str, **hyper: Any) -> tuple[Any, Any]:
 def test_whole_update_is_one_graph_and_equals_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
                                                    hyper: dict[str, Any]) -> None:
     """BSVRB_v2 and ma_v2 on T1 (sparse x, per-block constants), float64: under compile=True the whole update of
-    an iteration (table reads, oracles, trackers, hypergradient, upper step) is one graph, compiled once (no graph
-    break, no recompilation), and the trajectory and the oracle counts equal the eager ones (to 1e-10; counts
-    exactly), with or without projected paths of v (a small ball: replayed inside the graph by the opaque
-    `replay_ball_paths`)."""
+    an iteration (table reads and writes, oracles, trackers, hypergradient, upper step) is one graph, compiled
+    once (no graph break, no recompilation), and the trajectory and the oracle counts equal the eager ones (to
+    1e-10; counts exactly), with or without projected paths of v (a small ball: replayed inside the graph by the
+    opaque `replay_ball_paths`)."""
     from mbbo.compilation import graphs_compiled
 
     monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))

@@ -1,9 +1,9 @@
 """torch.compile in mbbo: persistent caches, the measured compile time, and the `auto` rule.
 
-What is compiled: an algorithm whose iteration is one pure update (`BilevelAlgorithm.run_update`,
-`compiles_whole_update`: BSVRB_v2, `ma_v2`) has that update compiled as one graph (table reads, oracles,
-trackers, hypergradient, upper step); the others, and block-sharded runs, have each oracle compiled
-(`Oracles.use_compiled`). Both go through `TimedCompiled`.
+What is compiled: an algorithm whose iteration is one update between its sampling and its bookkeeping
+(`BilevelAlgorithm.run_update`, `compiles_whole_update`: BSVRB_v2, `ma_v2`) has that update compiled as one graph
+(table reads and writes, oracles, trackers, hypergradient, upper step); the others, and block-sharded runs, have
+each oracle compiled (`Oracles.use_compiled`). Both go through `TimedCompiled`.
 
 * Persistent caches. `enable_persistent_cache()` turns on Inductor's FX graph cache
   (`torch._inductor.config.fx_graph_cache`) and the AOTAutograd cache
