@@ -334,7 +334,7 @@ def linear_system_rows(alg: MultiBlockAlgorithm, blocks: Tensor, t: int | Tensor
 
 def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, t: Tensor, two: bool, tracker: MSVR | EMA,
                          upper: STORM | EMA, moving_average: bool) -> tuple[Tensor, Tensor]:
-    """A BSVRB_v2 / ma_v2 iteration between sampling and `close_iteration` (`MultiBlockAlgorithm.run_update`: one
+    """A BSVRB_v2 / ma_v2 iteration between sampling and `close_iteration` (`BilevelAlgorithm.run_update`: one
     compiled graph under compile=True): the sampled blocks' rows read at iteration t (a 0-d tensor), s_i and the
     residual estimates u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows written back (`moved_rows`), then
     G = (1/B) sum_i grad_x f_i - (grad_xy g_i) v_i and `upper_step`: returns (z, x)."""
