@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from mbbo.data.cache import cache_dir
 
@@ -93,9 +92,26 @@ def graphs_compiled() -> int:
 
 
 def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """What a `dynamic=False` compilation is specialised on: tensor shapes, dtypes, devices; other values."""
-    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
-                 for a in tree_leaves(args))
+    """What a `dynamic=False` compilation is specialised on: tensor shapes, dtypes, devices; dict keys; other
+    values. Walked by hand (tuples, named tuples, lists, dicts): half the time of `tree_leaves` on a compiled
+    update's arguments, a cost paid at every call."""
+    out: list[Any] = []
+
+    def walk(a: Any) -> None:
+        if isinstance(a, torch.Tensor):
+            out.append((a.shape, a.dtype, a.device))
+        elif isinstance(a, (tuple, list)):
+            for b in a:
+                walk(b)
+        elif isinstance(a, dict):
+            for key, b in a.items():
+                out.append(key)
+                walk(b)
+        else:
+            out.append(a)
+
+    walk(args)
+    return tuple(out)
 
 
 class Counted(Protocol):
