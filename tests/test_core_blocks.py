@@ -256,3 +256,29 @@ def test_read_at_a_tensor_iteration_and_the_replay_operator(decay: float, radius
                 else:  # inside: the closed form itself
                     assert torch.equal(got_cur[i], cur[i]) and torch.equal(got_prev[i], prev[i])
     assert (replayed > 0) == (lazy and radius is not None and decay == 1.0)
+
+
+@pytest.mark.parametrize("lazy", [True, False, None])  # None: DelayedBlocks
+def test_a_compiled_read_and_write_allocates_no_table_sized_buffer(lazy: bool | None) -> None:
+    """A compiled update that reads and writes B rows of a table writes them in place: the generated code
+    allocates no buffer of the table's m rows (an O(m) copy per iteration; `DelayedBlocks.write` once made
+    Inductor copy its `before` table)."""
+    from torch._inductor.utils import run_and_get_code
+
+    m, d = 997, 5
+    gen = torch.Generator().manual_seed(0)
+    values, directions = torch.randn(m, d, generator=gen), torch.randn(m, d, generator=gen)
+    table = (DelayedBlocks(values, directions, 0.1) if lazy is None
+             else MovingBlocks(values, directions, 0.1, radius=2.0, lazy=lazy))
+
+    def update(blocks: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cur, prev = table.read(blocks, t)
+        fresh = 0.5 * table.direction(blocks, t) + cur - prev
+        table.write(blocks, cur, fresh, t)
+        return cur
+
+    blocks, t = torch.tensor([4, 500, 996]), torch.tensor(3)
+    compiled = torch.compile(update, dynamic=False)
+    _, codes = run_and_get_code(compiled, blocks, t)
+    allocations = [line for code in codes for line in code.splitlines() if "empty_strided" in line]
+    assert allocations and not any(f"(({m}, " in line for line in allocations)

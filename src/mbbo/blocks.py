@@ -301,8 +301,10 @@ class DelayedBlocks(StateFields):
         moved = current - self.step * dc * new_directions
         if self.radius is not None:
             moved = project_ball(moved, self.radius)
-        self.before[blocks] = current
+        # values before `before`: in this order Inductor writes both in place in a compiled update (the other
+        # order copied the whole `before` table, O(m) per iteration)
         self.values[blocks] = moved
+        self.before[blocks] = current
         self.directions[blocks] = new_directions
         self.stamps[blocks] = t
         self._last_write = (moved, new_directions)
