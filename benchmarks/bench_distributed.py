@@ -2,14 +2,24 @@
 larger R.
 
 T1 (a8a, the task's defaults: reshuffled blocks and rows, delayed lower update, U[0, 1) initialisation), m = 10^4
-blocks, B = 100 sampled blocks, b = 64 rows, float32. Each configuration runs in freshly spawned processes (gloo on
-127.0.0.1 for R = 2) with `torch.set_num_threads(1)` each; after `--warmup` iterations, `--iterations` iterations
-are timed between two barriers: wall time, and the CPU time of the slowest rank (what the processes compute,
-whatever share of the shared cores the machine grants them). R = 1 is also timed at B = 25 and 50 to fit the
-compute model. Both oracle modes are measured (`--modes`): eager, and compiled (`compile=True`: torch.compile'd
-oracles, compiled during the warm-up, from the persistent cache after the first round; a sharded rank's
-oracles take a symbolic block dimension). Rounds alternate the modes and R = 1 / R = 2 (one spawn each), and the
-median over `--repeats` rounds is reported with the machine's load (`uptime`) before and after.
+blocks, B = 100 sampled blocks, b = 64 rows, float32, `torch.set_num_threads(1)` in each process.
+
+This machine is shared and noisy (the same configuration measured 7.6 and 12.5 ms per iteration in two spawns a
+minute apart), so the configurations are not timed in separate spawns but interleaved in one pair of processes
+(gloo on 127.0.0.1), and ratios are taken within each cycle. Per oracle mode (`--modes`: eager, or
+`compile=True`, whose sharded update compiles with a symbolic block dimension), two processes build T1 and one
+algorithm per configuration, warm each up for `--warmup` iterations (compilation included), then run `--cycles`
+cycles; in each cycle every configuration runs `--iterations` iterations between two barriers:
+
+- "R=1,B=25/50/100": rank 0 alone, unsharded (rank 1 waits in the barrier); the fit of the compute model;
+- "R=2,B=100": both ranks block-sharded, the ranks polling for the gather (`mbbo.distributed.finish`, the
+  default), and "R=2 (block)": the same, each rank blocking in the gather ($MBBO_DIST_WAIT=block);
+- "2 x R=1 concurrent,B=50": both ranks, each an independent unsharded run at B / 2: the machine's ceiling for
+  R = 2 (perfect balance, no communication, whatever the two virtual cores deliver together).
+
+Wall time (the slowest participating rank) and CPU time per iteration are recorded per cycle; the report gives
+per-configuration medians over cycles, and the medians over cycles of the speed-up R=1 / R=2 and of the ceiling
+R=1 / concurrent, with the machine's load (`uptime`) before and after.
 
 Model of R processes (specs/distributed.md section 1): one iteration costs
 
@@ -22,7 +32,7 @@ network assumptions are stated in the results: within a node (R <= 8) alpha = 10
 alpha = 50 us and 12.5 GB/s. Evaluated at R = 8, 64, 512 and plotted against R for B in {10^2, 10^3, 10^4}
 (m = 10^6: the iteration cost does not depend on m, only memory does).
 
-    python benchmarks/bench_distributed.py [--iterations 50] [--repeats 2] [--num-blocks 10000] [--modes eager compiled]
+    python benchmarks/bench_distributed.py [--cycles 20] [--iterations 20] [--warmup 150] [--modes eager compiled]
 
 Writes benchmarks/results/distributed.json, distributed.md and distributed_model.png (atomic writes).
 """
@@ -50,6 +60,7 @@ NETWORKS = {"intra-node (R <= 8)": (10e-6, 25e9), "inter-node (R > 8)": (50e-6, 
 MODEL_R = (8, 64, 512)
 MODEL_B = (100, 1000, 10000)
 MODES = ("eager", "compiled")
+CONCURRENT = "2 x R=1 concurrent"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -64,14 +75,29 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
+def configurations(B: int) -> list[tuple[str, int, bool, str, dict[str, str]]]:
+    """(label, block batch, sharded, who runs it ("rank0" or "both"), environment) of one cycle (module
+    docstring)."""
+    return [*((f"R=1,B={bb}", bb, False, "rank0", {}) for bb in (B // 4, B // 2, B)),
+            (f"R=2,B={B}", B, True, "both", {"MBBO_DIST_WAIT": "poll"}),
+            (f"R=2 (block),B={B}", B, True, "both", {"MBBO_DIST_WAIT": "block"}),
+            (f"{CONCURRENT},B={B // 2}", B // 2, False, "both", {})]
+
+
+def _eager_calls(alg: Any) -> int:
+    """Compiled-update calls that ran eagerly so far: the first call of each input signature (`TimedCompiled`; a
+    sharded rank's signature changes with its number of sampled blocks)."""
+    return sum(len(fn.seen) for fn in (alg.compiled_updates or {}).values())
+
+
 def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) -> None:
-    """One rank: build T1 once, then for each B of `config["B"]`: shard, warm up, time the iterations between
-    barriers (wall time and this process's CPU time)."""
+    """One of the two ranks: T1 built twice (block-sharded and whole), one algorithm per configuration, the
+    warm-up, then the interleaved cycles; saves per configuration and cycle its wall and CPU seconds and the
+    gather statistics."""
     torch.set_num_threads(1)
-    if world > 1:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     from mbbo.algorithms.registry import make_algorithm
     from mbbo.distributed import BlockShard
     from mbbo.tasks.registry import get_task
@@ -79,63 +105,83 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
     spec = get_task("hyperparam")
     settings = spec.make_settings({"dataset": "a8a", "data_dir": str(DATA), "num_blocks": config["m"],
                                    "batch_size": config["b"]})
-    problem, _ = spec.build(settings, block_batch=max(config["B"]), dtype=torch.float32)
-    problem.shard = BlockShard.from_process_group(problem.num_blocks)
     hyper = spec.hyper_defaults("bsvrb_v2", ["block_sampling", "estimator_init", "lower_update"])
-    results = {}
-    for B in config["B"]:
-        alg = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=B, compile=config["compile"], **hyper)
-        for _ in range(config["warmup"]):  # also compiles (a rank's first two block counts with --compile)
-            alg.step()
-        shard = problem.shard
-        sent0, coll0, gather0 = shard.bytes_sent, shard.collectives, shard.gather_seconds
-        if world > 1:
-            dist.barrier()
-        start, cpu = time.perf_counter(), time.process_time()
-        for _ in range(config["iterations"]):
-            alg.step()
-        cpu = time.process_time() - cpu
-        if world > 1:
-            dist.barrier()
-        seconds = time.perf_counter() - start
-        n = config["iterations"]
-        results[B] = {"ms_per_iteration": 1e3 * seconds / n, "cpu_ms_per_iteration": 1e3 * cpu / n,
-                      "buffer_bytes_per_iteration": (shard.bytes_sent - sent0) / n,
-                      "collectives_per_iteration": (shard.collectives - coll0) / n, "x_numel": problem.dim_x,
-                      "gather_ms_per_iteration": 1e3 * (shard.gather_seconds - gather0) / n}
-    if world > 1:  # the loopback round trip: one barrier
+    problems = {}
+    for sharded in (False, True):
+        problems[sharded], _ = spec.build(settings, block_batch=config["B"], dtype=torch.float32)
+        problems[sharded].shard = (BlockShard.from_process_group(config["m"]) if sharded
+                                   else BlockShard(config["m"]))
+    runs = [(label, bb, sharded, who, env) for label, bb, sharded, who, env in configurations(config["B"])
+            if who == "both" or rank == 0]
+    algs = {label: make_algorithm("bsvrb_v2", problems[sharded], seed=0, block_batch=bb,
+                                  compile=config["compile"], **hyper) for label, bb, sharded, _, _ in runs}
+
+    def iterations(label: str, env: dict[str, str], n: int) -> None:
+        os.environ.update(env)
+        for _ in range(n):
+            algs[label].step()
+
+    records: dict[str, dict[str, list[float]]] = {label: {} for label in algs}
+    for label, _, _, _, env in configurations(config["B"]):  # the same sequence of barriers on both ranks
         dist.barrier()
-        start = time.perf_counter()
-        for _ in range(200):
+        if label in algs:
+            iterations(label, env, config["warmup"])  # also compiles
+        dist.barrier()
+    for _ in range(config["cycles"]):
+        for label, _, sharded, _, env in configurations(config["B"]):
             dist.barrier()
-        results["barrier_ms"] = 1e3 * (time.perf_counter() - start) / 200
-    torch.save(results, f"{out}.{rank}")
-    if world > 1:
-        dist.destroy_process_group()
+            if label in algs:
+                shard = problems[sharded].shard
+                gather0, sent0, coll0, eager0 = (shard.gather_seconds, shard.bytes_sent, shard.collectives,
+                                                 _eager_calls(algs[label]))
+                start, cpu = time.perf_counter(), time.process_time()
+                iterations(label, env, config["iterations"])
+                cpu = time.process_time() - cpu
+                dist.barrier()
+                seconds = time.perf_counter() - start
+                for key, value in (("wall", seconds), ("cpu", cpu), ("gather", shard.gather_seconds - gather0),
+                                   ("bytes", shard.bytes_sent - sent0), ("collectives", shard.collectives - coll0),
+                                   ("eager", _eager_calls(algs[label]) - eager0)):
+                    records[label].setdefault(key, []).append(value)
+            else:
+                dist.barrier()
+    dist.barrier()  # the loopback round trip: one barrier
+    start = time.perf_counter()
+    for _ in range(200):
+        dist.barrier()
+    torch.save({"records": records, "barrier_ms": 1e3 * (time.perf_counter() - start) / 200,
+                "x_numel": problems[True].dim_x}, f"{out}.{rank}")
+    dist.destroy_process_group()
 
 
-def measure(world: int, config: dict[str, Any], tmp: Path) -> dict[int, dict[str, Any]]:
-    """Spawn `world` processes for the block batches of `config`: per B, the slowest rank's wall and CPU times,
-    rank 0's bytes."""
+def measure(config: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Spawn the two processes for one oracle mode; per configuration and cycle: the wall time of the slowest
+    participating rank and its CPU time per iteration (ms), rank 0's gather statistics per iteration."""
     from mbbo.distributed import free_port
 
-    out = str(tmp / f"r{world}")
-    context = mp.start_processes(_worker, args=(world, free_port(), config, out), nprocs=world, join=False,
+    out = str(tmp / f"mode-{config['compile']}")
+    context = mp.start_processes(_worker, args=(2, free_port(), config, out), nprocs=2, join=False,
                                  start_method="spawn")
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1800
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for p in context.processes:
                 p.kill()
-            raise TimeoutError(f"R = {world} did not finish within 600 s")
-    ranks = [torch.load(f"{out}.{r}") for r in range(world)]
-    return {B: {"ms_per_iteration": max(r[B]["ms_per_iteration"] for r in ranks),
-                "cpu_ms_per_iteration": max(r[B]["cpu_ms_per_iteration"] for r in ranks),
-                "buffer_bytes_per_iteration": ranks[0][B]["buffer_bytes_per_iteration"],
-                "collectives_per_iteration": ranks[0][B]["collectives_per_iteration"],
-                "gather_ms_per_iteration": max(r[B]["gather_ms_per_iteration"] for r in ranks),
-                "barrier_ms": ranks[0].get("barrier_ms"),
-                "x_numel": ranks[0][B]["x_numel"]} for B in config["B"]}
+            raise TimeoutError("the benchmark's processes did not finish within 1800 s")
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    n = config["iterations"]
+    per: dict[str, Any] = {}
+    for label in ranks[0]["records"]:
+        recs = [r["records"][label] for r in ranks if label in r["records"]]
+        cycles = len(recs[0]["wall"])
+        per[label] = {
+            "wall_ms": [1e3 * max(rec["wall"][c] for rec in recs) / n for c in range(cycles)],
+            "cpu_ms": [1e3 * max(rec["cpu"][c] for rec in recs) / n for c in range(cycles)],
+            "gather_ms": [1e3 * max(rec["gather"][c] for rec in recs) / n for c in range(cycles)],
+            "bytes_per_iteration": sum(recs[0]["bytes"]) / (n * cycles),
+            "collectives_per_iteration": sum(recs[0]["collectives"]) / (n * cycles),
+            "eager_iterations": max(sum(rec["eager"]) for rec in recs)}
+    return {"configurations": per, "barrier_ms": ranks[0]["barrier_ms"], "x_numel": ranks[0]["x_numel"]}
 
 
 def expected_max_owned(B: int, R: int, trials: int = 2000) -> float:
@@ -180,62 +226,63 @@ def fit_mode(r1: dict[str, float], r2: dict[str, float], batches: list[int], B: 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cycles", type=int, default=20, help="interleaved cycles of all configurations")
+    p.add_argument("--iterations", type=int, default=20, help="timed iterations per configuration and cycle")
+    p.add_argument("--warmup", type=int, default=150,
+                   help="iterations before the cycles (compilation; a sharded compiled rank runs each new block "
+                        "count eagerly once)")
     p.add_argument("--num-blocks", type=int, default=10_000)
     p.add_argument("--block-batch", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                   help="eager oracles and/or torch.compile'd ones (compile=True; compilation in the warm-up)")
+                   help="eager oracles and/or compile=True (compilation in the warm-up)")
     p.add_argument("--out", type=Path, default=RESULTS / "distributed")
     args = p.parse_args(argv)
-    base = {"m": args.num_blocks, "b": args.batch_size, "iterations": args.iterations, "warmup": args.warmup}
     B = args.block_batch
-    runs = {1: [B // 4, B // 2, B], 2: [B]}
+    if B < 4 or B % 2:
+        raise SystemExit(f"--block-batch must be an even integer >= 4 (B / 4 and B / 2 are timed too), got {B}")
+    base = {"m": args.num_blocks, "b": args.batch_size, "iterations": args.iterations, "warmup": args.warmup,
+            "cycles": args.cycles, "B": B}
     load_before = uptime()
     started = time.perf_counter()
-    times: dict[str, dict[str, dict[str, list[float]]]] = {mode: {} for mode in args.modes}
-    extra: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in args.modes}
-    gathers: dict[str, list[float]] = {mode: [] for mode in args.modes}
-    barriers: dict[str, list[float]] = {mode: [] for mode in args.modes}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):
-            for mode in args.modes:
-                for r, batches in runs.items():
-                    config = {**base, "B": batches, "compile": mode == "compiled"}
-                    for bb, got in measure(r, config, Path(tmp)).items():
-                        key = f"R={r},B={bb}"
-                        for kind in ("ms_per_iteration", "cpu_ms_per_iteration"):
-                            times[mode].setdefault(kind, {}).setdefault(key, []).append(got[kind])
-                        extra[mode][key] = got
-                        if r == 2:
-                            gathers[mode].append(got["gather_ms_per_iteration"])
-                            barriers[mode].append(got["barrier_ms"])
-                        print(f"{mode} R={r} B={bb}: {got['ms_per_iteration']:.1f} ms/iteration (wall), "
-                              f"{got['cpu_ms_per_iteration']:.1f} ms CPU (slowest rank)", flush=True)
-    load_after = uptime()
     modes: dict[str, Any] = {}
-    for mode in args.modes:
-        median = {k: statistics.median(v) for k, v in times[mode]["ms_per_iteration"].items()}
-        cpu = {k: statistics.median(v) for k, v in times[mode]["cpu_ms_per_iteration"].items()}
-        gathered = extra[mode][f"R=2,B={B}"]["buffer_bytes_per_iteration"]
-        fit = fit_mode(cpu, median, runs[1], B, gathered)
-        modes[mode] = {
-            "ms_per_iteration": median, "cpu_ms_per_iteration": cpu, "all": times[mode],
-            "speedup_R2": median[f"R=1,B={B}"] / median[f"R=2,B={B}"],
-            "speedup_R2_cpu": cpu[f"R=1,B={B}"] / cpu[f"R=2,B={B}"],
-            "gather_buffer_bytes_per_rank_per_iteration": gathered,
-            "collectives_per_iteration": extra[mode][f"R=2,B={B}"]["collectives_per_iteration"],
-            "gather_ms_per_iteration_R2": statistics.median(gathers[mode]),
-            "barrier_ms_R2": statistics.median(barriers[mode]),
-            "x_numel": extra[mode][f"R=2,B={B}"]["x_numel"],
-            "fit": {k: v for k, v in fit.items() if k != "model"}, "model": fit["model"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes:
+            got = measure({**base, "compile": mode == "compiled"}, Path(tmp))
+            per = got["configurations"]
+            one, two, block = f"R=1,B={B}", f"R=2,B={B}", f"R=2 (block),B={B}"
+            ceiling = f"{CONCURRENT},B={B // 2}"
+
+            def ratios(num: str, den: str, per: dict[str, Any] = per) -> list[float]:
+                return [a / b for a, b in zip(per[num]["wall_ms"], per[den]["wall_ms"], strict=True)]
+
+            median = {k: statistics.median(v["wall_ms"]) for k, v in per.items()}
+            cpu = {k: statistics.median(v["cpu_ms"]) for k, v in per.items()}
+            fit = fit_mode(cpu, median, [B // 4, B // 2, B], B, per[two]["bytes_per_iteration"])
+            speedups = {"R2": ratios(one, two), "R2_block": ratios(one, block), "ceiling": ratios(one, ceiling)}
+            modes[mode] = {
+                "ms_per_iteration": median, "cpu_ms_per_iteration": cpu,
+                "all": {k: v["wall_ms"] for k, v in per.items()},
+                "speedup_per_cycle": speedups,
+                "speedup_R2": statistics.median(speedups["R2"]),
+                "speedup_R2_cpu": cpu[one] / cpu[two],
+                "speedup_R2_block": statistics.median(speedups["R2_block"]),
+                "ceiling_R2": statistics.median(speedups["ceiling"]),
+                "eager_iterations": {k: v["eager_iterations"] for k, v in per.items()},
+                "gather_buffer_bytes_per_rank_per_iteration": per[two]["bytes_per_iteration"],
+                "collectives_per_iteration": per[two]["collectives_per_iteration"],
+                "gather_ms_per_iteration_R2": {k: statistics.median(per[k]["gather_ms"]) for k in (two, block)},
+                "barrier_ms_R2": got["barrier_ms"], "x_numel": got["x_numel"],
+                "fit": {k: v for k, v in fit.items() if k != "model"}, "model": fit["model"]}
+            print(f"{mode}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in median.items())
+                  + f"; speed-up {modes[mode]['speedup_R2']:.2f}, ceiling {modes[mode]['ceiling_R2']:.2f}",
+                  flush=True)
+    load_after = uptime()
     result = {
         "setting": {"task": "hyperparam a8a (T1, task defaults)", "algorithm": "bsvrb_v2", "dtype": "float32",
                     "num_blocks": args.num_blocks, "block_batch": B, "batch_size": args.batch_size,
-                    "threads_per_process": 1, "iterations": args.iterations, "warmup": args.warmup,
-                    "repeats": args.repeats, "torch": torch.__version__, "cpus": os.cpu_count()},
+                    "threads_per_process": 1, "iterations_per_cycle": args.iterations, "warmup": args.warmup,
+                    "cycles": args.cycles, "torch": torch.__version__, "cpus": os.cpu_count()},
         "load_before": load_before, "load_after": load_after, "seconds": time.perf_counter() - started,
         "modes": modes,
         "networks": {k: {"latency_us": a * 1e6, "bandwidth_GBps": bw / 1e9} for k, (a, bw) in NETWORKS.items()},
@@ -255,19 +302,28 @@ def report(r: dict[str, Any]) -> str:
              f"load before: `{r['load_before']}`", f"load after: `{r['load_after']}`", ""]
     for mode, m in r["modes"].items():
         lines += [f"## {mode} oracles", "",
-                  "| configuration | wall ms / iteration (median; repeats) | CPU ms / iteration, slowest rank |",
-                  "|---|---|---|"]
+                  "| configuration | wall ms / iteration: median over cycles (min - max) | CPU ms / iteration, "
+                  "slowest rank | iterations run eagerly (new block counts) |", "|---|---|---|---|"]
         for k, v in m["ms_per_iteration"].items():
-            walls = ", ".join(f"{t:.1f}" for t in m["all"]["ms_per_iteration"][k])
-            lines.append(f"| {k} | {v:.1f} ({walls}) | {m['cpu_ms_per_iteration'][k]:.1f} |")
+            walls = m["all"][k]
+            lines.append(f"| {k} | {v:.1f} ({min(walls):.1f} - {max(walls):.1f}) | "
+                         f"{m['cpu_ms_per_iteration'][k]:.1f} | {m['eager_iterations'][k]} |")
+        quartiles = {k: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+                     for k, v in m["speedup_per_cycle"].items()}
         f = m["fit"]
-        lines += ["", f"speed-up at R = 2: {m['speedup_R2']:.2f} (wall), {m['speedup_R2_cpu']:.2f} (CPU time of "
-                  "the slowest rank)", "",
+        gather = ", ".join(f"{k}: {v:.2f} ms" for k, v in m["gather_ms_per_iteration_R2"].items())
+        lines += ["", f"speed-up at R = 2 (median over cycles of R=1 / R=2; quartiles): **{m['speedup_R2']:.2f}** "
+                  f"({quartiles['R2'][0]:.2f} - {quartiles['R2'][2]:.2f}) polling in the gather, "
+                  f"{m['speedup_R2_block']:.2f} ({quartiles['R2_block'][0]:.2f} - {quartiles['R2_block'][2]:.2f}) "
+                  f"blocking; {m['speedup_R2_cpu']:.2f} in CPU time of the slowest rank", "",
+                  f"the machine's ceiling (R=1 at B over two concurrent independent runs at B / 2, per cycle): "
+                  f"**{m['ceiling_R2']:.2f}** ({quartiles['ceiling'][0]:.2f} - {quartiles['ceiling'][2]:.2f})",
+                  "",
                   f"gather buffer per rank and iteration: {m['gather_buffer_bytes_per_rank_per_iteration']:.0f} "
                   f"bytes ({m['collectives_per_iteration']:.0f} collective per iteration; x has {m['x_numel']} "
                   "entries)", "",
-                  f"R = 2: {m['gather_ms_per_iteration_R2']:.2f} ms per iteration in the gather (slowest rank: "
-                  f"packing, all_gather, reordering); one barrier (loopback round trip) {m['barrier_ms_R2']:.2f} ms",
+                  f"ms per iteration in the gather (slowest rank: packing, all_gather, waiting, reordering): {gather}; "
+                  f"one barrier (loopback round trip) {m['barrier_ms_R2']:.2f} ms",
                   "",
                   f"fit: c0 = {f['c0_ms']:.2f} ms, c1 = {f['c1_ms_per_block']:.3f} ms per block, "
                   f"{f['bytes_per_block']:.0f} bytes per block; R = 2 wall time minus the CPU model: "

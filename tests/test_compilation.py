@@ -98,8 +98,20 @@ def test_timed_compiled_replays_the_counts_of_a_signature(tmp_path: Path, monkey
         torch.testing.assert_close(timed(torch.ones(n, 2)), (torch.ones(n, 2) * 5).exp().sum(0))
     assert owner.counts["rows"] == 16 and owner.counting
     assert timed.compilations == 2 and timed.graphs == 2  # (3, 2) and (2, 2), each at its second call
-    with pytest.raises(ValueError, match="static shapes"):
-        TimedCompiled(fn, dynamic=None, counted=owner)
+    # automatic dynamic shapes (a block-sharded rank): a signature's first call still runs eagerly and records
+    # its counts; the compiled calls share one graph with a symbolic first dimension after the second shape
+    owner.counts.clear()
+
+    def other(a: torch.Tensor) -> torch.Tensor:  # a code object of its own: Dynamo's cache is per function
+        if owner.counting:
+            owner.counts["rows"] += a.shape[0]
+        return (a * 3).exp().sum(0)
+
+    dynamic = TimedCompiled(other, dynamic=None, counted=owner)
+    for n in (3, 3, 4, 4, 5, 5, 3):
+        torch.testing.assert_close(dynamic(torch.ones(n, 2)), (torch.ones(n, 2) * 3).exp().sum(0))
+    assert owner.counts["rows"] == 27 and owner.counting
+    assert dynamic.compilations == 2  # 3 static, then 4 symbolic (reused by 5 and 3)
 
 
 def test_persistent_cache_lives_under_the_mbbo_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,8 +259,8 @@ def test_whole_update_is_one_graph_and_equals_eager(tmp_path: Path, monkeypatch:
 
 
 def test_use_compiled_chooses_the_whole_update_or_each_oracle() -> None:
-    """`use_compiled` mid-run: the whole update for BSVRB_v2 in one process, each oracle for BSVRB_v1 and for a
-    block-sharded process (whose update calls a collective between its oracles); twice is once."""
+    """`use_compiled` mid-run: the whole update for BSVRB_v2 (in one process, and on a block-sharded rank, where
+    `linear_system_step` compiles the part before the collective), each oracle for BSVRB_v1; twice is once."""
     from mbbo.algorithms.registry import make_algorithm
     from mbbo.distributed import BlockShard
 
@@ -266,4 +278,4 @@ def test_use_compiled_chooses_the_whole_update_or_each_oracle() -> None:
     problem.shard = BlockShard(problem.num_blocks, rank=0, world_size=2)  # rank 0 of 2 (nothing communicated yet)
     sharded = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=2)
     sharded.use_compiled()
-    assert sharded.oracles.compiled and sharded.compiled_updates is None
+    assert sharded.compiled_updates == {} and not sharded.oracles.compiled

@@ -122,11 +122,53 @@ def _check_equal(cases: list[Any], tmp_path: Path, data_dir: str | None) -> None
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_on_the_quadratic(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wait", ["poll", "block"])
+def test_two_processes_equal_one_process_on_the_quadratic(tmp_path: Path, wait: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """BSVRB v1, v2, RSVRB, the moving-average baseline (eager all-block updates) and RE-BSVRB_v2, uniform and
     reshuffled block sampling: x at every step, the lower variables and the oracle counts of 2 block-sharded
-    processes equal the 1-process run exactly."""
+    processes equal the 1-process run exactly, whichever way the ranks wait for the gather ($MBBO_DIST_WAIT)."""
+    monkeypatch.setenv("MBBO_DIST_WAIT", wait)  # the spawned ranks inherit it
     _check_equal(CASES, tmp_path, None)
+
+
+def test_finish_polls_gloo_work_until_it_completes_or_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`finish`: under gloo and MBBO_DIST_WAIT=poll (the default) it asks `is_completed` until true, then waits;
+    "block" and NCCL wait at once; another value is refused by name."""
+    from mbbo.distributed import finish, wait_mode
+
+    class Work:
+        def __init__(self, pending: int) -> None:
+            self.pending, self.asked, self.waited = pending, 0, False
+
+        def is_completed(self) -> bool:
+            self.asked += 1
+            return self.asked > self.pending
+
+        def wait(self) -> bool:
+            self.waited = True
+            return True
+
+    monkeypatch.delenv("MBBO_DIST_WAIT", raising=False)
+    assert wait_mode() == "poll"
+    polled = Work(3)
+    finish(polled, backend="gloo")  # type: ignore[arg-type]
+    assert polled.asked == 4 and polled.waited
+    for backend, mode in (("nccl", "poll"), ("gloo", "block")):
+        monkeypatch.setenv("MBBO_DIST_WAIT", mode)
+        work = Work(3)
+        finish(work, backend=backend)  # type: ignore[arg-type]
+        assert work.asked == 0 and work.waited
+    monkeypatch.setenv("MBBO_DIST_WAIT", "spin")
+    with pytest.raises(ValueError, match="MBBO_DIST_WAIT must be one of"):
+        wait_mode()
+    # a collective that never completes: polling stops at the group's timeout and leaves the error to `wait`
+    monkeypatch.setenv("MBBO_DIST_WAIT", "poll")
+    monkeypatch.setenv("MBBO_DIST_TIMEOUT", "0.05")
+    stuck = Work(10**12)
+    start = time.monotonic()
+    finish(stuck, backend="gloo")  # type: ignore[arg-type]
+    assert stuck.waited and time.monotonic() - start < 5
 
 
 @pytest.mark.slow
@@ -186,10 +228,10 @@ def _t1_args(data: Path, out: Path, iterations: int, checkpoint_every: bool = Tr
 @pytest.mark.slow
 def test_two_compiled_processes_equal_one_compiled_process_on_t1(tmp_path: Path, shared_data: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Compiled oracles (`compile=True`): a rank's block count changes from one iteration to the next (0 to 3
-    of the 3 sampled blocks here), which the sharded oracles compile once with a symbolic block dimension
-    instead of once per count; the trajectory equals the compiled 1-process one to 1e-12 (float64; the
-    generated kernels differ with the shapes, so not bit for bit)."""
+    """`compile=True`: a rank's block count changes from one iteration to the next (0 to 3 of the 3 sampled blocks
+    here), which the sharded update before the collective (`linear_system_terms`) compiles once with a symbolic
+    block dimension instead of once per count; the trajectory and the oracle counts equal the compiled 1-process
+    ones (to 1e-12 in float64; the generated kernels differ with the shapes, so not bit for bit)."""
     monkeypatch.setenv("MBBO_CACHE", str(tmp_path / "cache"))  # the spawned ranks inherit it
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     label, task, settings, algorithm, hyper = T1_CASES[0]

@@ -2,8 +2,9 @@
 
 What is compiled: an algorithm whose iteration is one update between its sampling and its bookkeeping
 (`BilevelAlgorithm.run_update`, `compiles_whole_update`: BSVRB_v2, `ma_v2`) has that update compiled as one graph
-(table reads and writes, oracles, trackers, hypergradient, upper step); the others, and block-sharded runs, have
-each oracle compiled (`Oracles.use_compiled`). Both go through `TimedCompiled`.
+(table reads and writes, oracles, trackers, hypergradient, upper step; on a block-sharded rank, everything before
+the collective: `linear_system_terms`); the others have each oracle compiled (`Oracles.use_compiled`). Both go
+through `TimedCompiled`.
 
 * Persistent caches. `enable_persistent_cache()` turns on Inductor's FX graph cache
   (`torch._inductor.config.fx_graph_cache`) and the AOTAutograd cache
@@ -21,8 +22,10 @@ each oracle compiled (`Oracles.use_compiled`). Both go through `TimedCompiled`.
   shape, runs eagerly: `Oracles.eager`). `dynamic=False` (one process) specialises each compilation on the
   shapes; a block-sharded
   process (`mbbo.distributed`) holds a different number of the sampled blocks at every iteration, so its
-  oracles use automatic dynamic shapes (`dynamic=None`: the second block count seen recompiles once with a
-  symbolic block dimension, and later counts reuse it) instead of one compilation per count.
+  update (or oracles) use automatic dynamic shapes (`dynamic=None`: the second block count seen recompiles once
+  with a symbolic block dimension, and later counts reuse it) instead of one compilation per count. A counted
+  update still runs the first call of each block count eagerly, to record its oracle counts (at most B + 1
+  such iterations in a run).
 * `auto`. `should_compile(eager_seconds_per_iteration, remaining_iterations)`: compile when the estimated eager
   time of the rest of the run exceeds `AUTO_MIN_EAGER_SECONDS` = `AUTO_COMPILE_SECONDS / AUTO_SAVED_FRACTION`
   (60 s): compilation is budgeted at 30 s (issue 11's target for a fresh cache; measured for BSVRB_v2 on T1 in
@@ -128,21 +131,18 @@ class TimedCompiled:
     With `dynamic=False` an input signature (`_signature`) is compiled only when it comes a second time: its
     first call runs `fn` eagerly. One-off shapes (estimator initialisation, the one-point first iteration) then
     cost no compilation, and a run compiles only the shapes it repeats. With automatic dynamic shapes
-    (`dynamic=None`, block-sharded ranks) every call goes to the compiled function.
+    (`dynamic=None`, block-sharded ranks) and nothing counted, every call goes to the compiled function.
 
-    `counted` (static shapes only): `fn` calls counted oracles, as a whole iteration's update does. Their counts
-    depend only on the input signature, so the eager first call of a signature records what it counted, and
+    `counted`: `fn` calls counted oracles, as a whole iteration's update does. Their counts depend only on the
+    input signature, so the eager first call of a signature (under either `dynamic`) records what it counted, and
     each compiled call runs with `counted.counting` off and adds that record.
     """
 
     def __init__(self, fn: Callable[..., Any], *, dynamic: bool | None = False, counted: Counted | None = None
                  ) -> None:
-        if counted is not None and dynamic is not False:
-            raise ValueError("counted oracles need static shapes (dynamic=False): their counts are replayed per "
-                             "input signature")
         self.eager = fn
         self.fn = torch.compile(fn, dynamic=dynamic)
-        self.static = dynamic is False
+        self.by_signature = dynamic is False or counted is not None
         self.counted = counted
         self.seen: dict[tuple[Any, ...], Counter[str]] = {}  # signatures called so far, with their counts
         self.seconds = 0.0
@@ -151,7 +151,7 @@ class TimedCompiled:
 
     def __call__(self, *args: Any) -> Any:
         counts: Counter[str] = Counter()
-        if self.static:
+        if self.by_signature:
             key = _signature(args)
             if key not in self.seen:
                 before = Counter(self.counted.counts) if self.counted is not None else Counter()

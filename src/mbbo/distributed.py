@@ -36,8 +36,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-__all__ = ["DEFAULT_TIMEOUT_S", "BlockShard", "DistributedError", "RankGroup", "free_port", "init_from_env", "launch",
-           "process_group_size", "strip_nproc", "timeout_seconds", "world_from_env"]
+__all__ = ["DEFAULT_TIMEOUT_S", "WAIT_MODES", "BlockShard", "DistributedError", "RankGroup", "finish", "free_port",
+           "init_from_env", "launch", "process_group_size", "strip_nproc", "timeout_seconds", "wait_mode",
+           "world_from_env"]
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -92,6 +93,31 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> bool:
                 "are reachable from this machine, and the firewall; $MBBO_DIST_TIMEOUT sets the timeout"
             ) from exc
     return True
+
+
+WAIT_MODES = ("poll", "block")
+
+
+def wait_mode() -> str:
+    """How a rank waits for the per-iteration gather: $MBBO_DIST_WAIT, "poll" (default) or "block"."""
+    mode = os.environ.get("MBBO_DIST_WAIT", "poll")
+    if mode not in WAIT_MODES:
+        raise ValueError(f"MBBO_DIST_WAIT must be one of {WAIT_MODES}, got {mode!r}")
+    return mode
+
+
+def finish(work: dist.Work, backend: str | None = None) -> None:
+    """Wait for an asynchronous collective of the default group (`backend`: its backend, by default asked of the
+    group). Under gloo and the "poll" `wait_mode`, `work.is_completed()` is checked in a loop that yields the core
+    (`os.sched_yield`) until the collective completes or the group's timeout passes; then `wait` (which raises a
+    failure or the timeout). A rank that blocks at once lets its core go idle, and on a virtual machine waking it
+    again costs more than the collective itself (`benchmarks/bench_distributed.py` measures both waits). "block"
+    waits at once: fewer cycles when ranks share their cores with other work. NCCL's work is waited for at once."""
+    if wait_mode() == "poll" and (backend or dist.get_backend()) == "gloo":
+        deadline = time.monotonic() + timeout_seconds()
+        while not work.is_completed() and time.monotonic() < deadline:
+            os.sched_yield()
+    work.wait()
 
 
 def process_group_size() -> int:
@@ -333,7 +359,7 @@ class BlockShard:
         pieces.append(torch.zeros(total - sum(sizes[self.rank]), dtype=torch.uint8, device=device))
         buffer = torch.cat(pieces)
         received = [torch.empty_like(buffer) for _ in range(self.world_size)]
-        dist.all_gather(received, buffer)
+        finish(dist.all_gather(received, buffer, async_op=True))
         self.collectives += 1
         self.bytes_sent += total
         if uniform:

@@ -177,10 +177,10 @@ class BilevelAlgorithm:
 
     # --- compilation ---------------------------------------------------------------------------------
     def use_compiled(self) -> None:
-        """Compile from now on (at any point of a run; same values): the whole update of `run_update` as one
-        graph where the method has one (`compiles_whole_update`) and the run has one process, else each oracle
-        (`Oracles.use_compiled`; a block-sharded update calls a collective between its oracles)."""
-        if self.compiles_whole_update and not self.problem.shard.distributed:
+        """Compile from now on (at any point of a run; same values): the update of `run_update` as one graph where
+        the method has one (`compiles_whole_update`; block-sharded, the part before the collective, with a symbolic
+        block dimension), else each oracle (`Oracles.use_compiled`)."""
+        if self.compiles_whole_update:
             if self.compiled_updates is None:
                 enable_persistent_cache()
                 self.compiled_updates = {}
@@ -200,8 +200,9 @@ class BilevelAlgorithm:
     def run_update(self, update: Callable[..., T], *args: Any) -> T:
         """`update(self, *args)`: an iteration between its sampling and its Python bookkeeping (it may write the
         algorithm's tensors in place, e.g. table rows, but no Python attribute that changes at every iteration,
-        and returns the rest). Compiled as one graph under `use_compiled` (`TimedCompiled` with static shapes: a
-        signature's first call runs eagerly; the oracle counts are replayed)."""
+        and returns the rest). Compiled as one graph under `use_compiled` (`TimedCompiled`: a signature's first
+        call runs eagerly and records the oracle counts that the compiled calls replay; static shapes in one
+        process, automatic dynamic shapes on a block-sharded rank, whose number of sampled blocks varies)."""
         if self.compiled_updates is None:
             return update(self, *args)
         compiled = self.compiled_updates.get(update)
@@ -209,7 +210,9 @@ class BilevelAlgorithm:
             def bound(*a: Any) -> T:
                 return update(self, *a)
 
-            compiled = self.compiled_updates[update] = TimedCompiled(bound, counted=self.oracles)
+            # a block-sharded rank holds a varying number of the sampled blocks: a symbolic block dimension
+            dynamic = None if self.problem.shard.distributed else False
+            compiled = self.compiled_updates[update] = TimedCompiled(bound, dynamic=dynamic, counted=self.oracles)
         return compiled(*args)
 
     # --- sampling -----------------------------------------------------------------------------------

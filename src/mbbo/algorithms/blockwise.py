@@ -332,12 +332,11 @@ def linear_system_rows(alg: MultiBlockAlgorithm, blocks: Tensor, t: int | Tensor
                             alg.v.direction(blocks, t))
 
 
-def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, t: Tensor, two: bool, tracker: MSVR | EMA,
-                         upper: STORM | EMA, moving_average: bool) -> tuple[Tensor, Tensor]:
-    """A BSVRB_v2 / ma_v2 iteration between sampling and `close_iteration` (`BilevelAlgorithm.run_update`: one
-    compiled graph under compile=True): the sampled blocks' rows read at iteration t (a 0-d tensor), s_i and the
-    residual estimates u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows written back (`moved_rows`), then
-    G = (1/B) sum_i grad_x f_i - (grad_xy g_i) v_i and `upper_step`: returns (z, x)."""
+def linear_system_terms(alg: MultiBlockAlgorithm, sample: BlockSample, t: Tensor, two: bool, tracker: MSVR | EMA,
+                        moving_average: bool) -> tuple[XGrad, XGrad | None]:
+    """The per-block part of a BSVRB_v2 / ma_v2 iteration: the sampled blocks' rows read at iteration t (a 0-d
+    tensor), s_i and the residual estimates u_i of (grad_yy g_i) v = grad_y f_i tracked, the rows written back
+    (`moved_rows`); returns the blocks' hypergradient terms (grad_xy g_i) v_i and grad_x f_i, per point."""
     rows = linear_system_rows(alg, sample.blocks, t)
     xs, ys, vs = x_points(alg, two), two_points(*rows.y, not two), two_points(*rows.v, not two)
     gy, hv, cross = alg.oracles.lower_products(xs, ys, vs, sample.lower, sample.blocks)
@@ -347,14 +346,28 @@ def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, t: Tenso
     alg.v.write(sample.blocks, moved_rows(alg, rows.v[0], u_new, "linsys_lr", moving_average=moving_average,
                                           radius=alg.config.v_radius), u_new, t)
     alg.y.write(sample.blocks, moved_rows(alg, rows.y[0], s_new, "lower_lr", moving_average=moving_average), s_new, t)
+    return cross, gx_f
+
+
+def linear_system_update(alg: MultiBlockAlgorithm, sample: BlockSample, t: Tensor, two: bool, tracker: MSVR | EMA,
+                         upper: STORM | EMA, moving_average: bool) -> tuple[Tensor, Tensor]:
+    """A BSVRB_v2 / ma_v2 iteration between sampling and `close_iteration` (`BilevelAlgorithm.run_update`: one
+    compiled graph under compile=True in a 1-process run): `linear_system_terms`, then
+    G = (1/B) sum_i grad_x f_i - (grad_xy g_i) v_i and `upper_step`: returns (z, x)."""
+    cross, gx_f = linear_system_terms(alg, sample, t, two, tracker, moving_average)
     return upper_step(alg, reduced_hypergradient(alg, sample, gx_f, cross), upper)
 
 
 def linear_system_step(alg: MultiBlockAlgorithm, tracker: MSVR | EMA, upper: STORM | EMA, *, moving_average: bool,
                        two: bool) -> None:
     """One BSVRB_v2 / ma_v2 iteration: `sample_blocks` (eager), `linear_system_update` (compiled as one graph under
-    compile=True), `close_iteration`."""
+    compile=True), `close_iteration`. Block-sharded, the graph ends with the per-block terms
+    (`linear_system_terms`): the collective of `reduced_hypergradient` and the upper step follow eagerly."""
     sample = sample_blocks(alg)
-    z, x = alg.run_update(linear_system_update, sample, torch.tensor(alg.iteration, device=alg.x.device), two,
-                          tracker, upper, moving_average)
+    t = torch.tensor(alg.iteration, device=alg.x.device)
+    if alg.shard.distributed:
+        cross, gx_f = alg.run_update(linear_system_terms, sample, t, two, tracker, moving_average)
+        z, x = upper_step(alg, reduced_hypergradient(alg, sample, gx_f, cross), upper)
+    else:
+        z, x = alg.run_update(linear_system_update, sample, t, two, tracker, upper, moving_average)
     close_iteration(alg, sample, (alg.y, alg.v), z, x)
