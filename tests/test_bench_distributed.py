@@ -1,0 +1,50 @@
+"""The model and the configurations of benchmarks/bench_distributed.py (the measurement itself is the
+benchmark's; here its pure parts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from module_loading import load_module
+
+bench = load_module("bench_distributed", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py")
+
+
+def test_configurations_time_one_and_two_processes_and_the_ceiling() -> None:
+    """One cycle: R = 1 at B / 4, B / 2, B on rank 0 alone; R = 2 sharded, polling and blocking; two concurrent
+    unsharded runs at B / 2."""
+    runs = bench.configurations(100)
+    assert [(label, bb, sharded, who) for label, bb, sharded, who, _ in runs] == [
+        ("R=1,B=25", 25, False, "rank0"), ("R=1,B=50", 50, False, "rank0"), ("R=1,B=100", 100, False, "rank0"),
+        ("R=2,B=100", 100, True, "both"), ("R=2 (block),B=100", 100, True, "both"),
+        (f"{bench.CONCURRENT},B=50", 50, False, "both")]
+    assert [env.get("MBBO_DIST_WAIT") for *_, env in runs] == [None, None, None, "poll", "block", None]
+
+
+def test_expected_max_owned_and_the_model() -> None:
+    """E[max_r n_r]: B at R = 1, about B / 2 + 4 at R = 2, B = 100 (binomial spread), at least B / R; the model
+    T(R, B) = c0 + c1 E[max] + (R - 1) alpha + (R - 1) / R B bytes / bandwidth."""
+    assert bench.expected_max_owned(100, 1) == 100.0
+    e2 = bench.expected_max_owned(100, 2)
+    assert 53.0 < e2 < 55.5
+    assert bench.expected_max_owned(1000, 8) >= 125.0
+    c0, c1, per_block = 1e-3, 1e-4, 1000.0
+    assert bench.model_time(100, 1, c0, c1, per_block) == pytest.approx(c0 + c1 * 100)
+    alpha, bandwidth = bench.NETWORKS["intra-node (R <= 8)"]
+    assert bench.model_time(100, 2, c0, c1, per_block) == pytest.approx(
+        c0 + c1 * e2 + alpha + 0.5 * 100 * per_block / bandwidth)
+
+
+def test_fit_recovers_a_linear_cost() -> None:
+    """`fit_mode` recovers c0 and c1 from exact R = 1 times and reports the R = 2 excess over the model."""
+    c0_ms, c1_ms = 2.0, 0.1
+    cpu = {f"R=1,B={b}": c0_ms + c1_ms * b for b in (25, 50, 100)}
+    e2 = bench.expected_max_owned(100, 2)
+    wall = {"R=2,B=100": c0_ms + c1_ms * e2 + 3.0}
+    fit = bench.fit_mode(cpu, wall, [25, 50, 100], 100, gathered=1000.0 * e2)
+    assert fit["c0_ms"] == pytest.approx(c0_ms) and fit["c1_ms_per_block"] == pytest.approx(c1_ms)
+    assert fit["bytes_per_block"] == pytest.approx(1000.0)
+    assert fit["wall_minus_cpu_model_ms_R2"] == pytest.approx(3.0)
+    assert fit["model"]["B=100"]["R=1"]["speedup"] == pytest.approx(1.0)
