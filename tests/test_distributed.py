@@ -355,8 +355,9 @@ def test_sigterm_to_the_launcher_stops_both_ranks_with_a_checkpoint_set(tmp_path
 
 @pytest.mark.slow
 def test_start_up_errors_of_multi_process_runs(tmp_path: Path) -> None:
-    """Too many processes for the block batch, an unreachable rendezvous, a rank that fails at start-up (the
-    other exits within the timeout): clear errors (too many for the blocks: `BlockShard`'s test)."""
+    """Too many processes for the block batch, an unreachable rendezvous, a wrong $MBBO_DIST_WAIT, a rank that
+    fails at start-up (the other exits within the timeout): clear errors (too many for the blocks: `BlockShard`'s
+    test)."""
     batch = _mbbo([*_quadratic_args(tmp_path / "b", 5), "block_batch=1", "--nproc", "2"])
     assert batch.returncode == 2 and "block_batch = 1 sampled blocks cannot keep 2" in batch.stderr, batch.stderr
     started = time.monotonic()
@@ -364,6 +365,9 @@ def test_start_up_errors_of_multi_process_runs(tmp_path: Path) -> None:
                    MASTER_PORT=str(free_port()), MBBO_DIST_TIMEOUT="3")
     assert lonely.returncode == 1 and "could not join the process group at 127.0.0.1" in lonely.stderr, lonely.stderr
     assert time.monotonic() - started < 60
+    wrong = _mbbo(_quadratic_args(tmp_path / "e", 5), RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()), MBBO_DIST_WAIT="spin")
+    assert wrong.returncode == 2 and "MBBO_DIST_WAIT must be one of ('poll', 'block')" in wrong.stderr, wrong.stderr
     # rank 1 fails while loading its data; rank 0 reports the lost process within its timeout
     port = str(free_port())
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "MBBO_DIST_TIMEOUT": "10"}

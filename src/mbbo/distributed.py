@@ -77,6 +77,7 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> bool:
     rank, world = world_from_env()
     if world <= 1:
         return dist.is_initialized()
+    wait_mode()  # a wrong $MBBO_DIST_WAIT fails at start-up, not at the first gather
     if not dist.is_initialized():
         seconds = timeout_seconds(timeout_s)
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
