@@ -177,6 +177,43 @@ def test_two_processes_equal_one_process_on_t1(tmp_path: Path, shared_data: Path
     _check_equal(T1_CASES, tmp_path, str(shared_data / "libsvm"))
 
 
+def test_gather_xgrads_sends_only_the_values_of_rows_every_rank_knows(shared_data: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a block-sharded rank, T1's sampled rows of all B blocks are drawn alike by every rank
+    (`sample_batches_and_rows`): `gather_xgrads` sends the hypergradient values only and puts those rows back as
+    the index; without them (RSVRB) it sends the index too. Rank 0 of 2, the collective replaced by a spy."""
+    spec = get_task("hyperparam")
+    problem, _ = spec.build(spec.make_settings({**T1, "data_dir": str(shared_data / "libsvm")}), block_batch=4)
+    problem.shard = BlockShard(problem.num_blocks, rank=0, world_size=2)
+    alg = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=4)
+    from mbbo.algorithms.blockwise import sample_blocks
+
+    sample = sample_blocks(alg)
+    lower_rows = sample.rows[0]
+    assert lower_rows is not None and lower_rows.shape == (4, T1["batch_size"])
+    owned = problem.shard.owned(sample.sampled)
+    assert torch.equal(sample.lower["index"], lower_rows[owned])
+    sent: list[list[tuple[torch.Tensor, int]]] = []
+
+    def spy(parts: list[tuple[torch.Tensor, int]], blocks: torch.Tensor, *, uniform: bool = True
+            ) -> list[torch.Tensor]:
+        sent.append(parts)  # stands in for the other rank: its rows are those of this one, repeated
+        return [t.index_select(d, torch.zeros(blocks.shape[0], dtype=torch.long)) if t.shape[d] else
+                t.new_zeros((*t.shape[:d], blocks.shape[0], *t.shape[d + 1:])) for t, d in parts]
+
+    monkeypatch.setattr(problem.shard, "gather", spy)
+    xs = torch.stack([alg.x])
+    ys = alg.y.read(sample.blocks, alg.iteration)[0].unsqueeze(0)
+    cross = alg.oracles.lower_products(xs, ys, ys, sample.lower, sample.blocks)[2]
+    assert cross.index is not None
+    (got,) = alg.gather_xgrads([cross], sample.sampled, rows=sample.rows[:1])
+    assert len(sent[-1]) == 1 and sent[-1][0][0] is cross.values  # the values, not the index
+    assert got is not None and got.index is lower_rows and got.values.shape[1] == 4
+    (without,) = alg.gather_xgrads([cross], sample.sampled)
+    assert len(sent[-1]) == 2 and sent[-1][1][0] is cross.index
+    assert without is not None and without.index is not None and without.index.shape == lower_rows.shape
+
+
 def test_block_shard_ownership_rows_and_errors() -> None:
     shard = BlockShard(7, rank=1, world_size=3)
     blocks = torch.tensor([6, 1, 4, 2, 0])

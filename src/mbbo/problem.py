@@ -150,8 +150,13 @@ class RowSampler(StateFields):
                keep: Tensor | None = None) -> Batch:
         """Rows for each of `blocks`; `keep` (a mask over `blocks`) gathers the data of those blocks only,
         after drawing the rows of all of them (a block-sharded rank draws as the 1-process run does)."""
+        return self.gather(blocks, self.draw(blocks, generator, batch_size), keep)
+
+    def draw(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Tensor:
+        """The row indices of `sample`, (len(blocks), b), on the data's device: advances the generator and the
+        epoch as `sample` does, gathers no data."""
         if self.order == "replacement":
-            return self.sample_initial(blocks, generator, batch_size, keep=keep)
+            return self.draw_initial(blocks, generator, batch_size)
         b = batch_size or self.batch_size
         need = blocks.shape[0] * b
         if need > self.n_rows:
@@ -160,22 +165,28 @@ class RowSampler(StateFields):
             reps = -(-need // self.n_rows)
             perms = [torch.randperm(self.n_rows, generator=generator, device=generator.device) for _ in range(reps)]
             self.permutation, self.position = None, 0
-            return self._gather(blocks, torch.cat(perms)[:need].view(blocks.shape[0], b).to(self._device), keep)
+            return torch.cat(perms)[:need].view(blocks.shape[0], b).to(self._device)
         if self.permutation is None or self.position + need > self.n_rows:
             self.permutation = torch.randperm(self.n_rows, generator=generator, device=generator.device)
             self.position = 0
         index = self.permutation[self.position: self.position + need].view(blocks.shape[0], b)
         self.position += need
-        return self._gather(blocks, index.to(self._device), keep)
+        return index.to(self._device)
 
     def sample_initial(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None, *,
                        keep: Tensor | None = None) -> Batch:
         """Rows with replacement (the `replacement` order; initialisation batches under `reshuffle`)."""
+        return self.gather(blocks, self.draw_initial(blocks, generator, batch_size), keep)
+
+    def draw_initial(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None) -> Tensor:
+        """The row indices of `sample_initial` (with replacement)."""
         b = batch_size or self.batch_size
         index = torch.randint(self.n_rows, (blocks.shape[0], b), generator=generator, device=generator.device)
-        return self._gather(blocks, index.to(self._device), keep)
+        return index.to(self._device)
 
-    def _gather(self, blocks: Tensor, index: Tensor, keep: Tensor | None = None) -> Batch:
+    def gather(self, blocks: Tensor, index: Tensor, keep: Tensor | None = None) -> Batch:
+        """The data of rows `index` (len(blocks), b) of `blocks` (those of the mask `keep` only), with the rows
+        under "index"."""
         if keep is not None:
             blocks, index = blocks[keep], index[keep.to(index.device)]
         if self.per_block:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -220,17 +220,29 @@ class BilevelAlgorithm:
                        ) -> tuple[Batch, Batch]:
         """One lower and one upper mini-batch per block; `initial=True` for estimator initialisation, which a
         reshuffling row sampler serves outside its epochs (`RowSampler.sample_initial`)."""
+        lower, upper, _ = self.sample_batches_and_rows(blocks, batch_size, initial=initial)
+        return lower, upper
+
+    def sample_batches_and_rows(self, blocks: Tensor, batch_size: int | None = None, *, initial: bool = False
+                                ) -> tuple[Batch, Batch, tuple[Tensor | None, Tensor | None]]:
+        """`sample_batches`, and on a block-sharded rank the rows drawn for all of `blocks` by each row sampler
+        ((len(blocks), b) indices, None for a sampler that is not a `RowSampler`, and in a 1-process run): the
+        rows of the other ranks' blocks, which every rank draws alike (`gather_xgrads` need not send them)."""
         keep = self.shard.owned(blocks)  # block-sharded: every rank draws for all blocks, keeps its own
-        out = []
+        out: list[Batch] = []
+        rows: list[Tensor | None] = []
         for sampler, stream in ((self.lower_sampler, "lower"), (self.upper_sampler, "upper")):
+            generator = self.generators[stream]
+            if keep is not None and isinstance(sampler, RowSampler):
+                index = (sampler.draw_initial if initial else sampler.draw)(blocks, generator, batch_size)
+                out.append(sampler.gather(blocks, index, keep))
+                rows.append(index)
+                continue
             draw = getattr(sampler, "sample_initial", sampler.sample) if initial else sampler.sample
-            if keep is None:
-                out.append(draw(blocks, self.generators[stream], batch_size))
-            elif isinstance(sampler, RowSampler):
-                out.append(draw(blocks, self.generators[stream], batch_size, keep=keep))
-            else:
-                out.append({k: v[keep] for k, v in draw(blocks, self.generators[stream], batch_size).items()})
-        return out[0], out[1]
+            batch = draw(blocks, generator, batch_size)
+            out.append(batch if keep is None else {k: v[keep] for k, v in batch.items()})
+            rows.append(None)
+        return out[0], out[1], (rows[0], rows[1])
 
     def sampler_states(self) -> dict[str, Any]:
         """State of the stateful (reshuffling) row samplers."""
@@ -368,23 +380,28 @@ class MultiBlockAlgorithm(BilevelAlgorithm):
         O(len(blocks))."""
         return self.y.current(self.shard.rows(blocks), self.iteration)
 
-    def gather_xgrads(self, xgrads: list[XGrad | None], blocks: Tensor, *, uniform: bool = True
-                      ) -> list[XGrad | None]:
+    def gather_xgrads(self, xgrads: list[XGrad | None], blocks: Tensor, *, uniform: bool = True,
+                      rows: Sequence[Tensor | None] = ()) -> list[XGrad | None]:
         """The reduction hook of block sharding: per-block x-space quantities computed for the blocks of the
         global sample `blocks` that this process owns, completed with the other processes' rows in the order
         of `blocks` (one collective for all of them; the quantities themselves in a 1-process run), so that
         the mean over blocks that follows is the 1-process one bit for bit. `uniform=False`: row sizes may
-        differ across processes (`BlockShard.gather`)."""
+        differ across processes (`BlockShard.gather`). `rows[k]`: the x-rows of `xgrads[k]` (sparse x) for all of
+        `blocks`, known to every rank (`sample_batches_and_rows`): only the values are sent."""
         if not self.shard.distributed:
             return xgrads
-        present = [g for g in xgrads if g is not None]
+        known = list(rows) + [None] * (len(xgrads) - len(rows))
+        present = [(g, r) for g, r in zip(xgrads, known, strict=True) if g is not None]
         parts: list[tuple[Tensor, int]] = []
-        for g in present:
+        for g, r in present:
             parts.append((g.values, 1))
-            if g.index is not None:
+            if g.index is not None and r is None:
                 parts.append((g.index, 0))
         full = iter(self.shard.gather(parts, blocks, uniform=uniform))
-        done = {id(g): XGrad(next(full), next(full) if g.index is not None else None) for g in present}
+        done = {}
+        for g, r in present:
+            values = next(full)
+            done[id(g)] = XGrad(values, None if g.index is None else (r if r is not None else next(full)))
         return [None if g is None else done[id(g)] for g in xgrads]
 
     def hyper(self, name: str) -> Any:

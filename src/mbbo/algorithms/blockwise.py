@@ -48,6 +48,7 @@ class BlockSample(NamedTuple):
     blocks: Tensor  # their table rows on this process (all of them in a 1-process run)
     lower: Batch
     upper: Batch
+    rows: tuple[Tensor | None, Tensor | None] = (None, None)  # block-sharded: all B blocks' lower / upper rows
 
 
 class BlockDraw(NamedTuple):
@@ -57,6 +58,7 @@ class BlockDraw(NamedTuple):
     blocks: Tensor
     lower: Batch
     upper: Batch
+    rows: tuple[Tensor | None, Tensor | None]
     y: Tensor  # the sampled blocks' current lower variables, (B, d_y)
     ys: Tensor  # y_t (and y_{t-1}) of the sampled blocks, (P, B, d_y); x at the same points: `x_points`
 
@@ -112,10 +114,10 @@ def lower_table(alg: MultiBlockAlgorithm, values: Tensor, directions: Tensor, st
 def sample_blocks(alg: MultiBlockAlgorithm) -> BlockSample:
     """Samples B blocks and a lower and an upper mini-batch for each, with the blocks' constants."""
     sampled = alg.block_sampler.sample(alg.generators["blocks"], alg.x.device)
-    lower, upper = alg.sample_batches(sampled)
+    lower, upper, rows = alg.sample_batches_and_rows(sampled)
     blocks = alg.shard.local(sampled)
     return BlockSample(sampled, blocks, alg.oracles.with_block_data(lower, blocks),
-                       alg.oracles.with_block_data(upper, blocks))
+                       alg.oracles.with_block_data(upper, blocks), rows)
 
 
 def draw_blocks(alg: MultiBlockAlgorithm, two: bool) -> BlockDraw:
@@ -150,7 +152,7 @@ def reduced_hypergradient(alg: MultiBlockAlgorithm, draw: BlockSample | BlockDra
                           cross: XGrad) -> Tensor:
     """(1/B) sum_i grad_x f_i - cross_i over the sampled blocks, per point: (P, d_x) (the blocks of other processes
     gathered first when blocks are sharded: `gather_xgrads`)."""
-    cross_all, gx_f = alg.gather_xgrads([cross, gx_f], draw.sampled)
+    cross_all, gx_f = alg.gather_xgrads([cross, gx_f], draw.sampled, rows=draw.rows)
     assert cross_all is not None
     g = -cross_all.block_mean(alg.problem.dim_x)
     return g if gx_f is None else g + gx_f.block_mean(alg.problem.dim_x)
