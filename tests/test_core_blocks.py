@@ -190,6 +190,19 @@ def test_row_sampler_returns_the_indexed_rows() -> None:
     assert torch.equal(pb["X"], per_block["X"][blocks[:, None], pb["index"]])
     full = FullBatch(data).sample(blocks, gen)
     assert torch.equal(full["X"][1], data["X"]) and torch.equal(full["index"][0], torch.arange(50))
+    # `sample` is `gather` of `draw` (also with replacement, and keeping a subset of the blocks): the same rows
+    # from the same generator state, and the same state after
+    for order in ("reshuffle", "replacement"):
+        one, two = RowSampler(data, 7, order=order), RowSampler(data, 7, order=order)
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        keep = torch.tensor([False, True])
+        for _ in range(9):  # crosses reshuffle epochs (50 rows, 14 a call)
+            got, index = one.sample(blocks, g1, keep=keep), two.draw(blocks, g2)
+            assert index.shape == (2, 7) and torch.equal(got["index"], index[keep])
+            assert torch.equal(got["X"], two.gather(blocks, index, keep)["X"])
+        assert torch.equal(g1.get_state(), g2.get_state())
+        initial = one.sample_initial(blocks, g1)
+        assert torch.equal(initial["index"], two.draw_initial(blocks, g2))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         RowSampler(data, 0)
     with pytest.raises(ValueError, match="disagree on the number of rows"):
