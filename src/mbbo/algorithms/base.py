@@ -134,7 +134,7 @@ class BilevelAlgorithm:
     shardable: ClassVar[bool] = False
     # True for the methods whose iteration is sampling, then one update (`run_update`), then bookkeeping:
     # compile=True compiles that update as one graph (table reads and writes, oracles, trackers, hypergradient,
-    # upper step) in a 1-process run, instead of each oracle
+    # upper step; on a block-sharded rank, the part before the collective) instead of each oracle
     compiles_whole_update: ClassVar[bool] = False
     state: State
     iteration: int
