@@ -90,6 +90,17 @@ def _eager_calls(alg: Any) -> int:
     return sum(len(fn.seen) for fn in (alg.compiled_updates or {}).values())
 
 
+def _timed(fn: Any, seconds: dict[str, float], key: str) -> Any:
+    """`fn`, adding its wall time to `seconds[key]`."""
+    def timed(*args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            seconds[key] += time.perf_counter() - start
+    return timed
+
+
 def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) -> None:
     """One of the two ranks: T1 built twice (block-sharded and whole), one algorithm per configuration, the
     warm-up, then the interleaved cycles; saves per configuration and cycle its wall and CPU seconds and the
@@ -115,6 +126,9 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
             if who == "both" or rank == 0]
     algs = {label: make_algorithm("bsvrb_v2", problems[sharded], seed=0, block_batch=bb,
                                   compile=config["compile"], **hyper) for label, bb, sharded, _, _ in runs}
+    update_seconds = dict.fromkeys(algs, 0.0)  # wall time in `run_update` (the per-block part of the update)
+    for label, alg in algs.items():
+        alg.run_update = _timed(alg.run_update, update_seconds, label)  # type: ignore[method-assign]
 
     def iterations(label: str, env: dict[str, str], n: int) -> None:
         os.environ.update(env)
@@ -134,6 +148,7 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
                 shard = problems[sharded].shard
                 gather0, sent0, coll0, eager0 = (shard.gather_seconds, shard.bytes_sent, shard.collectives,
                                                  _eager_calls(algs[label]))
+                update0 = update_seconds[label]
                 start, cpu = time.perf_counter(), time.process_time()
                 iterations(label, env, config["iterations"])
                 cpu = time.process_time() - cpu
@@ -141,7 +156,8 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
                 seconds = time.perf_counter() - start
                 for key, value in (("wall", seconds), ("cpu", cpu), ("gather", shard.gather_seconds - gather0),
                                    ("bytes", shard.bytes_sent - sent0), ("collectives", shard.collectives - coll0),
-                                   ("eager", _eager_calls(algs[label]) - eager0)):
+                                   ("eager", _eager_calls(algs[label]) - eager0),
+                                   ("update", update_seconds[label] - update0)):
                     records[label].setdefault(key, []).append(value)
             else:
                 dist.barrier()
@@ -178,6 +194,7 @@ def measure(config: dict[str, Any], tmp: Path) -> dict[str, Any]:
             "wall_ms": [1e3 * max(rec["wall"][c] for rec in recs) / n for c in range(cycles)],
             "cpu_ms": [1e3 * max(rec["cpu"][c] for rec in recs) / n for c in range(cycles)],
             "gather_ms": [1e3 * max(rec["gather"][c] for rec in recs) / n for c in range(cycles)],
+            "update_ms": [1e3 * max(rec["update"][c] for rec in recs) / n for c in range(cycles)],
             "bytes_per_iteration": sum(recs[0]["bytes"]) / (n * cycles),
             "collectives_per_iteration": sum(recs[0]["collectives"]) / (n * cycles),
             "eager_iterations": max(sum(rec["eager"]) for rec in recs)}
@@ -272,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "gather_buffer_bytes_per_rank_per_iteration": per[two]["bytes_per_iteration"],
                 "collectives_per_iteration": per[two]["collectives_per_iteration"],
                 "gather_ms_per_iteration_R2": {k: statistics.median(per[k]["gather_ms"]) for k in (two, block)},
+                "update_ms_per_iteration": {k: statistics.median(v["update_ms"]) for k, v in per.items()},
                 "barrier_ms_R2": got["barrier_ms"], "x_numel": got["x_numel"],
                 "fit": {k: v for k, v in fit.items() if k != "model"}, "model": fit["model"]}
             print(f"{mode}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in median.items())
@@ -303,11 +321,13 @@ def report(r: dict[str, Any]) -> str:
     for mode, m in r["modes"].items():
         lines += [f"## {mode} oracles", "",
                   "| configuration | wall ms / iteration: median over cycles (min - max) | CPU ms / iteration, "
-                  "slowest rank | iterations run eagerly (new block counts) |", "|---|---|---|---|"]
+                  "slowest rank | ms in the per-block update (`run_update`) | iterations run eagerly (new block "
+                  "counts) |", "|---|---|---|---|---|"]
         for k, v in m["ms_per_iteration"].items():
             walls = m["all"][k]
             lines.append(f"| {k} | {v:.1f} ({min(walls):.1f} - {max(walls):.1f}) | "
-                         f"{m['cpu_ms_per_iteration'][k]:.1f} | {m['eager_iterations'][k]} |")
+                         f"{m['cpu_ms_per_iteration'][k]:.1f} | {m['update_ms_per_iteration'][k]:.1f} | "
+                         f"{m['eager_iterations'][k]} |")
         quartiles = {k: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
                      for k, v in m["speedup_per_cycle"].items()}
         f = m["fit"]

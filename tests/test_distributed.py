@@ -214,6 +214,59 @@ def test_gather_xgrads_sends_only_the_values_of_rows_every_rank_knows(shared_dat
     assert without is not None and without.index is not None and without.index.shape == lower_rows.shape
 
 
+def _block_values(blocks: torch.Tensor, rank_of_tail: int | None = None) -> list[tuple[torch.Tensor, int]]:
+    """Per-block parts computed from the block ids alone (any rank can compute any block's): float64 (n, 3),
+    a 3-byte uint8 part that leaves the next part unaligned unless `gather` aligns it, int64 (n,), bool (2, n)
+    along dim 1, float32 (n, 5). `rank_of_tail`: the float32 part has 2 + that many columns instead."""
+    b = blocks.to(torch.float64)
+    width = 5 if rank_of_tail is None else 2 + rank_of_tail
+    return [(b[:, None] * torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64), 0),
+            ((blocks[:, None] * torch.tensor([1, 3, 7])).to(torch.uint8), 0),
+            (blocks * 1000 + 7, 0),
+            (torch.stack([blocks % 2 == 0, blocks % 3 == 0]), 1),
+            ((b[:, None] + torch.arange(width, dtype=torch.float64) / 8).to(torch.float32), 0)]
+
+
+def _gather_worker(rank: int, port: int, out: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        shard = BlockShard.from_process_group(9)
+        got = {}
+        for name, blocks in (("mixed", torch.tensor([8, 3, 0, 5, 6, 2, 7])), ("one owner", torch.tensor([4, 0, 2]))):
+            mine = blocks[shard.owned(blocks)]
+            got[name] = shard.gather([(t.index_select(d, torch.nonzero(shard.owned(blocks)).view(-1)), d)
+                                      for t, d in _block_values(blocks)], blocks)
+            got[f"{name}, shapes differ"] = shard.gather(_block_values(mine, rank_of_tail=rank), blocks,
+                                                         uniform=False)
+        got["bytes"] = shard.bytes_sent
+        torch.save(got, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_returns_every_rank_s_rows_in_the_order_of_the_blocks(tmp_path: Path) -> None:
+    """`BlockShard.gather` on 2 processes: parts of five dtypes (a 3-byte part before an int64 one: each part is
+    aligned in the buffer), a part along dim 1, a sample whose blocks all belong to rank 0 (rank 1 sends zero
+    rows), and `uniform=False` with a last dimension that differs across ranks (the shorter one zero-padded):
+    every rank gets the rows of all blocks in the order of the sample."""
+    out = str(tmp_path / "gather")
+    _two_processes(_gather_worker, free_port(), out)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for name, blocks in (("mixed", torch.tensor([8, 3, 0, 5, 6, 2, 7])), ("one owner", torch.tensor([4, 0, 2]))):
+        expected = [t for t, _ in _block_values(blocks)]
+        wide = _block_values(blocks, rank_of_tail=1)[-1][0]
+        wide[blocks % 2 == 0, 2] = 0  # rank 0's blocks (the even ones) had 2 columns, rank 1's 3
+        padded = [*expected[:-1], wide]
+        for r in range(2):
+            for got, want in zip(ranks[r][name], expected, strict=True):
+                assert got.dtype == want.dtype and torch.equal(got, want), (name, r)
+            for got, want in zip(ranks[r][f"{name}, shapes differ"], padded, strict=True):
+                assert got.dtype == want.dtype and torch.equal(got, want), (name, r)
+    assert ranks[0]["bytes"] > 0 and ranks[0]["bytes"] % 8 == 0
+
+
 def test_block_shard_ownership_rows_and_errors() -> None:
     shard = BlockShard(7, rank=1, world_size=3)
     blocks = torch.tensor([6, 1, 4, 2, 0])

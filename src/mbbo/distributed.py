@@ -322,7 +322,8 @@ class BlockShard:
                ) -> list[Tensor]:
         """Each part `(tensor, dim)` holds, along `dim`, this rank's rows for the blocks it owns in `blocks`
         (the global sample, in order); returns every part with the rows of all blocks in the order of
-        `blocks`, identical on every rank. One `all_gather` of one byte buffer for all parts (any dtypes).
+        `blocks`, identical on every rank. One `all_gather` of one byte buffer for all parts (any dtypes), waited
+        for by `finish`.
 
         `uniform=False` allows the other dimensions to differ across ranks (e.g. a number of live slots):
         the sizes are exchanged first (a second, small collective) and shorter parts are zero-padded at the
@@ -337,8 +338,12 @@ class BlockShard:
             self.gather_seconds += time.perf_counter() - start
 
     def _gather(self, parts: Sequence[tuple[Tensor, int]], blocks: Tensor, uniform: bool) -> list[Tensor]:
-        owners = self.owners(blocks).cpu()
-        counts = torch.bincount(owners, minlength=self.world_size).tolist()
+        owners = self.owners(blocks).tolist()
+        counts = [0] * self.world_size
+        slots = []  # block k, the j-th of owner q, arrives at row q * nmax + j
+        for q in owners:
+            slots.append((q, counts[q]))
+            counts[q] += 1
         nmax = max(counts)
         mine = [t.movedim(d, 0) for t, d in parts]
         for t in mine:
@@ -348,63 +353,33 @@ class BlockShard:
         tails = [tuple(t.shape[1:]) for t in mine]
         all_tails = [tails] * self.world_size if uniform else self._exchange_shapes(tails)
         device = mine[0].device if mine else blocks.device
-        # byte sizes of each rank's parts (padded to nmax rows); every rank's buffer has the largest total
-        sizes = [[nmax * _numel(tail) * t.element_size() for tail, t in zip(rank_tails, mine, strict=True)]
-                 for rank_tails in all_tails]
-        total = max(sum(s) for s in sizes)
-        pieces = []
-        for t in mine:
-            if t.shape[0] < nmax:  # zero rows up to nmax
-                t = torch.cat([t, t.new_zeros((nmax - t.shape[0], *t.shape[1:]))])
-            pieces.append(_as_bytes(t))
-        pieces.append(torch.zeros(total - sum(sizes[self.rank]), dtype=torch.uint8, device=device))
-        buffer = torch.cat(pieces)
-        received = [torch.empty_like(buffer) for _ in range(self.world_size)]
-        finish(dist.all_gather(received, buffer, async_op=True))
+        # byte layout of each rank's buffer: its parts padded to nmax rows, each part aligned to 8 bytes (so
+        # that the bytes can be viewed as any dtype in place); every rank's buffer has the largest total
+        layouts = [_layout([(nmax, *tail) for tail in rank_tails], [t.dtype for t in mine]) for rank_tails in all_tails]
+        total = max(end for *_, end in layouts)
+        buffer = torch.zeros(total, dtype=torch.uint8, device=device)  # zero padding rows and alignment gaps
+        offsets = layouts[self.rank]
+        for t, tail, start in zip(mine, tails, offsets, strict=False):
+            _typed(buffer, start, t.dtype, (nmax, *tail))[: t.shape[0]].copy_(t)
+        received = torch.empty((self.world_size, total), dtype=torch.uint8, device=device)
+        finish(dist.all_gather(list(received.unbind(0)), buffer, async_op=True))
         self.collectives += 1
         self.bytes_sent += total
-        if uniform:
-            return self._reorder_uniform(parts, received, counts, nmax, sizes[self.rank], owners, device)
-        # the received rows come grouped by owner; `order` puts them back in the order of `blocks`
-        order = torch.argsort(owners, stable=True).to(device)
+        owner_of = torch.tensor([q for q, _ in slots], device=device)
+        row_of = torch.tensor([j for _, j in slots], device=device)
         out = []
         for k, (t, d) in enumerate(parts):
+            # every rank's rows of part k, (R, nmax, *tail), zero-padded to the largest tail (uniform: no padding)
             tail = tuple(max(all_tails[q][k][j] for q in range(self.world_size)) for j in range(len(tails[k])))
-            grouped = []
-            for q in range(self.world_size):
-                if counts[q] == 0:
-                    continue
-                start = sum(sizes[q][:k])
-                rows = _from_bytes(received[q][start: start + sizes[q][k]], t.dtype, (nmax, *all_tails[q][k]))
-                rows = rows[: counts[q]]
-                if tuple(rows.shape[1:]) != tail:  # pad the last dimension with zeros
-                    rows = torch.cat([rows, rows.new_zeros((*rows.shape[:-1], tail[-1] - rows.shape[-1]))], -1)
-                grouped.append(rows)
-            full = torch.empty((blocks.shape[0], *tail), dtype=t.dtype, device=device)
-            if grouped:
-                full[order] = torch.cat(grouped)
-            out.append(full.movedim(0, d))
-        return out
-
-    def _reorder_uniform(self, parts: Sequence[tuple[Tensor, int]], received: list[Tensor], counts: list[int],
-                         nmax: int, sizes: list[int], owners: Tensor, device: torch.device) -> list[Tensor]:
-        """`gather`'s rows back in the order of the blocks when every rank's parts have the same shapes: the
-        buffers stacked, each part viewed as (R * nmax, ...) and indexed once. Block k, the j-th of owner q,
-        sits at row q * nmax + j."""
-        stacked = torch.stack(received)
-        order = torch.argsort(owners, stable=True)
-        starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
-        grouped_rows = torch.arange(owners.shape[0]) - starts[owners[order]] + owners[order] * nmax
-        rows = torch.empty_like(grouped_rows)
-        rows[order] = grouped_rows
-        rows = rows.to(device)
-        out, offset = [], 0
-        for (t, d), size in zip(parts, sizes, strict=True):
-            tail = tuple(t.movedim(d, 0).shape[1:])
-            typed = _from_bytes(stacked[:, offset: offset + size].contiguous().reshape(-1), t.dtype,
-                                (self.world_size * nmax, *tail))
-            out.append(typed.index_select(0, rows).movedim(0, d))
-            offset += size
+            if uniform:
+                typed = _typed(received, offsets[k], t.dtype, (self.world_size, nmax, *tail))
+            else:
+                typed = torch.zeros((self.world_size, nmax, *tail), dtype=t.dtype, device=device)
+                for q in range(self.world_size):
+                    shape = all_tails[q][k]
+                    rows = _typed(received[q], layouts[q][k], t.dtype, (nmax, *shape))
+                    typed[q][(slice(None), *(slice(0, s) for s in shape))] = rows
+            out.append(typed[owner_of, row_of].movedim(0, d))
         return out
 
     def _exchange_shapes(self, tails: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
@@ -446,17 +421,22 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _as_bytes(t: Tensor) -> Tensor:
-    """The bytes of a contiguous tensor as a flat uint8 tensor (a view; bool goes through uint8)."""
-    t = t.contiguous()
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    return t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+def _layout(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]) -> list[int]:
+    """Byte offsets of parts of the given shapes and dtypes laid out one after the other, each start aligned to
+    8 bytes; the last entry is the end of the last part."""
+    offsets = [0]
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+        end = offsets[-1] + _numel(shape) * dtype.itemsize
+        offsets.append(end + (-end) % 8)
+    return offsets
 
 
-def _from_bytes(data: Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    if dtype == torch.bool:
-        return data.view(torch.uint8).reshape(shape).to(torch.bool)
-    if data.numel() == 0:
-        return torch.empty(shape, dtype=dtype, device=data.device)
-    return data.contiguous().view(dtype).reshape(shape)
+def _typed(data: Tensor, start: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """The bytes of `data` (..., n) from `start` on (aligned for `dtype`), viewed in place as `dtype` of `shape`:
+    the leading dimensions of `data`, then its last one split into the rest of `shape`."""
+    lead = data.shape[:-1]
+    inner = shape[len(lead):]
+    size = _numel(inner) * dtype.itemsize
+    if size == 0:
+        return data.new_zeros(shape, dtype=dtype)
+    return data[..., start: start + size].view(dtype).view(*lead, *inner)
