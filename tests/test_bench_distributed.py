@@ -48,3 +48,29 @@ def test_fit_recovers_a_linear_cost() -> None:
     assert fit["bytes_per_block"] == pytest.approx(1000.0)
     assert fit["wall_minus_cpu_model_ms_R2"] == pytest.approx(3.0)
     assert fit["model"]["B=100"]["R=1"]["speedup"] == pytest.approx(1.0)
+
+
+timeline = load_module("bench_distributed_timeline",
+                       Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed_timeline.py")
+
+
+def test_timeline_phases_and_how_the_ranks_meet() -> None:
+    """Two ranks, two iterations of synthetic stamps (seconds): the phases of each rank, the launch skew and the
+    transfer across them, their medians and means in ms, and the report's rows."""
+    ranks = [{"steps": [(0.0, 0.010), (0.010, 0.020)], "updates": [(0.002, 0.006), (0.012, 0.016)],
+              "gathers": [(0.0065, 0.007, 0.0085, 0.0088), (0.0165, 0.017, 0.018, 0.0182)]},
+             {"steps": [(0.0, 0.010), (0.010, 0.020)], "updates": [(0.001, 0.007), (0.011, 0.015)],
+              "gathers": [(0.0072, 0.008, 0.0085, 0.0087), (0.0152, 0.016, 0.018, 0.0181)]}]
+    first = timeline.phases(ranks[0])[0]
+    assert first == pytest.approx({"sampling": 0.002, "update": 0.004, "to launch": 0.001, "wait": 0.0015,
+                                   "after": 0.0015, "iteration": 0.010})
+    assert sum(v for k, v in first.items() if k != "iteration") == pytest.approx(first["iteration"])
+    across = timeline.meeting(ranks)
+    assert across == [pytest.approx({"launch skew": 0.001, "transfer": 0.0005}),
+                      pytest.approx({"launch skew": 0.001, "transfer": 0.001})]
+    summary = timeline.summary(across)
+    assert summary["transfer"] == pytest.approx({"median_ms": 0.75, "mean_ms": 0.75})
+    result = {"setting": {"m": 10, "B": 4, "b": 2, "compile": True, "iterations": 2}, "load_before": "a",
+              "load_after": "b", "ranks": [timeline.summary(timeline.phases(r)) for r in ranks], "across": summary}
+    text = timeline.report(result)
+    assert "| update | 4.00 (4.00) | 5.00 (5.00) |" in text and "| launch skew | 1.00 (1.00) |" in text

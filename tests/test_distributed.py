@@ -241,6 +241,9 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
             got[f"{name}, shapes differ"] = shard.gather(_block_values(mine, rank_of_tail=rank), blocks,
                                                          uniform=False)
         got["bytes"] = shard.bytes_sent
+        shard.trace = []
+        shard.gather(_block_values(mine), blocks)
+        got["trace"] = shard.trace
         torch.save(got, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -265,6 +268,9 @@ def test_gather_returns_every_rank_s_rows_in_the_order_of_the_blocks(tmp_path: P
             for got, want in zip(ranks[r][f"{name}, shapes differ"], padded, strict=True):
                 assert got.dtype == want.dtype and torch.equal(got, want), (name, r)
     assert ranks[0]["bytes"] > 0 and ranks[0]["bytes"] % 8 == 0
+    for r in range(2):  # `trace`: (start, launched, completed, end) of the gather made with it on
+        (stamps,) = ranks[r]["trace"]
+        assert list(stamps) == sorted(stamps) and stamps[0] > 0
 
 
 def test_block_shard_ownership_rows_and_errors() -> None:

@@ -265,6 +265,10 @@ class BlockShard:
         self.bytes_sent = 0  # bytes this rank contributed to gathers (its padded buffer, once per gather)
         self.collectives = 0
         self.gather_seconds = 0.0  # wall time spent in `gather` (packing, the collective, reordering)
+        # when a list: each gather appends its (start, launched, completed, end) `time.perf_counter` stamps, which
+        # compare across the processes of one machine (benchmarks/bench_distributed_timeline.py)
+        self.trace: list[tuple[float, float, float, float]] | None = None
+        self._launched = self._completed = 0.0  # stamps of the last gather's collective
 
     @classmethod
     def from_process_group(cls, num_blocks: int) -> BlockShard:
@@ -333,9 +337,13 @@ class BlockShard:
             return [t for t, _ in parts]
         start = time.perf_counter()
         try:
-            return self._gather(parts, blocks, uniform)
+            out = self._gather(parts, blocks, uniform)
         finally:
-            self.gather_seconds += time.perf_counter() - start
+            end = time.perf_counter()
+            self.gather_seconds += end - start
+        if self.trace is not None:
+            self.trace.append((start, self._launched, self._completed, end))
+        return out
 
     def _gather(self, parts: Sequence[tuple[Tensor, int]], blocks: Tensor, uniform: bool) -> list[Tensor]:
         owners = self.owners(blocks).tolist()
@@ -362,7 +370,10 @@ class BlockShard:
         for t, tail, start in zip(mine, tails, offsets, strict=False):
             _typed(buffer, start, t.dtype, (nmax, *tail))[: t.shape[0]].copy_(t)
         received = torch.empty((self.world_size, total), dtype=torch.uint8, device=device)
-        finish(dist.all_gather(list(received.unbind(0)), buffer, async_op=True))
+        work = dist.all_gather(list(received.unbind(0)), buffer, async_op=True)
+        self._launched = time.perf_counter()
+        finish(work)
+        self._completed = time.perf_counter()
         self.collectives += 1
         self.bytes_sent += total
         owner_of = torch.tensor([q for q, _ in slots], device=device)
