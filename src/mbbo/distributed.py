@@ -346,13 +346,15 @@ class BlockShard:
         return out
 
     def _gather(self, parts: Sequence[tuple[Tensor, int]], blocks: Tensor, uniform: bool) -> list[Tensor]:
-        owners = self.owners(blocks).tolist()
-        counts = [0] * self.world_size
-        slots = []  # block k, the j-th of owner q, arrives at row q * nmax + j
-        for q in owners:
-            slots.append((q, counts[q]))
-            counts[q] += 1
+        owners = self.owners(blocks)
+        owned_counts = torch.bincount(owners, minlength=self.world_size)
+        counts = owned_counts.tolist()
         nmax = max(counts)
+        # block k, the j-th of its owner q in `blocks`, arrives at row j of rank q's part: j by a stable sort
+        order = torch.argsort(owners, stable=True)
+        row_of = torch.empty_like(owners)
+        row_of[order] = torch.arange(owners.shape[0], device=owners.device) - (owned_counts.cumsum(0)
+                                                                                - owned_counts)[owners[order]]
         mine = [t.movedim(d, 0) for t, d in parts]
         for t in mine:
             if t.shape[0] != counts[self.rank]:
@@ -376,8 +378,7 @@ class BlockShard:
         self._completed = time.perf_counter()
         self.collectives += 1
         self.bytes_sent += total
-        owner_of = torch.tensor([q for q, _ in slots], device=device)
-        row_of = torch.tensor([j for _, j in slots], device=device)
+        owners, row_of = owners.to(device), row_of.to(device)
         out = []
         for k, (t, d) in enumerate(parts):
             # every rank's rows of part k, (R, nmax, *tail), zero-padded to the largest tail (uniform: no padding)
@@ -390,7 +391,7 @@ class BlockShard:
                     shape = all_tails[q][k]
                     rows = _typed(received[q], layouts[q][k], t.dtype, (nmax, *shape))
                     typed[q][(slice(None), *(slice(0, s) for s in shape))] = rows
-            out.append(typed[owner_of, row_of].movedim(0, d))
+            out.append(typed[owners, row_of].movedim(0, d))
         return out
 
     def _exchange_shapes(self, tails: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
@@ -434,7 +435,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _layout(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]) -> list[int]:
     """Byte offsets of parts of the given shapes and dtypes laid out one after the other, each start aligned to
-    8 bytes; the last entry is the end of the last part."""
+    8 bytes; the last entry is the (aligned) end of the last part."""
     offsets = [0]
     for shape, dtype in zip(shapes, dtypes, strict=True):
         end = offsets[-1] + _numel(shape) * dtype.itemsize
