@@ -268,6 +268,9 @@ def test_single_block_algorithm_on_one_block(tmp_path: Path, capsys: pytest.Capt
     (["--algorithm", "bsvrb_v2", "--set", "seed=-1"], "seed must be an integer in [0, 2**63 - 1], got -1"),
     (["--algorithm", "bsvrb_v2", "--set", "seed=1.5"], "'seed': expected int, got 1.5"),
     (["--algorithm", "bsvrb_v2", "--set", "threads=0"], "threads must be an integer in [1, inf), got 0"),
+    (["--algorithm", "bsvrb_v2", "--set", "block_strata=3"],
+     "block_strata = 3 must divide the number of blocks m = 4 and block_batch B = 2"),
+    (["--algorithm", "rsvrb", "--set", "block_strata=0"], "block_strata must be a positive integer, got 0"),
 ])
 def test_bad_input_exits_2_with_message(extra: list[str], message: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:

@@ -100,6 +100,55 @@ def test_block_sampler() -> None:
         BlockSampler(4, 5)
 
 
+@pytest.mark.parametrize("mode", ["uniform", "reshuffle"])
+@pytest.mark.parametrize(("m", "b", "strata"), [(12, 4, 2), (12, 6, 3), (24, 8, 4), (8, 8, 2), (12, 8, 4)])
+def test_stratified_block_sampler_draws_b_over_s_blocks_of_each_class(mode: str, m: int, b: int, strata: int
+                                                                       ) -> None:
+    """block_strata S: every iteration holds B distinct blocks, B / S of each class i mod S, one of each class
+    in turn; every block is sampled with frequency B / m; under reshuffle each window of m // B iterations
+    samples every block exactly once (and the state restores the stream)."""
+    s = BlockSampler(m, b, mode, strata=strata)
+    gen = torch.Generator().manual_seed(3)
+    draws = torch.stack([s.sample(gen, torch.device("cpu")) for _ in range(3000)])
+    assert all(len(set(row.tolist())) == b for row in draws)
+    assert torch.equal(draws % strata, torch.arange(b).remainder(strata).expand_as(draws))  # the classes in turn
+    freq = torch.bincount(draws.reshape(-1), minlength=m) / draws.shape[0]
+    assert torch.allclose(freq, torch.full((m,), b / m), atol=0.03)
+    if mode == "reshuffle":
+        period = m // b
+        for w in range(3):
+            window = draws[w * period: (w + 1) * period].reshape(-1)
+            assert len(set(window.tolist())) == period * b  # no block twice in a window
+            if period * b == m:
+                assert sorted(window.tolist()) == list(range(m))
+        twin = BlockSampler(m, b, mode, strata=strata)
+        twin.load_state_dict(s.state_dict())
+        state = gen.get_state()
+        ahead = [s.sample(gen, torch.device("cpu")) for _ in range(5)]
+        gen.set_state(state)
+        assert all(torch.equal(a, twin.sample(gen, torch.device("cpu"))) for a in ahead)
+
+
+def test_stratified_block_sampler_one_class_is_the_plain_sampler() -> None:
+    """S = 1 draws what the sampler without strata draws, from the same random stream."""
+    for mode in ("uniform", "reshuffle"):
+        a, b = BlockSampler(20, 6, mode), BlockSampler(20, 6, mode, strata=1)
+        ga, gb = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        for _ in range(10):
+            assert torch.equal(a.sample(ga, torch.device("cpu")), b.sample(gb, torch.device("cpu")))
+
+
+def test_stratified_block_sampler_refuses_strata_that_do_not_divide_m_and_b() -> None:
+    with pytest.raises(ValueError, match=r"block_strata = 3 must divide the number of blocks m = 10 and "
+                                         r"block_batch B = 6"):
+        BlockSampler(10, 6, strata=3)
+    with pytest.raises(ValueError, match=r"block_strata = 4 must divide .* block_batch B = 6"):
+        BlockSampler(12, 6, strata=4)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="block_strata must be a positive integer"):
+            BlockSampler(12, 6, strata=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("decay", "radius"), [(1.0, None), (0.7, None), (1.0, 0.8)])
 def test_moving_blocks_lazy_equals_eager(decay: float, radius: float | None) -> None:
     gen = torch.Generator().manual_seed(1)

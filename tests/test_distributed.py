@@ -37,6 +37,11 @@ CASES: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
      {"block_batch": 3, "block_sampling": "uniform", "lr": 0.05, "lazy": False}),
     ("re_v2-reshuffle-quad", "quadratic", {"num_blocks": 7, "dim_x": 4, "dim_y": 3, "batch_size": 2}, "re_bsvrb_v2",
      {"block_batch": 3, "block_sampling": "reshuffle", "lr": 0.05, "stage_length": 3}),
+    # stratified block sampling (block_strata = R: every rank owns B / R of each sample)
+    ("v2-uniform-strata-quad", "quadratic", {"num_blocks": 8, "dim_x": 4, "dim_y": 3, "batch_size": 2}, "bsvrb_v2",
+     {"block_batch": 4, "block_sampling": "uniform", "block_strata": 2, "lr": 0.05}),
+    ("v1-reshuffle-strata-quad", "quadratic", {"num_blocks": 8, "dim_x": 4, "dim_y": 3, "batch_size": 2},
+     "bsvrb_v1", {"block_batch": 4, "block_sampling": "reshuffle", "block_strata": 2, "lr": 0.05}),
 ]
 T1 = {"num_blocks": 6, "batch_size": 4, "eval_blocks": None}
 T1_CASES: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
@@ -48,6 +53,9 @@ T1_CASES: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
      {"block_batch": 3, "block_sampling": "reshuffle", "estimator_init": "uniform"}),
     ("re_v1-uniform-t1", "hyperparam", T1, "re_bsvrb_v1",
      {"block_batch": 3, "block_sampling": "uniform", "stage_length": 3}),
+    ("v2-delayed-reshuffle-strata-t1", "hyperparam", T1, "bsvrb_v2",
+     {"block_batch": 4, "block_sampling": "reshuffle", "block_strata": 2, "lower_update": "delayed",
+      "estimator_init": "uniform"}),
 ]
 STEPS = 7
 # equal to 1e-12, not bit for bit (measured: 4e-16 and 6e-17 after 7 steps). RSVRB with sparse x: the
@@ -271,6 +279,22 @@ def test_gather_returns_every_rank_s_rows_in_the_order_of_the_blocks(tmp_path: P
     for r in range(2):  # `trace`: (start, launched, completed, end) of the gather made with it on
         (stamps,) = ranks[r]["trace"]
         assert list(stamps) == sorted(stamps) and stamps[0] > 0
+
+
+@pytest.mark.parametrize("mode", ["uniform", "reshuffle"])
+def test_block_strata_a_multiple_of_r_gives_every_rank_b_over_r_of_each_sample(mode: str) -> None:
+    """With block_strata S a multiple of R, each of R ranks owns exactly B / R blocks of every sample; with S = 1
+    (uniform over all blocks) the shares differ."""
+    from mbbo.blocks import BlockSampler
+
+    gen = torch.Generator().manual_seed(0)
+    shards = [BlockShard(1000, r, 4) for r in range(4)]
+    for strata, balanced in ((4, True), (8, True), (1, False)):
+        sampler = BlockSampler(1000, 40, mode, strata=strata)
+        samples = [sampler.sample(gen, torch.device("cpu")) for _ in range(50)]
+        shares = torch.stack([torch.stack([shard.owned(blocks).sum() for shard in shards]) for blocks in samples])
+        assert bool((shares == 10).all()) is balanced, (strata, shares)
+        assert bool((shares.sum(1) == 40).all())
 
 
 def test_block_shard_ownership_rows_and_errors() -> None:

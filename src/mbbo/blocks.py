@@ -43,19 +43,30 @@ class BlockSampler(StateFields):
     consumed B blocks per iteration and redrawn every m // B iterations, so every block is sampled once per
     window of m // B iterations and delays are at most 2 m / B - 1. The permutation and the position in it are
     state (`state_dict`); drawing it costs O(m) once every m // B iterations, i.e. amortised O(B).
+
+    `strata=S` (an mbbo extension, not in the paper; S = 1 is the sampling above, unchanged): stratified sampling
+    over the S residue classes {i : i mod S = s}. Each iteration draws B / S blocks from every class, by `mode`
+    within the class (its m / S blocks; reshuffle: one permutation per class, all redrawn every m // B
+    iterations); the sample lists one block of each class in turn. S must divide m and B, so every block is
+    still sampled with probability B / m and the block mean stays unbiased. A block-sharded run whose R ranks
+    own the blocks i mod R (`mbbo.distributed.BlockShard`) with R dividing S then gives every rank exactly B / R
+    of the sampled blocks at every iteration: no rank waits for a busier one (uniform sampling over all blocks
+    leaves the ranks E|n_0 - n_1| ~ 0.8 sqrt(B) blocks apart at R = 2). O(S) draws per iteration.
     """
 
     state_fields = ("order", "position")
 
-    def __init__(self, num_blocks: int, block_batch: int, mode: str = "uniform") -> None:
+    def __init__(self, num_blocks: int, block_batch: int, mode: str = "uniform", strata: int = 1) -> None:
         if not isinstance(block_batch, int) or not 1 <= block_batch <= num_blocks:
             raise ValueError(
                 f"block_batch must be an integer in [1, m] = [1, {num_blocks}], got {block_batch!r}")
         check_choice("block_sampling", mode, BLOCK_SAMPLING)
+        check_block_strata(strata, num_blocks, block_batch)
         self.num_blocks = num_blocks
         self.block_batch = block_batch
         self.mode = mode
-        self.order: Tensor | None = None  # reshuffle: the current permutation
+        self.strata = strata
+        self.order: Tensor | None = None  # reshuffle: the current permutation of each class, one after the other
         self.position = 0  # reshuffle: iterations taken from it
 
     @property
@@ -64,25 +75,50 @@ class BlockSampler(StateFields):
         return self.num_blocks // self.block_batch
 
     def sample(self, generator: torch.Generator, device: torch.device) -> Tensor:
+        s = self.strata
+        n, k = self.num_blocks // s, self.block_batch // s  # blocks per class, and drawn from each
         if self.mode == "reshuffle":
             if self.order is None or self.position == self.period:
-                self.order = torch.randperm(self.num_blocks, generator=generator, device=generator.device)
+                self.order = torch.cat([torch.randperm(n, generator=generator, device=generator.device)
+                                        for _ in range(s)])
                 self.position = 0
-            start = self.position * self.block_batch
+            start = self.position * k
             self.position += 1
-            return self.order[start: start + self.block_batch].to(device)
-        m, b, gdev = self.num_blocks, self.block_batch, generator.device
-        if b == m:
-            return torch.arange(m, device=device)
-        if 2 * b > m:
-            return torch.randperm(m, generator=generator, device=gdev)[:b].to(device)
-        drawn = torch.randint(m, (b,), generator=generator, device=gdev)
-        while True:
-            drawn = drawn[first_occurrences(drawn)]
-            if drawn.shape[0] == b:
-                return drawn.to(device)
-            more = torch.randint(m, (b - drawn.shape[0],), generator=generator, device=gdev)
-            drawn = torch.cat([drawn, more])
+            within = self.order.view(s, n)[:, start: start + k]
+        else:
+            within = torch.stack([distinct_uniform(n, k, generator) for _ in range(s)])
+        if s == 1:
+            return within[0].to(device)
+        classes = torch.arange(s, device=within.device)
+        return (within.T * s + classes).reshape(-1).to(device)
+
+
+def check_block_strata(strata: object, num_blocks: int, block_batch: int) -> None:
+    """`block_strata` S (`BlockSampler`): a positive integer dividing both m and B (ValueError naming them)."""
+    if isinstance(strata, bool) or not isinstance(strata, int) or strata < 1:
+        raise ValueError(f"block_strata must be a positive integer, got {strata!r}")
+    if num_blocks % strata or block_batch % strata:
+        raise ValueError(
+            f"block_strata = {strata} must divide the number of blocks m = {num_blocks} and block_batch B = "
+            f"{block_batch} (B / S blocks drawn from each of S classes of m / S blocks); use a common divisor "
+            "of m and B, e.g. the number of processes, or 1")
+
+
+def distinct_uniform(n: int, k: int, generator: torch.Generator) -> Tensor:
+    """k distinct integers of [0, n), a uniformly random ordered k-subset (all of them, in order, when k = n),
+    on the generator's device: sequential rejection for k <= n / 2 (O(k) expected), a permutation otherwise."""
+    gdev = generator.device
+    if k == n:
+        return torch.arange(n, device=gdev)
+    if 2 * k > n:
+        return torch.randperm(n, generator=generator, device=gdev)[:k]
+    drawn = torch.randint(n, (k,), generator=generator, device=gdev)
+    while True:
+        drawn = drawn[first_occurrences(drawn)]
+        if drawn.shape[0] == k:
+            return drawn
+        more = torch.randint(n, (k - drawn.shape[0],), generator=generator, device=gdev)
+        drawn = torch.cat([drawn, more])
 
 
 def first_occurrences(values: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from mbbo.blocks import BLOCK_SAMPLING, DelayedBlocks, MovingBlocks
+from mbbo.blocks import BLOCK_SAMPLING, DelayedBlocks, MovingBlocks, check_block_strata
 from mbbo.compilation import TimedCompiled, enable_persistent_cache
 from mbbo.oracles import Oracles, XGrad
 from mbbo.problem import Batch, MultiBlockProblem, RowSampler
@@ -71,6 +71,7 @@ class MultiBlockConfig(Hyper):
     lower_lr: float | None = None
     beta: float = 0.9
     block_sampling: str = "uniform"
+    block_strata: int = 1
     estimator_init: str = "first_batch"
     lower_lr_scaling: str | None = None
 
@@ -80,12 +81,15 @@ class MultiBlockConfig(Hyper):
     def validate(self, problem: MultiBlockProblem) -> None:
         """`block_sampling`: "uniform" (B distinct blocks drawn independently per iteration, as analysed) or
         "reshuffle" (the authors' code: a permutation consumed B per iteration; `mbbo.blocks.BlockSampler`).
+        `block_strata` S: 1 (as analysed), or B / S blocks from each of the S classes i mod S (an mbbo extension
+        that balances block-sharded ranks; S divides m and B; `BlockSampler`).
         `estimator_init`: "first_batch" (one mini-batch per block at the start point), "uniform" (the authors'
         code: every estimator U[0, 1)) or "zeros"."""
         check_choice("block_sampling", self.block_sampling, BLOCK_SAMPLING)
         check_choice("estimator_init", self.estimator_init, ESTIMATOR_INIT)
         m = problem.num_blocks
         check_int("block_batch", self.block_batch, 1, m)
+        check_block_strata(self.block_strata, m, self.block_batch)
         check_positive("lr", self.lr)
         for name in self.paper_steps:
             if getattr(self, name) is not None:

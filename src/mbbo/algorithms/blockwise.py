@@ -68,7 +68,8 @@ class BlockDraw(NamedTuple):
 
 def start_blockwise(alg: MultiBlockAlgorithm) -> None:
     """The block sampler (`block_sampling`) and z = 0."""
-    alg.block_sampler = BlockSampler(alg.problem.num_blocks, alg.config.block_batch, alg.config.block_sampling)
+    alg.block_sampler = BlockSampler(alg.problem.num_blocks, alg.config.block_batch, alg.config.block_sampling,
+                                     alg.config.block_strata)
     alg.z = torch.zeros_like(alg.x)
 
 

@@ -84,8 +84,8 @@ class RSVRB(MultiBlockAlgorithm):
         super().__init__(problem, config, seed=seed, compile=compile, **overrides)
         cfg, pb = self.config, problem
         m = pb.num_blocks
-        self.block_sampler = BlockSampler(m, cfg.block_batch, cfg.block_sampling)
-        self.second_sampler = BlockSampler(m, cfg.block_batch, cfg.block_sampling)
+        self.block_sampler = BlockSampler(m, cfg.block_batch, cfg.block_sampling, cfg.block_strata)
+        self.second_sampler = BlockSampler(m, cfg.block_batch, cfg.block_sampling, cfg.block_strata)
         self.tracker = RandomizedSTORM(cfg.beta, m, cfg.block_batch)
         self.q = 1.0 - cfg.beta
         self.d = torch.zeros_like(self.x)
