@@ -16,6 +16,9 @@ cycles; in each cycle every configuration runs `--iterations` iterations between
   default), and "R=2 (block)": the same, each rank blocking in the gather ($MBBO_DIST_WAIT=block);
 - "2 x R=1 concurrent,B=50": both ranks, each an independent unsharded run at B / 2: the machine's ceiling for
   R = 2 (perfect balance, no communication, whatever the two virtual cores deliver together).
+- "R=1 (block_strata=2)" and "R=2 (block_strata=2)": the same with stratified block sampling (B / 2 blocks of each
+  class i mod 2, so each rank owns exactly B / 2 of every sample; an mbbo option, not the paper's sampling):
+  the speed-up without the imbalance of uniformly sampled blocks.
 
 Wall time (the slowest participating rank) and CPU time per iteration are recorded per cycle; the report gives
 per-configuration medians over cycles, and the medians over cycles of the speed-up R=1 / R=2 and of the ceiling
@@ -61,6 +64,7 @@ MODEL_R = (8, 64, 512)
 MODEL_B = (100, 1000, 10000)
 MODES = ("eager", "compiled")
 CONCURRENT = "2 x R=1 concurrent"
+STRATA = "(block_strata=2)"
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -75,13 +79,15 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
-def configurations(B: int) -> list[tuple[str, int, bool, str, dict[str, str]]]:
-    """(label, block batch, sharded, who runs it ("rank0" or "both"), environment) of one cycle (module
-    docstring)."""
-    return [*((f"R=1,B={bb}", bb, False, "rank0", {}) for bb in (B // 4, B // 2, B)),
-            (f"R=2,B={B}", B, True, "both", {"MBBO_DIST_WAIT": "poll"}),
-            (f"R=2 (block),B={B}", B, True, "both", {"MBBO_DIST_WAIT": "block"}),
-            (f"{CONCURRENT},B={B // 2}", B // 2, False, "both", {})]
+def configurations(B: int) -> list[tuple[str, int, bool, str, dict[str, str], int]]:
+    """(label, block batch, sharded, who runs it ("rank0" or "both"), environment, block_strata) of one cycle
+    (module docstring)."""
+    return [*((f"R=1,B={bb}", bb, False, "rank0", {}, 1) for bb in (B // 4, B // 2, B)),
+            (f"R=2,B={B}", B, True, "both", {"MBBO_DIST_WAIT": "poll"}, 1),
+            (f"R=2 (block),B={B}", B, True, "both", {"MBBO_DIST_WAIT": "block"}, 1),
+            (f"{CONCURRENT},B={B // 2}", B // 2, False, "both", {}, 1),
+            (f"R=1 {STRATA},B={B}", B, False, "rank0", {}, 2),
+            (f"R=2 {STRATA},B={B}", B, True, "both", {"MBBO_DIST_WAIT": "poll"}, 2)]
 
 
 def _eager_calls(alg: Any) -> int:
@@ -122,10 +128,9 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
         problems[sharded], _ = spec.build(settings, block_batch=config["B"], dtype=torch.float32)
         problems[sharded].shard = (BlockShard.from_process_group(config["m"]) if sharded
                                    else BlockShard(config["m"]))
-    runs = [(label, bb, sharded, who, env) for label, bb, sharded, who, env in configurations(config["B"])
-            if who == "both" or rank == 0]
-    algs = {label: make_algorithm("bsvrb_v2", problems[sharded], seed=0, block_batch=bb,
-                                  compile=config["compile"], **hyper) for label, bb, sharded, _, _ in runs}
+    runs = [run for run in configurations(config["B"]) if run[3] == "both" or rank == 0]
+    algs = {label: make_algorithm("bsvrb_v2", problems[sharded], seed=0, block_batch=bb, block_strata=strata,
+                                  compile=config["compile"], **hyper) for label, bb, sharded, _, _, strata in runs}
     update_seconds = dict.fromkeys(algs, 0.0)  # wall time in `run_update` (the per-block part of the update)
     for label, alg in algs.items():
         alg.run_update = _timed(alg.run_update, update_seconds, label)  # type: ignore[method-assign]
@@ -136,13 +141,13 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
             algs[label].step()
 
     records: dict[str, dict[str, list[float]]] = {label: {} for label in algs}
-    for label, _, _, _, env in configurations(config["B"]):  # the same sequence of barriers on both ranks
+    for label, _, _, _, env, _ in configurations(config["B"]):  # the same sequence of barriers on both ranks
         dist.barrier()
         if label in algs:
             iterations(label, env, config["warmup"])  # also compiles
         dist.barrier()
     for _ in range(config["cycles"]):
-        for label, _, sharded, _, env in configurations(config["B"]):
+        for label, _, sharded, _, env, _ in configurations(config["B"]):
             dist.barrier()
             if label in algs:
                 shard = problems[sharded].shard
@@ -268,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             got = measure({**base, "compile": mode == "compiled"}, Path(tmp))
             per = got["configurations"]
             one, two, block = f"R=1,B={B}", f"R=2,B={B}", f"R=2 (block),B={B}"
+            one_strata, two_strata = f"R=1 {STRATA},B={B}", f"R=2 {STRATA},B={B}"
             ceiling = f"{CONCURRENT},B={B // 2}"
 
             def ratios(num: str, den: str, per: dict[str, Any] = per) -> list[float]:
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             median = {k: statistics.median(v["wall_ms"]) for k, v in per.items()}
             cpu = {k: statistics.median(v["cpu_ms"]) for k, v in per.items()}
             fit = fit_mode(cpu, median, [B // 4, B // 2, B], B, per[two]["bytes_per_iteration"])
-            speedups = {"R2": ratios(one, two), "R2_block": ratios(one, block), "ceiling": ratios(one, ceiling)}
+            speedups = {"R2": ratios(one, two), "R2_block": ratios(one, block), "ceiling": ratios(one, ceiling),
+                        "R2_strata": ratios(one_strata, two_strata)}
             modes[mode] = {
                 "ms_per_iteration": median, "cpu_ms_per_iteration": cpu,
                 "all": {k: v["wall_ms"] for k, v in per.items()},
@@ -284,16 +291,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "speedup_R2": statistics.median(speedups["R2"]),
                 "speedup_R2_cpu": cpu[one] / cpu[two],
                 "speedup_R2_block": statistics.median(speedups["R2_block"]),
+                "speedup_R2_strata": statistics.median(speedups["R2_strata"]),
                 "ceiling_R2": statistics.median(speedups["ceiling"]),
                 "eager_iterations": {k: v["eager_iterations"] for k, v in per.items()},
                 "gather_buffer_bytes_per_rank_per_iteration": per[two]["bytes_per_iteration"],
                 "collectives_per_iteration": per[two]["collectives_per_iteration"],
-                "gather_ms_per_iteration_R2": {k: statistics.median(per[k]["gather_ms"]) for k in (two, block)},
+                "gather_ms_per_iteration_R2": {k: statistics.median(per[k]["gather_ms"])
+                                               for k in (two, block, two_strata)},
                 "update_ms_per_iteration": {k: statistics.median(v["update_ms"]) for k, v in per.items()},
                 "barrier_ms_R2": got["barrier_ms"], "x_numel": got["x_numel"],
                 "fit": {k: v for k, v in fit.items() if k != "model"}, "model": fit["model"]}
             print(f"{mode}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in median.items())
-                  + f"; speed-up {modes[mode]['speedup_R2']:.2f}, ceiling {modes[mode]['ceiling_R2']:.2f}",
+                  + f"; speed-up {modes[mode]['speedup_R2']:.2f}, block_strata=2 "
+                  f"{modes[mode]['speedup_R2_strata']:.2f}, ceiling {modes[mode]['ceiling_R2']:.2f}",
                   flush=True)
     load_after = uptime()
     result = {
@@ -336,6 +346,9 @@ def report(r: dict[str, Any]) -> str:
                   f"({quartiles['R2'][0]:.2f} - {quartiles['R2'][2]:.2f}) polling in the gather, "
                   f"{m['speedup_R2_block']:.2f} ({quartiles['R2_block'][0]:.2f} - {quartiles['R2_block'][2]:.2f}) "
                   f"blocking; {m['speedup_R2_cpu']:.2f} in CPU time of the slowest rank", "",
+                  f"with stratified block sampling (block_strata=2: each rank owns B / 2 of every sample; R=1 {STRATA} "
+                  f"/ R=2 {STRATA}): **{m['speedup_R2_strata']:.2f}** ({quartiles['R2_strata'][0]:.2f} - "
+                  f"{quartiles['R2_strata'][2]:.2f})", "",
                   f"the machine's ceiling (R=1 at B over two concurrent independent runs at B / 2, per cycle): "
                   f"**{m['ceiling_R2']:.2f}** ({quartiles['ceiling'][0]:.2f} - {quartiles['ceiling'][2]:.2f})",
                   "",

@@ -15,7 +15,7 @@ Across the ranks, per iteration: the launch skew |launched_0 - launched_1| (imba
 numbers of the sampled blocks, and the two virtual cores do not run at the same speed) and the transfer
 (first completion minus last launch). The report gives medians and means over iterations.
 
-    python benchmarks/bench_distributed_timeline.py [--iterations 300] [--warmup 150] [--eager]
+    python benchmarks/bench_distributed_timeline.py [--iterations 300] [--warmup 150] [--eager] [--block-strata 2]
 
 Writes benchmarks/results/distributed_timeline.{json,md} (atomic writes).
 """
@@ -56,7 +56,8 @@ def _worker(rank: int, port: int, config: dict[str, Any], out: str) -> None:
     problem, _ = spec.build(settings, block_batch=config["B"], dtype=torch.float32)
     problem.shard = shard = BlockShard.from_process_group(config["m"])
     hyper = spec.hyper_defaults("bsvrb_v2", ["block_sampling", "estimator_init", "lower_update"])
-    alg = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=config["B"], compile=config["compile"], **hyper)
+    alg = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=config["B"], block_strata=config["strata"],
+                         compile=config["compile"], **hyper)
     updates: list[tuple[float, float]] = []
     run_update = alg.run_update
 
@@ -112,10 +113,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--eager", action="store_true", help="eager oracles instead of compile=True")
+    p.add_argument("--block-strata", type=int, default=1,
+                   help="block_strata of the sampling (2: each rank owns B / 2 of every sample)")
     p.add_argument("--out", type=Path, default=RESULTS / "distributed_timeline")
     args = p.parse_args(argv)
     config = {"m": 10_000, "B": 100, "b": 64, "iterations": args.iterations, "warmup": args.warmup,
-              "compile": not args.eager}
+              "compile": not args.eager, "strata": args.block_strata}
     from mbbo.distributed import free_port
 
     load_before = uptime()
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     s = r["setting"]
     lines = [f"# Phases of a block-sharded iteration: T1, m = {s['m']}, B = {s['B']}, b = {s['b']}, R = 2, "
-             f"{'compiled' if s['compile'] else 'eager'}, {s['iterations']} iterations", "",
+             f"{'compiled' if s['compile'] else 'eager'}, block_strata = {s.get('strata', 1)}, "
+             f"{s['iterations']} iterations", "",
              f"load before: `{r['load_before']}`", f"load after: `{r['load_after']}`", "",
              "| phase | " + " | ".join(f"rank {q}: median (mean) ms" for q in range(len(r["ranks"]))) + " |",
              "|---|" + "---|" * len(r["ranks"])]

@@ -14,13 +14,15 @@ bench = load_module("bench_distributed", Path(__file__).resolve().parents[1] / "
 
 def test_configurations_time_one_and_two_processes_and_the_ceiling() -> None:
     """One cycle: R = 1 at B / 4, B / 2, B on rank 0 alone; R = 2 sharded, polling and blocking; two concurrent
-    unsharded runs at B / 2."""
+    unsharded runs at B / 2; R = 1 and R = 2 with block_strata=2 (balanced ranks)."""
     runs = bench.configurations(100)
-    assert [(label, bb, sharded, who) for label, bb, sharded, who, _ in runs] == [
-        ("R=1,B=25", 25, False, "rank0"), ("R=1,B=50", 50, False, "rank0"), ("R=1,B=100", 100, False, "rank0"),
-        ("R=2,B=100", 100, True, "both"), ("R=2 (block),B=100", 100, True, "both"),
-        (f"{bench.CONCURRENT},B=50", 50, False, "both")]
-    assert [env.get("MBBO_DIST_WAIT") for *_, env in runs] == [None, None, None, "poll", "block", None]
+    strata = bench.STRATA
+    assert [(label, bb, sharded, who, s) for label, bb, sharded, who, _, s in runs] == [
+        ("R=1,B=25", 25, False, "rank0", 1), ("R=1,B=50", 50, False, "rank0", 1),
+        ("R=1,B=100", 100, False, "rank0", 1), ("R=2,B=100", 100, True, "both", 1),
+        ("R=2 (block),B=100", 100, True, "both", 1), (f"{bench.CONCURRENT},B=50", 50, False, "both", 1),
+        (f"R=1 {strata},B=100", 100, False, "rank0", 2), (f"R=2 {strata},B=100", 100, True, "both", 2)]
+    assert [run[4].get("MBBO_DIST_WAIT") for run in runs] == [None, None, None, "poll", "block", None, None, "poll"]
 
 
 def test_expected_max_owned_and_the_model() -> None:
