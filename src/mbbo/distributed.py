@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -243,6 +244,17 @@ def launch(argv: Sequence[str], nproc: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the blocks of one global sample go (`BlockShard.place`): `mine`, the mask of the blocks this rank
+    owns; `counts[q]`, how many rank q owns; `slot[k]`, the row of block k among the gathered rows (R parts of
+    max(counts) rows, rank q's blocks in their order of the sample at rows q max(counts), ...)."""
+
+    mine: Tensor
+    counts: list[int]
+    slot: Tensor
+
+
 class BlockShard:
     """The blocks rank `rank` of `world_size` owns, {i : i mod R = rank}, and the collective that brings the
     ranks' per-block results together in the global order (see the module docstring).
@@ -269,6 +281,7 @@ class BlockShard:
         # compare across the processes of one machine (benchmarks/bench_distributed_timeline.py)
         self.trace: list[tuple[float, float, float, float]] | None = None
         self._launched = self._completed = 0.0  # stamps of the last gather's collective
+        self._placed: tuple[Tensor, Placement] | None = None  # the last sample's placement (`place`)
 
     @classmethod
     def from_process_group(cls, num_blocks: int) -> BlockShard:
@@ -290,15 +303,33 @@ class BlockShard:
         """The rank owning each block."""
         return blocks % self.world_size
 
+    def place(self, blocks: Tensor) -> Placement:
+        """Where each block of a global sample goes (`Placement`), computed once per sample: the result for the
+        last `blocks` tensor is kept, so the sampling, which asks first, pays for it, and the gather of the same
+        iteration reuses it."""
+        if self._placed is not None and self._placed[0] is blocks:
+            return self._placed[1]
+        owners = self.owners(blocks)
+        counts = torch.bincount(owners, minlength=self.world_size)
+        # block k, the j-th of its owner q in `blocks`, arrives at row j of rank q's part: j by a stable sort
+        order = torch.argsort(owners, stable=True)
+        rank_in_owner = torch.empty_like(owners)
+        rank_in_owner[order] = torch.arange(owners.shape[0], device=owners.device) - (counts.cumsum(0)
+                                                                                      - counts)[owners[order]]
+        count_list = counts.tolist()
+        placement = Placement(owners == self.rank, count_list, owners * max(count_list) + rank_in_owner)
+        self._placed = (blocks, placement)  # `blocks` held: no other tensor can take its identity
+        return placement
+
     def owned(self, blocks: Tensor) -> Tensor | None:
         """Mask of the blocks this rank owns (None with one process: all of them)."""
-        return None if not self.distributed else self.owners(blocks) == self.rank
+        return None if not self.distributed else self.place(blocks).mine
 
     def local(self, blocks: Tensor) -> Tensor:
         """Local rows of the blocks this rank owns among `blocks`, in their order (`blocks` itself for R = 1)."""
         if not self.distributed:
             return blocks
-        return blocks[self.owners(blocks) == self.rank] // self.world_size
+        return blocks[self.place(blocks).mine] // self.world_size
 
     def rows(self, blocks: Tensor) -> Tensor:
         """Local rows of `blocks`, which this rank must own (ValueError otherwise)."""
@@ -346,15 +377,9 @@ class BlockShard:
         return out
 
     def _gather(self, parts: Sequence[tuple[Tensor, int]], blocks: Tensor, uniform: bool) -> list[Tensor]:
-        owners = self.owners(blocks)
-        owned_counts = torch.bincount(owners, minlength=self.world_size)
-        counts = owned_counts.tolist()
+        placement = self.place(blocks)
+        counts = placement.counts
         nmax = max(counts)
-        # block k, the j-th of its owner q in `blocks`, arrives at row j of rank q's part: j by a stable sort
-        order = torch.argsort(owners, stable=True)
-        row_of = torch.empty_like(owners)
-        row_of[order] = torch.arange(owners.shape[0], device=owners.device) - (owned_counts.cumsum(0)
-                                                                                - owned_counts)[owners[order]]
         mine = [t.movedim(d, 0) for t, d in parts]
         for t in mine:
             if t.shape[0] != counts[self.rank]:
@@ -372,13 +397,13 @@ class BlockShard:
         for t, tail, start in zip(mine, tails, offsets, strict=False):
             _typed(buffer, start, t.dtype, (nmax, *tail))[: t.shape[0]].copy_(t)
         received = torch.empty((self.world_size, total), dtype=torch.uint8, device=device)
-        work = dist.all_gather(list(received.unbind(0)), buffer, async_op=True)
+        work = dist.all_gather_single(received.view(-1), buffer, async_op=True)
         self._launched = time.perf_counter()
         finish(work)
         self._completed = time.perf_counter()
         self.collectives += 1
         self.bytes_sent += total
-        owners, row_of = owners.to(device), row_of.to(device)
+        slot = placement.slot.to(device)
         out = []
         for k, (t, d) in enumerate(parts):
             # every rank's rows of part k, (R, nmax, *tail), zero-padded to the largest tail (uniform: no padding)
@@ -391,7 +416,7 @@ class BlockShard:
                     shape = all_tails[q][k]
                     rows = _typed(received[q], layouts[q][k], t.dtype, (nmax, *shape))
                     typed[q][(slice(None), *(slice(0, s) for s in shape))] = rows
-            out.append(typed[owners, row_of].movedim(0, d))
+            out.append(typed.flatten(0, 1).index_select(0, slot).movedim(0, d))
         return out
 
     def _exchange_shapes(self, tails: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
