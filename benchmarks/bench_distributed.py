@@ -217,12 +217,14 @@ def expected_max_owned(B: int, R: int, trials: int = 2000) -> float:
     return float(counts.max(dim=1).values.mean())
 
 
-def model_time(B: int, R: int, c0: float, c1: float, bytes_per_block: float) -> float:
-    """Seconds per iteration at R processes (see the module docstring)."""
+def model_time(B: int, R: int, c0: float, c1: float, bytes_per_block: float, balanced: bool = False) -> float:
+    """Seconds per iteration at R processes (see the module docstring); `balanced`: every rank owns B / R of each
+    sample (block_strata a multiple of R) instead of E[max_r n_r]."""
     if R == 1:
         return c0 + c1 * B
     alpha, bandwidth = NETWORKS["intra-node (R <= 8)"] if R <= 8 else NETWORKS["inter-node (R > 8)"]
-    return (c0 + c1 * expected_max_owned(B, R) + (R - 1) * alpha
+    busiest = -(-B // R) if balanced else expected_max_owned(B, R)
+    return (c0 + c1 * busiest + (R - 1) * alpha
             + (R - 1) / R * B * bytes_per_block / bandwidth)
 
 
@@ -239,7 +241,9 @@ def fit_mode(r1: dict[str, float], r2: dict[str, float], batches: list[int], B: 
     loopback = r2[f"R=2,B={B}"] / 1e3 - (c0 + c1 * expected_max_owned(B, 2))
     model = {f"B={b}": {f"R={r}": {"ms_per_iteration": 1e3 * model_time(b, r, c0, c1, bytes_per_block),
                                    "speedup": model_time(b, 1, c0, c1, bytes_per_block)
-                                   / model_time(b, r, c0, c1, bytes_per_block)}
+                                   / model_time(b, r, c0, c1, bytes_per_block),
+                                   "speedup_balanced": model_time(b, 1, c0, c1, bytes_per_block)
+                                   / model_time(b, r, c0, c1, bytes_per_block, balanced=True)}
                         for r in (1, 2, *MODEL_R) if r <= b}
              for b in MODEL_B}
     return {"c0_ms": 1e3 * c0, "c1_ms_per_block": 1e3 * c1, "bytes_per_block": bytes_per_block,
@@ -363,9 +367,10 @@ def report(r: dict[str, Any]) -> str:
                   f"{f['wall_minus_cpu_model_ms_R2']:.2f} ms", "",
                   "| B | " + " | ".join(f"R = {x}" for x in (2, *MODEL_R)) + " |",
                   "|---|" + "---|" * (1 + len(MODEL_R))]
-        for b, row in m["model"].items():
-            cells = [f"{row[f'R={x}']['speedup']:.1f}" if f"R={x}" in row else "-" for x in (2, *MODEL_R)]
-            lines.append(f"| {b[2:]} | " + " | ".join(cells) + " |")
+        for key, name in (("speedup", ""), ("speedup_balanced", " (block_strata = R)")):
+            for b, row in m["model"].items():
+                cells = [f"{row[f'R={x}'][key]:.1f}" if f"R={x}" in row else "-" for x in (2, *MODEL_R)]
+                lines.append(f"| {b[2:]}{name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [r["gpu"], ""]
     return "\n".join(lines)

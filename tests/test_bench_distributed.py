@@ -37,6 +37,11 @@ def test_expected_max_owned_and_the_model() -> None:
     alpha, bandwidth = bench.NETWORKS["intra-node (R <= 8)"]
     assert bench.model_time(100, 2, c0, c1, per_block) == pytest.approx(
         c0 + c1 * e2 + alpha + 0.5 * 100 * per_block / bandwidth)
+    # balanced ranks (block_strata a multiple of R): the busiest rank has B / R blocks
+    assert bench.model_time(100, 2, c0, c1, per_block, balanced=True) == pytest.approx(
+        c0 + c1 * 50 + alpha + 0.5 * 100 * per_block / bandwidth)
+    assert bench.model_time(1000, 64, c0, c1, per_block, balanced=True) < bench.model_time(1000, 64, c0, c1,
+                                                                                           per_block)
 
 
 def test_fit_recovers_a_linear_cost() -> None:
@@ -50,6 +55,7 @@ def test_fit_recovers_a_linear_cost() -> None:
     assert fit["bytes_per_block"] == pytest.approx(1000.0)
     assert fit["wall_minus_cpu_model_ms_R2"] == pytest.approx(3.0)
     assert fit["model"]["B=100"]["R=1"]["speedup"] == pytest.approx(1.0)
+    assert fit["model"]["B=100"]["R=2"]["speedup_balanced"] > fit["model"]["B=100"]["R=2"]["speedup"]
 
 
 timeline = load_module("bench_distributed_timeline",

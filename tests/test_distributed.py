@@ -297,6 +297,23 @@ def test_block_strata_a_multiple_of_r_gives_every_rank_b_over_r_of_each_sample(m
         assert bool((shares.sum(1) == 40).all())
 
 
+def test_block_shard_place_gives_each_sampled_block_its_owner_and_gathered_row() -> None:
+    """`BlockShard.place`: the mask of the blocks rank 1 of 2 owns, how many each rank owns, and each block's row
+    in the gathered (2 parts of max(counts) rows) layout; computed once per sample tensor."""
+    shard = BlockShard(10, 1, 2)
+    blocks = torch.tensor([3, 8, 5, 0, 9, 2, 4])  # owners 1 0 1 0 1 0 0: rank 0 owns 4, rank 1 owns 3
+    placed = shard.place(blocks)
+    assert placed.mine.tolist() == [True, False, True, False, True, False, False]
+    assert placed.counts == [4, 3]
+    # rank 0's blocks 8, 0, 2, 4 at rows 0..3, rank 1's 3, 5, 9 at rows 4..6 (max(counts) = 4 rows per part)
+    assert placed.slot.tolist() == [4, 0, 5, 1, 6, 2, 3]
+    assert shard.place(blocks) is placed
+    again = shard.place(blocks.clone())  # another tensor: placed anew, alike
+    assert again is not placed and again.slot.tolist() == placed.slot.tolist()
+    assert shard.owned(blocks).tolist() == placed.mine.tolist()
+    assert shard.local(blocks).tolist() == [1, 2, 4]  # local rows i // 2 of 3, 5, 9
+
+
 def test_block_shard_ownership_rows_and_errors() -> None:
     shard = BlockShard(7, rank=1, world_size=3)
     blocks = torch.tensor([6, 1, 4, 2, 0])
