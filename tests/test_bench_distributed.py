@@ -82,3 +82,25 @@ def test_timeline_phases_and_how_the_ranks_meet() -> None:
               "load_after": "b", "ranks": [timeline.summary(timeline.phases(r)) for r in ranks], "across": summary}
     text = timeline.report(result)
     assert "| update | 4.00 (4.00) | 5.00 (5.00) |" in text and "| launch skew | 1.00 (1.00) |" in text
+
+
+overhead = load_module("bench_distributed_overhead",
+                       Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed_overhead.py")
+
+
+def test_overhead_benchmark_local_collective_and_configurations() -> None:
+    """The network-free all_gather puts this rank's buffer in every rank's slot and has completed; one cycle times
+    R = 1 at B / 2, rank 0 of 2 at B, and R = 1 at B; the report names the overhead and the bound."""
+    import torch
+
+    out = torch.full((3, 4), -1, dtype=torch.uint8)
+    work = overhead.local_all_gather_single(out.view(-1), torch.arange(4, dtype=torch.uint8), async_op=True)
+    assert work.is_completed() and work.wait()
+    assert out.tolist() == [[0, 1, 2, 3]] * 3
+    assert overhead.configurations(100) == [("R=1,B=50", 50, False), (f"{overhead.NO_NETWORK},B=100", 100, True),
+                                            ("R=1,B=100", 100, False)]
+    text = overhead.report({"setting": {"m": 10, "B": 4, "b": 2, "cycles": 1, "iterations": 1},
+                            "load_before": "x", "load_after": "y",
+                            "ms_per_iteration": {"R=1,B=2": 1.0, f"{overhead.NO_NETWORK},B=4": 1.5, "R=1,B=4": 2.0},
+                            "sharded_overhead_ms": 0.5, "speedup_bound_R2": 2.0 / 1.5})
+    assert "**0.50 ms** per iteration" in text and "**1.33**" in text and "| R=1,B=4 | 2.00 |" in text
