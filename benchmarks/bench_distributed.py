@@ -79,6 +79,18 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
+def load_lines(r: dict[str, Any]) -> list[str]:
+    """The report lines of the machine's load before and after a run."""
+    return [f"load before: `{r['load_before']}`", f"load after: `{r['load_after']}`", ""]
+
+
+def write_results(out: Path, result: dict[str, Any], text: str) -> None:
+    """`out`.json and `out`.md (atomic writes), and the report printed."""
+    atomic_write(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write(out.with_suffix(".md"), text)
+    print(text)
+
+
 def configurations(B: int) -> list[tuple[str, int, bool, str, dict[str, str], int]]:
     """(label, block batch, sharded, who runs it ("rank0" or "both"), environment, block_strata) of one cycle
     (module docstring)."""
@@ -320,18 +332,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "networks": {k: {"latency_us": a * 1e6, "bandwidth_GBps": bw / 1e9} for k, (a, bw) in NETWORKS.items()},
         "gpu": "no GPU / NCCL machine was available: no R = 1 ... 8 GPU measurement",
     }
-    atomic_write(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    atomic_write(args.out.with_suffix(".md"), report(result))
+    write_results(args.out, result, report(result))
     plot(result, args.out.parent / f"{args.out.name}_model.png")
-    print(report(result))
     return result
 
 
 def report(r: dict[str, Any]) -> str:
     s = r["setting"]
     lines = [f"# Block-sharded BSVRB_v2 on T1 (a8a, m = {s['num_blocks']}, B = {s['block_batch']}, "
-             f"b = {s['batch_size']}, float32, 1 thread per process)", "",
-             f"load before: `{r['load_before']}`", f"load after: `{r['load_after']}`", ""]
+             f"b = {s['batch_size']}, float32, 1 thread per process)", "", *load_lines(r)]
     for mode, m in r["modes"].items():
         lines += [f"## {mode} oracles", "",
                   "| configuration | wall ms / iteration: median over cycles (min - max) | CPU ms / iteration, "

@@ -21,7 +21,6 @@ Writes benchmarks/results/distributed_overhead.{json,md} (atomic writes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from bench_distributed import DATA, RESULTS, atomic_write, uptime
+from bench_distributed import DATA, RESULTS, load_lines, uptime, write_results
 
 NO_NETWORK = "rank 0 of 2, no network"
 
@@ -102,9 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "ms_per_iteration": {k: statistics.median(v) for k, v in ms.items()}, "all": ms,
               "sharded_overhead_ms": statistics.median(a - h for a, h in zip(ms[rank0], ms[half], strict=True)),
               "speedup_bound_R2": statistics.median(w / a for w, a in zip(ms[whole], ms[rank0], strict=True))}
-    atomic_write(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    atomic_write(args.out.with_suffix(".md"), report(result))
-    print(report(result))
+    write_results(args.out, result, report(result))
     return result
 
 
@@ -112,7 +109,7 @@ def report(r: dict[str, Any]) -> str:
     s = r["setting"]
     lines = [f"# The block-sharded code path without communication: T1, m = {s['m']}, B = {s['B']}, b = {s['b']}, "
              f"compiled, 1 process, 1 thread, {s['cycles']} cycles of {s['iterations']} iterations", "",
-             f"load before: `{r['load_before']}`", f"load after: `{r['load_after']}`", "",
+             *load_lines(r),
              "| configuration | ms / iteration (median over cycles) |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in r["ms_per_iteration"].items()]
     lines += ["", f"what the sharded path adds on one core (rank 0 of 2 at B minus R = 1 at B / 2, per cycle): "

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_distributed import DATA, RESULTS, atomic_write, uptime
+from bench_distributed import DATA, RESULTS, load_lines, uptime, write_results
 
 PHASES = ("sampling", "update", "to launch", "wait", "after", "iteration")
 
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "dtype": "float32", "threads_per_process": 1, "torch": torch.__version__},
               "load_before": load_before, "load_after": uptime(),
               "ranks": [summary(phases(r)) for r in ranks], "across": summary(meeting(ranks))}
-    atomic_write(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    atomic_write(args.out.with_suffix(".md"), report(result))
-    print(report(result))
+    write_results(args.out, result, report(result))
     return result
 
 
@@ -141,7 +138,7 @@ def report(r: dict[str, Any]) -> str:
     lines = [f"# Phases of a block-sharded iteration: T1, m = {s['m']}, B = {s['B']}, b = {s['b']}, R = 2, "
              f"{'compiled' if s['compile'] else 'eager'}, block_strata = {s.get('strata', 1)}, "
              f"{s['iterations']} iterations", "",
-             f"load before: `{r['load_before']}`", f"load after: `{r['load_after']}`", "",
+             *load_lines(r),
              "| phase | " + " | ".join(f"rank {q}: median (mean) ms" for q in range(len(r["ranks"]))) + " |",
              "|---|" + "---|" * len(r["ranks"])]
     for phase in PHASES:

@@ -104,3 +104,16 @@ def test_overhead_benchmark_local_collective_and_configurations() -> None:
                             "ms_per_iteration": {"R=1,B=2": 1.0, f"{overhead.NO_NETWORK},B=4": 1.5, "R=1,B=4": 2.0},
                             "sharded_overhead_ms": 0.5, "speedup_bound_R2": 2.0 / 1.5})
     assert "**0.50 ms** per iteration" in text and "**1.33**" in text and "| R=1,B=4 | 2.00 |" in text
+
+
+def test_write_results_writes_json_and_report_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`write_results`: OUT.json (the result) and OUT.md (the report), printed too; `load_lines` names the load."""
+    import json
+
+    result = {"load_before": "up 1 min, load average: 0.5", "load_after": "up 2 min, load average: 0.7", "n": 3}
+    text = "\n".join(["# report", *bench.load_lines(result)])
+    bench.write_results(tmp_path / "sub" / "out", result, text)
+    assert json.loads((tmp_path / "sub" / "out.json").read_text()) == result
+    assert (tmp_path / "sub" / "out.md").read_text() == text
+    assert "load before: `up 1 min, load average: 0.5`" in capsys.readouterr().out
+    assert bench.load_lines(result)[1] == "load after: `up 2 min, load average: 0.7`"
