@@ -42,6 +42,8 @@ CASES: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
      {"block_batch": 4, "block_sampling": "uniform", "block_strata": 2, "lr": 0.05}),
     ("v1-reshuffle-strata-quad", "quadratic", {"num_blocks": 8, "dim_x": 4, "dim_y": 3, "batch_size": 2},
      "bsvrb_v1", {"block_batch": 4, "block_sampling": "reshuffle", "block_strata": 2, "lr": 0.05}),
+    ("rsvrb-uniform-strata-quad", "quadratic", {"num_blocks": 8, "dim_x": 4, "dim_y": 3, "batch_size": 2},
+     "rsvrb", {"block_batch": 4, "block_sampling": "uniform", "block_strata": 4, "lr": 0.05}),
 ]
 T1 = {"num_blocks": 6, "batch_size": 4, "eval_blocks": None}
 T1_CASES: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
