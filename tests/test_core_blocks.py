@@ -15,6 +15,7 @@ from mbbo.blocks import (
     DelayedBlocks,
     MovingBlocks,
     ball_path,
+    distinct_uniform,
     replay_ball_paths,
 )
 from mbbo.projections import (
@@ -127,6 +128,20 @@ def test_stratified_block_sampler_draws_b_over_s_blocks_of_each_class(mode: str,
         ahead = [s.sample(gen, torch.device("cpu")) for _ in range(5)]
         gen.set_state(state)
         assert all(torch.equal(a, twin.sample(gen, torch.device("cpu"))) for a in ahead)
+
+
+@pytest.mark.parametrize(("n", "k"), [(10, 10), (10, 7), (10, 3), (1000, 20), (1, 1)])
+def test_distinct_uniform_draws_k_distinct_integers_below_n(n: int, k: int) -> None:
+    """k distinct values of [0, n) (all of them in order when k = n), each about equally often."""
+    gen = torch.Generator().manual_seed(2)
+    draws = torch.stack([distinct_uniform(n, k, gen) for _ in range(2000)])
+    assert draws.shape == (2000, k) and draws.dtype == torch.long
+    assert int(draws.min()) >= 0 and int(draws.max()) < n
+    assert all(len(set(row.tolist())) == k for row in draws[:200])
+    if k == n:
+        assert torch.equal(draws[0], torch.arange(n))
+    freq = torch.bincount(draws.reshape(-1), minlength=n).double() / draws.shape[0]
+    assert torch.allclose(freq, torch.full((n,), k / n, dtype=torch.float64), atol=0.05)
 
 
 def test_stratified_block_sampler_one_class_is_the_plain_sampler() -> None:
