@@ -131,17 +131,38 @@ def test_stratified_block_sampler_draws_b_over_s_blocks_of_each_class(mode: str,
 
 
 @pytest.mark.parametrize(("n", "k"), [(10, 10), (10, 7), (10, 3), (1000, 20), (1, 1)])
-def test_distinct_uniform_draws_k_distinct_integers_below_n(n: int, k: int) -> None:
-    """k distinct values of [0, n) (all of them in order when k = n), each about equally often."""
+@pytest.mark.parametrize("rows", [1, 3])
+def test_distinct_uniform_draws_k_distinct_integers_below_n(n: int, k: int, rows: int) -> None:
+    """`rows` rows of k distinct values of [0, n) (all of them in order when k = n), each value about equally often
+    in every row and position."""
     gen = torch.Generator().manual_seed(2)
-    draws = torch.stack([distinct_uniform(n, k, gen) for _ in range(2000)])
-    assert draws.shape == (2000, k) and draws.dtype == torch.long
+    draws = torch.stack([distinct_uniform(n, k, gen, rows=rows) for _ in range(2000)])
+    assert draws.shape == (2000, rows, k) and draws.dtype == torch.long
     assert int(draws.min()) >= 0 and int(draws.max()) < n
-    assert all(len(set(row.tolist())) == k for row in draws[:200])
+    assert all(len(set(row.tolist())) == k for row in draws.reshape(-1, k)[:600])
     if k == n:
-        assert torch.equal(draws[0], torch.arange(n))
-    freq = torch.bincount(draws.reshape(-1), minlength=n).double() / draws.shape[0]
-    assert torch.allclose(freq, torch.full((n,), k / n, dtype=torch.float64), atol=0.05)
+        assert bool((draws == torch.arange(n)).all())
+        return
+    for r in range(rows):
+        freq = torch.bincount(draws[:, r, -1], minlength=n).double() / draws.shape[0]
+        assert torch.allclose(freq, torch.full((n,), 1 / n, dtype=torch.float64), atol=0.035)
+
+
+def test_distinct_uniform_one_row_is_sequential_rejection() -> None:
+    """One row draws what sequential rejection over one list draws from the same stream (keep the first
+    occurrences in order, append new draws for the missing ones): the uniform block sampler's stream as it was."""
+    from mbbo.blocks import first_occurrences
+
+    for n, k in ((10, 5), (7, 3), (100, 30), (12, 9)):
+        ours, theirs = torch.Generator().manual_seed(n), torch.Generator().manual_seed(n)
+        for _ in range(200):
+            if 2 * k > n:
+                expected = torch.randperm(n, generator=theirs)[:k]
+            else:
+                expected = torch.randint(n, (k,), generator=theirs)
+                while (expected := expected[first_occurrences(expected)]).shape[0] < k:
+                    expected = torch.cat([expected, torch.randint(n, (k - expected.shape[0],), generator=theirs)])
+            assert torch.equal(distinct_uniform(n, k, ours)[0], expected)
 
 
 def test_stratified_block_sampler_one_class_is_the_plain_sampler() -> None:

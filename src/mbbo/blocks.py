@@ -51,7 +51,8 @@ class BlockSampler(StateFields):
     still sampled with probability B / m and the block mean stays unbiased. A block-sharded run whose R ranks
     own the blocks i mod R (`mbbo.distributed.BlockShard`) with R dividing S then gives every rank exactly B / R
     of the sampled blocks at every iteration: no rank waits for a busier one (uniform sampling over all blocks
-    leaves the ranks E|n_0 - n_1| ~ 0.8 sqrt(B) blocks apart at R = 2). O(S) draws per iteration.
+    leaves the ranks E|n_0 - n_1| ~ 0.8 sqrt(B) blocks apart at R = 2). Uniform mode draws all classes at once
+    (`distinct_uniform`); reshuffle draws S permutations every m // B iterations.
     """
 
     state_fields = ("order", "position")
@@ -86,7 +87,7 @@ class BlockSampler(StateFields):
             self.position += 1
             within = self.order.view(s, n)[:, start: start + k]
         else:
-            within = torch.stack([distinct_uniform(n, k, generator) for _ in range(s)])
+            within = distinct_uniform(n, k, generator, rows=s)
         if s == 1:
             return within[0].to(device)
         classes = torch.arange(s, device=within.device)
@@ -104,21 +105,26 @@ def check_block_strata(strata: object, num_blocks: int, block_batch: int) -> Non
             "of m and B, e.g. the number of processes, or 1")
 
 
-def distinct_uniform(n: int, k: int, generator: torch.Generator) -> Tensor:
-    """k distinct integers of [0, n), a uniformly random ordered k-subset (all of them, in order, when k = n),
-    on the generator's device: sequential rejection for k <= n / 2 (O(k) expected), a permutation otherwise."""
+def distinct_uniform(n: int, k: int, generator: torch.Generator, rows: int = 1) -> Tensor:
+    """`rows` independent uniformly random ordered k-subsets of [0, n) (all of them, in order, when k = n),
+    (rows, k) on the generator's device. For k <= n / 2, sequential rejection vectorised over the rows (O(rows k)
+    expected): each row keeps its first occurrences in order and draws the missing values at its end, until no
+    value repeats; a permutation per row otherwise. One row draws from the stream what the sampler always drew."""
     gdev = generator.device
     if k == n:
-        return torch.arange(n, device=gdev)
+        return torch.arange(n, device=gdev).repeat(rows, 1)
     if 2 * k > n:
-        return torch.randperm(n, generator=generator, device=gdev)[:k]
-    drawn = torch.randint(n, (k,), generator=generator, device=gdev)
+        return torch.stack([torch.randperm(n, generator=generator, device=gdev)[:k] for _ in range(rows)])
+    drawn = torch.randint(n, (rows, k), generator=generator, device=gdev)
+    offsets = n * torch.arange(rows, device=gdev).unsqueeze(1)  # values of different rows never collide
     while True:
-        drawn = drawn[first_occurrences(drawn)]
-        if drawn.shape[0] == k:
+        repeat = ~first_occurrences((drawn + offsets).view(-1)).view(rows, k)
+        missing = int(repeat.sum())
+        if missing == 0:
             return drawn
-        more = torch.randint(n, (k - drawn.shape[0],), generator=generator, device=gdev)
-        drawn = torch.cat([drawn, more])
+        order = torch.sort(repeat.to(torch.uint8), dim=1, stable=True).indices  # kept values first, in order
+        drawn = drawn.gather(1, order)
+        drawn[repeat.gather(1, order)] = torch.randint(n, (missing,), generator=generator, device=gdev)
 
 
 def first_occurrences(values: Tensor) -> Tensor:
