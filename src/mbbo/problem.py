@@ -188,9 +188,10 @@ class RowSampler(StateFields):
         """The data of rows `index` (len(blocks), b) of `blocks` (those of the mask `keep` only), with the rows
         under "index"."""
         if keep is not None:
-            blocks, index = blocks[keep], index[keep.to(index.device)]
+            index = index[keep.to(index.device)]
         if self.per_block:
-            out = {k: v[blocks[:, None].to(self._device), index] for k, v in self.data.items()}
+            kept = blocks if keep is None else blocks[keep]
+            out = {k: v[kept[:, None].to(self._device), index] for k, v in self.data.items()}
         else:
             # index_select: about 3x faster than advanced indexing on cold rows of a large table
             flat = index.reshape(-1)
