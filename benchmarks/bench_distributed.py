@@ -12,13 +12,21 @@ algorithm per configuration, warm each up for `--warmup` iterations (compilation
 cycles; in each cycle every configuration runs `--iterations` iterations between two barriers:
 
 - "R=1,B=25/50/100": rank 0 alone, unsharded (rank 1 waits in the barrier); the fit of the compute model;
-- "R=2,B=100": both ranks block-sharded, the ranks polling for the gather (`mbbo.distributed.finish`, the
-  default), and "R=2 (block)": the same, each rank blocking in the gather ($MBBO_DIST_WAIT=block);
+- "R=2,B=100": both ranks block-sharded, gathering through shared memory (`mbbo.shm_exchange`, the default for
+  ranks on one machine), and "R=2 (gloo)": the same through gloo's all_gather, polled (`mbbo.distributed.finish`;
+  $MBBO_DIST_TRANSPORT=backend);
 - "2 x R=1 concurrent,B=50": both ranks, each an independent unsharded run at B / 2: the machine's ceiling for
   R = 2 (perfect balance, no communication, whatever the two virtual cores deliver together).
 - "R=1 (block_strata=2)" and "R=2 (block_strata=2)": the same with stratified block sampling (B / 2 blocks of each
   class i mod 2, so each rank owns exactly B / 2 of every sample; an mbbo option, not the paper's sampling):
   the speed-up without the imbalance of uniformly sampled blocks.
+- "2 x R=1 lock-step (gloo)" and "(shared memory)": both ranks, each an independent unsharded run at B / 2 as in
+  the ceiling, but the two meet after every iteration and exchange as many bytes as a sharded rank gathers at
+  B / 2 blocks: through a gloo `all_gather_single` waited for by `mbbo.distributed.finish`, or through a shared
+  memory (`mbbo.shm_exchange`: a spin on counters, no system call, no communication thread). This is R = 2 with perfect
+  sharding: perfect balance, no sampling or packing overhead, only the once-per-iteration meeting that any run
+  equal to the 1-process trajectory needs (x_{t+1} enters every block's oracles at t + 1). R=1 at B over it
+  bounds the speed-up any such implementation reaches on this machine.
 
 Wall time (the slowest participating rank) and CPU time per iteration are recorded per cycle; the report gives
 per-configuration medians over cycles, and the medians over cycles of the speed-up R=1 / R=2 and of the ceiling
@@ -65,6 +73,9 @@ MODEL_B = (100, 1000, 10000)
 MODES = ("eager", "compiled")
 CONCURRENT = "2 x R=1 concurrent"
 STRATA = "(block_strata=2)"
+LOCKSTEP = "2 x R=1 lock-step"
+GLOO = "(gloo)"
+MEETINGS = ("gloo", "shared memory")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -96,10 +107,20 @@ def configurations(B: int) -> list[tuple[str, int, bool, str, dict[str, str], in
     (module docstring)."""
     return [*((f"R=1,B={bb}", bb, False, "rank0", {}, 1) for bb in (B // 4, B // 2, B)),
             (f"R=2,B={B}", B, True, "both", {"MBBO_DIST_WAIT": "poll"}, 1),
-            (f"R=2 (block),B={B}", B, True, "both", {"MBBO_DIST_WAIT": "block"}, 1),
+            (f"R=2 {GLOO},B={B}", B, True, "both", {"MBBO_DIST_TRANSPORT": "backend", "MBBO_DIST_WAIT": "poll"}, 1),
             (f"{CONCURRENT},B={B // 2}", B // 2, False, "both", {}, 1),
             (f"R=1 {STRATA},B={B}", B, False, "rank0", {}, 2),
-            (f"R=2 {STRATA},B={B}", B, True, "both", {"MBBO_DIST_WAIT": "poll"}, 2)]
+            (f"R=2 {STRATA},B={B}", B, True, "both", {"MBBO_DIST_WAIT": "poll"}, 2),
+            *((f"{LOCKSTEP} ({how}),B={B // 2}", B // 2, False, "both", {"MBBO_DIST_WAIT": "poll"}, 1)
+              for how in MEETINGS)]
+
+
+def meeting(label: str) -> str | None:
+    """How the ranks of a lock-step configuration meet after each iteration ("gloo" or "shared memory"; None for the
+    other configurations)."""
+    if not label.startswith(LOCKSTEP):
+        return None
+    return next(how for how in MEETINGS if f"({how})" in label)
 
 
 def _eager_calls(alg: Any) -> int:
@@ -128,29 +149,53 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     from mbbo.algorithms.registry import make_algorithm
-    from mbbo.distributed import BlockShard
+    from mbbo.distributed import BlockShard, finish, timeout_seconds
+    from mbbo.shm_exchange import SharedMemoryExchange
     from mbbo.tasks.registry import get_task
 
     spec = get_task("hyperparam")
     settings = spec.make_settings({"dataset": "a8a", "data_dir": str(DATA), "num_blocks": config["m"],
                                    "batch_size": config["b"]})
     hyper = spec.hyper_defaults("bsvrb_v2", ["block_sampling", "estimator_init", "lower_update"])
-    problems = {}
-    for sharded in (False, True):
-        problems[sharded], _ = spec.build(settings, block_batch=config["B"], dtype=torch.float32)
-        problems[sharded].shard = (BlockShard.from_process_group(config["m"]) if sharded
-                                   else BlockShard(config["m"]))
+    problems = {}  # by (sharded, transport): whole, sharded through shared memory, sharded through gloo
+    for key in ((False, "auto"), (True, "auto"), (True, "backend")):
+        problems[key], _ = spec.build(settings, block_batch=config["B"], dtype=torch.float32)
+        os.environ["MBBO_DIST_TRANSPORT"] = key[1]
+        problems[key].shard = BlockShard.from_process_group(config["m"]) if key[0] else BlockShard(config["m"])
+    os.environ["MBBO_DIST_TRANSPORT"] = "auto"
+
+    def problem_of(sharded: bool, env: dict[str, str]) -> Any:
+        return problems[sharded, env.get("MBBO_DIST_TRANSPORT", "auto")]
+
     runs = [run for run in configurations(config["B"]) if run[3] == "both" or rank == 0]
-    algs = {label: make_algorithm("bsvrb_v2", problems[sharded], seed=0, block_batch=bb, block_strata=strata,
-                                  compile=config["compile"], **hyper) for label, bb, sharded, _, _, strata in runs}
+    algs = {label: make_algorithm("bsvrb_v2", problem_of(sharded, env), seed=0, block_batch=bb,
+                                  block_strata=strata, compile=config["compile"], **hyper)
+            for label, bb, sharded, _, env, strata in runs}
     update_seconds = dict.fromkeys(algs, 0.0)  # wall time in `run_update` (the per-block part of the update)
     for label, alg in algs.items():
         alg.run_update = _timed(alg.run_update, update_seconds, label)  # type: ignore[method-assign]
 
+    # the lock-step configurations exchange the bytes a sharded rank gathers at B / 2 blocks (P = 2 points)
+    values = torch.randn(config["B"] // 2 * 2 * config["b"]).view(torch.uint8)
+    received = torch.empty(2, values.numel(), dtype=torch.uint8)
+    exchange = SharedMemoryExchange(timeout_seconds())
+
+    def gloo_meeting() -> None:
+        finish(dist.all_gather_single(received.view(-1), values, async_op=True))
+
+    def shared_memory_meeting() -> None:  # as `BlockShard.gather` does through shared memory
+        exchange.send_buffer(values.numel()).copy_(values)
+        received.copy_(exchange.exchange(values.numel()))
+
+    meetings = {"gloo": gloo_meeting, "shared memory": shared_memory_meeting}
+
     def iterations(label: str, env: dict[str, str], n: int) -> None:
         os.environ.update(env)
+        meet = meetings.get(meeting(label) or "")
         for _ in range(n):
             algs[label].step()
+            if meet is not None:
+                meet()
 
     records: dict[str, dict[str, list[float]]] = {label: {} for label in algs}
     for label, _, _, _, env, _ in configurations(config["B"]):  # the same sequence of barriers on both ranks
@@ -162,7 +207,7 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
         for label, _, sharded, _, env, _ in configurations(config["B"]):
             dist.barrier()
             if label in algs:
-                shard = problems[sharded].shard
+                shard = problem_of(sharded, env).shard
                 gather0, sent0, coll0, eager0 = (shard.gather_seconds, shard.bytes_sent, shard.collectives,
                                                  _eager_calls(algs[label]))
                 update0 = update_seconds[label]
@@ -183,7 +228,7 @@ def _worker(rank: int, world: int, port: int, config: dict[str, Any], out: str) 
     for _ in range(200):
         dist.barrier()
     torch.save({"records": records, "barrier_ms": 1e3 * (time.perf_counter() - start) / 200,
-                "x_numel": problems[True].dim_x}, f"{out}.{rank}")
+                "x_numel": problems[True, "auto"].dim_x}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -288,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for mode in args.modes:
             got = measure({**base, "compile": mode == "compiled"}, Path(tmp))
             per = got["configurations"]
-            one, two, block = f"R=1,B={B}", f"R=2,B={B}", f"R=2 (block),B={B}"
+            one, two, gloo = f"R=1,B={B}", f"R=2,B={B}", f"R=2 {GLOO},B={B}"
             one_strata, two_strata = f"R=1 {STRATA},B={B}", f"R=2 {STRATA},B={B}"
             ceiling = f"{CONCURRENT},B={B // 2}"
 
@@ -298,28 +343,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             median = {k: statistics.median(v["wall_ms"]) for k, v in per.items()}
             cpu = {k: statistics.median(v["cpu_ms"]) for k, v in per.items()}
             fit = fit_mode(cpu, median, [B // 4, B // 2, B], B, per[two]["bytes_per_iteration"])
-            speedups = {"R2": ratios(one, two), "R2_block": ratios(one, block), "ceiling": ratios(one, ceiling),
-                        "R2_strata": ratios(one_strata, two_strata)}
+            speedups = {"R2": ratios(one, two), "R2_gloo": ratios(one, gloo), "ceiling": ratios(one, ceiling),
+                        "R2_strata": ratios(one_strata, two_strata),
+                        **{f"lockstep ({how})": ratios(one, f"{LOCKSTEP} ({how}),B={B // 2}") for how in MEETINGS}}
             modes[mode] = {
                 "ms_per_iteration": median, "cpu_ms_per_iteration": cpu,
                 "all": {k: v["wall_ms"] for k, v in per.items()},
                 "speedup_per_cycle": speedups,
                 "speedup_R2": statistics.median(speedups["R2"]),
                 "speedup_R2_cpu": cpu[one] / cpu[two],
-                "speedup_R2_block": statistics.median(speedups["R2_block"]),
+                "speedup_R2_gloo": statistics.median(speedups["R2_gloo"]),
                 "speedup_R2_strata": statistics.median(speedups["R2_strata"]),
                 "ceiling_R2": statistics.median(speedups["ceiling"]),
+                "lockstep_bound_R2": {how: statistics.median(speedups[f"lockstep ({how})"]) for how in MEETINGS},
                 "eager_iterations": {k: v["eager_iterations"] for k, v in per.items()},
                 "gather_buffer_bytes_per_rank_per_iteration": per[two]["bytes_per_iteration"],
                 "collectives_per_iteration": per[two]["collectives_per_iteration"],
                 "gather_ms_per_iteration_R2": {k: statistics.median(per[k]["gather_ms"])
-                                               for k in (two, block, two_strata)},
+                                               for k in (two, gloo, two_strata)},
                 "update_ms_per_iteration": {k: statistics.median(v["update_ms"]) for k, v in per.items()},
                 "barrier_ms_R2": got["barrier_ms"], "x_numel": got["x_numel"],
                 "fit": {k: v for k, v in fit.items() if k != "model"}, "model": fit["model"]}
             print(f"{mode}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in median.items())
                   + f"; speed-up {modes[mode]['speedup_R2']:.2f}, block_strata=2 "
-                  f"{modes[mode]['speedup_R2_strata']:.2f}, ceiling {modes[mode]['ceiling_R2']:.2f}",
+                  f"{modes[mode]['speedup_R2_strata']:.2f}, ceiling {modes[mode]['ceiling_R2']:.2f}, lock-step "
+                  "bound " + ", ".join(f"{how} {v:.2f}" for how, v in modes[mode]["lockstep_bound_R2"].items()),
                   flush=True)
     load_after = uptime()
     result = {
@@ -356,14 +404,20 @@ def report(r: dict[str, Any]) -> str:
         f = m["fit"]
         gather = ", ".join(f"{k}: {v:.2f} ms" for k, v in m["gather_ms_per_iteration_R2"].items())
         lines += ["", f"speed-up at R = 2 (median over cycles of R=1 / R=2; quartiles): **{m['speedup_R2']:.2f}** "
-                  f"({quartiles['R2'][0]:.2f} - {quartiles['R2'][2]:.2f}) polling in the gather, "
-                  f"{m['speedup_R2_block']:.2f} ({quartiles['R2_block'][0]:.2f} - {quartiles['R2_block'][2]:.2f}) "
-                  f"blocking; {m['speedup_R2_cpu']:.2f} in CPU time of the slowest rank", "",
+                  f"({quartiles['R2'][0]:.2f} - {quartiles['R2'][2]:.2f}) gathering through shared memory, "
+                  f"{m['speedup_R2_gloo']:.2f} ({quartiles['R2_gloo'][0]:.2f} - {quartiles['R2_gloo'][2]:.2f}) "
+                  f"through gloo; {m['speedup_R2_cpu']:.2f} in CPU time of the slowest rank", "",
                   f"with stratified block sampling (block_strata=2: each rank owns B / 2 of every sample; R=1 {STRATA} "
                   f"/ R=2 {STRATA}): **{m['speedup_R2_strata']:.2f}** ({quartiles['R2_strata'][0]:.2f} - "
                   f"{quartiles['R2_strata'][2]:.2f})", "",
                   f"the machine's ceiling (R=1 at B over two concurrent independent runs at B / 2, per cycle): "
                   f"**{m['ceiling_R2']:.2f}** ({quartiles['ceiling'][0]:.2f} - {quartiles['ceiling'][2]:.2f})",
+                  "",
+                  "the bound of any run equal to the 1-process trajectory (R=1 at B over two unsharded runs at B / 2 "
+                  "that meet after every iteration, per cycle): "
+                  + ", ".join(f"**{v:.2f}** ({quartiles[f'lockstep ({how})'][0]:.2f} - "
+                              f"{quartiles[f'lockstep ({how})'][2]:.2f}) meeting through {how}"
+                              for how, v in m["lockstep_bound_R2"].items()),
                   "",
                   f"gather buffer per rank and iteration: {m['gather_buffer_bytes_per_rank_per_iteration']:.0f} "
                   f"bytes ({m['collectives_per_iteration']:.0f} collective per iteration; x has {m['x_numel']} "

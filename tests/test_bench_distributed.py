@@ -13,16 +13,24 @@ bench = load_module("bench_distributed", Path(__file__).resolve().parents[1] / "
 
 
 def test_configurations_time_one_and_two_processes_and_the_ceiling() -> None:
-    """One cycle: R = 1 at B / 4, B / 2, B on rank 0 alone; R = 2 sharded, polling and blocking; two concurrent
-    unsharded runs at B / 2; R = 1 and R = 2 with block_strata=2 (balanced ranks)."""
+    """One cycle: R = 1 at B / 4, B / 2, B on rank 0 alone; R = 2 sharded, through shared memory and gloo; two
+    concurrent unsharded runs at B / 2; R = 1 and R = 2 with block_strata=2 (balanced ranks); two unsharded runs at
+    B / 2 in lock-step."""
     runs = bench.configurations(100)
     strata = bench.STRATA
     assert [(label, bb, sharded, who, s) for label, bb, sharded, who, _, s in runs] == [
         ("R=1,B=25", 25, False, "rank0", 1), ("R=1,B=50", 50, False, "rank0", 1),
         ("R=1,B=100", 100, False, "rank0", 1), ("R=2,B=100", 100, True, "both", 1),
-        ("R=2 (block),B=100", 100, True, "both", 1), (f"{bench.CONCURRENT},B=50", 50, False, "both", 1),
-        (f"R=1 {strata},B=100", 100, False, "rank0", 2), (f"R=2 {strata},B=100", 100, True, "both", 2)]
-    assert [run[4].get("MBBO_DIST_WAIT") for run in runs] == [None, None, None, "poll", "block", None, None, "poll"]
+        (f"R=2 {bench.GLOO},B=100", 100, True, "both", 1), (f"{bench.CONCURRENT},B=50", 50, False, "both", 1),
+        (f"R=1 {strata},B=100", 100, False, "rank0", 2), (f"R=2 {strata},B=100", 100, True, "both", 2),
+        (f"{bench.LOCKSTEP} (gloo),B=50", 50, False, "both", 1),
+        (f"{bench.LOCKSTEP} (shared memory),B=50", 50, False, "both", 1)]
+    assert [run[4].get("MBBO_DIST_WAIT") for run in runs] == [None, None, None, "poll", "poll", None, None, "poll",
+                                                              "poll", "poll"]
+    # R = 2 gathers through shared memory (the default on one machine), and through gloo for comparison
+    assert [run[4].get("MBBO_DIST_TRANSPORT") for run in runs] == [None] * 4 + ["backend"] + [None] * 5
+    # the lock-step runs meet after every iteration, through gloo or shared memory; the others do not
+    assert [bench.meeting(run[0]) for run in runs] == [None] * 8 + ["gloo", "shared memory"]
 
 
 def test_expected_max_owned_and_the_model() -> None:

@@ -132,13 +132,16 @@ def _check_equal(cases: list[Any], tmp_path: Path, data_dir: str | None) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wait", ["poll", "block"])
-def test_two_processes_equal_one_process_on_the_quadratic(tmp_path: Path, wait: str,
+@pytest.mark.parametrize(("transport", "wait"), [("auto", "poll"), ("backend", "block")])
+def test_two_processes_equal_one_process_on_the_quadratic(tmp_path: Path, transport: str, wait: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """BSVRB v1, v2, RSVRB, the moving-average baseline (eager all-block updates) and RE-BSVRB_v2, uniform and
     reshuffled block sampling: x at every step, the lower variables and the oracle counts of 2 block-sharded
-    processes equal the 1-process run exactly, whichever way the ranks wait for the gather ($MBBO_DIST_WAIT)."""
-    monkeypatch.setenv("MBBO_DIST_WAIT", wait)  # the spawned ranks inherit it
+    processes equal the 1-process run exactly, whichever way the ranks gather: through shared memory ("auto" on
+    this machine) or gloo's all_gather ($MBBO_DIST_TRANSPORT=backend, blocking in the wait; `finish`'s polling is
+    the gather test's)."""
+    monkeypatch.setenv("MBBO_DIST_TRANSPORT", transport)  # the spawned ranks inherit them
+    monkeypatch.setenv("MBBO_DIST_WAIT", wait)
     _check_equal(CASES, tmp_path, None)
 
 
@@ -259,11 +262,16 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_gather_returns_every_rank_s_rows_in_the_order_of_the_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["auto", "backend"])
+def test_gather_returns_every_rank_s_rows_in_the_order_of_the_blocks(tmp_path: Path, transport: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`BlockShard.gather` on 2 processes: parts of five dtypes (a 3-byte part before an int64 one: each part is
     aligned in the buffer), a part along dim 1, a sample whose blocks all belong to rank 0 (rank 1 sends zero
     rows), and `uniform=False` with a last dimension that differs across ranks (the shorter one zero-padded):
-    every rank gets the rows of all blocks in the order of the sample."""
+    every rank gets the rows of all blocks in the order of the sample, through shared memory ("auto" on this
+    machine) and through gloo's all_gather, polled ("backend")."""
+    monkeypatch.setenv("MBBO_DIST_TRANSPORT", transport)
+    monkeypatch.setenv("MBBO_DIST_WAIT", "poll")
     out = str(tmp_path / "gather")
     _two_processes(_gather_worker, free_port(), out)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]

@@ -496,6 +496,14 @@ def _check_multiprocess(spec: TaskSpec, algorithm: str | None, world: int, how: 
                              "the ones that do: bsvrb_v1, bsvrb_v2, ma_v1, ma_v2, rsvrb and their re_<name> variants")
 
 
+def _lost_process(exc: RuntimeError, rank: int, world: int, advice: str) -> DistributedError:
+    """The error of a rank whose collective failed (`exc`): another process died or timed out."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DistributedError(
+        f"rank {rank} of {world}: a collective failed ({first[:300]}); another process probably died (see its "
+        f"error) or did not answer within $MBBO_DIST_TIMEOUT = {timeout_seconds():g} s.{advice}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     """`mbbo run`: resolve, build, run, report. Under torchrun / --nproc, rank 0 writes OUT and rank r > 0
     writes in OUT/rank<r>: for the federated tasks its own log and checkpoint (each rank resumes from its own);
@@ -532,7 +540,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     experiment.spec.check_algorithm(experiment.algorithm, experiment.settings, problem)
     if group is not None:
-        problem.shard = BlockShard.from_process_group(problem.num_blocks)  # refuses R > m
+        try:
+            problem.shard = BlockShard.from_process_group(problem.num_blocks)  # refuses R > m
+        except RuntimeError as exc:
+            if isinstance(exc, DistributedError):
+                raise
+            raise _lost_process(exc, rank, world, "") from exc
         block_batch = int(experiment.hyper.get("block_batch", 1))
         if block_batch < world:
             raise ValueError(f"block_batch = {block_batch} sampled blocks cannot keep {world} processes busy (each "
@@ -564,12 +577,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         if group is None or isinstance(exc, CheckpointError | RunLockedError):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DistributedError(
-            f"rank {rank} of {world}: a collective failed ({first[:300]}); another process probably died (see its "
-            f"error) or did not answer within $MBBO_DIST_TIMEOUT = {timeout_seconds():g} s. Resume from the last "
-            f"complete checkpoint set with: mbbo run --out {args.out or experiment.out_dir} --resume --nproc {world}"
-        ) from exc
+        raise _lost_process(exc, rank, world, f" Resume from the last complete checkpoint set with: mbbo run --out "
+                                              f"{args.out or experiment.out_dir} --resume --nproc {world}") from exc
     if rank > 0:
         return 0
     files = ", ".join(name for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE)

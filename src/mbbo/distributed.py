@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
+from mbbo.shm_exchange import SharedMemoryExchange, shared_memory_usable, transport
+
 __all__ = ["DEFAULT_TIMEOUT_S", "WAIT_MODES", "BlockShard", "DistributedError", "RankGroup", "finish", "free_port",
            "init_from_env", "launch", "process_group_size", "strip_nproc", "timeout_seconds", "wait_mode",
            "world_from_env"]
@@ -78,7 +80,8 @@ def init_from_env(timeout_s: float | None = None, device: str = "cpu") -> bool:
     rank, world = world_from_env()
     if world <= 1:
         return dist.is_initialized()
-    wait_mode()  # a wrong $MBBO_DIST_WAIT fails at start-up, not at the first gather
+    wait_mode()  # a wrong $MBBO_DIST_WAIT or $MBBO_DIST_TRANSPORT fails at start-up, not at the first gather
+    transport()
     if not dist.is_initialized():
         seconds = timeout_seconds(timeout_s)
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
@@ -263,7 +266,8 @@ class BlockShard:
     tables. With `world_size = 1` (the default) local rows are the block ids and nothing is communicated.
     """
 
-    def __init__(self, num_blocks: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_blocks: int, rank: int = 0, world_size: int = 1,
+                 exchange: SharedMemoryExchange | None = None) -> None:
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -282,13 +286,32 @@ class BlockShard:
         self.trace: list[tuple[float, float, float, float]] | None = None
         self._launched = self._completed = 0.0  # stamps of the last gather's collective
         self._placed: tuple[Tensor, Placement] | None = None  # the last sample's placement (`place`)
+        self.exchange = exchange  # ranks on one machine gather through shared memory (`mbbo.shm_exchange`)
 
     @classmethod
     def from_process_group(cls, num_blocks: int) -> BlockShard:
-        """The shard of this process in the initialised default group (a single shard without one)."""
+        """The shard of this process in the initialised default group (a single shard without one); a collective.
+        Its gathers go through shared memory when `mbbo.shm_exchange.transport` allows it (ranks on one machine,
+        gloo, x86-64; $MBBO_DIST_TRANSPORT), else through the group's all_gather.
+
+        Raises:
+            DistributedError: $MBBO_DIST_TRANSPORT=shm where shared memory cannot be used (the reason named).
+        """
         if process_group_size() <= 1:
             return cls(num_blocks)
-        return cls(num_blocks, dist.get_rank(), dist.get_world_size())
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world > num_blocks:  # before the collectives below, on every rank alike
+            return cls(num_blocks, rank, world)
+        how = transport()
+        exchange = None
+        if how != "backend":
+            why_not = shared_memory_usable()
+            if why_not is not None and how == "shm":
+                raise DistributedError(f"MBBO_DIST_TRANSPORT=shm, but the ranks cannot gather through shared "
+                                       f"memory: {why_not}; use MBBO_DIST_TRANSPORT=auto or backend")
+            if why_not is None:
+                exchange = SharedMemoryExchange(timeout_seconds())
+        return cls(num_blocks, rank, world, exchange)
 
     @property
     def distributed(self) -> bool:
@@ -392,14 +415,19 @@ class BlockShard:
         # that the bytes can be viewed as any dtype in place); every rank's buffer has the largest total
         layouts = [_layout([(nmax, *tail) for tail in rank_tails], [t.dtype for t in mine]) for rank_tails in all_tails]
         total = max(end for *_, end in layouts)
-        buffer = torch.zeros(total, dtype=torch.uint8, device=device)  # zero padding rows and alignment gaps
+        if self.exchange is not None:  # this rank's shared-memory slot (CPU)
+            buffer = self.exchange.send_buffer(total).zero_()
+        else:
+            buffer = torch.zeros(total, dtype=torch.uint8, device=device)  # zero padding rows and alignment gaps
         offsets = layouts[self.rank]
         for t, tail, start in zip(mine, tails, offsets, strict=False):
             _typed(buffer, start, t.dtype, (nmax, *tail))[: t.shape[0]].copy_(t)
-        received = torch.empty((self.world_size, total), dtype=torch.uint8, device=device)
-        work = dist.all_gather_single(received.view(-1), buffer, async_op=True)
         self._launched = time.perf_counter()
-        finish(work)
+        if self.exchange is not None:
+            received = self.exchange.exchange(total)  # read below into new tensors, before the next gather
+        else:
+            received = torch.empty((self.world_size, total), dtype=torch.uint8, device=device)
+            finish(dist.all_gather_single(received.view(-1), buffer, async_op=True))
         self._completed = time.perf_counter()
         self.collectives += 1
         self.bytes_sent += total
