@@ -125,3 +125,28 @@ def test_write_results_writes_json_and_report_and_prints(tmp_path: Path, capsys:
     assert (tmp_path / "sub" / "out.md").read_text() == text
     assert "load before: `up 1 min, load average: 0.5`" in capsys.readouterr().out
     assert bench.load_lines(result)[1] == "load after: `up 2 min, load average: 0.7`"
+
+
+runs = load_module("bench_distributed_runs",
+                   Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed_runs.py")
+
+
+def test_runs_benchmark_times_the_slower_rank_and_pairs_each_round() -> None:
+    """A run's time is the slower rank's median step (ms); each round's speed-up pairs R = 1 with the R = 2 run of
+    the same sampling; the report lists the rounds and the median and range over them."""
+    fast = {"steps": [(0.0, 0.004), (0.004, 0.009), (0.009, 0.012)]}  # medians 4 ms
+    slow = {"steps": [(0.0, 0.005), (0.005, 0.010), (0.010, 0.020)]}  # 5 ms
+    assert runs.run_ms([fast]) == pytest.approx(4.0) and runs.run_ms([fast, slow]) == pytest.approx(5.0)
+    rounds = [{"R=1,S=1": 8.0, "R=2,S=1": 5.0, "R=1,S=2": 8.0, "R=2,S=2": 4.0},
+              {"R=1,S=1": 6.0, "R=2,S=1": 5.0, "R=1,S=2": 9.0, "R=2,S=2": 5.0},
+              {"R=1,S=1": 7.0, "R=2,S=1": 5.0, "R=1,S=2": 6.0, "R=2,S=2": 4.0}]
+    summary = runs.summarise(rounds)
+    assert summary["block_strata=1"]["speedups"] == pytest.approx([1.6, 1.2, 1.4])
+    assert summary["block_strata=1"]["median"] == pytest.approx(1.4)
+    strata2 = summary["block_strata=2"]
+    assert strata2["speedups"] == pytest.approx([2.0, 1.8, 1.5])
+    assert (strata2["median"], strata2["min"], strata2["max"]) == pytest.approx((1.8, 1.5, 2.0))
+    text = runs.report({"setting": {"m": 10, "B": 4, "b": 2, "iterations": 3, "rounds": 3}, "load_before": "x",
+                        "load_after": "y", "rounds": rounds, "speedup": summary})
+    assert "| 1 | 8.00 | 5.00 | 8.00 | 4.00 | 1.60 | 2.00 |" in text
+    assert "block_strata=2: **1.80** (median over rounds; 1.50 - 2.00)" in text

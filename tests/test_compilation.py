@@ -279,3 +279,16 @@ def test_use_compiled_chooses_the_whole_update_or_each_oracle() -> None:
     sharded = make_algorithm("bsvrb_v2", problem, seed=0, block_batch=2)
     sharded.use_compiled()
     assert sharded.compiled_updates == {} and not sharded.oracles.compiled
+
+
+def test_signature_walks_dataclass_arguments() -> None:
+    """A compiled update's arguments may hold dataclasses (e.g. `XGrad`): their type and fields' shapes are part of
+    the signature, so that a dataclass argument is hashable and a new shape inside it is a new signature."""
+    from mbbo.compilation import _signature
+    from mbbo.oracles import XGrad
+
+    sparse = _signature((XGrad(torch.zeros(2, 3, 4), torch.zeros(3, 4, dtype=torch.long)), 0.5))
+    assert hash(sparse) == hash(_signature((XGrad(torch.ones(2, 3, 4), torch.ones(3, 4, dtype=torch.long)), 0.5)))
+    assert sparse != _signature((XGrad(torch.zeros(2, 5, 4), torch.zeros(5, 4, dtype=torch.long)), 0.5))
+    assert sparse != _signature((XGrad(torch.zeros(2, 3, 4)), 0.5))  # dense: index None
+    assert XGrad in sparse

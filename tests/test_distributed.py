@@ -249,7 +249,7 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
         got = {}
         for name, blocks in (("mixed", torch.tensor([8, 3, 0, 5, 6, 2, 7])), ("one owner", torch.tensor([4, 0, 2]))):
             mine = blocks[shard.owned(blocks)]
-            got[name] = shard.gather([(t.index_select(d, torch.nonzero(shard.owned(blocks)).view(-1)), d)
+            got[name] = shard.gather([(t.index_select(d, shard.owned(blocks)), d)
                                       for t, d in _block_values(blocks)], blocks)
             got[f"{name}, shapes differ"] = shard.gather(_block_values(mine, rank_of_tail=rank), blocks,
                                                          uniform=False)
@@ -302,18 +302,18 @@ def test_block_strata_a_multiple_of_r_gives_every_rank_b_over_r_of_each_sample(m
     for strata, balanced in ((4, True), (8, True), (1, False)):
         sampler = BlockSampler(1000, 40, mode, strata=strata)
         samples = [sampler.sample(gen, torch.device("cpu")) for _ in range(50)]
-        shares = torch.stack([torch.stack([shard.owned(blocks).sum() for shard in shards]) for blocks in samples])
+        shares = torch.tensor([[len(shard.owned(blocks)) for shard in shards] for blocks in samples])
         assert bool((shares == 10).all()) is balanced, (strata, shares)
         assert bool((shares.sum(1) == 40).all())
 
 
 def test_block_shard_place_gives_each_sampled_block_its_owner_and_gathered_row() -> None:
-    """`BlockShard.place`: the mask of the blocks rank 1 of 2 owns, how many each rank owns, and each block's row
-    in the gathered (2 parts of max(counts) rows) layout; computed once per sample tensor."""
+    """`BlockShard.place`: the positions of the blocks rank 1 of 2 owns, how many each rank owns, and each block's
+    row in the gathered (2 parts of max(counts) rows) layout; computed once per sample tensor."""
     shard = BlockShard(10, 1, 2)
     blocks = torch.tensor([3, 8, 5, 0, 9, 2, 4])  # owners 1 0 1 0 1 0 0: rank 0 owns 4, rank 1 owns 3
     placed = shard.place(blocks)
-    assert placed.mine.tolist() == [True, False, True, False, True, False, False]
+    assert placed.mine.tolist() == [0, 2, 4]
     assert placed.counts == [4, 3]
     # rank 0's blocks 8, 0, 2, 4 at rows 0..3, rank 1's 3, 5, 9 at rows 4..6 (max(counts) = 4 rows per part)
     assert placed.slot.tolist() == [4, 0, 5, 1, 6, 2, 3]
@@ -327,7 +327,9 @@ def test_block_shard_place_gives_each_sampled_block_its_owner_and_gathered_row()
 def test_block_shard_ownership_rows_and_errors() -> None:
     shard = BlockShard(7, rank=1, world_size=3)
     blocks = torch.tensor([6, 1, 4, 2, 0])
-    assert shard.num_local == 2 and shard.owned(blocks).tolist() == [False, True, True, False, False]
+    assert shard.num_local == 2 and shard.owned(blocks).tolist() == [1, 2]  # blocks 1 and 4
+    # owners 0 1 1 2 0: rank 0's 6, 0 at rows 0, 1; rank 1's 1, 4 at rows 2, 3; rank 2's 2 at row 4
+    assert shard.place(blocks).counts == [2, 2, 1] and shard.place(blocks).slot.tolist() == [0, 2, 3, 4, 1]
     assert shard.local(blocks).tolist() == [0, 1] and shard.global_ids(torch.tensor([0, 1])).tolist() == [1, 4]
     assert torch.equal(shard.table(torch.arange(7) * 10), torch.tensor([10, 40]))
     with pytest.raises(ValueError, match="does not own"):

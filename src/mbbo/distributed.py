@@ -14,7 +14,8 @@ Block sharding (specs/distributed.md, section 1): :class:`BlockShard`. Rank r of
 {i : i mod R = r}; its per-block tables hold only those rows (local row of block i: i // R), so memory per rank
 is about m d / R. Every rank draws the same global block sample and the same global row sample (all ranks run
 the same random streams), keeps the blocks it owns, and the per-block results meet in one collective,
-:meth:`BlockShard.gather`, which puts them back in the order of the global sample: the reduction that follows
+:meth:`BlockShard.gather` (through shared memory for CPU ranks on one machine, :mod:`mbbo.shm_exchange`; else the
+group's all_gather), which puts them back in the order of the global sample: the reduction that follows
 (a mean over blocks, an ``index_add``) then runs on exactly the tensors the 1-process run has, so R processes
 reproduce the 1-process trajectory bit for bit. With R = 1 every method is the identity and nothing is
 communicated.
@@ -249,9 +250,10 @@ def launch(argv: Sequence[str], nproc: int) -> int:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the blocks of one global sample go (`BlockShard.place`): `mine`, the mask of the blocks this rank
-    owns; `counts[q]`, how many rank q owns; `slot[k]`, the row of block k among the gathered rows (R parts of
-    max(counts) rows, rank q's blocks in their order of the sample at rows q max(counts), ...)."""
+    """Where the blocks of one global sample go (`BlockShard.place`): `mine`, the positions in the sample of the
+    blocks this rank owns, in their order (an index tensor: selecting with it needs no mask-to-index pass);
+    `counts[q]`, how many rank q owns; `slot[k]`, the row of block k among the gathered rows (R parts of max(counts)
+    rows, rank q's blocks in their order of the sample at rows q max(counts), ...)."""
 
     mine: Tensor
     counts: list[int]
@@ -334,25 +336,30 @@ class BlockShard:
             return self._placed[1]
         owners = self.owners(blocks)
         counts = torch.bincount(owners, minlength=self.world_size)
-        # block k, the j-th of its owner q in `blocks`, arrives at row j of rank q's part: j by a stable sort
-        order = torch.argsort(owners, stable=True)
-        rank_in_owner = torch.empty_like(owners)
-        rank_in_owner[order] = torch.arange(owners.shape[0], device=owners.device) - (counts.cumsum(0)
-                                                                                      - counts)[owners[order]]
         count_list = counts.tolist()
-        placement = Placement(owners == self.rank, count_list, owners * max(count_list) + rank_in_owner)
+        starts = [sum(count_list[:q]) for q in range(self.world_size)]
+        nmax = max(count_list)
+        # the stable sort lists rank 0's blocks first, each rank's in the order of the sample: order[starts[q] + j]
+        # is the j-th block of rank q, which arrives at row q nmax + j of the gathered rows
+        order = torch.argsort(owners, stable=True)
+        shift = torch.tensor([q * nmax - starts[q] for q in range(self.world_size)], device=blocks.device)
+        rows = torch.arange(blocks.shape[0], device=blocks.device) + shift.repeat_interleave(counts)
+        slot = torch.empty_like(order).index_copy_(0, order, rows)
+        mine = order[starts[self.rank]: starts[self.rank] + count_list[self.rank]]
+        placement = Placement(mine, count_list, slot)
         self._placed = (blocks, placement)  # `blocks` held: no other tensor can take its identity
         return placement
 
     def owned(self, blocks: Tensor) -> Tensor | None:
-        """Mask of the blocks this rank owns (None with one process: all of them)."""
+        """Positions in `blocks` of the blocks this rank owns, in their order (an index tensor; None with one
+        process: all of them)."""
         return None if not self.distributed else self.place(blocks).mine
 
     def local(self, blocks: Tensor) -> Tensor:
         """Local rows of the blocks this rank owns among `blocks`, in their order (`blocks` itself for R = 1)."""
         if not self.distributed:
             return blocks
-        return blocks[self.place(blocks).mine] // self.world_size
+        return blocks.index_select(0, self.place(blocks).mine) // self.world_size
 
     def rows(self, blocks: Tensor) -> Tensor:
         """Local rows of `blocks`, which this rank must own (ValueError otherwise)."""
@@ -415,16 +422,17 @@ class BlockShard:
         # that the bytes can be viewed as any dtype in place); every rank's buffer has the largest total
         layouts = [_layout([(nmax, *tail) for tail in rank_tails], [t.dtype for t in mine]) for rank_tails in all_tails]
         total = max(end for *_, end in layouts)
-        if self.exchange is not None:  # this rank's shared-memory slot (CPU)
-            buffer = self.exchange.send_buffer(total).zero_()
+        exchange = self.exchange if device.type == "cpu" else None  # shared memory holds CPU bytes
+        if exchange is not None:  # this rank's shared-memory slot
+            buffer = exchange.send_buffer(total).zero_()
         else:
             buffer = torch.zeros(total, dtype=torch.uint8, device=device)  # zero padding rows and alignment gaps
         offsets = layouts[self.rank]
         for t, tail, start in zip(mine, tails, offsets, strict=False):
             _typed(buffer, start, t.dtype, (nmax, *tail))[: t.shape[0]].copy_(t)
         self._launched = time.perf_counter()
-        if self.exchange is not None:
-            received = self.exchange.exchange(total)  # read below into new tensors, before the next gather
+        if exchange is not None:
+            received = exchange.exchange(total)  # read below into new tensors, before the next gather
         else:
             received = torch.empty((self.world_size, total), dtype=torch.uint8, device=device)
             finish(dist.all_gather_single(received.view(-1), buffer, async_op=True))

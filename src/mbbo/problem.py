@@ -148,7 +148,7 @@ class RowSampler(StateFields):
 
     def sample(self, blocks: Tensor, generator: torch.Generator, batch_size: int | None = None, *,
                keep: Tensor | None = None) -> Batch:
-        """Rows for each of `blocks`; `keep` (a mask over `blocks`) gathers the data of those blocks only,
+        """Rows for each of `blocks`; `keep` (positions in `blocks`) gathers the data of those blocks only,
         after drawing the rows of all of them (a block-sharded rank draws as the 1-process run does)."""
         return self.gather(blocks, self.draw(blocks, generator, batch_size), keep)
 
@@ -185,12 +185,12 @@ class RowSampler(StateFields):
         return index.to(self._device)
 
     def gather(self, blocks: Tensor, index: Tensor, keep: Tensor | None = None) -> Batch:
-        """The data of rows `index` (len(blocks), b) of `blocks` (those of the mask `keep` only), with the rows
-        under "index"."""
+        """The data of rows `index` (len(blocks), b) of `blocks` (those at positions `keep` only, an index
+        tensor), with the rows under "index"."""
         if keep is not None:
-            index = index[keep.to(index.device)]
+            index = index.index_select(0, keep.to(index.device))
         if self.per_block:
-            kept = blocks if keep is None else blocks[keep]
+            kept = blocks if keep is None else blocks.index_select(0, keep.to(blocks.device))
             out = {k: v[kept[:, None].to(self._device), index] for k, v in self.data.items()}
         else:
             # index_select: about 3x faster than advanced indexing on cold rows of a large table

@@ -244,7 +244,7 @@ class BilevelAlgorithm:
                 continue
             draw = getattr(sampler, "sample_initial", sampler.sample) if initial else sampler.sample
             batch = draw(blocks, generator, batch_size)
-            out.append(batch if keep is None else {k: v[keep] for k, v in batch.items()})
+            out.append(batch if keep is None else {k: v.index_select(0, keep) for k, v in batch.items()})
             rows.append(None)
         return out[0], out[1], (rows[0], rows[1])
 

@@ -149,14 +149,26 @@ def moved_rows(alg: MultiBlockAlgorithm, rows: Tensor, direction: Tensor, step: 
     return moved if radius is None else project_ball(moved, radius)
 
 
+def mean_hypergradient(alg: MultiBlockAlgorithm, gx_f: XGrad | None, cross: XGrad) -> Tensor:
+    """(1/B) sum_i grad_x f_i - cross_i over the blocks of `cross` (all sampled blocks), per point: (P, d_x)."""
+    g = -cross.block_mean(alg.problem.dim_x)
+    return g if gx_f is None else g + gx_f.block_mean(alg.problem.dim_x)
+
+
 def reduced_hypergradient(alg: MultiBlockAlgorithm, draw: BlockSample | BlockDraw, gx_f: XGrad | None,
                           cross: XGrad) -> Tensor:
-    """(1/B) sum_i grad_x f_i - cross_i over the sampled blocks, per point: (P, d_x) (the blocks of other processes
-    gathered first when blocks are sharded: `gather_xgrads`)."""
+    """`mean_hypergradient` over the sampled blocks (the blocks of other processes gathered first when blocks are
+    sharded: `gather_xgrads`)."""
     cross_all, gx_f = alg.gather_xgrads([cross, gx_f], draw.sampled, rows=draw.rows)
     assert cross_all is not None
-    g = -cross_all.block_mean(alg.problem.dim_x)
-    return g if gx_f is None else g + gx_f.block_mean(alg.problem.dim_x)
+    return mean_hypergradient(alg, gx_f, cross_all)
+
+
+def hypergradient_step(alg: MultiBlockAlgorithm, cross: XGrad, gx_f: XGrad | None, upper: STORM | EMA
+                       ) -> tuple[Tensor, Tensor]:
+    """`upper_step` along `mean_hypergradient` of all sampled blocks' terms: what a block-sharded rank computes after
+    the gather, as a second compiled graph (`BilevelAlgorithm.run_update`)."""
+    return upper_step(alg, mean_hypergradient(alg, gx_f, cross), upper)
 
 
 def upper_step(alg: MultiBlockAlgorithm, grads: Tensor, upper: STORM | EMA) -> tuple[Tensor, Tensor]:
@@ -365,12 +377,14 @@ def linear_system_step(alg: MultiBlockAlgorithm, tracker: MSVR | EMA, upper: STO
                        two: bool) -> None:
     """One BSVRB_v2 / ma_v2 iteration: `sample_blocks` (eager), `linear_system_update` (compiled as one graph under
     compile=True), `close_iteration`. Block-sharded, the graph ends with the per-block terms
-    (`linear_system_terms`): the collective of `reduced_hypergradient` and the upper step follow eagerly."""
+    (`linear_system_terms`); the collective (`gather_xgrads`) follows, then `hypergradient_step` (a second graph)."""
     sample = sample_blocks(alg)
     t = torch.tensor(alg.iteration, device=alg.x.device)
     if alg.shard.distributed:
         cross, gx_f = alg.run_update(linear_system_terms, sample, t, two, tracker, moving_average)
-        z, x = upper_step(alg, reduced_hypergradient(alg, sample, gx_f, cross), upper)
+        cross_all, gx_f_all = alg.gather_xgrads([cross, gx_f], sample.sampled, rows=sample.rows)
+        assert cross_all is not None
+        z, x = alg.run_update(hypergradient_step, cross_all, gx_f_all, upper)
     else:
         z, x = alg.run_update(linear_system_update, sample, t, two, tracker, upper, moving_average)
     close_iteration(alg, sample, (alg.y, alg.v), z, x)
