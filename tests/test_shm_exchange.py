@@ -111,7 +111,19 @@ def _shard_worker(rank: int, port: int, out: str) -> None:
         for how in ("auto", "backend"):
             os.environ["MBBO_DIST_TRANSPORT"] = how
             got[how] = BlockShard.from_process_group(6).exchange is not None
+        # rank 1 cannot map rank 0's file (as in a container with a private /dev/shm): "auto" falls back to the
+        # group's all_gather on both ranks, "shm" fails on both
+        mapped = torch.from_file
+        if rank == 1:
+            torch.from_file = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no such file"))  # type: ignore
+        os.environ["MBBO_DIST_TRANSPORT"] = "auto"
+        got["unmapped auto"] = BlockShard.from_process_group(6).exchange is not None
         os.environ["MBBO_DIST_TRANSPORT"] = "shm"
+        try:
+            BlockShard.from_process_group(6)
+        except DistributedError as exc:
+            got["unmapped shm"] = str(exc)
+        torch.from_file = mapped
         platform.machine = lambda: "aarch64"  # type: ignore[assignment]
         try:
             BlockShard.from_process_group(6)
@@ -125,11 +137,32 @@ def _shard_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="shared memory needs x86-64")
 def test_block_shard_gathers_through_shared_memory_unless_told_otherwise(tmp_path: Path) -> None:
     """`BlockShard.from_process_group`: shared memory under "auto" (both ranks here, gloo, x86-64), the process
-    group's collective under "backend"; "shm" where shared memory cannot be used fails with the reason."""
+    group's collective under "backend" and under "auto" when a rank cannot map the file; "shm" where shared
+    memory cannot be used fails with the reason."""
     out = str(tmp_path / "shard")
     _two_processes(_shard_worker, free_port(), out)
     for r in range(2):
         got = torch.load(f"{out}.{r}")
         assert got["auto"] is True and got["backend"] is False
+        assert got["unmapped auto"] is False
+        assert "MBBO_DIST_TRANSPORT=shm, but not every rank could map the shared file" in str(got["unmapped shm"])
         assert "MBBO_DIST_TRANSPORT=shm, but the ranks cannot gather through shared memory: this processor" in str(
             got["forced"])
+
+
+def test_alive_tells_running_exited_and_zombie_processes() -> None:
+    """`_alive`: this process runs; a child that exited but was not reaped yet (a zombie) counts as gone, as does
+    a reaped one."""
+    import subprocess
+    import sys
+
+    from mbbo.shm_exchange import _alive
+
+    assert _alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while _alive(child.pid) and time.monotonic() < deadline:  # exits; unreaped until `wait`
+        time.sleep(0.05)
+    assert not _alive(child.pid)
+    child.wait()
+    assert not _alive(child.pid)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from mbbo.shm_exchange import SharedMemoryExchange, shared_memory_usable, transport
+from mbbo.shm_exchange import SharedMemoryExchange, SharedMemoryUnavailable, shared_memory_usable, transport
 
 __all__ = ["DEFAULT_TIMEOUT_S", "WAIT_MODES", "BlockShard", "DistributedError", "RankGroup", "finish", "free_port",
            "init_from_env", "launch", "process_group_size", "strip_nproc", "timeout_seconds", "wait_mode",
@@ -312,7 +312,11 @@ class BlockShard:
                 raise DistributedError(f"MBBO_DIST_TRANSPORT=shm, but the ranks cannot gather through shared "
                                        f"memory: {why_not}; use MBBO_DIST_TRANSPORT=auto or backend")
             if why_not is None:
-                exchange = SharedMemoryExchange(timeout_seconds())
+                try:
+                    exchange = SharedMemoryExchange(timeout_seconds())
+                except SharedMemoryUnavailable as exc:  # on every rank alike
+                    if how == "shm":
+                        raise DistributedError(f"MBBO_DIST_TRANSPORT=shm, but {exc}") from exc
         return cls(num_blocks, rank, world, exchange)
 
     @property

@@ -1,9 +1,10 @@
 """The per-iteration gather of block-sharded CPU ranks on one machine, through shared memory.
 
-Gloo's all_gather over TCP loopback costs more than the whole per-block update at small block batches: on this
-project's 2-core machine, two unsharded runs at B / 2 that meet through gloo after every iteration are 1.46 times as
-fast as one run at B, and 1.71 times when they meet through shared memory (`benchmarks/bench_distributed.py`, the
-"lock-step" configurations). Ranks on one machine therefore exchange the gather's bytes through one shared file
+Gloo's all_gather over TCP loopback costs about 1 ms per iteration on this project's 2-core machine, a large part
+of an iteration at small block batches. Two unsharded runs at B / 2 that meet through gloo after every iteration
+were 1.32-1.46 times as fast as one run at B, and 1.57-1.71 times when they met through shared memory
+(`benchmarks/bench_distributed.py`, the "lock-step" configurations; docs/results_distributed.md). Ranks on one
+machine therefore exchange the gather's bytes through one shared file
 (`SharedMemoryExchange`): every rank writes its buffer into its own slot, publishes a counter, and reads the other
 ranks' slots once their counters have reached the same gather. No system call, no communication thread, and
 nothing to copy but the slots themselves; set-up, bookkeeping collectives and multi-machine runs stay on the
@@ -29,9 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["TRANSPORTS", "SharedMemoryExchange", "shared_memory_usable", "transport"]
+__all__ = ["TRANSPORTS", "SharedMemoryExchange", "SharedMemoryUnavailable", "shared_memory_usable", "transport"]
 
 TRANSPORTS = ("auto", "backend", "shm")
+
+
+class SharedMemoryUnavailable(RuntimeError):
+    """Some rank cannot map the file rank 0 created (raised on every rank alike)."""
+
+
 _LINE = 64  # bytes per rank's counter: one cache line each, so that no two ranks write the same line
 _ORDERED_STORES = {"x86_64", "amd64", "i386", "i686", "x86"}
 
@@ -46,11 +53,12 @@ def transport() -> str:
 
 def shared_memory_usable() -> str | None:
     """Why this process group cannot gather through shared memory (None when it can): a collective (all ranks
-    compare their host names), so every rank reaches the same answer."""
+    compare their host names), so every rank reaches the same answer. Ranks that agree on a host name may still not
+    share /dev/shm (containers): `SharedMemoryExchange` checks that every rank sees the file rank 0 wrote."""
+    if dist.get_backend() != "gloo":  # the same on every rank: no collective needed
+        return f"the process group's backend is {dist.get_backend()}, not gloo (CPU tensors)"
     hosts: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
-    if dist.get_backend() != "gloo":
-        return f"the process group's backend is {dist.get_backend()}, not gloo (CPU tensors)"
     if len(set(hosts)) > 1:
         return f"the ranks run on {len(set(hosts))} machines ({', '.join(sorted(map(str, set(hosts))))})"
     if platform.machine().lower() not in _ORDERED_STORES:
@@ -62,7 +70,8 @@ def shared_memory_usable() -> str | None:
 class SharedMemoryExchange:
     """All ranks of the default process group (one machine) exchange byte buffers through one shared file.
 
-    Layout: one counter per rank (int64, one cache line each), then two sets (by the parity of the exchange) of R
+    Layout: a random token (rank 0 writes it, every rank checks it), one counter per rank (int64, one cache line
+    each), then two sets (by the parity of the exchange) of R
     slots of `capacity` bytes. Exchange k: rank r writes its bytes into slot (k mod 2, r) (`send_buffer`), stores
     k + 1 in its counter and waits until every counter has reached k + 1 (`exchange`); it then reads all slots of
     set k mod 2. A rank overwrites a slot of that set only at exchange k + 2, after every rank has published
@@ -86,26 +95,44 @@ class SharedMemoryExchange:
         self._map(capacity)
 
     def _map(self, capacity: int) -> None:
-        """Creates (rank 0) and maps (every rank) a new file of `capacity` bytes per slot; a collective."""
+        """Creates (rank 0) and maps (every rank) a new file of `capacity` bytes per slot; a collective.
+
+        Raises:
+            SharedMemoryUnavailable: on every rank, when some rank could not map the file or did not find the
+                token rank 0 wrote into it (e.g. ranks in containers with private /dev/shm).
+        """
         capacity = -(-capacity // _LINE) * _LINE
-        header = _LINE * self.world_size
+        header = _LINE * (self.world_size + 1)  # the token's line, then one counter line per rank
         size = header + 2 * self.world_size * capacity
-        name: list[object] = [None]
+        name: list[object] = [None, None]
         if self.rank == 0:
             directory = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
-            path = Path(directory) / f"mbbo-gather-{os.getpid()}-{uuid.uuid4().hex}"
+            token = uuid.uuid4().bytes
+            path = Path(directory) / f"mbbo-gather-{os.getpid()}-{token.hex()}"
             with open(path, "wb") as handle:
+                handle.write(token)
                 handle.truncate(size)
-            name = [str(path)]
+            name = [str(path), token]
         dist.broadcast_object_list(name, src=0)
-        data = torch.from_file(str(name[0]), shared=True, size=size, dtype=torch.uint8)
-        dist.barrier()  # every rank has mapped the file: its name is no longer needed
+        path, token = str(name[0]), bytes(name[1])  # type: ignore[arg-type]
+        data: Tensor | None = None
+        try:
+            data = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+            if bytes(data[: len(token)].tolist()) != token:
+                data = None
+        except (RuntimeError, OSError):
+            data = None
+        mapped = torch.tensor([int(data is not None)])
+        dist.all_reduce(mapped, op=dist.ReduceOp.MIN)  # also the barrier after which the name is not needed
         if self.rank == 0:
-            os.unlink(str(name[0]))
+            os.unlink(path)
+        if data is None or not int(mapped):
+            raise SharedMemoryUnavailable(f"not every rank could map the shared file {path} that rank 0 created "
+                                          "(ranks in containers with a private /dev/shm?)")
         self.capacity = capacity
         self._data = data
         # a numpy view: reading the counters in the wait loop skips the tensor dispatcher
-        self._counters = data[:header].view(torch.int64).numpy()[:: _LINE // 8]
+        self._counters = data[_LINE:header].view(torch.int64).numpy()[:: _LINE // 8]
         self._slots = data[header:].view(2, self.world_size, capacity)
         self.exchanges = 0
 
@@ -149,11 +176,16 @@ class SharedMemoryExchange:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs: it exists and, where /proc tells, has not exited unreaped (a zombie)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")  # the state follows the command name's ")"
 
