@@ -48,7 +48,7 @@ def _worker(rank: int, port: int, config: dict[str, Any], out: str) -> None:
                             world_size=config.get("world", 2), timeout=datetime.timedelta(seconds=120))
     from mbbo.algorithms.blockwise import linear_system_terms
     from mbbo.algorithms.registry import make_algorithm
-    from mbbo.distributed import BlockShard
+    from mbbo.distributed import BlockShard, close_process_group
     from mbbo.tasks.registry import get_task
 
     spec = get_task("hyperparam")
@@ -81,7 +81,7 @@ def _worker(rank: int, port: int, config: dict[str, Any], out: str) -> None:
         alg.step()
         steps.append((start, time.perf_counter()))
     torch.save({"steps": steps, "updates": updates, "gathers": shard.trace}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def phases(rank: dict[str, list[tuple[float, ...]]]) -> list[dict[str, float]]:

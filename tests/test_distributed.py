@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mbbo.algorithms.registry import make_algorithm
-from mbbo.distributed import BlockShard, free_port
+from mbbo.distributed import BlockShard, close_process_group, free_port
 from mbbo.tasks.registry import get_task
 
 TIMEOUT_S = 60  # every collective of the workers; the test waits at most JOIN_S for them
@@ -93,10 +93,12 @@ def _worker(rank: int, port: int, out: str, cases: list[Any], data_dir: str | No
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    ok = False
     try:
         torch.save({case[0]: _trajectory(case, data_dir) for case in cases}, f"{out}.{rank}")
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronise=ok)
 
 
 def _two_processes(worker: Any, *args: Any) -> None:
@@ -244,6 +246,7 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    ok = False
     try:
         shard = BlockShard.from_process_group(9)
         got = {}
@@ -258,8 +261,9 @@ def _gather_worker(rank: int, port: int, out: str) -> None:
         shard.gather(_block_values(mine), blocks)
         got["trace"] = shard.trace
         torch.save(got, f"{out}.{rank}")
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronise=ok)
 
 
 @pytest.mark.parametrize("transport", ["auto", "backend"])
@@ -561,3 +565,19 @@ def test_world_and_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MBBO_DIST_TIMEOUT", "0")
     with pytest.raises(ValueError, match="MBBO_DIST_TIMEOUT must be a number of seconds > 0"):
         timeout_seconds()
+
+
+def test_close_process_group_leaves_after_a_barrier_or_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`close_process_group`: nothing to do without a group; a rank that succeeded waits in a barrier before it
+    destroys the group, a failed one destroys it at once."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    close_process_group()  # no group: nothing happens
+    barriers: list[int] = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (barriers.append(1), real_barrier(*a, **k))[1])
+    for synchronise, expected in ((True, [1]), (False, [])):
+        barriers.clear()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        close_process_group(synchronise=synchronise)
+        assert not dist.is_initialized() and barriers == expected

@@ -365,18 +365,21 @@ def _distributed_worker(rank: int, port: int, path: str) -> None:
 
     import torch.distributed as dist
 
+    from mbbo.distributed import close_process_group
     from mbbo.federated.comm import DistributedBackend
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
+    ok = False
     try:
         states = _run_methods(DistributedBackend)
         if rank == 0:
             torch.save(states, path)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronise=ok)
 
 
 @pytest.mark.slow

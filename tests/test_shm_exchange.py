@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mbbo.distributed import BlockShard, DistributedError, free_port
+from mbbo.distributed import BlockShard, DistributedError, close_process_group, free_port
 from mbbo.shm_exchange import SharedMemoryExchange, shared_memory_usable, transport
 from test_distributed import TIMEOUT_S, _two_processes
 
@@ -26,6 +26,7 @@ def _join(rank: int, port: int) -> None:
 
 def _exchange_worker(rank: int, port: int, out: str) -> None:
     _join(rank, port)
+    ok = False
     try:
         exchange = SharedMemoryExchange(timeout_s=TIMEOUT_S, capacity=64)
         got = []
@@ -36,9 +37,9 @@ def _exchange_worker(rank: int, port: int, out: str) -> None:
             exchange.send_buffer(nbytes).copy_(values.to(torch.uint8))
             got.append((nbytes, exchange.exchange(nbytes).clone()))
         torch.save({"got": got, "capacity": exchange.capacity, "exchanges": exchange.exchanges}, f"{out}.{rank}")
-        dist.barrier()
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronise=ok)
 
 
 def test_exchange_gives_every_rank_all_slots_across_parities_and_growth(tmp_path: Path) -> None:
@@ -106,6 +107,7 @@ def test_transport_and_shared_memory_usable(monkeypatch: pytest.MonkeyPatch) -> 
 
 def _shard_worker(rank: int, port: int, out: str) -> None:
     _join(rank, port)
+    ok = False
     try:
         got: dict[str, object] = {}
         for how in ("auto", "backend"):
@@ -130,8 +132,9 @@ def _shard_worker(rank: int, port: int, out: str) -> None:
         except DistributedError as exc:
             got["forced"] = str(exc)
         torch.save(got, f"{out}.{rank}")
+        ok = True
     finally:
-        dist.destroy_process_group()
+        close_process_group(synchronise=ok)
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="shared memory needs x86-64")

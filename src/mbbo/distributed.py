@@ -40,7 +40,8 @@ from torch import Tensor
 
 from mbbo.shm_exchange import SharedMemoryExchange, SharedMemoryUnavailable, shared_memory_usable, transport
 
-__all__ = ["DEFAULT_TIMEOUT_S", "WAIT_MODES", "BlockShard", "DistributedError", "RankGroup", "finish", "free_port",
+__all__ = ["DEFAULT_TIMEOUT_S", "WAIT_MODES", "BlockShard", "DistributedError", "RankGroup", "close_process_group",
+           "finish", "free_port",
            "init_from_env", "launch", "process_group_size", "strip_nproc", "timeout_seconds", "wait_mode",
            "world_from_env"]
 
@@ -188,13 +189,25 @@ def _worker(rank: int, argv: list[str], world_size: int, port: int) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     from mbbo.cli import main
 
+    status = 1
     try:
         status = main(argv)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group(synchronise=status == 0)
     if status:
         sys.exit(status)
+
+
+def close_process_group(synchronise: bool = True) -> None:
+    """Destroys the default process group, if any; `synchronise` (a rank that succeeded): after a barrier, so that
+    no rank tears its gloo connections down while another still has work in flight on them (seen as a rank
+    aborting with "terminate called without an active exception"). A failed rank skips the barrier: the others
+    may never reach it."""
+    if not dist.is_initialized():
+        return
+    if synchronise:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def launch(argv: Sequence[str], nproc: int) -> int:
