@@ -71,17 +71,18 @@ class SharedMemoryExchange:
     """All ranks of the default process group (one machine) exchange byte buffers through one shared file.
 
     Layout: a random token (rank 0 writes it, every rank checks it), one counter per rank (int64, one cache line
-    each), then two sets (by the parity of the exchange) of R
-    slots of `capacity` bytes. Exchange k: rank r writes its bytes into slot (k mod 2, r) (`send_buffer`), stores
-    k + 1 in its counter and waits until every counter has reached k + 1 (`exchange`); it then reads all slots of
-    set k mod 2. A rank overwrites a slot of that set only at exchange k + 2, after every rank has published
-    exchange k + 1, i.e. after every rank has read exchange k: the caller copies what it needs out of the slots
-    before its next exchange. A larger buffer than `capacity` re-creates the file, twice as large, in a collective
-    that every rank enters at the same exchange (all ranks ask for the same size).
+    each), then two sets (by the parity of the exchange) of R slots of `capacity` bytes. Exchange k: rank r writes
+    its bytes into slot (k mod 2, r) (`send_buffer`), stores k + 1 in its counter and waits until every counter has
+    reached k + 1 (`exchange`); it then reads all slots of set k mod 2. A rank overwrites a slot of that set only at
+    exchange k + 2, after every rank has published exchange k + 1, i.e. after every rank has read exchange k: the
+    caller copies what it needs out of the slots before its next exchange. A larger buffer than `capacity`
+    re-creates the file, twice as large, in a collective that every rank enters at the same exchange (all ranks ask for
+    the same size).
 
     The file lives in /dev/shm when there is one; rank 0 deletes its name once every rank has mapped it, so that
     nothing is left behind when a process dies. A rank waits by polling the counters and yielding its core; it
-    fails with `DistributedError` when a rank it waits for has exited (checked every 0.2 s) or after `timeout_s`.
+    fails with `DistributedError` when a rank it waits for has exited (checked every 0.2 s, for the ranks whose
+    process this one can see: not across PID namespaces) or after `timeout_s`.
     """
 
     def __init__(self, timeout_s: float, capacity: int = 1 << 16) -> None:
@@ -90,7 +91,8 @@ class SharedMemoryExchange:
         self.timeout_s = timeout_s
         pids: list[object] = [None] * self.world_size
         dist.all_gather_object(pids, os.getpid())
-        self.pids = [int(str(p)) for p in pids]
+        # the ranks whose processes this one sees (None: another PID namespace, left to the timeout)
+        self.pids = [int(str(p)) if _alive(int(str(p))) else None for p in pids]
         self.exchanges = 0
         self._map(capacity)
 
@@ -164,7 +166,7 @@ class SharedMemoryExchange:
                 continue
             check = now
             late = [q for q in range(self.world_size) if counters[q] < target]
-            dead = [q for q in late if not _alive(self.pids[q])]
+            dead = [q for q in late if (pid := self.pids[q]) is not None and not _alive(pid)]
             from mbbo.distributed import DistributedError
 
             if dead:
