@@ -22,9 +22,9 @@ cycles; in each cycle every configuration runs `--iterations` iterations between
   the speed-up without the imbalance of uniformly sampled blocks.
 - "2 x R=1 lock-step (gloo)" and "(shared memory)": both ranks, each an independent unsharded run at B / 2 as in
   the ceiling, but the two meet after every iteration and exchange as many bytes as a sharded rank gathers at
-  B / 2 blocks: through a gloo `all_gather_single` waited for by `mbbo.distributed.finish`, or through a shared
-  memory (`mbbo.shm_exchange`: a spin on counters, no system call, no communication thread). This is R = 2 with perfect
-  sharding: perfect balance, no sampling or packing overhead, only the once-per-iteration meeting that any run
+  B / 2 blocks: through a gloo `all_gather_single` waited for by `mbbo.distributed.finish`, or through shared
+  memory (`mbbo.shm_exchange`: a spin on counters, no system call, no communication thread). This is R = 2 with
+  perfect sharding: perfect balance, no sampling or packing overhead, only the once-per-iteration meeting that any run
   equal to the 1-process trajectory needs (x_{t+1} enters every block's oracles at t + 1). R=1 at B over it
   bounds the speed-up any such implementation reaches on this machine.
 

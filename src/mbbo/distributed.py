@@ -24,6 +24,7 @@ communicated.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import signal
 import socket
@@ -354,7 +355,7 @@ class BlockShard:
         owners = self.owners(blocks)
         counts = torch.bincount(owners, minlength=self.world_size)
         count_list = counts.tolist()
-        starts = [sum(count_list[:q]) for q in range(self.world_size)]
+        starts = [0, *itertools.accumulate(count_list[:-1])]
         nmax = max(count_list)
         # the stable sort lists rank 0's blocks first, each rank's in the order of the sample: order[starts[q] + j]
         # is the j-th block of rank q, which arrives at row q nmax + j of the gathered rows
