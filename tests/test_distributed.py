@@ -326,6 +326,11 @@ def test_block_shard_place_gives_each_sampled_block_its_owner_and_gathered_row()
     assert again is not placed and again.slot.tolist() == placed.slot.tolist()
     assert shard.owned(blocks).tolist() == placed.mine.tolist()
     assert shard.local(blocks).tolist() == [1, 2, 4]  # local rows i // 2 of 3, 5, 9
+    placed = shard.place(blocks)  # the last sample placed is kept (`local` and `global_ids` reuse it)
+    assert placed.ids.tolist() == [3, 5, 9] and shard.local(blocks) is placed.local
+    assert all(t.dtype == torch.long for t in (placed.mine, placed.ids, placed.local, placed.slot))
+    assert shard.global_ids(placed.local) is placed.ids  # the sample's own rows: its ids, no arithmetic
+    assert shard.global_ids(placed.local.clone()).tolist() == [3, 5, 9]
 
 
 def test_block_shard_ownership_rows_and_errors() -> None:
