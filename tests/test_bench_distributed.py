@@ -146,7 +146,9 @@ def test_runs_benchmark_times_the_slower_rank_and_pairs_each_round() -> None:
     strata2 = summary["block_strata=2"]
     assert strata2["speedups"] == pytest.approx([2.0, 1.8, 1.5])
     assert (strata2["median"], strata2["min"], strata2["max"]) == pytest.approx((1.8, 1.5, 2.0))
+    assert summary["block_strata=1"]["fastest"] == pytest.approx(6.0 / 5.0) and strata2["fastest"] == pytest.approx(1.5)
     text = runs.report({"setting": {"m": 10, "B": 4, "b": 2, "iterations": 3, "rounds": 3}, "load_before": "x",
                         "load_after": "y", "rounds": rounds, "speedup": summary})
     assert "| 1 | 8.00 | 5.00 | 8.00 | 4.00 | 1.60 | 2.00 |" in text
-    assert "block_strata=2: **1.80** (median over rounds; 1.50 - 2.00)" in text
+    assert "block_strata=2: **1.80** (median over rounds; 1.50 - 2.00); fastest R = 1 run over fastest R = 2 run: " \
+        "**1.50**" in text
