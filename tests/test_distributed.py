@@ -572,6 +572,28 @@ def test_world_and_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch)
         timeout_seconds()
 
 
+def test_run_cli_closes_the_group_after_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_cli`: the command line's status, and the group left with a barrier only when the command succeeded
+    (also when it raised: at once)."""
+    import mbbo.cli
+    import mbbo.distributed as distributed
+
+    closed: list[bool] = []
+    monkeypatch.setattr(distributed, "close_process_group", lambda synchronise=True: closed.append(synchronise))
+    for status in (0, 2):
+        monkeypatch.setattr(mbbo.cli, "main", lambda argv=None, status=status: status)
+        assert distributed.run_cli(["run"]) == status
+    assert closed == [True, False]
+
+    def fails(argv: object = None) -> int:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(mbbo.cli, "main", fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        distributed.run_cli()
+    assert closed == [True, False, False]
+
+
 def test_close_process_group_leaves_after_a_barrier_or_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """`close_process_group`: nothing to do without a group; a rank that succeeded waits in a barrier before it
     destroys the group, a failed one destroys it at once."""

@@ -2,13 +2,7 @@
 
 import sys
 
-from mbbo.cli import main
-from mbbo.distributed import close_process_group
+from mbbo.distributed import run_cli
 
 if __name__ == "__main__":
-    status = 1
-    try:
-        status = main()
-    finally:  # a multi-process run leaves its process group together (see `close_process_group`)
-        close_process_group(synchronise=status == 0)
-    sys.exit(status)
+    sys.exit(run_cli())  # a multi-process run leaves its process group together (`close_process_group`)

@@ -43,7 +43,7 @@ from mbbo.shm_exchange import SharedMemoryExchange, SharedMemoryUnavailable, sha
 
 __all__ = ["DEFAULT_TIMEOUT_S", "WAIT_MODES", "BlockShard", "DistributedError", "RankGroup", "close_process_group",
            "finish", "free_port",
-           "init_from_env", "launch", "process_group_size", "strip_nproc", "timeout_seconds", "wait_mode",
+           "init_from_env", "launch", "process_group_size", "run_cli", "strip_nproc", "timeout_seconds", "wait_mode",
            "world_from_env"]
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -188,6 +188,14 @@ def _worker(rank: int, argv: list[str], world_size: int, port: int) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    status = run_cli(argv)
+    if status:
+        sys.exit(status)
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    """`mbbo.cli.main(argv)`, then `close_process_group` (after a barrier when it returned 0, at once when it failed
+    or raised): how a spawned rank and ``python -m mbbo`` (torchrun) run the command line. Returns its status."""
     from mbbo.cli import main
 
     status = 1
@@ -195,8 +203,7 @@ def _worker(rank: int, argv: list[str], world_size: int, port: int) -> None:
         status = main(argv)
     finally:
         close_process_group(synchronise=status == 0)
-    if status:
-        sys.exit(status)
+    return status
 
 
 def close_process_group(synchronise: bool = True) -> None:
