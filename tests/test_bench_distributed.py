@@ -66,6 +66,26 @@ def test_fit_recovers_a_linear_cost() -> None:
     assert fit["model"]["B=100"]["R=2"]["speedup_balanced"] > fit["model"]["B=100"]["R=2"]["speedup"]
 
 
+def test_fit_keeps_the_fixed_cost_non_negative() -> None:
+    """R = 1 times that grow faster than linearly (the batch outgrows the cache): the unconstrained line has
+    c0 < 0; the fit holds c0 at 0 with the least-squares c1 through the origin, keeps the unconstrained c0, every
+    predicted time stays positive, and the report says so. A linear cost gives no such note."""
+    cpu = {"R=1,B=100": 5.5, "R=1,B=200": 10.8, "R=1,B=400": 23.7}  # ms, measured on this host at B = 400
+    e2 = bench.expected_max_owned(400, 2)
+    fit = bench.fit_mode(cpu, {"R=2,B=400": 15.2}, [100, 200, 400], 400, gathered=511.0 * e2)
+    xs, ys = [100.0, 200.0, 400.0], [5.5, 10.8, 23.7]
+    assert fit["unconstrained_c0_ms"] < -0.5
+    assert fit["c0_ms"] == pytest.approx(0.0, abs=1e-9)
+    through_origin = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+    assert fit["c1_ms_per_block"] == pytest.approx(through_origin)
+    times = [r["ms_per_iteration"] for row in fit["model"].values() for r in row.values()]
+    assert min(times) > 0
+    assert "c0 held at 0" in bench.clamped_note(fit) and "-0." in bench.clamped_note(fit)
+    linear = bench.fit_mode({f"R=1,B={b}": 1.0 + 0.1 * b for b in (25, 50, 100)}, {"R=2,B=100": 9.0},
+                            [25, 50, 100], 100, gathered=1000.0)
+    assert linear["unconstrained_c0_ms"] == pytest.approx(1.0) and bench.clamped_note(linear) == ""
+
+
 timeline = load_module("bench_distributed_timeline",
                        Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed_timeline.py")
 
