@@ -296,11 +296,10 @@ def fit_mode(r1: dict[str, float], r2: dict[str, float], batches: list[int], B: 
     outgrows the L2 cache), the unconstrained line has a negative c0, and its predictions are meaningless (a
     negative time at large R). The result then has `c0_ms` = 0 and the unconstrained value in
     `unconstrained_c0_ms`, which the report prints."""
-    xs = [float(bb) for bb in batches]
-    ys = [r1[f"R=1,B={bb}"] / 1e3 for bb in batches]
-    design = np.array([[1.0, x] for x in xs])
-    free_c0 = float(np.linalg.lstsq(design, np.array(ys), rcond=None)[0][0])
-    c0, c1 = (float(v) for v in nnls(design, np.array(ys))[0])
+    design = np.array([[1.0, float(bb)] for bb in batches])
+    seconds = np.array([r1[f"R=1,B={bb}"] / 1e3 for bb in batches])
+    free_c0 = float(np.linalg.lstsq(design, seconds, rcond=None)[0][0])
+    c0, c1 = (float(v) for v in nnls(design, seconds)[0])
     # rank 0's buffer is padded to the larger rank's count of blocks: bytes per block from E[max] at R = 2
     bytes_per_block = gathered / expected_max_owned(B, 2)
     loopback = r2[f"R=2,B={B}"] / 1e3 - (c0 + c1 * expected_max_owned(B, 2))
